@@ -1,0 +1,38 @@
+"""Congestion per model, measured as in-flight *predicted* tokens (queued + running), as in the paper."""
+
+from __future__ import annotations
+
+from chimera.sched.types import Call
+
+
+class LoadMonitor:
+    """Tracks predicted tokens still owed by each model; decremented as real tokens stream back."""
+
+    def __init__(self, models: list[str]) -> None:
+        self.pred_tokens: dict[str, float] = {m: 0.0 for m in models}
+        self.calls: dict[str, int] = {m: 0 for m in models}
+        self._owed: dict[int, float] = {}
+
+    def add(self, call: Call) -> None:
+        m = call.model
+        assert m is not None
+        self.pred_tokens[m] += call.pred_call_tokens
+        self.calls[m] += 1
+        self._owed[call.call_id] = call.pred_call_tokens
+
+    def progress(self, call: Call, new_tokens: int) -> None:
+        """Tokens streamed back reduce what the model still owes (never below zero)."""
+        owed = self._owed.get(call.call_id)
+        if owed is None or new_tokens <= 0:
+            return
+        dec = min(owed, float(new_tokens))
+        self._owed[call.call_id] = owed - dec
+        self.pred_tokens[call.model] -= dec  # type: ignore[index]
+
+    def remove(self, call: Call) -> None:
+        owed = self._owed.pop(call.call_id, None)
+        if owed is None:
+            return
+        m = call.model
+        self.pred_tokens[m] = max(0.0, self.pred_tokens[m] - owed)  # type: ignore[index]
+        self.calls[m] -= 1  # type: ignore[index]

@@ -1,0 +1,44 @@
+"""What the brain sees of a call and of the cluster; both bodies (simulator, gateway) build these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """One LLM call (a stage of a workflow) as the scheduler sees it at request time."""
+
+    call_id: int
+    workflow_id: str
+    kind: str
+    prompt: str
+    stage: int
+    prompt_tokens: int
+    arrival_s: float
+    workflow_arrival_s: float
+    generated_so_far: int = 0  # output tokens of earlier stages of this workflow
+    pinned_model: str | None = None
+    truth: Any = None  # oracle-only ground truth (the simulator's WorkflowPlan); never read by honest policies
+    ctx: Any = None  # the body's own handle (simulator workflow, gateway request); policies ignore it
+    # Decisions and the inputs behind them, filled by the policy.
+    model: str | None = None
+    confidences: dict[str, float] = field(default_factory=dict)
+    pred_call_tokens: float = 0.0  # predicted output tokens of this call on the chosen model
+    pred_remaining_tokens: float = 0.0  # predicted output tokens of the rest of the workflow (this call included)
+    priority: float = 0.0  # lower is served earlier
+    enqueued_s: float = 0.0
+    dispatched_s: float | None = None
+    tokens_seen: int = 0  # output tokens reported back so far
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model the cluster serves, with speed figures the policy uses to turn tokens into seconds."""
+
+    name: str
+    tokens_per_s: float  # aggregate decode throughput of all replicas at a busy batch
+    tpot_s: float  # time per output token of one sequence at a typical batch
+    max_inflight: int  # calls the gateway lets run on this model at once (all replicas)
+    size_rank: int = 0  # 0 = smallest; used by baselines that need a notion of "strong" model

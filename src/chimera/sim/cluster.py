@@ -1,0 +1,42 @@
+"""Turn a cluster file into what the brain sees (ModelInfo) and what the simulator runs (engine replicas)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chimera.engine.perf import StepTimeModel
+from chimera.engine.profiles import ClusterConfig, ModelSpec
+from chimera.sched.types import ModelInfo
+
+TYPICAL_CONTEXT = 1500  # tokens of KV per running sequence when estimating a busy batch's speed
+
+
+@dataclass
+class ModelRuntime:
+    """One served model: its spec, its step-time model and the speed summary given to policies."""
+
+    spec: ModelSpec
+    perf: StepTimeModel
+    info: ModelInfo
+
+
+def speed_summary(spec: ModelSpec, perf: StepTimeModel, size_rank: int, max_inflight: int | None = None) -> ModelInfo:
+    """Throughput at a busy batch (bounded by max_num_seqs and KV room) and TPOT at a moderate batch."""
+    busy = max(1, min(perf.max_num_seqs, perf.kv_capacity_tokens // TYPICAL_CONTEXT))
+    tps = busy / perf.step_time(busy, busy * TYPICAL_CONTEXT, 0) * spec.replicas
+    moderate = max(1, min(16, busy))
+    tpot = perf.step_time(moderate, moderate * TYPICAL_CONTEXT, 0)
+    inflight = max_inflight if max_inflight is not None else perf.max_num_seqs * spec.replicas
+    return ModelInfo(name=spec.name, tokens_per_s=tps, tpot_s=tpot, max_inflight=inflight, size_rank=size_rank)
+
+
+def build_runtimes(cluster: ClusterConfig) -> list[ModelRuntime]:
+    """One runtime per model; size rank by active parameters (0 = smallest)."""
+    specs = list(cluster.models)
+    order = sorted(range(len(specs)), key=lambda i: (specs[i].active_params_b or specs[i].params_b))
+    rank = {i: r for r, i in enumerate(order)}
+    out = []
+    for i, spec in enumerate(specs):
+        perf = StepTimeModel(spec)
+        out.append(ModelRuntime(spec=spec, perf=perf, info=speed_summary(spec, perf, rank[i])))
+    return out

@@ -1,0 +1,160 @@
+"""One simulated experiment: split tasks, fit honest predictors on the training split, run a policy on the rest."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from chimera.engine.profiles import ClusterConfig
+from chimera.predict.priors import KindAccuracyRouter, OracleConfidence, OracleLength, StageMeanLength
+from chimera.sched.registry import ORACLE_POLICIES, make_policy
+from chimera.sched.types import Call
+from chimera.sim.cluster import ModelRuntime, build_runtimes
+from chimera.sim.simulator import Simulator
+from chimera.workload.plan import WorkflowPlan, plan_workflow
+from chimera.workload.schema import Task
+from chimera.workload.templates import WorkflowTemplate, load_templates, template_for
+
+
+class ClusterWorkloadMismatch(ValueError):
+    """The cluster asks for models the workload has no outcomes for."""
+
+
+def to_cluster_namespace(tasks: Sequence[Task], cluster: ClusterConfig) -> tuple[list[Task], int]:
+    """Re-key each task's outcomes by the cluster's model names (via `workload_model`); count tasks skipped."""
+    mapping = {m.name: (m.workload_model or m.name) for m in cluster.models}
+    out: list[Task] = []
+    skipped = 0
+    for t in tasks:
+        if not all(src in t.outcomes for src in mapping.values()):
+            skipped += 1
+            continue
+        outcomes = {dst: t.outcomes[src] for dst, src in mapping.items()}
+        stages = None
+        if t.stages:
+            stages = {dst: t.stages[src] for dst, src in mapping.items() if src in t.stages} or None
+        out.append(t.model_copy(update={"outcomes": outcomes, "stages": stages}))
+    if not out:
+        have = sorted({m for t in tasks for m in t.outcomes})
+        raise ClusterWorkloadMismatch(
+            f"no task has outcomes for all cluster models {sorted(mapping.values())}; the workload has {have[:12]}"
+            f"{' …' if len(have) > 12 else ''}. Set `workload_model:` on each cluster entry to a model of the workload."
+        )
+    return out, skipped
+
+
+def split_tasks(tasks: Sequence[Task], train_frac: float) -> tuple[list[Task], list[Task]]:
+    """Deterministic split by task id (never test on a training task)."""
+    if not 0.0 <= train_frac < 1.0:
+        raise ValueError(f"train_frac must be in [0, 1), got {train_frac}")
+    train, test = [], []
+    for t in tasks:
+        (train if zlib.crc32(t.id.encode()) % 10_000 < train_frac * 10_000 else test).append(t)
+    if not test:
+        raise ValueError("the split left no test tasks; lower train_frac or give more tasks")
+    return train, test
+
+
+def make_plans(tasks: Sequence[Task], templates: dict[str, WorkflowTemplate], seed: int, rule: str) -> list[WorkflowPlan]:
+    return [plan_workflow(t, template_for(t.kind, templates), np.random.default_rng([seed, i]), rule)
+            for i, t in enumerate(tasks)]
+
+
+@dataclass
+class Prepared:
+    """Everything that does not depend on the policy, built once and shared by a sweep."""
+
+    runtimes: list[ModelRuntime]
+    names: list[str]
+    train: list[Task]
+    test: list[Task]
+    skipped: int
+    train_plans: list[WorkflowPlan]
+    router: KindAccuracyRouter
+    lengths: StageMeanLength
+    templates: dict[str, WorkflowTemplate]
+    rule: str
+
+    def workflows(self, n: int | None, seed: int) -> list[tuple[str, WorkflowPlan, str]]:
+        """n workflows from the test tasks; beyond one pass, tasks are drawn again under new workflow ids."""
+        n = len(self.test) if n is None else n
+        if n < 1:
+            raise ValueError(f"tasks must be >= 1, got {n}")
+        rng = np.random.default_rng([seed, 1])
+        out = []
+        cycle = 0
+        while len(out) < n:
+            order = rng.permutation(len(self.test)) if cycle else np.arange(len(self.test))
+            for j in order[: n - len(out)]:
+                t = self.test[int(j)]
+                wid = t.id if cycle == 0 else f"{t.id}~{cycle}"
+                plan = plan_workflow(t, template_for(t.kind, self.templates),
+                                     np.random.default_rng([seed, len(out)]), self.rule)
+                out.append((wid, plan, t.prompt))
+            cycle += 1
+        return out
+
+
+def prepare(
+    tasks: Sequence[Task],
+    cluster: ClusterConfig,
+    seed: int = 0,
+    train_frac: float = 0.3,
+    rule: str = "weighted",
+    templates: dict[str, WorkflowTemplate] | None = None,
+) -> Prepared:
+    templates = templates if templates is not None else load_templates()
+    mapped, skipped = to_cluster_namespace(tasks, cluster)
+    train, test = split_tasks(mapped, train_frac)
+    runtimes = build_runtimes(cluster)
+    names = [r.info.name for r in runtimes]
+    fit_on = train if train else test[:0]
+    plans = make_plans(fit_on, templates, seed + 10_000, rule) if fit_on else []
+    router = KindAccuracyRouter(names).fit(fit_on)
+    lengths = StageMeanLength(names).fit(plans) if plans else StageMeanLength(names).fit(
+        make_plans(test[:1], templates, seed, rule))
+    return Prepared(runtimes, names, train, test, skipped, plans, router, lengths, templates, rule)
+
+
+def train_calls(prep: Prepared, limit: int = 2000) -> list[Call]:
+    """Calls as a policy would see them for training tasks (stage 0), for calibrating thresholds."""
+    calls = []
+    for i, (t, p) in enumerate(zip(prep.train[:limit], prep.train_plans[:limit])):
+        calls.append(Call(call_id=-1 - i, workflow_id=t.id, kind=t.kind, prompt=t.prompt, stage=0,
+                          prompt_tokens=p.prompt_tokens(0, []), arrival_s=0.0, workflow_arrival_s=0.0, truth=p))
+    return calls
+
+
+def run_policy(
+    prep: Prepared,
+    policy: str,
+    rate: float | None = None,
+    agents: int | None = None,
+    n_tasks: int | None = None,
+    seed: int = 0,
+    lam: float | None = None,
+    progress: Callable[[int], None] | None = None,
+    workflows: list | None = None,
+    confidence=None,
+    length=None,
+    **policy_params,
+) -> dict:
+    """Simulate one policy on the prepared held-out tasks; returns the summary dict."""
+    if policy in ORACLE_POLICIES:
+        confidence, length = OracleConfidence(prep.names), OracleLength(prep.names)
+    else:
+        confidence = confidence or prep.router
+        length = length or prep.lengths
+    pol = make_policy(policy, confidence=confidence, length=length, lam=lam, **policy_params)
+    wfs = workflows if workflows is not None else prep.workflows(n_tasks, seed)
+    sim = Simulator(prep.runtimes, pol, wfs, rate=rate, agents=agents, seed=seed)
+    pol.prepare(train_calls(prep))
+    result = sim.run(progress=progress)
+    result["lam"] = getattr(pol, "lam", None)
+    result["rate"] = rate
+    result["agents"] = agents
+    result["skipped_tasks"] = prep.skipped
+    return result

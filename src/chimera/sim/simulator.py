@@ -1,0 +1,243 @@
+"""Discrete-event simulator: workflow arrivals, the gateway's policy, and continuous-batching engines.
+
+Deterministic for a seed. Time is virtual; the same policy object the live gateway uses makes every decision.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from chimera.engine.batching import Engine, Seq
+from chimera.sched.policy import Policy
+from chimera.sched.types import Call
+from chimera.sim.cluster import ModelRuntime
+from chimera.sim.metrics import WorkflowRecord, summarize
+from chimera.workload.plan import WorkflowPlan
+
+_WF_START, _CALL, _ENGINE = 0, 1, 2
+
+
+@dataclass
+class Workflow:
+    """A task being run: its plan, and what has happened to it so far."""
+
+    wid: str
+    plan: WorkflowPlan
+    prompt: str
+    arrival_s: float
+    stage: int = 0
+    queue_s: float = 0.0
+    failed: str | None = None
+
+    def __post_init__(self) -> None:
+        self.outputs: list[int] = []
+        self.models: list[str] = []
+
+
+class Simulator:
+    """Run workflows through a policy and a set of engines; `run()` returns the summary dict."""
+
+    def __init__(
+        self,
+        runtimes: Sequence[ModelRuntime],
+        policy: Policy,
+        workflows: Sequence[tuple[str, WorkflowPlan, str]],
+        rate: float | None = None,
+        agents: int | None = None,
+        arrivals: Sequence[float] | None = None,
+        seed: int = 0,
+        tick_steps: int = 16,
+    ) -> None:
+        if (rate is None) == (agents is None) and arrivals is None:
+            raise ValueError("give exactly one of rate (open loop) or agents (closed loop)")
+        if rate is not None and rate <= 0:
+            raise ValueError(f"rate must be > 0 workflows/s, got {rate}")
+        if agents is not None and agents < 1:
+            raise ValueError(f"agents must be >= 1, got {agents}")
+        self.runtimes = list(runtimes)
+        self.policy = policy
+        self.workflows = list(workflows)
+        self.rate, self.agents, self.seed = rate, agents, seed
+        self._arrivals = list(arrivals) if arrivals is not None else None
+        policy.bind([r.info for r in self.runtimes])
+        key_fn = None
+        if policy.preemptive:
+            def key_fn(seq: Seq, generated: int, waited: int, now: float, _p=policy) -> float:
+                return _p.engine_key(seq.call, generated, waited, now)
+        self.engines: dict[str, list[Engine]] = {
+            r.info.name: [Engine(f"{r.info.name}#{k}", r.perf, key_fn=key_fn, tick_steps=tick_steps)
+                          for k in range(r.spec.replicas)]
+            for r in self.runtimes
+        }
+        self.max_inflight = {
+            r.info.name: (math.inf if policy.preemptive else r.info.max_inflight) for r in self.runtimes
+        }
+        self.inflight = {r.info.name: 0 for r in self.runtimes}
+        self.sched_s = 0.0  # wall time spent inside the policy (the scheduler's own cost)
+
+    # ---- event plumbing ----------------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, payload) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), kind, payload))
+
+    def _refresh(self, eng: Engine) -> None:
+        t = eng.next_event_time()
+        if t != self._engine_time.get(eng.name):
+            self._engine_time[eng.name] = t
+            if t < math.inf:
+                self._push(t, _ENGINE, eng)
+
+    # ---- the run -------------------------------------------------------------------------------------------
+    def run(self, progress: Callable[[int], None] | None = None) -> dict:
+        wall0 = time.perf_counter()
+        self._events: list = []
+        self._seq = itertools.count()
+        self._engine_time: dict[str, float] = {}
+        self._call_ids = itertools.count()
+        self.records: list[WorkflowRecord] = []
+        self.per_model = {r.info.name: {"calls": 0, "tokens": 0} for r in self.runtimes}
+        self._progress = progress
+        self._next_wf = 0
+        n = len(self.workflows)
+        if self._arrivals is not None:
+            for i, t in enumerate(self._arrivals[:n]):
+                self._push(float(t), _WF_START, i)
+            self._next_wf = n
+        elif self.rate is not None:
+            rng = np.random.default_rng([self.seed, 7])
+            times = np.cumsum(rng.exponential(1.0 / self.rate, size=n))
+            for i, t in enumerate(times):
+                self._push(float(t), _WF_START, i)
+            self._next_wf = n
+        else:
+            for _ in range(min(self.agents, n)):  # type: ignore[arg-type]
+                self._push(0.0, _WF_START, self._next_wf)
+                self._next_wf += 1
+
+        events = self._events
+        while events:
+            t, _, kind, payload = heapq.heappop(events)
+            if kind == _ENGINE:
+                eng: Engine = payload
+                if self._engine_time.get(eng.name) != t:
+                    continue  # superseded
+                self._engine_time[eng.name] = math.inf
+                for seq in eng.advance():
+                    self._finish_call(seq, t)
+                self._refresh(eng)
+                self._dispatch(eng.name.rsplit("#", 1)[0], t)
+            elif kind == _WF_START:
+                i = payload
+                wid, plan, prompt = self.workflows[i]
+                wf = Workflow(wid=wid, plan=plan, prompt=prompt, arrival_s=t)
+                self._issue(wf, t)
+            else:
+                self._issue(payload, t)
+
+        per_engine = {e.name: {"preemptions": e.preemptions, "busy_s": round(e.busy_s, 3), "steps": e.steps}
+                      for engs in self.engines.values() for e in engs}
+        wall = time.perf_counter() - wall0
+        calls = sum(r.calls for r in self.records)
+        lat_sum = sum(r.latency_s for r in self.records)
+        extra = {
+            "simulated": True,
+            "calls": calls,
+            "calls_per_wall_s": calls / wall if wall > 0 else 0.0,
+            "scheduler_s": self.sched_s,
+            "scheduler_share_of_latency": (self.sched_s / lat_sum) if lat_sum > 0 else 0.0,
+            "engines": per_engine,
+            "promotions": sum(q.promotions for q in self.policy.queues.values()),
+        }
+        return summarize(self.policy.name, self.records, self.per_model, wall, extra)
+
+    # ---- workflow steps --------------------------------------------------------------------------------------
+    def _issue(self, wf: Workflow, now: float) -> None:
+        """Send the workflow's next call to the gateway (the policy)."""
+        plan = wf.plan
+        call = Call(
+            call_id=next(self._call_ids),
+            workflow_id=wf.wid,
+            kind=plan.kind,
+            prompt=wf.prompt,
+            stage=wf.stage,
+            prompt_tokens=plan.prompt_tokens(wf.stage, wf.outputs),
+            arrival_s=now,
+            workflow_arrival_s=wf.arrival_s,
+            generated_so_far=sum(wf.outputs),
+            truth=plan,
+            ctx=wf,
+        )
+        t0 = time.perf_counter()
+        model = self.policy.submit(call, now)
+        self.sched_s += time.perf_counter() - t0
+        self._dispatch(model, now)
+
+    def _dispatch(self, model: str, now: float) -> None:
+        """Move calls from the gateway queue to the model's replicas while it has room."""
+        engines = self.engines[model]
+        cap = self.max_inflight[model]
+        while self.inflight[model] < cap:
+            t0 = time.perf_counter()
+            call = self.policy.next_call(model, now)
+            self.sched_s += time.perf_counter() - t0
+            if call is None:
+                return
+            wf: Workflow = call.ctx
+            out = wf.plan.output_tokens(call.stage, model)
+            eng = min(engines, key=lambda e: e.n_running + e.n_waiting) if len(engines) > 1 else engines[0]
+            self.inflight[model] += 1
+            rejected = eng.add(Seq(call, call.prompt_tokens, out, key=call.priority), now)
+            for seq in rejected:
+                self._finish_call(seq, now)
+            self._refresh(eng)
+
+    def _finish_call(self, seq: Seq, now: float) -> None:
+        call: Call = seq.call
+        wf: Workflow = call.ctx
+        model = call.model
+        assert model is not None
+        self.inflight[model] -= 1
+        started = seq.start_s if seq.start_s is not None else now
+        wf.queue_s += started - call.arrival_s
+        t0 = time.perf_counter()
+        if seq.error:
+            self.policy.on_fail(call, now)
+        else:
+            self.policy.on_progress(call, seq.output_tokens, now)
+            self.policy.on_complete(call, now)
+        self.sched_s += time.perf_counter() - t0
+        pm = self.per_model[model]
+        pm["calls"] += 1
+        wf.models.append(model)
+        if seq.error:
+            wf.failed = seq.error
+            self._end(wf, now)
+            return
+        pm["tokens"] += seq.output_tokens
+        wf.outputs.append(seq.output_tokens)
+        stage = wf.stage
+        wf.stage += 1
+        if wf.stage < wf.plan.n_stages:
+            self._push(now + wf.plan.tool_s[stage], _CALL, wf)
+        else:
+            self._end(wf, now)
+        self._dispatch(model, now)
+
+    def _end(self, wf: Workflow, now: float) -> None:
+        score = 0.0 if wf.failed else wf.plan.score(wf.models)
+        self.records.append(WorkflowRecord(
+            workflow_id=wf.wid, task_id=wf.plan.task_id, kind=wf.plan.kind, arrival_s=wf.arrival_s, end_s=now,
+            score=score, queue_s=wf.queue_s, calls=len(wf.models), models=wf.models, failed=wf.failed,
+        ))
+        self.policy.on_workflow_end(wf.wid)
+        if self._progress is not None:
+            self._progress(1)
+        if self.agents is not None and self._next_wf < len(self.workflows):
+            self._push(now, _WF_START, self._next_wf)
+            self._next_wf += 1

@@ -1,0 +1,75 @@
+"""Markdown tables and latency–accuracy frontier plots from sweep rows."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _baseline(rows: Sequence[dict], workload: str, load: float) -> dict | None:
+    for r in rows:
+        if r["workload"] == workload and r["load"] == load and r["policy"] == "vllm":
+            return r
+    return None
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """One line per run; speed-up and accuracy gain are against `vllm` at the same workload and load."""
+    head = ("| workload | load | policy | λ | accuracy | Δacc vs vllm (pts) | mean lat (s) | speed-up vs vllm "
+            "| p50 (s) | p99 (s) | queue mean (s) | tasks/s |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+    for r in rows:
+        base = _baseline(rows, r["workload"], r["load"])
+        lam = "" if r.get("lam") is None else f"{r['lam']:g}"
+        if base:
+            dacc = f"{100 * (r['accuracy'] - base['accuracy']):+.1f}"
+            speed = f"{base['latency_s']['mean'] / r['latency_s']['mean']:.2f}×" if r["latency_s"]["mean"] else "-"
+        else:
+            dacc = speed = "-"
+        lines.append(
+            f"| {r['workload']} | {r['load']:g} | {r['policy']} | {lam} | {100 * r['accuracy']:.1f}% | {dacc} "
+            f"| {r['latency_s']['mean']:.1f} | {speed} | {r['latency_s']['p50']:.1f} | {r['latency_s']['p99']:.1f} "
+            f"| {r['queue_s']['mean']:.1f} | {r['throughput_tasks_per_s']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def frontier_plot(rows: Sequence[dict], out: str | Path) -> Path:
+    """Accuracy vs mean latency, one panel per (workload, load); chimera's λ sweep drawn as a line."""
+    keys = sorted({(r["workload"], r["load"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    workloads = sorted({k[0] for k in keys})
+    loads = sorted({k[1] for k in keys})
+    fig, axes = plt.subplots(len(workloads), len(loads), figsize=(4.6 * len(loads), 3.8 * len(workloads)),
+                             squeeze=False)
+    for i, w in enumerate(workloads):
+        for j, load in enumerate(loads):
+            ax = axes[i][j]
+            sel = [r for r in rows if r["workload"] == w and r["load"] == load]
+            lines: dict[str, list[dict]] = defaultdict(list)
+            for r in sel:
+                lines[r["policy"]].append(r)
+            for policy, rs in sorted(lines.items()):
+                rs = sorted(rs, key=lambda r: r["latency_s"]["mean"])
+                xs = [r["latency_s"]["mean"] for r in rs]
+                ys = [100 * r["accuracy"] for r in rs]
+                style = "-o" if len(rs) > 1 else "o"
+                ax.plot(xs, ys, style, label=policy, markersize=5,
+                        linewidth=2 if policy == "chimera" else 1)
+            ax.set_title(f"{w} @ load {load:g}", fontsize=9)
+            ax.set_xlabel("mean workflow latency (s, simulated)")
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

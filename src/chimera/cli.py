@@ -1,0 +1,296 @@
+"""The `chimera` command: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Chimera: predictive scheduling of multi-agent LLM workflows on heterogeneous clusters.")
+workload_app = typer.Typer(no_args_is_help=True, help="Workloads: export public benchmark data, generate synthetic tasks.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: policy sweeps and speed.")
+app.add_typer(workload_app, name="workload")
+app.add_typer(bench_app, name="bench")
+console = Console()
+err = Console(stderr=True)
+
+WORKLOAD_HELP = "JSONL file, `source:NAME` (a loader over the data directory) or `synthetic[:N]`."
+CLUSTER_HELP = "Cluster YAML (models: [{name, gpu, …} or {profile: MODEL@GPU}]); default: the built-in 3×Qwen2.5 on A6000."
+
+
+def _fail(msg: str) -> None:
+    err.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+def _cluster(path: Optional[Path]):
+    from chimera.engine.profiles import default_cluster, load_cluster
+
+    return load_cluster(path) if path else default_cluster()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=False)
+
+
+def _summary_table(rows: list[dict], title: str) -> Table:
+    t = Table(title=title)
+    for col in ("policy", "λ", "tasks", "accuracy", "mean lat (s)", "p50", "p90", "p99", "queue mean (s)",
+                "tasks/s", "calls per model"):
+        t.add_column(col, justify="right" if col not in ("policy", "calls per model") else "left")
+    for r in rows:
+        lam = "" if r.get("lam") is None else f"{r['lam']:g}"
+        per = ", ".join(f"{m}:{v['calls']}" for m, v in r["per_model"].items())
+        lat = r["latency_s"]
+        t.add_row(r["policy"], lam, str(r["tasks"]), f"{100 * r['accuracy']:.1f}%", f"{lat['mean']:.2f}",
+                  f"{lat['p50']:.2f}", f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r['queue_s']['mean']:.2f}",
+                  f"{r['throughput_tasks_per_s']:.3f}", per)
+    return t
+
+
+@app.command()
+def simulate(
+    workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP),
+    policy: str = typer.Option("chimera", "--policy", "-p", help="Policy name (see `chimera policies`)."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Poisson arrivals, workflows per second."),
+    agents: Optional[int] = typer.Option(None, "--agents", help="Closed loop: N agents, each starts a new task when one ends."),
+    tasks: Optional[int] = typer.Option(None, "--tasks", help="Workflows to run (more than the file: tasks drawn again)."),
+    seed: int = typer.Option(0, "--seed"),
+    lam: Optional[float] = typer.Option(None, "--lam", help="λ: accuracy traded per second of expected latency (chimera*)."),
+    train_frac: float = typer.Option(0.3, "--train-frac", help="Share of tasks (by id) used to fit predictors; the rest are simulated."),
+    rule: str = typer.Option("weighted", "--quality-rule", help="Task score with mixed models: weighted | last | min."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Public data directory (default ../shared/data)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary JSON here."),
+) -> None:
+    """Simulate a workload on a cluster under one policy and print a summary (all results are simulated).
+
+    Example: chimera simulate --workload synthetic:500 --policy chimera --rate 2 --json out/chimera.json
+    """
+    from chimera.sim.experiment import prepare, run_policy
+    from chimera.workload.source import load_workload
+
+    if rate is None and agents is None:
+        rate = 1.0
+    if rate is not None and agents is not None:
+        _fail("give --rate or --agents, not both")
+    try:
+        ts, report = load_workload(workload, data_dir=data_dir, seed=seed)
+        prep = prepare(ts, _cluster(cluster), seed=seed, train_frac=train_frac, rule=rule)
+        n = tasks if tasks is not None else len(prep.test)
+        with _progress() as prog:
+            bar = prog.add_task(f"simulating {policy}", total=n)
+            res = run_policy(prep, policy, rate=rate, agents=agents, n_tasks=n, seed=seed, lam=lam,
+                             progress=lambda k: prog.advance(bar, k))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e).strip("'\""))
+    res["workload"] = workload
+    res["train_tasks"], res["test_tasks"] = len(prep.train), len(prep.test)
+    console.print(_summary_table([res], f"{workload} — simulated"))
+    console.print(f"{res['calls']} calls in {res['wall_s']:.2f} s wall ({res['calls_per_wall_s']:,.0f} calls/s); "
+                  f"skipped tasks: {res['skipped_tasks']}; train/test tasks: {len(prep.train)}/{len(prep.test)}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(res, indent=2))
+        console.print(f"wrote {json_out}")
+
+
+@app.command()
+def policies() -> None:
+    """List the scheduling policies.
+
+    Example: chimera policies
+    """
+    from chimera.sched.registry import POLICIES
+
+    for p in POLICIES:
+        console.print(p)
+
+
+@app.command("cluster")
+def cluster_show(cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP)) -> None:
+    """Show a cluster's models with KV capacity and the speed figures policies use.
+
+    Example: chimera cluster --cluster examples/cluster-llama-h100.yaml
+    """
+    from chimera.sim.cluster import build_runtimes
+
+    try:
+        runtimes = build_runtimes(_cluster(cluster))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    t = Table(title="cluster")
+    for col in ("model", "gpu", "tp×replicas", "KV tokens/replica", "busy tok/s", "TPOT (ms)", "max in-flight"):
+        t.add_column(col)
+    for r in runtimes:
+        t.add_row(r.info.name, r.spec.gpu, f"{r.spec.tp}×{r.spec.replicas}", f"{r.perf.kv_capacity_tokens:,}",
+                  f"{r.info.tokens_per_s:,.0f}", f"{1000 * r.info.tpot_s:.1f}", str(r.info.max_inflight))
+    console.print(t)
+
+
+@workload_app.command("list")
+def workload_list() -> None:
+    """List the public-data sources a workload can be exported from.
+
+    Example: chimera workload list
+    """
+    from chimera.workload.loaders import SOURCES
+
+    for name, info in SOURCES.items():
+        console.print(f"[bold]{name}[/]  {info.description}")
+
+
+@workload_app.command("export")
+def workload_export(
+    source: str = typer.Option(..., "--source", help="Loader name (see `chimera workload list`) or `synthetic`."),
+    out: Path = typer.Option(..., "--out", help="Output JSONL file."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Public data directory (default ../shared/data)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many tasks."),
+    seed: int = typer.Option(0, "--seed", help="Seed (synthetic only)."),
+) -> None:
+    """Write a loader's tasks in the workload JSONL format.
+
+    Example: chimera workload export --source mmlu-pro-math --out out/mmlu-math.jsonl
+    """
+    from chimera.workload.schema import write_tasks
+    from chimera.workload.source import load_workload
+
+    spec = source if source.startswith("synthetic") else f"source:{source}"
+    t0 = time.perf_counter()
+    try:
+        tasks, _ = load_workload(spec, data_dir=data_dir, limit=limit, seed=seed)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e).strip("'\""))
+    n = write_tasks(tasks, out)
+    models = sorted({m for t in tasks for m in t.outcomes})
+    console.print(f"wrote {n} tasks ({len(models)} models) to {out} in {time.perf_counter() - t0:.1f} s")
+
+
+@bench_app.command("sim")
+def bench_sim(
+    workload: list[str] = typer.Option(["synthetic"], "--workload", "-w", help=WORKLOAD_HELP + " Repeatable."),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP),
+    policies_: Optional[str] = typer.Option(None, "--policies", help="Comma-separated policies (default: all)."),
+    loads: str = typer.Option("0.3,0.6,0.9", "--loads", help="Arrival rates as fractions of estimated capacity."),
+    lams: str = typer.Option("0.005,0.02,0.08", "--lams", help="λ values for the chimera family."),
+    tasks: Optional[int] = typer.Option(None, "--tasks", help="Workflows per run (default: all held-out tasks)."),
+    seed: int = typer.Option(0, "--seed"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    out: Path = typer.Option(Path("out/bench-sim"), "--out", help="Folder for results.md, results.json, frontier.png."),
+) -> None:
+    """Sweep policies × load levels × λ; write a markdown table and a latency–accuracy frontier plot.
+
+    Example: chimera bench sim -w source:mmlu-pro-math -c examples/cluster-llama-h100.yaml --out out/mmlu
+    """
+    from chimera.bench.report import frontier_plot, markdown_table
+    from chimera.bench.sweep import SweepSpec, count_runs, run_sweep
+    from chimera.sched.registry import POLICIES
+    from chimera.workload.source import load_workload
+
+    spec = SweepSpec(
+        policies=[p.strip() for p in policies_.split(",")] if policies_ else list(POLICIES),
+        loads=[float(x) for x in loads.split(",")],
+        lams=[float(x) for x in lams.split(",")],
+        tasks=tasks,
+        seed=seed,
+    )
+    unknown = [p for p in spec.policies if p not in POLICIES]
+    if unknown:
+        _fail(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    rows: list[dict] = []
+    try:
+        cl = _cluster(cluster)
+        with _progress() as prog:
+            for w in workload:
+                ts, _ = load_workload(w, data_dir=data_dir, seed=seed)
+                bar = prog.add_task(f"{w}", total=count_runs(spec))
+                rows += run_sweep(w, ts, cl, spec, progress=lambda k, b=bar: prog.advance(b, k))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e).strip("'\""))
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown_table(rows)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    png = frontier_plot(rows, out / "frontier.png")
+    console.print(md)
+    console.print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {png} (all results simulated)")
+
+
+@bench_app.command("speed")
+def bench_speed(
+    tasks: int = typer.Option(10_000, "--tasks", help="Workflows to simulate."),
+    policy: str = typer.Option("chimera", "--policy"),
+    load: float = typer.Option(0.7, "--load", help="Arrival rate as a fraction of estimated capacity."),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Time the simulator on many workflows of the built-in synthetic workload and print calls/s.
+
+    Example: chimera bench speed --tasks 10000
+    """
+    from chimera.bench.sweep import capacity_workflows_per_s
+    from chimera.sim.experiment import prepare, run_policy
+    from chimera.workload.synthetic import generate
+
+    prep = prepare(generate(2000, seed=seed), _cluster(cluster), seed=seed)
+    rate = load * capacity_workflows_per_s(prep)
+    t0 = time.perf_counter()
+    wfs = prep.workflows(tasks, seed)
+    plan_s = time.perf_counter() - t0
+    res = run_policy(prep, policy, rate=rate, seed=seed, workflows=wfs)
+    total = plan_s + res["wall_s"]
+    console.print(f"{policy}: {tasks} workflows, {res['calls']} calls; planning {plan_s:.2f} s + simulation "
+                  f"{res['wall_s']:.2f} s = {total:.2f} s wall; {res['calls'] / total:,.0f} calls/s; "
+                  f"scheduler share of simulated latency {100 * res['scheduler_share_of_latency']:.3f}%")
+
+
+@app.command()
+def demo(
+    tasks: int = typer.Option(400, "--tasks", help="Workflows per policy."),
+    load: float = typer.Option(0.8, "--load", help="Arrival rate as a fraction of estimated capacity."),
+    workload: str = typer.Option("synthetic", "--workload", "-w", help=WORKLOAD_HELP),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP),
+) -> None:
+    """The main job on the built-in default: vLLM-style serving vs Chimera on a simulated 3-model cluster.
+
+    Example: chimera demo --tasks 400 --load 0.8
+    """
+    from chimera.bench.sweep import capacity_workflows_per_s
+    from chimera.sim.experiment import prepare, run_policy
+    from chimera.workload.source import load_workload
+
+    try:
+        ts, _ = load_workload(workload)
+        prep = prepare(ts, _cluster(cluster))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e).strip("'\""))
+    rate = load * capacity_workflows_per_s(prep)
+    wfs = prep.workflows(tasks, 0)
+    rows = []
+    names = ["vllm", "least-loaded", "routellm", "sjf", "chimera", "chimera-oracle"]
+    with _progress() as prog:
+        bar = prog.add_task("policies", total=len(names))
+        for p in names:
+            rows.append(run_policy(prep, p, rate=rate, workflows=wfs))
+            prog.advance(bar)
+    console.print(_summary_table(rows, f"{workload} on {', '.join(prep.names)} at {rate:.2f} workflows/s (simulated)"))
+    base, ours = rows[0], rows[names.index("chimera")]
+    console.print(f"chimera vs vllm: {base['latency_s']['mean'] / ours['latency_s']['mean']:.2f}× lower mean latency, "
+                  f"{100 * (ours['accuracy'] - base['accuracy']):+.1f} points accuracy (simulated)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

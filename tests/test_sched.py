@@ -83,11 +83,11 @@ def test_chimera_routes_to_confident_model_when_idle():
 
 
 def test_chimera_congestion_shifts_load_to_small_model():
-    p = make("chimera", lam=0.1)
+    p = make("chimera", lam=0.05)
     routed = [p.submit(call(f"w{i}", 0.0, prompt="200"), 0.0) for i in range(40)]
     assert routed[:5] == ["large"] * 5
     assert "small" in routed[5:]  # in-flight predicted tokens on the large model make it expensive
-    no_load = make("chimera-no-load", lam=0.1)
+    no_load = make("chimera-no-load", lam=0.05)
     assert {no_load.submit(call(f"w{i}", 0.0, prompt="200"), 0.0) for i in range(40)} == {"large"}
 
 
@@ -180,3 +180,13 @@ def test_unknown_policy_and_pinned_model_errors():
         p.submit(c, 0.0)
     assert set(POLICIES) >= {"vllm", "least-loaded", "routellm", "sjf", "ltr", "mlfq", "chimera", "chimera-oracle",
                              "chimera-no-route", "chimera-no-stjf", "chimera-no-load"}
+
+
+def test_short_final_stage_does_not_claim_the_large_model():
+    """The confidence term is weighted by the call's share of the workflow's output (its weight in the score)."""
+    p = make("chimera", lam=0.05)
+    final = call("wf", 0.0, prompt="20", stage=1)
+    final.generated_so_far = 1000
+    assert p.submit(final, 0.0) == "small"
+    first = call("wf2", 0.0, prompt="20", stage=0)
+    assert p.submit(first, 0.0) == "large"

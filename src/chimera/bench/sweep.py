@@ -18,9 +18,9 @@ class SweepSpec:
     """What to run; loads are fractions of the cluster's estimated capacity in workflows/s."""
 
     policies: Sequence[str] = POLICIES
-    loads: Sequence[float] = (0.3, 0.6, 0.9)
-    lams: Sequence[float] = (0.005, 0.02, 0.08)
-    tasks: int | None = None
+    loads: Sequence[float] = (0.5, 1.0, 1.5)
+    lams: Sequence[float] = (0.01, 0.05, 0.2)
+    tasks: int | None = 3000
     seed: int = 0
     train_frac: float = 0.3
     extra: dict = field(default_factory=dict)

@@ -11,8 +11,10 @@ from chimera.sched.types import Call
 class ChimeraPolicy(Policy):
     """The paper's scheduler (arXiv 2603.22206), with switches for the ablations.
 
-    Expected latency on model m = in-flight predicted tokens on m / m's throughput (congestion)
-    + this call's predicted tokens × m's time per output token (service).
+    Value of model m = w·confidence(m) − λ·expected latency(m), where w is this call's predicted share of the
+    workflow's output (the weight the stage carries in the task score: a tiny final-answer call must not claim the
+    large model at the cost of the long reasoning call). Expected latency on m = in-flight predicted tokens on m /
+    m's throughput (congestion) + this call's predicted tokens × m's time per output token (service).
     Priority = predicted remaining output tokens of the whole workflow on the chosen model (STJF);
     a call waiting longer than `starve_s` is promoted, and its workflow stays ahead for `quantum_s`.
     """
@@ -55,7 +57,8 @@ class ChimeraPolicy(Policy):
         lat = self.expected_latency(call_tok)
         if not self.route:
             return int(np.argmin(lat))
-        return int(np.argmax(conf - self.lam * lat))
+        share = call_tok / np.maximum(call.generated_so_far + rem_tok, 1.0)
+        return int(np.argmax(share * conf - self.lam * lat))
 
     def key(self, call: Call, now: float) -> float:
         if not self.stjf:

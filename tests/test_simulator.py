@@ -65,10 +65,10 @@ def test_more_tasks_than_file_draws_again_with_new_ids(prep):
 
 
 def test_stjf_cuts_queueing_when_a_queue_forms():
-    """One model with 8 batch slots at 0.9 of its capacity: STJF must beat FCFS on mean latency and queue time."""
+    """One model with 8 batch slots past its estimated capacity: STJF must beat FCFS on mean latency and queue time."""
     cluster = cluster_from_dict({"models": [{"profile": "qwen2.5-7b@a6000", "name": "qwen2.5-7b", "max_num_seqs": 8}]})
     one = prepare(generate(400, seed=1), cluster, seed=1)
-    rate = 0.9 * capacity_workflows_per_s(one)
+    rate = 1.4 * capacity_workflows_per_s(one)
     kw = dict(rate=rate, n_tasks=250, seed=2, lam=0.0)
     stjf = run_policy(one, "chimera", **kw)
     fcfs = run_policy(one, "chimera-no-stjf", **kw)

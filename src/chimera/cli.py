@@ -19,7 +19,7 @@ workload_app = typer.Typer(no_args_is_help=True, help="Workloads: export public 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: policy sweeps and speed.")
 app.add_typer(workload_app, name="workload")
 app.add_typer(bench_app, name="bench")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 WORKLOAD_HELP = "JSONL file, `source:NAME` (a loader over the data directory) or `synthetic[:N]`."
@@ -129,11 +129,13 @@ def cluster_show(cluster: Optional[Path] = typer.Option(None, "--cluster", "-c",
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     t = Table(title="cluster")
-    for col in ("model", "gpu", "tp×replicas", "KV tokens/replica", "busy tok/s", "TPOT (ms)", "max in-flight"):
+    for col in ("model", "serves", "gpu", "tp×replicas", "KV tokens/replica", "decode tok/s (busy)", "TPOT (ms)",
+                "prefill tok/s", "max in-flight"):
         t.add_column(col)
     for r in runtimes:
-        t.add_row(r.info.name, r.spec.gpu, f"{r.spec.tp}×{r.spec.replicas}", f"{r.perf.kv_capacity_tokens:,}",
-                  f"{r.info.tokens_per_s:,.0f}", f"{1000 * r.info.tpot_s:.1f}", str(r.info.max_inflight))
+        t.add_row(r.info.name, r.spec.workload_model or r.info.name, r.spec.gpu, f"{r.spec.tp}×{r.spec.replicas}",
+                  f"{r.perf.kv_capacity_tokens:,}", f"{r.info.tokens_per_s:,.0f}", f"{1000 * r.info.tpot_s:.1f}",
+                  f"{r.info.prefill_tokens_per_s:,.0f}", str(r.info.max_inflight))
     console.print(t)
 
 
@@ -182,7 +184,8 @@ def bench_sim(
     policies_: Optional[str] = typer.Option(None, "--policies", help="Comma-separated policies (default: all)."),
     loads: str = typer.Option("0.5,1.0,1.5", "--loads",
                               help="Arrival rates as fractions of the rate at which round-robin saturates its slowest model."),
-    lams: str = typer.Option("0.01,0.05,0.2", "--lams", help="λ values for the chimera family."),
+    lams: str = typer.Option("0.005,0.01,0.02,0.05,0.1", "--lams", help="λ values for chimera and chimera-oracle."),
+    ablation_lam: float = typer.Option(0.02, "--ablation-lam", help="λ for the chimera-no-* ablations."),
     tasks: int = typer.Option(3000, "--tasks", help="Workflows per run (held-out tasks, drawn again as needed)."),
     seed: int = typer.Option(0, "--seed"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
@@ -203,6 +206,7 @@ def bench_sim(
         lams=[float(x) for x in lams.split(",")],
         tasks=tasks,
         seed=seed,
+        ablation_lam=ablation_lam,
     )
     unknown = [p for p in spec.policies if p not in POLICIES]
     if unknown:

@@ -40,34 +40,54 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_STYLE = {  # policy -> (colour, marker); fixed so the same policy looks the same in every panel
+    "vllm": ("black", "*"),
+    "least-loaded": ("tab:gray", "s"),
+    "routellm": ("tab:olive", "D"),
+    "sjf": ("tab:cyan", "v"),
+    "ltr": ("tab:pink", "^"),
+    "mlfq": ("tab:brown", "<"),
+    "chimera": ("tab:blue", "o"),
+    "chimera-oracle": ("tab:purple", "o"),
+    "chimera-no-route": ("tab:green", "X"),
+    "chimera-no-stjf": ("tab:red", "P"),
+    "chimera-no-load": ("tab:orange", "h"),
+}
+
+
 def frontier_plot(rows: Sequence[dict], out: str | Path) -> Path:
-    """Accuracy vs mean latency, one panel per (workload, load); chimera's λ sweep drawn as a line."""
+    """Accuracy vs mean latency (log scale), one panel per (workload, load); λ sweeps drawn as labelled lines."""
     keys = sorted({(r["workload"], r["load"]) for r in rows}, key=lambda k: (k[0], k[1]))
     workloads = sorted({k[0] for k in keys})
     loads = sorted({k[1] for k in keys})
-    fig, axes = plt.subplots(len(workloads), len(loads), figsize=(4.6 * len(loads), 3.8 * len(workloads)),
+    fig, axes = plt.subplots(len(workloads), len(loads), figsize=(5.2 * len(loads), 4.2 * len(workloads)),
                              squeeze=False)
     for i, w in enumerate(workloads):
         for j, load in enumerate(loads):
             ax = axes[i][j]
-            sel = [r for r in rows if r["workload"] == w and r["load"] == load]
             lines: dict[str, list[dict]] = defaultdict(list)
-            for r in sel:
-                lines[r["policy"]].append(r)
+            for r in rows:
+                if r["workload"] == w and r["load"] == load:
+                    lines[r["policy"]].append(r)
             for policy, rs in sorted(lines.items()):
-                rs = sorted(rs, key=lambda r: r["latency_s"]["mean"])
+                rs = sorted(rs, key=lambda r: (r.get("lam") or 0.0))
                 xs = [r["latency_s"]["mean"] for r in rs]
                 ys = [100 * r["accuracy"] for r in rs]
-                style = "-o" if len(rs) > 1 else "o"
-                ax.plot(xs, ys, style, label=policy, markersize=5,
-                        linewidth=2 if policy == "chimera" else 1)
+                colour, marker = _STYLE.get(policy, (None, "o"))
+                ax.plot(xs, ys, "-" if len(rs) > 1 else "", marker=marker, color=colour, label=policy,
+                        markersize=9 if policy == "vllm" else 6, linewidth=2 if policy == "chimera" else 1)
+                if policy == "chimera":
+                    for r, x, y in zip(rs, xs, ys):
+                        ax.annotate(f"λ={r['lam']:g}", (x, y), textcoords="offset points", xytext=(4, -10),
+                                    fontsize=7, color=colour)
+            ax.set_xscale("log")
             ax.set_title(f"{w} @ load {load:g}", fontsize=9)
-            ax.set_xlabel("mean workflow latency (s, simulated)")
+            ax.set_xlabel("mean workflow latency (s, simulated, log scale)")
             ax.set_ylabel("accuracy (%)")
-            ax.grid(alpha=0.3)
+            ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

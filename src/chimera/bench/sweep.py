@@ -19,7 +19,8 @@ class SweepSpec:
 
     policies: Sequence[str] = POLICIES
     loads: Sequence[float] = (0.5, 1.0, 1.5)
-    lams: Sequence[float] = (0.01, 0.05, 0.2)
+    lams: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1)
+    ablation_lam: float = 0.02  # the ablations run at one λ so the table stays readable
     tasks: int | None = 3000
     seed: int = 0
     train_frac: float = 0.3
@@ -29,15 +30,21 @@ class SweepSpec:
 def capacity_workflows_per_s(prep: Prepared) -> float:
     """Load 1.0: the rate at which round-robin (the `vllm` baseline) saturates its slowest model.
 
-    Round-robin sends 1/n of the calls to each model, so model m saturates at n · tokens_per_s(m) / mean workflow
-    output tokens on m; the cluster's capacity under that baseline is the smallest of these.
+    Round-robin sends 1/n of each workflow's calls to each model, so model m is busy for
+    (prompt tokens / prefill rate + output tokens / decode rate) / n seconds per workflow, and saturates at the
+    inverse of that; the cluster's capacity under that baseline is the smallest of these rates.
     """
     plans = [p for _, p, _ in prep.workflows(min(len(prep.test), 300), 0)]
     n = len(prep.runtimes)
     rates = []
     for r in prep.runtimes:
-        mean_tokens = float(np.mean([p.remaining_tokens(0, r.info.name) for p in plans]))
-        rates.append(n * r.info.tokens_per_s / max(mean_tokens, 1.0))
+        m = r.info.name
+        busy = []
+        for p in plans:
+            outs = [p.output_tokens(s, m) for s in range(p.n_stages)]
+            prompts = sum(p.prompt_tokens(s, outs[:s]) for s in range(p.n_stages))
+            busy.append(prompts / r.info.prefill_tokens_per_s + sum(outs) / r.info.tokens_per_s)
+        rates.append(n / max(float(np.mean(busy)), 1e-9))
     return min(rates)
 
 
@@ -56,7 +63,12 @@ def run_sweep(
     for load in spec.loads:
         rate = load * cap
         for policy in spec.policies:
-            lams = spec.lams if policy in LAMBDA_POLICIES else (None,)
+            if policy in ("chimera", "chimera-oracle"):
+                lams = spec.lams
+            elif policy in LAMBDA_POLICIES:
+                lams = (spec.ablation_lam,)
+            else:
+                lams = (None,)
             for lam in lams:
                 res = run_policy(prep, policy, rate=rate, seed=spec.seed, lam=lam, workflows=wfs)
                 res.update(workload=workload_name, load=load, capacity_wps=cap)
@@ -67,5 +79,5 @@ def run_sweep(
 
 
 def count_runs(spec: SweepSpec) -> int:
-    per_load = sum(len(spec.lams) if p in LAMBDA_POLICIES else 1 for p in spec.policies)
+    per_load = sum(len(spec.lams) if p in ("chimera", "chimera-oracle") else 1 for p in spec.policies)
     return per_load * len(spec.loads)

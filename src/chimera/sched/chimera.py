@@ -14,7 +14,7 @@ class ChimeraPolicy(Policy):
     Value of model m = w·confidence(m) − λ·expected latency(m), where w is this call's predicted share of the
     workflow's output (the weight the stage carries in the task score: a tiny final-answer call must not claim the
     large model at the cost of the long reasoning call). Expected latency on m = in-flight predicted tokens on m /
-    m's throughput (congestion) + this call's predicted tokens × m's time per output token (service).
+    m's throughput (congestion) + this call's prompt / m's prefill rate + its predicted tokens × m's TPOT (service).
     Priority = predicted remaining output tokens of the whole workflow on the chosen model (STJF);
     a call waiting longer than `starve_s` is promoted, and its workflow stays ahead for `quantum_s`.
     """
@@ -45,16 +45,17 @@ class ChimeraPolicy(Policy):
         super().bind(models)
         self._tps = np.array([m.tokens_per_s for m in self.models])
         self._tpot = np.array([m.tpot_s for m in self.models])
+        self._prefill = np.array([m.prefill_tokens_per_s for m in self.models])
 
-    def expected_latency(self, call_tok: np.ndarray) -> np.ndarray:
-        service = call_tok * self._tpot
+    def expected_latency(self, call_tok: np.ndarray, prompt_tokens: int = 0) -> np.ndarray:
+        service = call_tok * self._tpot + prompt_tokens / self._prefill
         if not self.load:
             return service
         inflight = np.array([self.monitor.pred_tokens[n] for n in self.names])
         return inflight / self._tps + service
 
     def choose(self, call: Call, now: float, conf, call_tok, rem_tok) -> int:
-        lat = self.expected_latency(call_tok)
+        lat = self.expected_latency(call_tok, call.prompt_tokens)
         if not self.route:
             return int(np.argmin(lat))
         share = call_tok / np.maximum(call.generated_so_far + rem_tok, 1.0)

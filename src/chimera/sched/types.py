@@ -42,3 +42,4 @@ class ModelInfo:
     tpot_s: float  # time per output token of one sequence at a typical batch
     max_inflight: int  # calls the gateway lets run on this model at once (all replicas)
     size_rank: int = 0  # 0 = smallest; used by baselines that need a notion of "strong" model
+    prefill_tokens_per_s: float = float("inf")  # prompt tokens processed per second (all replicas); long agent contexts

@@ -21,13 +21,16 @@ class ModelRuntime:
 
 
 def speed_summary(spec: ModelSpec, perf: StepTimeModel, size_rank: int, max_inflight: int | None = None) -> ModelInfo:
-    """Throughput at a busy batch (bounded by max_num_seqs and KV room) and TPOT at a moderate batch."""
+    """Decode throughput at a busy batch (bounded by max_num_seqs and KV room), TPOT at a moderate batch, prefill rate."""
     busy = max(1, min(perf.max_num_seqs, perf.kv_capacity_tokens // TYPICAL_CONTEXT))
     tps = busy / perf.step_time(busy, busy * TYPICAL_CONTEXT, 0) * spec.replicas
     moderate = max(1, min(16, busy))
     tpot = perf.step_time(moderate, moderate * TYPICAL_CONTEXT, 0)
     inflight = max_inflight if max_inflight is not None else perf.max_num_seqs * spec.replicas
-    return ModelInfo(name=spec.name, tokens_per_s=tps, tpot_s=tpot, max_inflight=inflight, size_rank=size_rank)
+    chunk = perf.max_num_batched_tokens
+    prefill_tps = chunk / perf.prefill_time(chunk) * spec.replicas
+    return ModelInfo(name=spec.name, tokens_per_s=tps, tpot_s=tpot, max_inflight=inflight, size_rank=size_rank,
+                     prefill_tokens_per_s=prefill_tps)
 
 
 def build_runtimes(cluster: ClusterConfig) -> list[ModelRuntime]:

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 
 def _baseline(rows: Sequence[dict], workload: str, load: float) -> dict | None:
@@ -21,7 +22,7 @@ def _baseline(rows: Sequence[dict], workload: str, load: float) -> dict | None:
 
 def markdown_table(rows: Sequence[dict]) -> str:
     """One line per run; speed-up and accuracy gain are against `vllm` at the same workload and load."""
-    head = ("| workload | load | policy | λ | accuracy | Δacc vs vllm (pts) | mean lat (s) | speed-up vs vllm "
+    head = ("| workload | load (wf/s) | policy | λ | accuracy | Δacc vs vllm (pts) | mean lat (s) | speed-up vs vllm "
             "| p50 (s) | p99 (s) | queue mean (s) | tasks/s |")
     lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for r in rows:
@@ -33,7 +34,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
         else:
             dacc = speed = "-"
         lines.append(
-            f"| {r['workload']} | {r['load']:g} | {r['policy']} | {lam} | {100 * r['accuracy']:.1f}% | {dacc} "
+            f"| {r['workload']} | {r['load']:g} ({r['rate']:.2f}) | {r['policy']} | {lam} | {100 * r['accuracy']:.1f}% | {dacc} "
             f"| {r['latency_s']['mean']:.1f} | {speed} | {r['latency_s']['p50']:.1f} | {r['latency_s']['p99']:.1f} "
             f"| {r['queue_s']['mean']:.1f} | {r['throughput_tasks_per_s']:.2f} |"
         )
@@ -81,6 +82,8 @@ def frontier_plot(rows: Sequence[dict], out: str | Path) -> Path:
                         ax.annotate(f"λ={r['lam']:g}", (x, y), textcoords="offset points", xytext=(4, -10),
                                     fontsize=7, color=colour)
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{w} @ load {load:g}", fontsize=9)
             ax.set_xlabel("mean workflow latency (s, simulated, log scale)")
             ax.set_ylabel("accuracy (%)")

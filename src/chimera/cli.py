@@ -17,8 +17,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Chimera: predictive scheduling of multi-agent LLM workflows on heterogeneous clusters.")
 workload_app = typer.Typer(no_args_is_help=True, help="Workloads: export public benchmark data, generate synthetic tasks.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: policy sweeps and speed.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate predictors on held-out tasks.")
 app.add_typer(workload_app, name="workload")
 app.add_typer(bench_app, name="bench")
+app.add_typer(eval_app, name="eval")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
@@ -35,6 +37,21 @@ def _cluster(path: Optional[Path]):
     from chimera.engine.profiles import default_cluster, load_cluster
 
     return load_cluster(path) if path else default_cluster()
+
+
+def _predictors(path: Optional[Path]):
+    """Load a predictor folder, or None; a bad folder is a clear error."""
+    if path is None:
+        return None
+    from chimera.predict.artifacts import load_predictors
+
+    return load_predictors(path)
+
+
+def _workloads(specs: list[str], data_dir: Optional[Path], seed: int) -> list[tuple[str, list]]:
+    from chimera.workload.source import load_workload
+
+    return [(w, load_workload(w, data_dir=data_dir, seed=seed)[0]) for w in specs]
 
 
 def _progress() -> Progress:
@@ -70,6 +87,8 @@ def simulate(
     train_frac: float = typer.Option(0.3, "--train-frac", help="Share of tasks (by id) used to fit predictors; the rest are simulated."),
     rule: str = typer.Option("weighted", "--quality-rule", help="Task score with mixed models: weighted | last | min."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Public data directory (default ../shared/data)."),
+    predictors: Optional[Path] = typer.Option(None, "--predictors", help="Folder from `chimera train`: trained router "
+                                              "and length forest (default: honest per-kind/per-stage priors)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary JSON here."),
 ) -> None:
     """Simulate a workload on a cluster under one policy and print a summary (all results are simulated).
@@ -85,7 +104,8 @@ def simulate(
         _fail("give --rate or --agents, not both")
     try:
         ts, report = load_workload(workload, data_dir=data_dir, seed=seed)
-        prep = prepare(ts, _cluster(cluster), seed=seed, train_frac=train_frac, rule=rule)
+        prep = prepare(ts, _cluster(cluster), seed=seed, train_frac=train_frac, rule=rule,
+                       predictors=_predictors(predictors))
         n = tasks if tasks is not None else len(prep.test)
         with _progress() as prog:
             bar = prog.add_task(f"simulating {policy}", total=n)
@@ -190,6 +210,7 @@ def bench_sim(
     seed: int = typer.Option(0, "--seed"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     out: Path = typer.Option(Path("out/bench-sim"), "--out", help="Folder for results.md, results.json, frontier.png."),
+    predictors: Optional[Path] = typer.Option(None, "--predictors", help="Folder from `chimera train` (default: priors)."),
 ) -> None:
     """Sweep policies × load levels × λ; write a markdown table and a latency–accuracy frontier plot.
 
@@ -214,11 +235,12 @@ def bench_sim(
     rows: list[dict] = []
     try:
         cl = _cluster(cluster)
+        trained = _predictors(predictors)
         with _progress() as prog:
             for w in workload:
                 ts, _ = load_workload(w, data_dir=data_dir, seed=seed)
                 bar = prog.add_task(f"{w}", total=count_runs(spec))
-                rows += run_sweep(w, ts, cl, spec, progress=lambda k, b=bar: prog.advance(b, k))
+                rows += run_sweep(w, ts, cl, spec, progress=lambda k, b=bar: prog.advance(b, k), predictors=trained)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e).strip("'\""))
     out.mkdir(parents=True, exist_ok=True)
@@ -256,6 +278,118 @@ def bench_speed(
     console.print(f"{policy}: {tasks} workflows, {res['calls']} calls; planning {plan_s:.2f} s + simulation "
                   f"{res['wall_s']:.2f} s = {total:.2f} s wall; {res['calls'] / total:,.0f} calls/s; "
                   f"scheduler share of simulated latency {100 * res['scheduler_share_of_latency']:.3f}%")
+
+
+@bench_app.command("predict")
+def bench_predict(
+    predictors: Path = typer.Option(..., "--predictors", help="Folder from `chimera train`."),
+    workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP + " Request texts to predict for."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models (default: the first 3 trained)."),
+    batch: int = typer.Option(32, "--batch"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+) -> None:
+    """Router + length prediction cost per request, batched (caches off), on this machine.
+
+    Example: chimera bench predict --predictors out/predictors/mmlu -w source:mmlu-pro-math --batch 32
+    """
+    from chimera.bench.predict_speed import measure
+    from chimera.workload.source import load_workload
+
+    try:
+        pred = _predictors(predictors)
+        ts, _ = load_workload(workload, data_dir=data_dir)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e).strip("'\""))
+    names = [m.strip() for m in models.split(",")] if models else pred.models[:3]
+    res = measure(pred, ts, names, batch=batch)
+    console.print(f"{predictors} ({pred.spec.get('router', {}).get('encoder', '?')} router), batch {batch}, "
+                  f"{len(names)} models: router {res['router_ms']:.3f} ms + length {res['length_ms']:.3f} ms = "
+                  f"{res['total_ms']:.3f} ms per request (p90 {res['total_p90_ms']:.3f} ms)")
+
+
+@app.command()
+def train(
+    workload: list[str] = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP + " Repeatable."),
+    out: Path = typer.Option(..., "--out", help="Folder for the artifacts (manifest.json, router.joblib, length.joblib)."),
+    encoder: str = typer.Option("hashing", "--encoder", help="Router text encoder: hashing (no model) | minilm."),
+    train_frac: float = typer.Option(0.7, "--train-frac", help="Share of tasks (split by id) to train on."),
+    trees: int = typer.Option(100, "--trees", help="Trees per quantile forest."),
+    seed: int = typer.Option(0, "--seed"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+) -> None:
+    """Fit the semantic router and the workflow-length forest; print held-out metrics; save versioned artifacts.
+
+    Example: chimera train -w source:mmlu-pro-math --out out/predictors/mmlu --encoder minilm
+    """
+    from chimera.predict.training import gather, train_predictors
+
+    if encoder not in ("hashing", "minilm"):
+        _fail(f"--encoder must be hashing or minilm, got {encoder!r}")
+    t0 = time.perf_counter()
+    try:
+        data = gather(_workloads(workload, data_dir, seed), train_frac)
+        with _progress() as prog:
+            bar = prog.add_task("training", total=None)
+            pred = train_predictors(data, encoder=encoder, train_frac=train_frac, seed=seed, n_estimators=trees,
+                                    progress=lambda m: prog.update(bar, description=m))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e).strip("'\""))
+    pred.save(out)
+    m = pred.metrics
+    console.print(f"trained on {m['train_tasks']} tasks, evaluated on {m['test_tasks']} held-out tasks "
+                  f"({len(pred.models)} models) in {time.perf_counter() - t0:.1f} s")
+    if "router" in m:
+        from chimera.predict.router_eval import to_markdown
+
+        console.print(to_markdown(m["router"]))
+    if "length" in m:
+        from chimera.predict.length_eval import format_table
+
+        console.print(format_table(m["length"]))
+    console.print(f"wrote {out}")
+
+
+@eval_app.command("predictors")
+def eval_predictors(
+    workload: list[str] = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP + " Repeatable."),
+    strong: Optional[str] = typer.Option(None, "--strong", help="Strong model of the routing curve (default: most accurate)."),
+    weak: Optional[str] = typer.Option(None, "--weak", help="Weak model of the routing curve (default: least accurate)."),
+    encoders: str = typer.Option("hashing,minilm", "--encoders", help="Router encoders to compare."),
+    train_frac: float = typer.Option(0.7, "--train-frac"),
+    seed: int = typer.Option(0, "--seed"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    out: Path = typer.Option(Path("out/eval-predictors"), "--out", help="Folder for results.md, results.json, routing.png."),
+) -> None:
+    """Router vs kNN / matrix factorisation / prior / random, and the length forest vs per-stage means and an
+    LTR-style ranker, on held-out tasks.
+
+    Example: chimera eval predictors -w source:fireact-hotpotqa --out out/eval-fireact
+    """
+    from chimera.predict.evaluate import evaluate_predictors, routing_curve_plot
+    from chimera.predict.length_eval import format_table
+    from chimera.predict.router_eval import to_markdown
+    from chimera.predict.training import gather
+
+    t0 = time.perf_counter()
+    try:
+        data = gather(_workloads(workload, data_dir, seed), train_frac)
+        with _progress() as prog:
+            bar = prog.add_task("evaluating", total=None)
+            res = evaluate_predictors(data, encoders=[e.strip() for e in encoders.split(",")], strong=strong,
+                                      weak=weak, seed=seed, progress=lambda m: prog.update(bar, description=m))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e).strip("'\""))
+    out.mkdir(parents=True, exist_ok=True)
+    from chimera.predict.training import _jsonable
+
+    md = (f"{', '.join(data.workloads)}: {res['train_tasks']} training / {res['test_tasks']} held-out tasks\n\n"
+          f"### Router\n\n{to_markdown(res['router'])}\n\n### Remaining workflow tokens\n\n"
+          f"{format_table(res['length'])}\n")
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(_jsonable(res), indent=1))
+    png = routing_curve_plot(res, out / "routing.png")
+    console.print(md)
+    console.print(f"wrote {out / 'results.md'}, {png} in {time.perf_counter() - t0:.1f} s")
 
 
 def _versus(base: dict, other: dict) -> str:

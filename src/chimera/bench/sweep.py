@@ -49,9 +49,10 @@ def run_sweep(
     cluster: ClusterConfig,
     spec: SweepSpec,
     progress: Callable[[int], None] | None = None,
+    predictors=None,
 ) -> list[dict]:
     """Every policy at every load (and every λ for the chimera family); one row per run."""
-    prep = prepare(tasks, cluster, seed=spec.seed, train_frac=spec.train_frac)
+    prep = prepare(tasks, cluster, seed=spec.seed, train_frac=spec.train_frac, predictors=predictors)
     cap = capacity_workflows_per_s(prep)
     rows = []
     wfs = prep.workflows(spec.tasks, spec.seed)

@@ -9,6 +9,7 @@ import numpy as np
 from quantile_forest import RandomForestQuantileRegressor
 from sklearn.base import BaseEstimator
 
+from chimera.predict.cache import LRUCache
 from chimera.predict.length_features import LengthFeaturizer, LengthRow, rows_from_calls
 from chimera.sched.types import Call
 
@@ -118,7 +119,7 @@ class ForestLengths:
     """LengthPredictor for a cluster: one column per cluster model, read from the forest under its workload name."""
 
     def __init__(self, forest: WorkflowLengthForest, mapping: Mapping[str, str] | None = None,
-                 quantile: float | None = None) -> None:
+                 quantile: float | None = None, cache_size: int = 65536) -> None:
         known = list(forest.models_)
         mapping = dict(mapping) if mapping is not None else {m: m for m in known}
         missing = sorted({src for src in mapping.values() if src not in known})
@@ -130,11 +131,21 @@ class ForestLengths:
         self.quantile = quantile
         self.models_ = list(mapping)
         self._sources = [mapping[m] for m in self.models_]
+        self._cache = LRUCache(cache_size)  # same request features -> same prediction (sweeps re-ask them)
 
     def predict_lengths(self, calls: Sequence[Call]) -> tuple[np.ndarray, np.ndarray]:
         """(call tokens, remaining workflow tokens), each (len(calls), len(models_)), in one batched forest pass."""
         M = len(self._sources)
         if not calls:
             return np.zeros((0, M)), np.zeros((0, M))
-        call, rem = self.forest.predict_both(rows_from_calls(calls, self._sources), self.quantile)
-        return call.reshape(len(calls), M), rem.reshape(len(calls), M)
+        keys = [(c.kind, c.stage, c.prompt_tokens, c.generated_so_far, c.prompt) for c in calls]
+        got = [self._cache.get(k) for k in keys]
+        miss = [i for i, g in enumerate(got) if g is None]
+        if miss:
+            call, rem = self.forest.predict_both(rows_from_calls([calls[i] for i in miss], self._sources),
+                                                 self.quantile)
+            call, rem = call.reshape(len(miss), M), rem.reshape(len(miss), M)
+            for j, i in enumerate(miss):
+                got[i] = (call[j], rem[j])
+                self._cache.put(keys[i], got[i])
+        return np.vstack([g[0] for g in got]), np.vstack([g[1] for g in got])

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from chimera.engine.profiles import ClusterConfig
+from chimera.predict.artifacts import Predictors
 from chimera.predict.priors import KindAccuracyRouter, OracleConfidence, OracleLength, StageMeanLength
 from chimera.sched.registry import ORACLE_POLICIES, make_policy
 from chimera.sched.types import Call
@@ -77,6 +78,7 @@ class Prepared:
     lengths: StageMeanLength
     templates: dict[str, WorkflowTemplate]
     rule: str
+    trained: tuple | None = None  # (confidence, length) adapters of trained predictors, when given
 
     def workflows(self, n: int | None, seed: int) -> list[tuple[str, WorkflowPlan, str]]:
         """n workflows from the test tasks; beyond one pass, tasks are drawn again under new workflow ids."""
@@ -105,10 +107,22 @@ def prepare(
     train_frac: float = 0.3,
     rule: str = "weighted",
     templates: dict[str, WorkflowTemplate] | None = None,
+    predictors: Predictors | None = None,
 ) -> Prepared:
+    """Split, map to the cluster's model names and fit the honest priors; with trained `predictors`, use their
+    split and drop any task they were trained on from the simulated set."""
     templates = templates if templates is not None else load_templates()
     mapped, skipped = to_cluster_namespace(tasks, cluster)
+    if predictors is not None:
+        train_frac = predictors.train_frac
     train, test = split_tasks(mapped, train_frac)
+    if predictors is not None:
+        seen = set(predictors.train_ids)
+        leaked = [t for t in test if t.id in seen]
+        test = [t for t in test if t.id not in seen]
+        train += leaked
+        if not test:
+            raise ValueError("every task of this workload was used to train the predictors; nothing left to test on")
     runtimes = build_runtimes(cluster)
     names = [r.info.name for r in runtimes]
     fit_on = train if train else test[:0]
@@ -116,7 +130,19 @@ def prepare(
     router = KindAccuracyRouter(names).fit(fit_on)
     lengths = StageMeanLength(names).fit(plans) if plans else StageMeanLength(names).fit(
         make_plans(test[:1], templates, seed, rule))
-    return Prepared(runtimes, names, train, test, skipped, plans, router, lengths, templates, rule)
+    prep = Prepared(runtimes, names, train, test, skipped, plans, router, lengths, templates, rule)
+    if predictors is not None:
+        prep.trained = trained_adapters(predictors, cluster)
+    return prep
+
+
+def trained_adapters(predictors: Predictors, cluster: ClusterConfig):
+    """The trained router and forest seen through the cluster's model names (`workload_model` mapping)."""
+    from chimera.predict.length import ForestLengths
+    from chimera.predict.router import RouterConfidence
+
+    mapping = {m.name: (m.workload_model or m.name) for m in cluster.models}
+    return RouterConfidence(predictors.router, mapping), ForestLengths(predictors.length, mapping)
 
 
 def train_calls(prep: Prepared, limit: int = 2000) -> list[Call]:
@@ -145,6 +171,8 @@ def run_policy(
     """Simulate one policy on the prepared held-out tasks; returns the summary dict."""
     if policy in ORACLE_POLICIES:
         confidence, length = OracleConfidence(prep.names), OracleLength(prep.names)
+    elif prep.trained is not None:
+        confidence, length = confidence or prep.trained[0], length or prep.trained[1]
     else:
         confidence = confidence or prep.router
         length = length or prep.lengths
@@ -157,4 +185,6 @@ def run_policy(
     result["rate"] = rate
     result["agents"] = agents
     result["skipped_tasks"] = prep.skipped
+    result["predictors"] = "trained" if prep.trained is not None and policy not in ORACLE_POLICIES else (
+        "oracle" if policy in ORACLE_POLICIES else "priors")
     return result

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-sim clean
+.PHONY: demo test bench bench-sim bench-predictors clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,7 @@ bench: $(STAMP)
 	$(BIN)/pytest -q -m slow
 	$(BIN)/chimera bench speed
 	$(MAKE) bench-sim
+	$(MAKE) bench-predictors
 
 clean:
 	rm -rf $(VENV) out
@@ -31,3 +32,16 @@ bench-sim: $(STAMP)
 	$(BIN)/chimera bench sim -w synthetic --out out/bench-synthetic
 	$(BIN)/chimera bench sim -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --out out/bench-mmlu-math
 	$(BIN)/chimera bench sim -w source:fireact-hotpotqa -c examples/cluster-fireact-a100.yaml --out out/bench-fireact
+
+# Trained predictors behind BENCHMARKS.md: fit, evaluate against baselines, rerun the sweeps with them.
+LAMS_TRAINED := 0.01,0.02,0.05,0.1,0.2,0.5
+bench-predictors: $(STAMP)
+	$(BIN)/chimera train -w source:mmlu-pro-math --out out/predictors/mmlu
+	$(BIN)/chimera train -w source:fireact-hotpotqa --out out/predictors/fireact
+	$(BIN)/chimera eval predictors -w source:mmlu-pro-math --strong Meta-Llama-3_1-70B-Instruct --weak Meta-Llama-3_1-8B-Instruct --out out/eval-mmlu
+	$(BIN)/chimera eval predictors -w source:fireact-hotpotqa --strong gpt-3.5-turbo-0613-ft --weak Llama-2-7b-lora --out out/eval-fireact
+	$(BIN)/chimera eval predictors -w source:routellm-gsm8k --out out/eval-gsm8k
+	$(BIN)/chimera bench predict --predictors out/predictors/mmlu -w source:mmlu-pro-math --models Meta-Llama-3_1-8B-Instruct,Mixtral-8x7B-Instruct-v0.1,Meta-Llama-3_1-70B-Instruct
+	$(BIN)/chimera bench predict --predictors out/predictors/fireact -w source:fireact-hotpotqa
+	$(BIN)/chimera bench sim -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --predictors out/predictors/mmlu --lams $(LAMS_TRAINED) --ablation-lam 0.05 --out out/bench-mmlu-math-trained
+	$(BIN)/chimera bench sim -w source:fireact-hotpotqa -c examples/cluster-fireact-a100.yaml --predictors out/predictors/fireact --lams $(LAMS_TRAINED) --ablation-lam 0.05 --out out/bench-fireact-trained

@@ -43,5 +43,7 @@ bench-predictors: $(STAMP)
 	$(BIN)/chimera eval predictors -w source:routellm-gsm8k --out out/eval-gsm8k
 	$(BIN)/chimera bench predict --predictors out/predictors/mmlu -w source:mmlu-pro-math --models Meta-Llama-3_1-8B-Instruct,Mixtral-8x7B-Instruct-v0.1,Meta-Llama-3_1-70B-Instruct
 	$(BIN)/chimera bench predict --predictors out/predictors/fireact -w source:fireact-hotpotqa
+	$(BIN)/chimera train -w source:fireact-hotpotqa --encoder minilm --out out/predictors/fireact-minilm
+	$(BIN)/chimera bench predict --predictors out/predictors/fireact-minilm -w source:fireact-hotpotqa
 	$(BIN)/chimera bench sim -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --predictors out/predictors/mmlu --lams $(LAMS_TRAINED) --ablation-lam 0.05 --out out/bench-mmlu-math-trained
 	$(BIN)/chimera bench sim -w source:fireact-hotpotqa -c examples/cluster-fireact-a100.yaml --predictors out/predictors/fireact --lams $(LAMS_TRAINED) --ablation-lam 0.05 --out out/bench-fireact-trained

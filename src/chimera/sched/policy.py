@@ -51,22 +51,22 @@ class Policy:
         self.monitor = LoadMonitor(self.names)
         self._promoted_until: dict[str, float] = {}
         self.decisions: dict[str, int] = {m.name: 0 for m in models}
+        # Column order of each predictor's output -> this policy's model order (computed once, used per call).
+        self._cols = {}
         for pred in (self.confidence, self.length):
             if pred is not None and list(pred.models_) != self.names:
-                self._reorder = True
-                break
-        else:
-            self._reorder = False
+                missing = [n for n in self.names if n not in pred.models_]
+                if missing:
+                    raise ValueError(f"predictor {type(pred).__name__} has no column for models {missing}")
+                self._cols[id(pred)] = [list(pred.models_).index(n) for n in self.names]
 
     def prepare(self, train_calls: Sequence[Call]) -> None:
         """Calibrate on calls from training tasks (RouteLLM's threshold); default: nothing to do."""
 
     # ---- predictions ---------------------------------------------------------------------------------------
     def _columns(self, pred, values: np.ndarray) -> np.ndarray:
-        if not self._reorder:
-            return values
-        idx = [list(pred.models_).index(n) for n in self.names]
-        return values[:, idx]
+        idx = self._cols.get(id(pred))
+        return values if idx is None else values[:, idx]
 
     def predict(self, call: Call) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(confidence, call tokens, remaining workflow tokens), each one value per model in `self.names`."""

@@ -1,0 +1,116 @@
+"""Gateway configuration: one YAML file, validated at start so a typo fails loudly with the key's name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class GatewayConfigError(ValueError):
+    """A gateway config that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Listen(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+
+class Auth(_Strict):
+    """Bearer keys; an empty list leaves that surface open."""
+
+    api_keys: list[str] = Field(default_factory=list)
+    admin_keys: list[str] = Field(default_factory=list)
+
+
+class PolicyConfig(BaseModel):
+    """`name` and `lam` are known; any other key is passed to the policy constructor."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "chimera"
+    lam: float | None = 0.02
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Backend(_Strict):
+    """One OpenAI-compatible server; several backends with the same `model` are replicas."""
+
+    name: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    base_url: str = Field(min_length=1)
+    api_key: str | None = None
+    max_inflight: int = Field(default=64, ge=1)
+    priority: bool = False
+    profile: str | None = None
+    workload_model: str | None = None  # the name trained predictors know this model by (default: profile's, or `model`)
+
+
+class Limits(_Strict):
+    max_queue: int = Field(default=1000, ge=0)
+    max_body_bytes: int = Field(default=1_000_000, ge=1)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class GatewayConfig(_Strict):
+    listen: Listen = Field(default_factory=Listen)
+    auth: Auth = Field(default_factory=Auth)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    predictors: str | None = None
+    trace_store: str = "chimera-traces.sqlite"
+    backends: list[Backend] = Field(min_length=1)
+    limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "GatewayConfig":
+        names = [b.name for b in self.backends]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"backends: duplicate backend name(s) {dup}")
+        if "chimera" in {b.model for b in self.backends}:
+            raise ValueError("backends: model name 'chimera' is reserved (it asks the policy to choose)")
+        return self
+
+    @property
+    def models(self) -> list[str]:
+        """Served model names in first-seen order (the policy's model order)."""
+        return list(dict.fromkeys(b.model for b in self.backends))
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "<top>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        parts.append(f"key '{key}': {msg}")
+    return "; ".join(parts)
+
+
+def gateway_config_from_dict(raw: Any, source: str = "<config>") -> GatewayConfig:
+    """Validate an already-parsed config document."""
+    if not isinstance(raw, dict):
+        raise GatewayConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return GatewayConfig.model_validate(raw)
+    except ValidationError as e:
+        raise GatewayConfigError(f"{source}: {_describe(e)}") from None
+
+
+def load_gateway_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a gateway YAML; errors name the file and the offending key."""
+    p = Path(path)
+    if not p.is_file():
+        raise GatewayConfigError(f"{p}: gateway config not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise GatewayConfigError(f"{p}: not valid YAML: {e}") from None
+    return gateway_config_from_dict(raw, source=str(p))

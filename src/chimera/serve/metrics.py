@@ -1,0 +1,58 @@
+"""Prometheus metrics: live scheduler state read at scrape time, plus latency histograms and outcome counters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from chimera.serve.scheduler import Scheduler
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class _Live(Collector):
+    """Queue depth, in-flight calls and predicted tokens, decisions: exact values straight from the scheduler."""
+
+    def __init__(self, sched: "Scheduler") -> None:
+        self.sched = sched
+
+    def collect(self) -> Iterator[Metric]:
+        s, pol = self.sched, self.sched.policy
+        q = GaugeMetricFamily("chimera_queue_depth", "Calls waiting in the gateway queue", labels=["model"])
+        c = GaugeMetricFamily("chimera_inflight_calls", "Calls running on the model's backends", labels=["model"])
+        t = GaugeMetricFamily("chimera_inflight_predicted_tokens",
+                              "Predicted output tokens still owed by the model (queued + running)", labels=["model"])
+        d = CounterMetricFamily("chimera_decisions", "Calls the policy assigned to the model", labels=["model"])
+        for m in s.models:
+            q.add_metric([m], s.waiting(m))
+            c.add_metric([m], s.inflight[m])
+            t.add_metric([m], pol.monitor.pred_tokens.get(m, 0.0))
+            d.add_metric([m], pol.decisions.get(m, 0))
+        b = GaugeMetricFamily("chimera_backend_inflight_calls", "Calls running on one backend",
+                              labels=["backend", "model"])
+        for m, bes in s.backends.items():
+            for be in bes:
+                b.add_metric([be.name, m], be.inflight)
+        yield from (q, c, t, d, b)
+
+
+class GatewayMetrics:
+    """One registry per gateway (several gateways can live in one process, e.g. in tests)."""
+
+    def __init__(self, sched: "Scheduler") -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_Live(sched))
+        r = self.registry
+        self.latency = Histogram("chimera_request_latency_seconds", "Arrival at the gateway to last byte",
+                                 ["model"], buckets=BUCKETS, registry=r)
+        self.queue_wait = Histogram("chimera_queue_wait_seconds", "Arrival to dispatch to a backend",
+                                    ["model"], buckets=BUCKETS, registry=r)
+        self.ttft = Histogram("chimera_ttft_seconds", "Arrival to first streamed token", ["model"],
+                              buckets=BUCKETS, registry=r)
+        self.requests = Counter("chimera_requests", "Calls by outcome", ["model", "status"], registry=r)
+        self.retries = Counter("chimera_retries", "Calls re-scheduled after a backend fault", ["model"], registry=r)
+        self.rejected = Counter("chimera_rejected", "Requests refused before scheduling", ["reason"], registry=r)

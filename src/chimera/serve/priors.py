@@ -1,0 +1,86 @@
+"""What the gateway knows before training: model speeds from profiles, and predictors that learn online.
+
+A fresh deployment has no trained predictors; these priors keep the policy usable and are replaced by
+`predictors: DIR` (a `chimera train` folder) once traces exist.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+
+from chimera.engine.perf import StepTimeModel
+from chimera.engine.profiles import profile
+from chimera.sched.types import Call, ModelInfo
+from chimera.serve.config import GatewayConfig
+
+DEFAULT_TPS = 2000.0  # aggregate decode tokens/s per replica when a backend names no profile
+DEFAULT_TPOT = 0.02
+DEFAULT_CALL_TOKENS = 256.0
+
+
+def model_infos(cfg: GatewayConfig) -> list[ModelInfo]:
+    """One ModelInfo per served model: speeds from the first backend's `profile` × replicas, else defaults."""
+    from chimera.sim.cluster import speed_summary
+
+    infos, sizes = [], []
+    for name in cfg.models:
+        bes = [b for b in cfg.backends if b.model == name]
+        inflight = sum(b.max_inflight for b in bes)
+        prof = next((b.profile for b in bes if b.profile), None)
+        if prof is not None:
+            spec = profile(prof).model_copy(update={"name": name, "replicas": len(bes)})
+            info = speed_summary(spec, StepTimeModel(spec), 0, max_inflight=inflight)
+            sizes.append(spec.active_params_b or spec.params_b)
+        else:
+            info = ModelInfo(name=name, tokens_per_s=DEFAULT_TPS * len(bes), tpot_s=DEFAULT_TPOT,
+                             max_inflight=inflight)
+            sizes.append(float(len(sizes)))  # unknown size: config order
+        infos.append(info)
+    order = sorted(range(len(infos)), key=lambda i: sizes[i])
+    rank = {i: r for r, i in enumerate(order)}
+    return [ModelInfo(name=m.name, tokens_per_s=m.tokens_per_s, tpot_s=m.tpot_s, max_inflight=m.max_inflight,
+                      size_rank=rank[i], prefill_tokens_per_s=m.prefill_tokens_per_s) for i, m in enumerate(infos)]
+
+
+class SizePriorConfidence:
+    """Confidence rises with model size (0.5 smallest → 0.9 largest): bigger models are usually more accurate."""
+
+    def __init__(self, models: Sequence[ModelInfo]) -> None:
+        self.models_ = [m.name for m in models]
+        n = max(len(models) - 1, 1)
+        self._row = np.array([0.5 + 0.4 * m.size_rank / n for m in models])
+
+    def predict_confidence(self, calls: Sequence[Call]) -> np.ndarray:
+        return np.tile(self._row, (len(calls), 1))
+
+
+class RunningLength:
+    """Per-(kind, stage, model) running mean of completion tokens; remaining = this stage's and later stages' means."""
+
+    def __init__(self, models: Sequence[str]) -> None:
+        self.models_ = list(models)
+        self._sum: dict[tuple[str, int, str], float] = defaultdict(float)
+        self._n: dict[tuple[str, int, str], int] = defaultdict(int)
+        self._max_stage: dict[str, int] = defaultdict(int)
+
+    def observe(self, kind: str, stage: int, model: str, tokens: int) -> None:
+        self._sum[(kind, stage, model)] += tokens
+        self._n[(kind, stage, model)] += 1
+        self._max_stage[kind] = max(self._max_stage[kind], stage)
+
+    def _mean(self, kind: str, stage: int, model: str) -> float:
+        n = self._n.get((kind, stage, model), 0)
+        return self._sum[(kind, stage, model)] / n if n else DEFAULT_CALL_TOKENS
+
+    def predict_lengths(self, calls: Sequence[Call]) -> tuple[np.ndarray, np.ndarray]:
+        call = np.zeros((len(calls), len(self.models_)))
+        rem = np.zeros_like(call)
+        for i, c in enumerate(calls):
+            last = max(self._max_stage.get(c.kind, 0), c.stage)
+            for j, m in enumerate(self.models_):
+                call[i, j] = self._mean(c.kind, c.stage, m)
+                rem[i, j] = sum(self._mean(c.kind, s, m) for s in range(c.stage, last + 1))
+        return call, rem

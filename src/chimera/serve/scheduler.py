@@ -1,0 +1,203 @@
+"""The gateway's body for a Policy: the simulator's protocol (submit → next_call while room → progress/complete).
+
+Pure with respect to time: every method takes `now`, so the decisions can be replayed and compared with the
+simulator without HTTP. The async side (serve/app.py) calls it from the event loop only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from chimera.sched.policy import Policy
+from chimera.sched.types import Call, ModelInfo
+from chimera.serve.config import Backend
+
+DOWN_S = 5.0  # a backend that just failed is avoided for this long (still used when nothing else has room)
+
+
+class QueueFull(Exception):
+    """More than `max_queue` calls are waiting; the client should back off."""
+
+
+@dataclass
+class BackendState:
+    """One replica and what the gateway has in flight on it."""
+
+    cfg: Backend
+    inflight: int = 0
+    down_until: float = -1.0
+    failures: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def has_room(self) -> bool:
+        return self.inflight < self.cfg.max_inflight
+
+
+@dataclass
+class WorkflowState:
+    arrival_s: float
+    generated: int = 0
+    stages: int = 0
+
+
+class Workflows:
+    """Recently seen workflows (LRU), so later stages know the workflow's start and tokens generated so far."""
+
+    def __init__(self, cap: int = 100_000) -> None:
+        self.cap = cap
+        self._d: OrderedDict[str, WorkflowState] = OrderedDict()
+
+    def get(self, wid: str, now: float) -> WorkflowState:
+        st = self._d.get(wid)
+        if st is None:
+            st = self._d[wid] = WorkflowState(arrival_s=now)
+            if len(self._d) > self.cap:
+                self._d.popitem(last=False)
+        else:
+            self._d.move_to_end(wid)
+        return st
+
+    def pop(self, wid: str) -> WorkflowState | None:
+        return self._d.pop(wid, None)
+
+
+@dataclass
+class Ticket:
+    """The gateway's handle on a call (Call.ctx): where it went and whether the client is still there."""
+
+    backend: BackendState | None = None
+    cancelled: bool = False
+    tried: set[str] = field(default_factory=set)
+    on_dispatch: Callable[["Ticket"], None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Admission control per model (sum of its backends' max_inflight) in front of one Policy."""
+
+    def __init__(self, policy: Policy, models: Sequence[ModelInfo], backends: Sequence[Backend],
+                 max_queue: int = 1000) -> None:
+        self.policy = policy
+        policy.bind(list(models))
+        self.models = [m.name for m in models]
+        self.backends: dict[str, list[BackendState]] = {m: [] for m in self.models}
+        for b in backends:
+            if b.model not in self.backends:
+                raise ValueError(f"backend {b.name!r} serves {b.model!r}, which is not a bound model")
+            self.backends[b.model].append(BackendState(b))
+        self.cap = {m: sum(b.cfg.max_inflight for b in self.backends[m]) for m in self.models}
+        self.inflight = {m: 0 for m in self.models}
+        self.max_queue = max_queue
+        self.waiting_total = 0
+        self.workflows = Workflows()
+        self._ids = itertools.count()
+        self._placed: dict[int, BackendState] = {}  # call_id -> backend it runs on
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def waiting(self, model: str) -> int:
+        return self.policy.waiting(model)
+
+    # ---- the body-facing protocol (same order of calls as sim.Simulator) ------------------------------------
+    def submit(self, call: Call, now: float) -> str:
+        """Route and enqueue (the policy), then dispatch what fits; raises QueueFull past `max_queue`."""
+        if self.waiting_total >= self.max_queue:
+            raise QueueFull(f"{self.waiting_total} calls waiting (limit {self.max_queue})")
+        model = self.policy.submit(call, now)
+        self.waiting_total += 1
+        self.dispatch(model, now)
+        return model
+
+    def dispatch(self, model: str, now: float) -> None:
+        """Move calls from the policy's queue to the model's backends while it has room."""
+        while self.inflight[model] < self.cap[model]:
+            call = self.policy.next_call(model, now)
+            if call is None:
+                return
+            self.waiting_total -= 1
+            ticket = call.ctx if isinstance(call.ctx, Ticket) else None
+            if ticket is not None and ticket.cancelled:  # the client left while queued
+                self.policy.on_fail(call, now)
+                continue
+            be = self._pick_backend(model, ticket, now)
+            be.inflight += 1
+            self.inflight[model] += 1
+            self._placed[call.call_id] = be
+            if ticket is not None:
+                ticket.backend = be
+                ticket.tried.add(be.name)
+                if ticket.on_dispatch is not None:
+                    ticket.on_dispatch(ticket)
+
+    def _pick_backend(self, model: str, ticket: Ticket | None, now: float) -> BackendState:
+        tried = ticket.tried if ticket is not None else set()
+        room = [b for b in self.backends[model] if b.has_room]
+        return min(room, key=lambda b: (b.name in tried, b.down_until > now, b.inflight))
+
+    def progress(self, call: Call, new_tokens: int, now: float) -> None:
+        self.policy.on_progress(call, new_tokens, now)
+
+    def complete(self, call: Call, now: float, new_tokens: int = 0) -> None:
+        """The call finished: report the last tokens and completion, free its slot, dispatch the next."""
+        if new_tokens:
+            self.policy.on_progress(call, new_tokens, now)
+        self.policy.on_complete(call, now)
+        st = self.workflows.get(call.workflow_id, now)
+        st.generated += call.tokens_seen
+        st.stages += 1
+        self._release(call, now)
+
+    def fail(self, call: Call, now: float, backend_down: bool = False) -> None:
+        """The call failed on its backend (or was cancelled after dispatch): free the slot, dispatch the next."""
+        self.policy.on_fail(call, now)
+        be = self._placed.get(call.call_id)
+        if backend_down and be is not None:
+            be.down_until = now + DOWN_S
+            be.failures += 1
+        self._release(call, now)
+
+    def _release(self, call: Call, now: float) -> None:
+        model = call.model
+        assert model is not None
+        be = self._placed.pop(call.call_id, None)
+        if be is None:
+            return  # never dispatched, or released already: nothing to free
+        be.inflight -= 1
+        self.inflight[model] -= 1
+        self.dispatch(model, now)
+
+    def end_workflow(self, workflow_id: str) -> None:
+        self.workflows.pop(workflow_id)
+        self.policy.on_workflow_end(workflow_id)
+
+    # ---- retries -------------------------------------------------------------------------------------------
+    def retry_target(self, call: Call, now: float, other_models: bool = True) -> str | None:
+        """Where a failed call goes next: the same model if it has an untried healthy backend, else (when the
+        client let the policy choose) the other model with the highest confidence the policy recorded
+        (ties: least busy); None if nothing is left."""
+        ticket = call.ctx if isinstance(call.ctx, Ticket) else None
+        tried = ticket.tried if ticket is not None else set()
+
+        def usable(m: str) -> bool:
+            return any(b.name not in tried and b.down_until <= now for b in self.backends[m])
+
+        if call.model is not None and usable(call.model):
+            return call.model
+        if not other_models:
+            has_untried = call.model is not None and any(b.name not in tried for b in self.backends[call.model])
+            return call.model if has_untried else None
+        others = [m for m in self.models if m != call.model and usable(m)]
+        if not others:
+            others = [m for m in self.models if any(b.name not in tried for b in self.backends[m])]
+        if not others:
+            return None
+        return max(others, key=lambda m: (call.confidences.get(m, 0.0),
+                                          -(self.inflight[m] + self.waiting(m)) / max(self.cap[m], 1)))

@@ -1,0 +1,539 @@
+"""The live gateway against tiny fake OpenAI upstreams on 127.0.0.1, and its decisions against the simulator's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from chimera.sched.registry import make_policy
+from chimera.sched.types import Call
+from chimera.serve import build_gateway, load_gateway_config
+from chimera.serve.config import Backend, GatewayConfigError, gateway_config_from_dict
+from chimera.serve.scheduler import Scheduler
+
+CLIENT_KEY, ADMIN_KEY = "client-key", "admin-key"
+
+
+# ---- harness -------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """An ASGI app run by uvicorn in a thread; `stop()` shuts it down (and runs its lifespan shutdown)."""
+
+    def __init__(self, app) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        assert not self.thread.is_alive()
+
+
+def fake_upstream(name: str, delay: float = 0.05, fail: bool = False, words: int = 5,
+                  drop_after: int | None = None) -> Starlette:
+    """An OpenAI-compatible server that answers after `delay` (or 500s when `fail`), naming itself `name`;
+    `drop_after` chunks into a stream it breaks the connection."""
+    hits: list[dict] = []
+
+    live = {"now": 0, "max": 0}
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        hits.append(body)
+        live["now"] += 1
+        live["max"] = max(live["max"], live["now"])
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            live["now"] -= 1
+        if fail:
+            return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
+        text = [f"w{i} " for i in range(words)]
+        if body.get("stream"):
+            async def gen():
+                for i, t in enumerate(text):
+                    if drop_after is not None and i == drop_after:
+                        raise RuntimeError("upstream dies mid-stream")
+                    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": name,
+                             "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    await asyncio.sleep(0.005)
+                end = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": name,
+                       "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": words, "total_tokens": words + 3}}
+                yield f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n"
+            return StreamingResponse(gen(), media_type="text/event-stream")
+        return JSONResponse({
+            "id": "c1", "object": "chat.completion", "created": 1, "model": name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": words, "total_tokens": words + 3},
+        })
+
+    async def completions(request: Request) -> Response:
+        body = await request.json()
+        hits.append(body)
+        await asyncio.sleep(delay)
+        return JSONResponse({"id": "c2", "object": "text_completion", "created": 1, "model": name,
+                             "choices": [{"index": 0, "text": " four", "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                            Route("/v1/completions", completions, methods=["POST"])])
+    app.state.hits = hits
+    app.state.live = live
+    return app
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Model 'small' on a failing and a healthy replica, model 'big' on one; the gateway in front."""
+    bad, small, big = fake_upstream("bad", fail=True), fake_upstream("up-small"), fake_upstream("up-big")
+    ups = [Served(a) for a in (bad, small, big)]
+    cfg = gateway_config_from_dict({
+        "auth": {"api_keys": [CLIENT_KEY], "admin_keys": [ADMIN_KEY]},
+        "policy": {"name": "chimera", "lam": 0.02},
+        "trace_store": str(tmp_path_factory.mktemp("gw") / "traces.sqlite"),
+        "backends": [
+            {"name": "small-bad", "model": "small", "base_url": ups[0].url + "/v1", "max_inflight": 4},
+            {"name": "small-ok", "model": "small", "base_url": ups[1].url + "/v1", "max_inflight": 4},
+            {"name": "big-0", "model": "big", "base_url": ups[2].url + "/v1", "max_inflight": 4, "priority": True},
+        ],
+    })
+    app = build_gateway(cfg)
+    gw = Served(app)
+    yield {"url": gw.url, "gw": app.state.gateway, "apps": {"bad": bad, "small": small, "big": big}}
+    gw.stop()
+    for u in ups:
+        u.stop()
+
+
+def _client(cluster, key: str = CLIENT_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster["url"] + "/v1", api_key=key, max_retries=0, timeout=20)
+
+
+MSG = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+# ---- HTTP behaviour ------------------------------------------------------------------------------------------
+def test_failing_replica_is_retried_elsewhere(cluster):
+    """The first 'small' call lands on the failing replica (config order) and must succeed on the other one."""
+    out = _client(cluster).chat.completions.create(model="small", messages=MSG,
+                                                   extra_body={"chimera": {"workflow_id": "wf-retry"}})
+    assert out.model == "small" and out.choices[0].message.content.startswith("w0")
+    rows = cluster["gw"].trace.query("SELECT backend, status FROM calls WHERE workflow_id='wf-retry' ORDER BY rowid")
+    assert [(r["backend"], r["status"]) for r in rows] == [("small-bad", "error"), ("small-ok", "ok")]
+    assert len(cluster["apps"]["bad"].state.hits) >= 1
+
+
+def test_chimera_routes_and_traces_predictions(cluster):
+    out = _client(cluster).chat.completions.create(model="chimera", messages=MSG,
+                                                   extra_headers={"X-Chimera-Workflow-Id": "wf-route",
+                                                                  "X-Chimera-Stage": "0"})
+    assert out.model in ("small", "big")
+    assert out.usage.completion_tokens == 5
+    [row] = cluster["gw"].trace.query("SELECT * FROM calls WHERE workflow_id='wf-route'")
+    assert row["model"] == out.model and row["status"] == "ok" and row["stage"] == 0
+    assert set(json.loads(row["confidences"])) == {"small", "big"}
+    assert row["pred_call_tokens"] > 0 and row["pred_remaining_tokens"] >= row["pred_call_tokens"]
+    assert row["policy"] == "chimera" and row["completion_tokens"] == 5
+    assert row["queued_at"] <= row["dispatched_at"] <= row["ended_at"]
+
+
+def test_pinned_model_is_honoured_and_priority_forwarded_only_where_enabled(cluster):
+    big_hits, small_hits = cluster["apps"]["big"].state.hits, cluster["apps"]["small"].state.hits
+    nb, ns = len(big_hits), len(small_hits)
+    c = _client(cluster)
+    assert c.chat.completions.create(model="big", messages=MSG).model == "big"
+    assert len(big_hits) == nb + 1 and isinstance(big_hits[-1]["priority"], int)
+    assert big_hits[-1]["model"] == "big" and "chimera" not in big_hits[-1]
+    assert c.chat.completions.create(model="small", messages=MSG).model == "small"
+    assert len(small_hits) == ns + 1 and "priority" not in small_hits[-1]
+
+
+def test_streaming_names_the_chosen_model(cluster):
+    stream = _client(cluster).chat.completions.create(model="chimera", messages=MSG, stream=True,
+                                                      extra_body={"chimera": {"workflow_id": "wf-stream"}})
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == "w0 w1 w2 w3 w4 "
+    assert {ch.model for ch in chunks} <= {"small", "big"} and len({ch.model for ch in chunks}) == 1
+    [row] = cluster["gw"].trace.query("SELECT * FROM calls WHERE workflow_id='wf-stream'")
+    assert row["status"] == "ok" and row["completion_tokens"] == 5 and row["first_token_at"] is not None
+
+
+def test_workflow_stages_accumulate(cluster):
+    c = _client(cluster)
+    for _ in range(2):
+        c.chat.completions.create(model="chimera", messages=MSG, extra_body={"chimera": {"workflow_id": "wf-two"}})
+    rows = cluster["gw"].trace.query("SELECT stage FROM calls WHERE workflow_id='wf-two' ORDER BY rowid")
+    assert [r["stage"] for r in rows] == [0, 1]
+
+
+def test_errors_are_openai_shaped(cluster):
+    with pytest.raises(openai.AuthenticationError):
+        _client(cluster, key="wrong").chat.completions.create(model="chimera", messages=MSG)
+    with pytest.raises(openai.NotFoundError):
+        _client(cluster).chat.completions.create(model="no-such-model", messages=MSG)
+    h = {"Authorization": f"Bearer {CLIENT_KEY}", "content-type": "application/json"}
+    url = cluster["url"] + "/v1/chat/completions"
+    r = httpx.post(url, content=b"{not json", headers=h)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(url, json={"messages": MSG}, headers=h)
+    assert r.status_code == 400 and "model" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"model": "chimera"}, headers=h)
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"model": "chimera", "messages": [{"role": "user", "content": "x" * 1_100_000}]},
+                   headers=h)
+    assert r.status_code == 413 and set(r.json()["error"]) == {"message", "type", "code"}
+    assert httpx.post(url, json={"model": "chimera", "messages": MSG}).status_code == 401
+
+
+def test_models_feedback_metrics_health(cluster):
+    c = _client(cluster)
+    assert {m.id for m in c.models.list()} == {"small", "big", "chimera"}
+    h = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    r = httpx.post(cluster["url"] + "/v1/chimera/feedback", json={"workflow_id": "wf-route", "score": 0.75},
+                   headers=h)
+    assert r.status_code == 200
+    assert httpx.post(cluster["url"] + "/v1/chimera/feedback", json={"workflow_id": "x", "score": 2},
+                      headers=h).status_code == 400
+    rows = cluster["gw"].trace.query("SELECT * FROM feedback WHERE workflow_id='wf-route'")
+    assert [r["score"] for r in rows] == [0.75]
+    assert httpx.get(cluster["url"] + "/metrics", headers=h).status_code == 401
+    m = httpx.get(cluster["url"] + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert m.status_code == 200
+    for name in ("chimera_queue_depth{model=\"big\"}", "chimera_inflight_predicted_tokens{model=\"small\"}",
+                 "chimera_decisions_total{model=", "chimera_request_latency_seconds_bucket",
+                 "chimera_queue_wait_seconds_count", "chimera_retries_total{model=\"small\"} 1.0"):
+        assert name in m.text, name
+    assert httpx.get(cluster["url"] + "/health").json()["status"] == "ok"
+
+
+def test_burst_respects_max_inflight_and_leaks_nothing(tmp_path):
+    apps = [fake_upstream("u0", delay=0.05), fake_upstream("u1", delay=0.05)]
+    ups = [Served(a) for a in apps]
+    cfg = gateway_config_from_dict({
+        "trace_store": str(tmp_path / "t.sqlite"),
+        "backends": [{"name": "a0", "model": "a", "base_url": ups[0].url + "/v1", "max_inflight": 2},
+                     {"name": "b0", "model": "b", "base_url": ups[1].url + "/v1", "max_inflight": 3}],
+    })
+    app = build_gateway(cfg)
+    gw = Served(app)
+    try:
+        async def fire() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as c:
+                return await asyncio.gather(*[
+                    c.post(gw.url + "/v1/chat/completions",
+                           json={"model": ["chimera", "a", "b"][i % 3], "messages": MSG, "stream": i % 2 == 0})
+                    for i in range(60)])
+        rs = asyncio.run(fire())
+        assert [r.status_code for r in rs] == [200] * 60
+        assert apps[0].state.live["max"] <= 2 and apps[1].state.live["max"] <= 3
+        s = app.state.gateway.sched
+        assert s.inflight == {"a": 0, "b": 0} and s.waiting_total == 0
+        rows = app.state.gateway.trace.query("SELECT status, count(*) AS n FROM calls GROUP BY status")
+        assert rows == [{"status": "ok", "n": 60}]
+    finally:
+        gw.stop()
+        for u in ups:
+            u.stop()
+
+
+def test_queue_overflow_is_429_with_retry_after(tmp_path):
+    up = Served(fake_upstream("slow", delay=1.0))
+    cfg = gateway_config_from_dict({
+        "trace_store": str(tmp_path / "t.sqlite"), "limits": {"max_queue": 1},
+        "backends": [{"name": "s0", "model": "slow", "base_url": up.url + "/v1", "max_inflight": 1}],
+    })
+    gw = Served(build_gateway(cfg))
+    try:
+        async def fire() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=20) as c:
+                async def one(delay: float) -> httpx.Response:
+                    await asyncio.sleep(delay)
+                    return await c.post(gw.url + "/v1/chat/completions", json={"model": "chimera", "messages": MSG})
+                return await asyncio.gather(one(0), one(0.2), one(0.4))
+        rs = asyncio.run(fire())
+        assert [r.status_code for r in rs] == [200, 200, 429]
+        assert int(rs[2].headers["Retry-After"]) >= 1 and rs[2].json()["error"]["code"] == "queue_full"
+    finally:
+        gw.stop()
+        up.stop()
+
+
+def test_client_disconnect_frees_the_slot(tmp_path):
+    """A streaming client that leaves mid-answer must not keep its backend slot."""
+    up = Served(fake_upstream("slow", delay=0.0, words=200))
+    cfg = gateway_config_from_dict({
+        "trace_store": str(tmp_path / "t.sqlite"),
+        "backends": [{"name": "s0", "model": "slow", "base_url": up.url + "/v1", "max_inflight": 1}],
+    })
+    app = build_gateway(cfg)
+    gw = Served(app)
+    try:
+        with httpx.Client(timeout=10) as c:
+            with c.stream("POST", gw.url + "/v1/chat/completions",
+                          json={"model": "slow", "messages": MSG, "stream": True}) as r:
+                next(r.iter_lines())
+        deadline = time.time() + 5
+        while app.state.gateway.sched.inflight["slow"] and time.time() < deadline:
+            time.sleep(0.02)
+        assert app.state.gateway.sched.inflight["slow"] == 0
+        rows = app.state.gateway.trace.query("SELECT status FROM calls")
+        assert [r["status"] for r in rows] == ["cancelled"]
+    finally:
+        gw.stop()
+        up.stop()
+
+
+def test_all_backends_down_gives_502_not_a_hang(tmp_path):
+    cfg = gateway_config_from_dict({
+        "trace_store": str(tmp_path / "t.sqlite"),
+        "backends": [{"name": "dead", "model": "m", "base_url": f"http://127.0.0.1:{_free_port()}/v1",
+                      "max_inflight": 2}],
+    })
+    gw = Served(build_gateway(cfg))
+    try:
+        r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "chimera", "messages": MSG}, timeout=20)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
+    finally:
+        gw.stop()
+
+
+def test_legacy_completions(cluster):
+    out = _client(cluster).completions.create(model="chimera", prompt="2 + 2 =")
+    assert out.model in ("small", "big") and out.choices[0].text == " four"
+
+
+def test_reroute_to_another_model_only_when_the_policy_chooses(tmp_path):
+    """'a' (the policy's favourite: largest by config order) is down: a 'chimera' call ends on 'b'; a call pinned
+    to 'a' is not moved to another model and gets 502."""
+    up = Served(fake_upstream("up-b"))
+    cfg = gateway_config_from_dict({
+        "trace_store": str(tmp_path / "t.sqlite"),
+        "backends": [{"name": "b0", "model": "b", "base_url": up.url + "/v1", "max_inflight": 2},
+                     {"name": "a0", "model": "a", "base_url": f"http://127.0.0.1:{_free_port()}/v1",
+                      "max_inflight": 2}],
+    })
+    app = build_gateway(cfg)
+    gw = Served(app)
+    try:
+        c = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=20)
+        assert c.chat.completions.create(model="chimera", messages=MSG).model == "b"
+        rows = app.state.gateway.trace.query("SELECT model, backend, status FROM calls ORDER BY rowid")
+        assert [(r["model"], r["status"]) for r in rows] == [("a", "error"), ("b", "ok")]
+        with pytest.raises(openai.APIStatusError) as e:
+            c.chat.completions.create(model="a", messages=MSG)
+        assert e.value.status_code == 502
+    finally:
+        gw.stop()
+        up.stop()
+
+
+def test_midstream_failure_ends_with_an_sse_error(tmp_path):
+    up = Served(fake_upstream("flaky", drop_after=2))
+    cfg = gateway_config_from_dict({
+        "trace_store": str(tmp_path / "t.sqlite"),
+        "backends": [{"name": "f0", "model": "flaky", "base_url": up.url + "/v1", "max_inflight": 2}],
+    })
+    app = build_gateway(cfg)
+    gw = Served(app)
+    try:
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=20,
+                          json={"model": "flaky", "messages": MSG, "stream": True}) as r:
+            data = [ln[5:].strip() for ln in r.iter_lines() if ln.startswith("data:")]
+        assert data[-1] == "[DONE]"
+        events = [json.loads(d) for d in data[:-1]]
+        assert [e["model"] for e in events[:2]] == ["flaky", "flaky"]
+        assert "error" in events[-1] and events[-1]["error"]["type"] == "server_error"
+        [row] = app.state.gateway.trace.query("SELECT status, completion_tokens FROM calls")
+        assert row == {"status": "error", "completion_tokens": 2}
+        assert app.state.gateway.sched.inflight["flaky"] == 0
+    finally:
+        gw.stop()
+        up.stop()
+
+
+def test_non_streaming_client_that_leaves_is_cancelled(tmp_path):
+    up = Served(fake_upstream("slow", delay=3.0))
+    cfg = gateway_config_from_dict({
+        "trace_store": str(tmp_path / "t.sqlite"),
+        "backends": [{"name": "s0", "model": "slow", "base_url": up.url + "/v1", "max_inflight": 1}],
+    })
+    app = build_gateway(cfg)
+    gw = Served(app)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(gw.url + "/v1/chat/completions", json={"model": "slow", "messages": MSG}, timeout=0.5)
+        deadline = time.time() + 2
+        while app.state.gateway.sched.inflight["slow"] and time.time() < deadline:
+            time.sleep(0.02)
+        assert app.state.gateway.sched.inflight["slow"] == 0
+        [row] = app.state.gateway.trace.query("SELECT status FROM calls")
+        assert row["status"] == "cancelled"
+    finally:
+        gw.stop()
+        up.stop()
+
+
+def test_shutdown_drains_in_flight_calls(tmp_path):
+    up = Served(fake_upstream("slow", delay=1.0))
+    cfg = gateway_config_from_dict({
+        "trace_store": str(tmp_path / "t.sqlite"),
+        "backends": [{"name": "s0", "model": "slow", "base_url": up.url + "/v1", "max_inflight": 1}],
+    })
+    gw = Served(build_gateway(cfg))
+    got: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: got.append(httpx.post(
+        gw.url + "/v1/chat/completions", json={"model": "slow", "messages": MSG}, timeout=20)))
+    try:
+        t.start()
+        time.sleep(0.3)
+    finally:
+        gw.stop()  # while the call is still on the backend
+        t.join(20)
+        up.stop()
+    assert got and got[0].status_code == 200 and got[0].json()["model"] == "slow"
+
+
+# ---- config --------------------------------------------------------------------------------------------------
+def test_config_errors_name_the_key(tmp_path):
+    p = tmp_path / "gw.yaml"
+    p.write_text("backends:\n  - {name: a, model: m, base_url: 'http://x', max_inflight: many}\nlisten: {port: 1}\n"
+                 "polcy: {}\n")
+    with pytest.raises(GatewayConfigError) as e:
+        load_gateway_config(p)
+    assert "backends.0.max_inflight" in str(e.value) and "polcy" in str(e.value)
+    p.write_text("backends:\n  - {name: a, model: m, base_url: 'http://x', max_inflight: 2, profile: qwen2.5-7b@a6000}\n"
+                 "policy: {name: chimera, lam: 0.1, starve_s: 5}\n")
+    cfg = load_gateway_config(p)
+    assert cfg.policy.params == {"starve_s": 5} and cfg.listen.port == 8000 and cfg.limits.max_queue == 1000
+
+
+def test_trained_predictors_are_mapped_by_workload_model(tmp_path):
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "out" / "predictors" / "mmlu-hashing"
+    if not (folder / "manifest.json").exists():
+        pytest.skip("no trained predictor folder in out/")
+    raw = {"trace_store": str(tmp_path / "t.sqlite"), "predictors": str(folder),
+           "backends": [{"name": "a", "model": "small", "base_url": "http://x/v1", "workload_model": "Meta-Llama-3-8B"},
+                        {"name": "b", "model": "large", "base_url": "http://x/v1"}]}
+    with pytest.raises(GatewayConfigError, match="workload_model"):
+        build_gateway(gateway_config_from_dict(raw))
+    raw["backends"][1]["workload_model"] = "Meta-Llama-3-70B"
+    gw = build_gateway(gateway_config_from_dict(raw)).state.gateway
+    call = Call(call_id=0, workflow_id="w", kind="math", prompt="What is 17*23?", stage=0, prompt_tokens=9,
+                arrival_s=0.0, workflow_arrival_s=0.0)
+    assert gw.sched.submit(call, 0.0) in ("small", "large")  # inline (nothing prepared)
+    assert set(call.confidences) == {"small", "large"} and call.pred_call_tokens > 0
+    # The gateway's path: predictions computed on the prediction thread give the same inputs to the decision.
+    again = Call(call_id=1, workflow_id="w2", kind="math", prompt="What is 17*23?", stage=0, prompt_tokens=9,
+                 arrival_s=0.0, workflow_arrival_s=0.0)
+    asyncio.run(gw.offload.prepare(again))
+    assert gw.offload.confidence.ready and gw.offload.length.ready
+    gw.sched.submit(again, 0.0)
+    assert not gw.offload.confidence.ready and not gw.offload.length.ready
+    assert again.confidences == call.confidences and again.pred_call_tokens == call.pred_call_tokens
+    gw.offload.close()
+    gw.trace.close()
+
+
+# ---- same decisions as the simulator -------------------------------------------------------------------------
+def test_scheduler_makes_the_simulators_decisions():
+    """Record a simulator run's events, replay them through the gateway's Scheduler on a fresh policy: identical
+    routing choices and dispatch order at identical virtual times."""
+    from chimera.engine.profiles import cluster_from_dict
+    from chimera.sim.experiment import prepare
+    from chimera.sim.simulator import Simulator
+    from chimera.workload.synthetic import generate
+
+    cl = cluster_from_dict({"models": [{"profile": "qwen2.5-1.5b@a6000", "name": "small", "max_num_seqs": 2},
+                                       {"profile": "qwen2.5-7b@a6000", "name": "big", "max_num_seqs": 2}]})
+    prep = prepare(generate(80, seed=3), cl, seed=3)
+
+    def recorded(policy, decisions: list, events: list | None):
+        submit, next_call, complete, fail = policy.submit, policy.next_call, policy.on_complete, policy.on_fail
+
+        def _submit(call, now):
+            if events is not None:
+                events.append(("submit", now, {f: getattr(call, f) for f in (
+                    "call_id", "workflow_id", "kind", "prompt", "stage", "prompt_tokens", "arrival_s",
+                    "workflow_arrival_s", "generated_so_far", "pinned_model", "truth")}))
+            m = submit(call, now)
+            decisions.append(("route", call.workflow_id, call.stage, m, now))
+            return m
+
+        def _next(model, now):
+            c = next_call(model, now)
+            if c is not None:
+                decisions.append(("dispatch", c.workflow_id, c.stage, model, now))
+            return c
+
+        def _complete(call, now):
+            if events is not None:
+                events.append(("complete", now, (call.call_id, call.tokens_seen)))
+            complete(call, now)
+
+        def _fail(call, now):
+            if events is not None:
+                events.append(("fail", now, (call.call_id, 0)))
+            fail(call, now)
+
+        policy.submit, policy.next_call, policy.on_complete, policy.on_fail = _submit, _next, _complete, _fail
+        return policy
+
+    sim_dec, events = [], []
+    sim_pol = recorded(make_policy("chimera", confidence=prep.router, length=prep.lengths), sim_dec, events)
+    Simulator(prep.runtimes, sim_pol, prep.workflows(40, 0), rate=4.0, seed=1).run()
+
+    gw_dec = []
+    gw_pol = recorded(make_policy("chimera", confidence=prep.router, length=prep.lengths), gw_dec, None)
+    infos = [r.info for r in prep.runtimes]
+    backends = [Backend(name=f"{i.name}-0", model=i.name, base_url="http://unused", max_inflight=i.max_inflight)
+                for i in infos]
+    sched = Scheduler(gw_pol, infos, backends, max_queue=10**9)
+    calls: dict[int, Call] = {}
+    for kind, now, data in events:
+        if kind == "submit":
+            call = calls[data["call_id"]] = Call(**data)
+            sched.submit(call, now)
+        elif kind == "complete":
+            cid, tokens = data
+            sched.complete(calls[cid], now, tokens)
+        else:
+            sched.fail(calls[data[0]], now)
+
+    assert len(sim_dec) > 100 and any(d[0] == "dispatch" and d[4] > 0 for d in sim_dec)
+    assert len({d[3] for d in sim_dec if d[0] == "route"}) == 2  # both models used
+    assert max(sim_pol.waiting(m) for m in ("small", "big")) == 0
+    queued = [d for d in sim_dec if d[0] == "dispatch"]
+    assert any(r[4] < q[4] for r, q in zip([d for d in sim_dec if d[0] == "route"], queued))
+    assert gw_dec == sim_dec

@@ -164,6 +164,7 @@ def test_chimera_routes_and_traces_predictions(cluster):
     assert row["pred_call_tokens"] > 0 and row["pred_remaining_tokens"] >= row["pred_call_tokens"]
     assert row["policy"] == "chimera" and row["completion_tokens"] == 5
     assert row["queued_at"] <= row["dispatched_at"] <= row["ended_at"]
+    assert row["kind"] == "chat" and row["prompt"] == next(m["content"] for m in MSG if m["role"] == "user")
 
 
 def test_pinned_model_is_honoured_and_priority_forwarded_only_where_enabled(cluster):

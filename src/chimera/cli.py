@@ -307,9 +307,48 @@ def bench_predict(
                   f"{res['total_ms']:.3f} ms per request (p90 {res['total_p90_ms']:.3f} ms)")
 
 
+@bench_app.command("gateway")
+def bench_gateway(
+    rates: str = typer.Option("50,100,200", "--rates", help="Comma-separated open-loop Poisson rates (req/s)."),
+    duration: float = typer.Option(5.0, "--duration", help="Seconds of load per target (direct, via gateway) per rate."),
+    out: Path = typer.Option(Path("out/bench-gateway"), "--out", help="Folder for results.md and results.json."),
+    policy: str = typer.Option("chimera", "--policy", help="Gateway policy (e.g. chimera, vllm)."),
+    profile: bool = typer.Option(False, "--profile", help="Run the gateway under cProfile; writes gateway-profile.txt."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also measure a bare httpx forwarding proxy (the stack's floor)."),
+) -> None:
+    """Latency the gateway adds in front of an instant fake backend (backend and gateway in their own processes).
+
+    Example: chimera bench gateway --rates 50,100,200 --duration 5 --out out/bench-gateway
+    """
+    from chimera.bench.gateway_overhead import markdown_table, run_benchmark
+
+    try:
+        rate_list = [float(x) for x in rates.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--rates must be comma-separated numbers, got {rates!r}")
+    if not rate_list or any(r <= 0 for r in rate_list) or duration <= 0:
+        _fail("--rates and --duration must be positive")
+
+    def show(row: dict) -> None:
+        console.print(f"{row['rate']:g} req/s: added p50 {row['added_p50_ms']:.2f} ms, p99 {row['added_p99_ms']:.2f} ms")
+
+    out.mkdir(parents=True, exist_ok=True)
+    res = run_benchmark(rate_list, duration=duration, out=out, policy=policy, profile_gateway=profile, baseline=baseline,
+                        progress=show)
+    md = markdown_table(res)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    console.print(md)
+    console.print(f"wrote {out / 'results.md'}, {out / 'results.json'}"
+                  + (f", {res['profile_top']}" if res.get("profile_top") else ""))
+
+
 @app.command()
 def train(
-    workload: list[str] = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP + " Repeatable."),
+    workload: Optional[list[str]] = typer.Option(None, "--workload", "-w", help=WORKLOAD_HELP + " Repeatable."),
+    traces: Optional[list[Path]] = typer.Option(
+        None, "--traces", help="A gateway trace store (its trace_store file): workflows with feedback become "
+        "training tasks. Repeatable; combines with --workload."),
     out: Path = typer.Option(..., "--out", help="Folder for the artifacts (manifest.json, router.joblib, length.joblib)."),
     encoder: str = typer.Option("hashing", "--encoder", help="Router text encoder: hashing (no model) | minilm."),
     train_frac: float = typer.Option(0.7, "--train-frac", help="Share of tasks (split by id) to train on."),
@@ -320,14 +359,28 @@ def train(
     """Fit the semantic router and the workflow-length forest; print held-out metrics; save versioned artifacts.
 
     Example: chimera train -w source:mmlu-pro-math --out out/predictors/mmlu --encoder minilm
+    Learning loop: chimera train --traces out/gateway/trace.sqlite --out out/predictors/live
     """
     from chimera.predict.training import gather, train_predictors
 
     if encoder not in ("hashing", "minilm"):
         _fail(f"--encoder must be hashing or minilm, got {encoder!r}")
+    if not workload and not traces:
+        _fail("give at least one --workload or --traces")
     t0 = time.perf_counter()
     try:
-        data = gather(_workloads(workload, data_dir, seed), train_frac)
+        sets = _workloads(list(workload or []), data_dir, seed)
+        if traces:
+            from chimera.predict.from_traces import tasks_from_traces
+
+            for tp in traces:
+                tasks, st = tasks_from_traces(tp)
+                console.print(f"{tp}: {st['tasks']} tasks from {st['workflows']} traced workflows "
+                              f"(skipped: {st['skipped_no_feedback']} without feedback, {st['skipped_no_ok_calls']} "
+                              f"without a successful call, {st['skipped_bad_score']} with a bad score; "
+                              f"{st['mixed_models']} mixed-model, {st['missing_prompt']} without prompt text)")
+                sets.append(("traces:" + str(tp), tasks))
+        data = gather(sets, train_frac)
         with _progress() as prog:
             bar = prog.add_task("training", total=None)
             pred = train_predictors(data, encoder=encoder, train_frac=train_frac, seed=seed, n_estimators=trees,

@@ -509,9 +509,9 @@ class Gateway:
             "dispatched_at": self.wall(call.dispatched_s), "first_token_at": self.wall(first_token_at),
             "ended_at": self.wall(now), "status": status, "error": err, "confidences": call.confidences,
             "pred_call_tokens": call.pred_call_tokens, "pred_remaining_tokens": call.pred_remaining_tokens,
-            "policy": self.policy.name,
+            "policy": self.policy.name, "kind": call.kind,
         }
-        self.trace.log_call(row)
+        self.trace.log_call({**row, "prompt": call.prompt})  # the router's prompt text: trace only, not the log
         self.metrics.requests.labels(call.model or "", status).inc()
         if status == "ok":
             self.metrics.latency.labels(call.model).observe(now - call.arrival_s)

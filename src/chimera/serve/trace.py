@@ -13,13 +13,16 @@ from typing import Any
 CALL_COLUMNS = (
     "workflow_id", "stage", "call_id", "model", "backend", "prompt_tokens", "completion_tokens", "queued_at",
     "dispatched_at", "first_token_at", "ended_at", "status", "error", "confidences", "pred_call_tokens",
-    "pred_remaining_tokens", "policy",
+    "pred_remaining_tokens", "policy", "kind", "prompt",
 )
+# Columns added after the first release: (name, SQL type); old trace files get them by ALTER TABLE on open.
+_ADDED_COLUMNS = (("kind", "TEXT"), ("prompt", "TEXT"))
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS calls (
     workflow_id TEXT, stage INTEGER, call_id TEXT, model TEXT, backend TEXT, prompt_tokens INTEGER,
     completion_tokens INTEGER, queued_at REAL, dispatched_at REAL, first_token_at REAL, ended_at REAL,
-    status TEXT, error TEXT, confidences TEXT, pred_call_tokens REAL, pred_remaining_tokens REAL, policy TEXT
+    status TEXT, error TEXT, confidences TEXT, pred_call_tokens REAL, pred_remaining_tokens REAL, policy TEXT,
+    kind TEXT, prompt TEXT
 );
 CREATE INDEX IF NOT EXISTS calls_wf ON calls(workflow_id);
 CREATE TABLE IF NOT EXISTS feedback (workflow_id TEXT, score REAL, at REAL);
@@ -40,6 +43,10 @@ class TraceStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(calls)")}
+        for name, typ in _ADDED_COLUMNS:  # a trace file from before the column existed: add it (NULL in old rows)
+            if name not in have:
+                self._db.execute(f"ALTER TABLE calls ADD COLUMN {name} {typ}")
         self._db.commit()
         self._thread = threading.Thread(target=self._writer, name="chimera-trace", daemon=True)
         self._thread.start()

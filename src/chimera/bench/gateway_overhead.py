@@ -1,0 +1,381 @@
+"""`chimera bench gateway`: the latency the gateway ADDS in front of a backend that answers at once.
+
+Set-up (all on 127.0.0.1):
+
+* backend — a minimal Starlette app (`backend_app`) answering a small non-streaming chat completion immediately
+  (backend time ≈ 0), served by uvicorn in its own subprocess;
+* gateway — the real Chimera gateway (`chimera.serve.app:app_from_env`, one backend, `max_inflight` 10 000,
+  `max_queue` 100 000, auth off, policy `chimera` with online priors unless `--policy` says otherwise), served by
+  uvicorn in its own subprocess;
+* client — this process: one shared `httpx.AsyncClient` (HTTP/1.1 keep-alive) sending open-loop Poisson arrivals
+  (a request is started at its scheduled time whether or not earlier ones have returned).
+
+For each rate the client alternates blocks of `block_s` seconds directly to the backend and through the gateway
+in an ABBA order (D G G D D G …) so drift on a noisy machine hits both equally, after a short warm-up of each.
+Latency is per request, from just before the client sends until the whole body is read. Added latency is
+reported as via − direct at the same percentile (p50, p99) and in the mean; requests are not paired (each arrival
+goes to one target), so there is no paired-difference median. CPU per request of each process (from /proc) is
+reported too: with two cores shared by three processes, CPU time is what the added latency is made of.
+
+`--baseline` adds a third target in the same rotation: a bare forwarding proxy (`proxy_app`: Starlette + one
+httpx.AsyncClient, nothing else) in its own uvicorn subprocess — the floor this HTTP stack costs by itself, so
+what the gateway adds beyond plain proxying can be read off as gateway − proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+_REPLY = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "bench-model",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}).encode()
+
+
+# ---- the fake backend ------------------------------------------------------------------------------------------
+def backend_app():
+    """uvicorn --factory entry point: an OpenAI-style chat endpoint that answers a fixed reply immediately."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def chat(request):
+        await request.body()
+        return Response(_REPLY, media_type="application/json")
+
+    async def health(request):
+        return Response(b"ok")
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                             Route("/health", health, methods=["GET"])])
+
+
+def proxy_app():
+    """uvicorn --factory entry point for the optional baseline: a bare forwarding proxy (Starlette + one shared
+    httpx.AsyncClient, no auth, scheduling, tokenising, trace or metrics) to $CHIMERA_BENCH_UPSTREAM. It shows the
+    floor that this HTTP stack alone costs, so the gateway's own share can be told apart."""
+    import contextlib as _cl
+
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    upstream = os.environ["CHIMERA_BENCH_UPSTREAM"].rstrip("/")
+    state: dict[str, httpx.AsyncClient] = {}
+
+    @_cl.asynccontextmanager
+    async def lifespan(app):
+        state["c"] = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=200))
+        yield
+        await state["c"].aclose()
+
+    async def chat(request):
+        body = await request.body()
+        r = await state["c"].post(upstream + "/chat/completions", content=body,
+                                  headers={"content-type": "application/json"})
+        return Response(r.content, r.status_code, media_type="application/json")
+
+    async def health(request):
+        return Response(b"ok")
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                             Route("/health", health, methods=["GET"])], lifespan=lifespan)
+
+
+# ---- processes --------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _uvicorn_cmd(target: str, port: int, profile_to: Path | None = None) -> list[str]:
+    py = [sys.executable]
+    if profile_to is not None:
+        py += ["-m", "cProfile", "-o", str(profile_to)]
+    return py + ["-m", "uvicorn", target, "--factory", "--host", "127.0.0.1", "--port", str(port),
+                 "--log-level", "warning", "--no-access-log"]
+
+
+@dataclass
+class _Proc:
+    name: str
+    proc: subprocess.Popen
+    url: str
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully (and cProfile writes its file)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _wait_ready(p: _Proc, path: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if p.proc.poll() is not None:
+            raise RuntimeError(f"{p.name} exited with {p.proc.returncode} before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(p.url + path, timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{p.name} did not become ready on {p.url}")
+
+
+@contextlib.contextmanager
+def running_stack(workdir: Path, policy: str = "chimera", profile_gateway: bool = False, baseline: bool = False,
+                  gateway_target: str = "chimera.serve.app:app_from_env"):
+    """Backend and gateway (and, with `baseline`, the bare proxy), each in its own uvicorn subprocess;
+    yields ({target: url}, {process: pid})."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    procs: list[_Proc] = []
+    try:
+        bport = _free_port()
+        b = _Proc("backend", subprocess.Popen(_uvicorn_cmd("chimera.bench.gateway_overhead:backend_app", bport),
+                                              env=env), f"http://127.0.0.1:{bport}")
+        procs.append(b)
+        cfg = {
+            "policy": {"name": policy},
+            "trace_store": str(workdir / "bench-traces.sqlite"),
+            "backends": [{"name": "bench-0", "model": "bench-model", "base_url": b.url + "/v1",
+                          "max_inflight": 10_000}],
+            "limits": {"max_queue": 100_000, "request_timeout_s": 60},
+        }
+        cfg_path = workdir / "gateway.yaml"
+        cfg_path.write_text(json.dumps(cfg))  # JSON is YAML
+        trace = workdir / "bench-traces.sqlite"
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(str(trace) + suffix).unlink()
+        gport = _free_port()
+        genv = dict(env, CHIMERA_GATEWAY_CONFIG=str(cfg_path))
+        prof = workdir / "gateway.prof" if profile_gateway else None
+        g = _Proc("gateway", subprocess.Popen(_uvicorn_cmd(gateway_target, gport, prof), env=genv),
+                  f"http://127.0.0.1:{gport}")
+        procs.append(g)
+        urls = {"direct": b.url, "gateway": g.url}
+        if baseline:
+            pport = _free_port()
+            pr = _Proc("proxy", subprocess.Popen(_uvicorn_cmd("chimera.bench.gateway_overhead:proxy_app", pport),
+                                                 env=dict(env, CHIMERA_BENCH_UPSTREAM=b.url + "/v1")),
+                       f"http://127.0.0.1:{pport}")
+            procs.append(pr)
+            urls["proxy"] = pr.url
+        for p in procs:
+            _wait_ready(p, "/health")
+        yield urls, {p.name: p.proc.pid for p in procs}
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+# ---- load generation --------------------------------------------------------------------------------------------
+@dataclass
+class Samples:
+    lat_s: list[float] = field(default_factory=list)
+    errors: int = 0
+    sent: int = 0
+    busy_s: float = 0.0  # wall time of the blocks (for the achieved rate)
+    late_s: list[float] = field(default_factory=list)  # how late each send started vs its Poisson time
+
+
+async def _one(client: httpx.AsyncClient, url: str, out: Samples) -> None:
+    t0 = time.perf_counter()
+    try:
+        r = await client.post(url, json=BODY)
+        await r.aread()
+        ok = r.status_code == 200
+    except httpx.HTTPError:
+        ok = False
+    dt = time.perf_counter() - t0
+    if ok:
+        out.lat_s.append(dt)
+    else:
+        out.errors += 1
+
+
+async def _block(client: httpx.AsyncClient, url: str, rate: float, seconds: float, rng: random.Random,
+                 out: Samples | None) -> None:
+    """Open-loop Poisson arrivals at `rate` for `seconds`; `out=None` is a warm-up (discarded)."""
+    sink = out if out is not None else Samples()
+    tasks: list[asyncio.Task] = []
+    start = time.perf_counter()
+    t = rng.expovariate(rate)
+    while t < seconds:
+        delay = start + t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sink.late_s.append(max(0.0, time.perf_counter() - (start + t)))
+        sink.sent += 1
+        tasks.append(asyncio.create_task(_one(client, url, sink)))
+        t += rng.expovariate(rate)
+    if tasks:
+        await asyncio.gather(*tasks)
+    sink.busy_s += max(seconds, time.perf_counter() - start)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = (len(s) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+async def _measure_rate(client: httpx.AsyncClient, urls: dict[str, str], rate: float, duration: float,
+                        block_s: float, warmup_s: float, seed: int, pids: dict[str, int]) -> dict[str, Any]:
+    rng = random.Random(seed)
+    samples = {k: Samples() for k in urls}
+    for u in urls.values():
+        await _block(client, u, rate, warmup_s, rng, None)
+    cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+    self0 = time.process_time()
+    n_blocks = max(1, math.ceil(duration / block_s))
+    per = duration / n_blocks
+    names = list(urls)
+    for i in range(n_blocks):  # ABBA: D G, G D, D G, ... (with the baseline: D G P, P G D, ...)
+        for k in (names if i % 2 == 0 else names[::-1]):
+            await _block(client, urls[k], rate, per, rng, samples[k])
+    d, g = samples["direct"], samples["gateway"]
+    cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
+    client_cpu = time.process_time() - self0
+    row: dict[str, Any] = {"rate": rate, "duration_s": duration}
+    # CPU per request: the gateway only works during via blocks; the backend serves both kinds of request
+    row["gateway_cpu_ms_per_req"] = 1e3 * cpu["gateway"] / max(1, g.sent)
+    row["backend_cpu_ms_per_req"] = 1e3 * cpu["backend"] / max(1, g.sent + d.sent)
+    sent = sum(x.sent for x in samples.values())
+    row["client_cpu_ms_per_req"] = 1e3 * client_cpu / max(1, sent)
+    if "proxy" in samples:
+        row["backend_cpu_ms_per_req"] = 1e3 * cpu["backend"] / max(1, sent)
+        row["proxy_cpu_ms_per_req"] = 1e3 * cpu["proxy"] / max(1, samples["proxy"].sent)
+    for name, s in samples.items():
+        row[f"{name}_n"] = len(s.lat_s)
+        row[f"{name}_errors"] = s.errors
+        row[f"{name}_achieved_rps"] = s.sent / s.busy_s if s.busy_s else 0.0
+        row[f"{name}_p50_ms"] = 1e3 * _pct(s.lat_s, 0.50)
+        row[f"{name}_p99_ms"] = 1e3 * _pct(s.lat_s, 0.99)
+        row[f"{name}_mean_ms"] = 1e3 * (sum(s.lat_s) / len(s.lat_s)) if s.lat_s else float("nan")
+        row[f"{name}_send_late_p99_ms"] = 1e3 * _pct(s.late_s, 0.99)
+    row["added_p50_ms"] = row["gateway_p50_ms"] - row["direct_p50_ms"]
+    row["added_p99_ms"] = row["gateway_p99_ms"] - row["direct_p99_ms"]
+    row["added_mean_ms"] = row["gateway_mean_ms"] - row["direct_mean_ms"]
+    if "proxy" in samples:
+        for q in ("p50", "p99", "mean"):
+            row[f"proxy_added_{q}_ms"] = row[f"proxy_{q}_ms"] - row[f"direct_{q}_ms"]
+    return row
+
+
+async def _run_all(urls: dict[str, str], pids: dict[str, int], rates: list[float], duration: float, block_s: float,
+                   warmup_s: float, seed: int, progress=None) -> list[dict[str, Any]]:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
+    async with httpx.AsyncClient(http1=True, http2=False, limits=limits, timeout=30) as client:
+        rows = []
+        for i, rate in enumerate(rates):
+            rows.append(await _measure_rate(client, urls, rate, duration, block_s, warmup_s, seed + i, pids))
+            if progress is not None:
+                progress(rows[-1])
+        return rows
+
+
+def run_benchmark(rates: list[float], duration: float = 5.0, out: Path = Path("out/bench-gateway"),
+                  policy: str = "chimera", block_s: float = 1.0, warmup_s: float = 0.5, seed: int = 0,
+                  profile_gateway: bool = False, baseline: bool = False, progress=None,
+                  gateway_target: str = "chimera.serve.app:app_from_env") -> dict[str, Any]:
+    """Start backend + gateway (+ bare proxy) subprocesses, measure every rate, stop them; returns the result."""
+    with running_stack(out, policy=policy, profile_gateway=profile_gateway, baseline=baseline,
+                       gateway_target=gateway_target) as (urls, pids):
+        targets = {k: u + "/v1/chat/completions" for k, u in urls.items()}
+        rows = asyncio.run(_run_all(targets, pids, rates, duration, block_s, warmup_s, seed, progress))
+    result = {
+        "setup": {"policy": policy, "block_s": block_s, "warmup_s": warmup_s, "duration_s": duration,
+                  "cpus": os.cpu_count(), "python": sys.version.split()[0],
+                  "processes": "client (this process, one httpx.AsyncClient, HTTP/1.1 keep-alive), backend "
+                               "(uvicorn subprocess, minimal Starlette app), gateway (uvicorn subprocess)"
+                               + (", bare proxy baseline (uvicorn subprocess: Starlette + httpx forwarding only)"
+                                  if baseline else ""),
+                  "baseline": baseline,
+                  "target": "added p50 <= 1 ms and p99 <= 5 ms at 200 req/s"},
+        "rows": rows,
+    }
+    prof = out / "gateway.prof"
+    if profile_gateway and prof.exists():
+        result["profile_top"] = str(write_profile_summary(prof, out / "gateway-profile.txt"))
+    return result
+
+
+def write_profile_summary(prof: Path, dest: Path, top: int = 40) -> Path:
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    st = pstats.Stats(str(prof), stream=buf)
+    st.sort_stats("tottime").print_stats(top)
+    buf.write("\n\n==== by cumulative time ====\n")
+    st.sort_stats("cumulative").print_stats(top)
+    dest.write_text(buf.getvalue())
+    return dest
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    s = result["setup"]
+    lines = [
+        f"Gateway overhead (policy `{s['policy']}`, {s['cpus']} CPUs, Python {s['python']}; {s['duration_s']:g} s per "
+        f"target per rate in ABBA blocks of {s['block_s']:g} s; latencies in ms)",
+        "",
+        "| rate (req/s) | achieved direct / via | direct p50 | via p50 | **added p50** | direct p99 | via p99 | "
+        "**added p99** | added mean | errors direct / via | CPU ms/req gateway / backend / client |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['rate']:g} | {r['direct_achieved_rps']:.0f} / {r['gateway_achieved_rps']:.0f} | "
+            f"{r['direct_p50_ms']:.2f} | {r['gateway_p50_ms']:.2f} | **{r['added_p50_ms']:.2f}** | "
+            f"{r['direct_p99_ms']:.2f} | {r['gateway_p99_ms']:.2f} | **{r['added_p99_ms']:.2f}** | "
+            f"{r['added_mean_ms']:.2f} | {r['direct_errors']} / {r['gateway_errors']} | "
+            f"{r['gateway_cpu_ms_per_req']:.2f} / {r['backend_cpu_ms_per_req']:.2f} / "
+            f"{r['client_cpu_ms_per_req']:.2f} |")
+    if s.get("baseline"):
+        lines += ["", "Baseline — a bare forwarding proxy on the same stack (uvicorn/h11 + httpx, no Chimera logic):",
+                  "",
+                  "| rate (req/s) | proxy p50 | **added p50** | proxy p99 | **added p99** | added mean | "
+                  "errors | CPU ms/req proxy |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in result["rows"]:
+            lines.append(f"| {r['rate']:g} | {r['proxy_p50_ms']:.2f} | **{r['proxy_added_p50_ms']:.2f}** | "
+                         f"{r['proxy_p99_ms']:.2f} | **{r['proxy_added_p99_ms']:.2f}** | "
+                         f"{r['proxy_added_mean_ms']:.2f} | "
+                         f"{r['proxy_errors']} | {r['proxy_cpu_ms_per_req']:.2f} |")
+    lines += ["", f"Set-up: {s['processes']}. Target: {s['target']}."]
+    return "\n".join(lines) + "\n"

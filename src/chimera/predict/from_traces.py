@@ -1,0 +1,138 @@
+"""The learning loop's input: turn the gateway's own trace store into training Tasks.
+
+One Task per traced workflow that got feedback (POST /v1/feedback): its prompt is the router's prompt text of the
+workflow's first call, its outcome is the feedback score and the workflow's output tokens, credited to the model
+that served it, and its `stages` detail is the real per-call lengths (so the length forest learns real per-stage
+lengths instead of template splits). Only calls with status `ok` count; failed attempts (retries, timeouts) do not.
+
+A workflow whose stages ran on different models is credited to the model that produced most of its output tokens
+(ties: more calls, then the name); the mixed count is reported. Nothing is dropped silently: every skip is counted
+in the returned stats.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from chimera.workload.schema import Outcome, StageOutcome, Task
+from chimera.workload.templates import DEFAULT_KIND
+
+_NEEDED = {"workflow_id", "stage", "model", "prompt_tokens", "completion_tokens", "status"}
+_OPTIONAL = ("kind", "prompt", "queued_at", "ended_at")
+
+
+class TraceStoreError(ValueError):
+    """A path that is not a readable gateway trace store; the message names the file."""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: trace store not found")
+    if not path.is_file():
+        raise TraceStoreError(f"{path}: not a trace store (not a file)")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise TraceStoreError(f"{path}: not a trace store ({e})") from None
+    missing = {"calls", "feedback"} - tables
+    if missing:
+        db.close()
+        raise TraceStoreError(f"{path}: not a trace store (no {' or '.join(sorted(missing))} table; "
+                              "give the gateway's trace_store file)")
+    cols = {r[1] for r in db.execute("PRAGMA table_info(calls)")}
+    if not _NEEDED <= cols:
+        db.close()
+        raise TraceStoreError(f"{path}: not a trace store (table calls lacks {', '.join(sorted(_NEEDED - cols))})")
+    return db
+
+
+def tasks_from_traces(db_path: str | Path) -> tuple[list[Task], dict[str, Any]]:
+    """Tasks from one trace store, and counts of what was used and skipped.
+
+    Raises FileNotFoundError for a missing file and TraceStoreError (a ValueError) for a file that is not a trace
+    store; both name the file.
+    """
+    path = Path(db_path)
+    db = _connect(path)
+    try:
+        cols = {r[1] for r in db.execute("PRAGMA table_info(calls)")}
+        opt = [c for c in _OPTIONAL if c in cols]
+        sel = ["workflow_id", "stage", "model", "prompt_tokens", "completion_tokens", "status"] + opt
+        calls = db.execute(f"SELECT {', '.join(sel)} FROM calls ORDER BY workflow_id, stage, rowid").fetchall()
+        fb_rows = db.execute("SELECT workflow_id, score FROM feedback ORDER BY at, rowid").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise TraceStoreError(f"{path}: cannot read the trace store ({e})") from None
+    finally:
+        db.close()
+
+    by_wf: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in calls:
+        by_wf[str(r[0])].append(dict(zip(sel, r)))
+    feedback: dict[str, float] = {}
+    for wid, score in fb_rows:  # the latest score of a workflow wins
+        feedback[str(wid)] = score
+
+    stats: dict[str, Any] = {
+        "path": str(path), "workflows": len(by_wf), "calls": len(calls), "feedback_rows": len(fb_rows),
+        "tasks": 0, "skipped_no_feedback": 0, "skipped_no_ok_calls": 0, "skipped_bad_score": 0,
+        "feedback_without_calls": sum(1 for w in feedback if w not in by_wf), "mixed_models": 0,
+        "missing_prompt": 0, "calls_used": 0, "tasks_per_model": {},
+    }
+    tasks: list[Task] = []
+    per_model: Counter[str] = Counter()
+    for wid, rows in by_wf.items():
+        score = feedback.get(wid)
+        if score is None:
+            stats["skipped_no_feedback"] += 1
+            continue
+        ok = [r for r in rows if r["status"] == "ok" and r["model"]]
+        if not ok:
+            stats["skipped_no_ok_calls"] += 1
+            continue
+        try:
+            score = float(score)
+        except (TypeError, ValueError):
+            score = float("nan")
+        if not 0.0 <= score <= 1.0:  # NaN fails too
+            stats["skipped_bad_score"] += 1
+            continue
+        toks = [max(0, int(r["completion_tokens"] or 0)) for r in ok]
+        by_model_toks: Counter[str] = Counter()
+        by_model_calls: Counter[str] = Counter()
+        for r, t in zip(ok, toks):
+            by_model_toks[r["model"]] += t
+            by_model_calls[r["model"]] += 1
+        model = max(by_model_toks, key=lambda m: (by_model_toks[m], by_model_calls[m], m))
+        if len(by_model_toks) > 1:
+            stats["mixed_models"] += 1
+        stages = []
+        for i, (r, t) in enumerate(zip(ok, toks)):
+            st: dict[str, Any] = {"output_tokens": t}
+            if r["prompt_tokens"] is not None:
+                st["prompt_tokens"] = max(0, int(r["prompt_tokens"]))
+            if i + 1 < len(ok):  # client-side time between this call's end and the next call (tools, thinking)
+                end, nxt = r.get("ended_at"), ok[i + 1].get("queued_at")
+                if end is not None and nxt is not None:
+                    st["tool_s"] = max(0.0, float(nxt) - float(end))
+            stages.append(StageOutcome(**st))
+        first = rows[0]  # the router's prompt is the workflow's first call's (any status)
+        prompt = next((r.get("prompt") for r in rows if r.get("prompt")), None)
+        if not prompt:
+            stats["missing_prompt"] += 1
+        kind = next((r.get("kind") for r in rows if r.get("kind")), None) or DEFAULT_KIND
+        pt = first["prompt_tokens"]
+        tasks.append(Task(
+            id=wid, kind=str(kind), prompt=prompt or "",
+            prompt_tokens=max(0, int(pt)) if pt is not None else None,
+            outcomes={model: Outcome(score=score, output_tokens=sum(toks))},
+            stages={model: stages},
+        ))
+        per_model[model] += 1
+        stats["calls_used"] += len(ok)
+    stats["tasks"] = len(tasks)
+    stats["tasks_per_model"] = dict(sorted(per_model.items()))
+    return tasks, stats

@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(BIN)/chimera bench speed
 	$(MAKE) bench-sim
 	$(MAKE) bench-predictors
+	$(BIN)/chimera bench gateway --rates 50,100,200 --duration 5 --baseline --out out/bench-gateway
 
 clean:
 	rm -rf $(VENV) out

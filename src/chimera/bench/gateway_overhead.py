@@ -368,7 +368,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"{r['gateway_cpu_ms_per_req']:.2f} / {r['backend_cpu_ms_per_req']:.2f} / "
             f"{r['client_cpu_ms_per_req']:.2f} |")
     if s.get("baseline"):
-        lines += ["", "Baseline — a bare forwarding proxy on the same stack (uvicorn/h11 + httpx, no Chimera logic):",
+        lines += ["", "Baseline — a bare forwarding proxy on the same stack (uvicorn + httpx, no Chimera logic):",
                   "",
                   "| rate (req/s) | proxy p50 | **added p50** | proxy p99 | **added p99** | added mean | "
                   "errors | CPU ms/req proxy |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -22,7 +22,7 @@ app.add_typer(workload_app, name="workload")
 app.add_typer(bench_app, name="bench")
 app.add_typer(eval_app, name="eval")
 console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error messages name paths: never wrap them
 
 WORKLOAD_HELP = "JSONL file, `source:NAME` (a loader over the data directory) or `synthetic[:N]`."
 CLUSTER_HELP = "Cluster YAML (models: [{name, gpu, …} or {profile: MODEL@GPU}]); default: the built-in 3×Qwen2.5 on A6000."

@@ -30,6 +30,7 @@ from chimera.sched.policy import Policy
 from chimera.sched.registry import make_policy
 from chimera.sched.types import Call
 from chimera.serve.config import GatewayConfig, load_gateway_config
+from chimera.serve.health import HealthChecker
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.offload import OffloadedConfidence, OffloadedLength, Offloader
 from chimera.serve.priors import RunningLength, SizePriorConfidence, model_infos
@@ -146,6 +147,7 @@ class Gateway:
         self.metrics = GatewayMetrics(self.sched)
         self.trace = TraceStore(cfg.trace_store)
         self.client: httpx.AsyncClient | None = None
+        self.health_checker: HealthChecker | None = None
         self.run_id = uuid.uuid4().hex[:8]
         self._t0: float | None = None
         self._wall0 = time.time()
@@ -175,6 +177,10 @@ class Gateway:
         self._wall0 = time.time()
         self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=200))
         await asyncio.to_thread(_count_tokens, "warm up")  # load the vocabulary before the first request
+        if self.cfg.health.enabled:
+            self.health_checker = HealthChecker([be for bes in self.sched.backends.values() for be in bes],
+                                                self.cfg.health, self.client)
+            self.health_checker.start()
         try:
             yield
         finally:
@@ -182,6 +188,8 @@ class Gateway:
             deadline = time.monotonic() + self.cfg.limits.request_timeout_s
             while self.busy() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+            if self.health_checker is not None:
+                await self.health_checker.stop()
             await self.client.aclose()
             if self.offload is not None:
                 self.offload.close()

@@ -60,6 +60,15 @@ class Limits(_Strict):
     request_timeout_s: float = Field(default=600.0, gt=0)
 
 
+class Health(_Strict):
+    """Background probes of each backend's `/health` and (vLLM) `/metrics`; see serve/health.py."""
+
+    enabled: bool = True
+    interval_s: float = Field(default=2.0, gt=0)
+    timeout_s: float = Field(default=1.0, gt=0)
+    scrape_metrics: bool = True
+
+
 class GatewayConfig(_Strict):
     listen: Listen = Field(default_factory=Listen)
     auth: Auth = Field(default_factory=Auth)
@@ -68,6 +77,7 @@ class GatewayConfig(_Strict):
     trace_store: str = "chimera-traces.sqlite"
     backends: list[Backend] = Field(min_length=1)
     limits: Limits = Field(default_factory=Limits)
+    health: Health = Field(default_factory=Health)
 
     @model_validator(mode="after")
     def _unique(self) -> "GatewayConfig":

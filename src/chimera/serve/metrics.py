@@ -34,10 +34,28 @@ class _Live(Collector):
             d.add_metric([m], pol.decisions.get(m, 0))
         b = GaugeMetricFamily("chimera_backend_inflight_calls", "Calls running on one backend",
                               labels=["backend", "model"])
+        up = GaugeMetricFamily("chimera_backend_up", "1 if the backend passed its last health check, else 0",
+                               labels=["backend", "model"])
+        scraped = {
+            "scraped_running": GaugeMetricFamily("chimera_backend_running",
+                                                 "Requests running, scraped from the backend's /metrics",
+                                                 labels=["backend", "model"]),
+            "scraped_waiting": GaugeMetricFamily("chimera_backend_waiting",
+                                                 "Requests waiting, scraped from the backend's /metrics",
+                                                 labels=["backend", "model"]),
+            "kv_cache_usage": GaugeMetricFamily("chimera_backend_kv_cache_usage",
+                                                "KV-cache usage 0-1, scraped from the backend's /metrics",
+                                                labels=["backend", "model"]),
+        }
         for m, bes in s.backends.items():
             for be in bes:
                 b.add_metric([be.name, m], be.inflight)
-        yield from (q, c, t, d, b)
+                up.add_metric([be.name, m], 1.0 if be.healthy else 0.0)
+                for attr, fam in scraped.items():
+                    v = getattr(be, attr)
+                    if v is not None:  # no sample for a backend that exposes no such gauge
+                        fam.add_metric([be.name, m], v)
+        yield from (q, c, t, d, b, up, *scraped.values())
 
 
 class GatewayMetrics:

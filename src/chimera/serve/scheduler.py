@@ -30,6 +30,11 @@ class BackendState:
     inflight: int = 0
     down_until: float = -1.0
     failures: int = 0
+    # set by the health checker (serve/health.py); defaults mean "no probe data": the choice is unchanged
+    healthy: bool = True
+    scraped_running: float | None = None
+    scraped_waiting: float | None = None
+    kv_cache_usage: float | None = None
 
     @property
     def name(self) -> str:
@@ -38,6 +43,14 @@ class BackendState:
     @property
     def has_room(self) -> bool:
         return self.inflight < self.cfg.max_inflight
+
+    def is_down(self, now: float) -> bool:
+        """Failed its last health check, or a call failed on it within DOWN_S."""
+        return not self.healthy or self.down_until > now
+
+    def load_key(self) -> tuple[float, float]:
+        """(gateway in-flight + backend-reported waiting, KV-cache usage); scraped values count 0 when absent."""
+        return (self.inflight + (self.scraped_waiting or 0.0), self.kv_cache_usage or 0.0)
 
 
 @dataclass
@@ -140,7 +153,7 @@ class Scheduler:
     def _pick_backend(self, model: str, ticket: Ticket | None, now: float) -> BackendState:
         tried = ticket.tried if ticket is not None else set()
         room = [b for b in self.backends[model] if b.has_room]
-        return min(room, key=lambda b: (b.name in tried, b.down_until > now, b.inflight))
+        return min(room, key=lambda b: (b.name in tried, b.is_down(now), *b.load_key()))
 
     def progress(self, call: Call, new_tokens: int, now: float) -> None:
         self.policy.on_progress(call, new_tokens, now)
@@ -187,7 +200,7 @@ class Scheduler:
         tried = ticket.tried if ticket is not None else set()
 
         def usable(m: str) -> bool:
-            return any(b.name not in tried and b.down_until <= now for b in self.backends[m])
+            return any(b.name not in tried and not b.is_down(now) for b in self.backends[m])
 
         if call.model is not None and usable(call.model):
             return call.model

@@ -21,6 +21,8 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluate predictors on held-o
 app.add_typer(workload_app, name="workload")
 app.add_typer(bench_app, name="bench")
 app.add_typer(eval_app, name="eval")
+agents_app = typer.Typer(no_args_is_help=True, help="Live agents: run a workload's workflows against an OpenAI-compatible endpoint.")
+app.add_typer(agents_app, name="agents")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)  # error messages name paths: never wrap them
 
@@ -535,6 +537,49 @@ def demo(
         console.print(f"{r['policy']}{lam} vs vllm: {_versus(rows[0], r)}")
     console.print("All results are simulated (discrete-event simulator, calibrated engine model). "
                   "Sweeps: `chimera bench sim`; see BENCHMARKS.md.")
+
+
+@agents_app.command("run")
+def agents_run(
+    gateway: str = typer.Option(..., "--gateway", help="OpenAI-compatible base URL (Chimera gateway, LiteLLM, one backend); /v1 is appended if missing."),
+    workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Closed loop: this many agents at once (default 4)."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Open loop: Poisson arrivals, workflows per second."),
+    tasks: Optional[int] = typer.Option(None, "--tasks", help="Workflows to run (default: one per task)."),
+    models: str = typer.Option("chimera", "--models", help="Comma-separated model names, round-robin per workflow."),
+    api_key: str = typer.Option("EMPTY", "--api-key", envvar="CHIMERA_API_KEY", help="Bearer key for the endpoint."),
+    time_scale: float = typer.Option(1.0, "--time-scale", help="Divide the plan's tool times by this (match emulators)."),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary JSON here."),
+) -> None:
+    """ReAct-style agents execute each task's workflow stage by stage through the openai client (live, not simulated).
+
+    Example: chimera agents run --gateway http://127.0.0.1:8000 --workload synthetic:50 --concurrency 8 --json out/live.json
+    """
+    from chimera.agents.driver import AgentConfig, run_agents_sync
+    from chimera.workload.source import load_workload
+
+    if concurrency is not None and rate is not None:
+        _fail("give either --concurrency or --rate, not both")
+    try:
+        task_list = load_workload(workload, seed=seed)[0]
+        cfg = AgentConfig(base_url=gateway, models=[m.strip() for m in models.split(",") if m.strip()],
+                          api_key=api_key, concurrency=concurrency, rate=rate, time_scale=time_scale, seed=seed)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e).strip("'\""))
+    n = tasks if tasks is not None else len(task_list)
+    with _progress() as prog:
+        bar = prog.add_task("workflows", total=n)
+        run = run_agents_sync(task_list, cfg, n, on_record=lambda r: prog.advance(bar))
+    res = run.summary
+    console.print(_summary_table([res], f"{workload} via {cfg.base_url} — live"))
+    console.print(f"failed: {res['failed']}; queue_s: {res['queue_s_note']}")
+    for f in res["failures"][:10]:
+        console.print(f"  {f['workflow_id']}: {f['reason']}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(res, indent=2))
+        console.print(f"wrote {json_out}")
 
 
 def main() -> None:

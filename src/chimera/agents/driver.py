@@ -1,0 +1,253 @@
+"""ReAct-style agents that execute each task's workflow plan, stage by stage, through the official `openai` client.
+
+Works against any OpenAI-compatible endpoint (the Chimera gateway, LiteLLM, one vLLM backend). Each stage's prompt is
+the task prompt plus every earlier stage's output (the context grows); `max_tokens` is the plan's output length for
+the stage, so a plain backend also produces the planned length. Between stages the agent really sleeps for the plan's
+tool time (divided by `time_scale`). After the last stage the task's score (plan.score over the models that answered)
+is POSTed to `{base_url}/chimera/feedback` (a 404 from a non-Chimera endpoint is ignored).
+
+The summary is `chimera.sim.metrics.summarize(...)`, the same JSON as `chimera simulate`, with `"simulated": false`.
+Queue time is not observable from the client: `queue_s` is reported as 0 (see `queue_s_note`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import httpx
+import numpy as np
+
+from chimera.sim.metrics import WorkflowRecord, summarize
+from chimera.workload.plan import WorkflowPlan, plan_workflow, task_rng
+from chimera.workload.schema import Task
+from chimera.workload.templates import load_templates, template_for
+
+DEFAULT_MODEL = "chimera"
+QUEUE_NOTE = "unknown in live runs (the client cannot see backend queueing); reported as 0"
+
+
+@dataclass
+class AgentConfig:
+    """How to drive the endpoint. Exactly one of `concurrency` (closed loop) / `rate` (open loop, Poisson)."""
+
+    base_url: str
+    models: Sequence[str] = (DEFAULT_MODEL,)
+    api_key: str = "EMPTY"
+    concurrency: int | None = None
+    rate: float | None = None
+    time_scale: float = 1.0
+    seed: int = 0
+    timeout_s: float = 600.0
+    feedback: bool = True
+
+    def __post_init__(self) -> None:
+        self.base_url = normalize_base_url(self.base_url)
+        self.models = tuple(self.models) or (DEFAULT_MODEL,)
+        if self.concurrency is not None and self.rate is not None:
+            raise ValueError("give either concurrency (closed loop) or rate (open loop), not both")
+        if self.concurrency is None and self.rate is None:
+            self.concurrency = 4
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError(f"rate must be > 0, got {self.rate}")
+        if self.time_scale <= 0:
+            raise ValueError(f"time_scale must be > 0, got {self.time_scale}")
+
+
+def normalize_base_url(url: str) -> str:
+    """`http://h:p`, `http://h:p/` or `http://h:p/v1` -> `http://h:p/v1`."""
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+@dataclass
+class StageResult:
+    stage: int
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class AgentRun:
+    """What a run produced: the summary JSON plus per-workflow detail."""
+
+    summary: dict
+    records: list[WorkflowRecord]
+    stages: dict[str, list[StageResult]] = field(default_factory=dict)  # workflow id -> stages that completed
+    feedback_sent: int = 0
+
+
+def make_workflows(tasks: Sequence[Task], n: int | None = None, seed: int = 0
+                   ) -> list[tuple[str, WorkflowPlan, Task]]:
+    """(workflow id, plan, task): plans as the emulator plans them (`task_rng(task.id, seed)`), so emulated backends
+    fed the same workload replay the same per-stage lengths. Beyond one pass, tasks repeat as `id~k`."""
+    if not tasks:
+        raise ValueError("the workload has no tasks")
+    n = len(tasks) if n is None else n
+    if n < 1:
+        raise ValueError(f"tasks must be >= 1, got {n}")
+    templates = load_templates()
+    plans: dict[str, WorkflowPlan] = {}
+    out = []
+    for k in range(n):
+        t = tasks[k % len(tasks)]
+        cycle = k // len(tasks)
+        plan = plans.get(t.id)
+        if plan is None:
+            plan = plans[t.id] = plan_workflow(t, template_for(t.kind, templates), task_rng(t.id, seed))
+        out.append((t.id if cycle == 0 else f"{t.id}~{cycle}", plan, t))
+    return out
+
+
+def _max_tokens(plan: WorkflowPlan, stage: int, model: str) -> int:
+    """The plan's output length for this stage; for a model the plan does not know ("chimera"), the longest."""
+    if model in plan.models:
+        return plan.output_tokens(stage, model)
+    return max(plan.output_tokens(stage, m) for m in plan.models) if plan.models else 256
+
+
+def _messages(task: Task, stage: int, outputs: list[str], plan: WorkflowPlan) -> list[dict]:
+    msgs: list[dict] = [{"role": "user", "content": task.prompt or f"Task {task.id}"}]
+    for i, text in enumerate(outputs):
+        msgs.append({"role": "assistant", "content": text})
+        role = plan.stage_roles[i + 1] if i + 1 < len(plan.stage_roles) else "continue"
+        msgs.append({"role": "user", "content": f"Observation after step {i + 1}. Next step ({role})."})
+    return msgs
+
+
+def _reason(e: BaseException, stage: int) -> str:
+    msg = str(e).strip() or type(e).__name__
+    return f"stage {stage}: {type(e).__name__}: {msg}"[:500]
+
+
+async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: str, plan: WorkflowPlan, task: Task,
+                        model: str, arrival: float, t0: float, run: AgentRun, per_model: dict) -> WorkflowRecord:
+    outputs: list[str] = []
+    served: list[str] = []
+    stages: list[StageResult] = []
+    failed: str | None = None
+    stage = 0
+    try:
+        for stage in range(plan.n_stages):
+            headers = {"X-Chimera-Workflow-Id": wid, "X-Chimera-Stage": str(stage), "X-Chimera-Task-Id": task.id}
+            r = await client.chat.completions.create(
+                model=model, messages=_messages(task, stage, outputs, plan),
+                max_tokens=_max_tokens(plan, stage, model),
+                extra_body={"chimera": {"workflow_id": wid, "stage": stage, "task_id": task.id}},
+                extra_headers=headers)
+            text = (r.choices[0].message.content or "") if r.choices else ""
+            got = r.model or model
+            usage = r.usage
+            pt = usage.prompt_tokens if usage else 0
+            ct = usage.completion_tokens if usage else 0
+            pm = per_model.setdefault(got, {"calls": 0, "tokens": 0, "prompt_tokens": 0})
+            pm["calls"] += 1
+            pm["tokens"] += ct
+            pm["prompt_tokens"] += pt
+            outputs.append(text)
+            served.append(got)
+            stages.append(StageResult(stage, got, pt, ct))
+            if stage < plan.n_stages - 1 and plan.tool_s[stage] > 0:
+                await asyncio.sleep(plan.tool_s[stage] / cfg.time_scale)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any backend/transport error fails this task only
+        failed = _reason(e, stage)
+    score = 0.0
+    if failed is None:
+        try:
+            score = plan.score(served)
+        except KeyError as e:  # a served model the task has no outcome for
+            failed = f"unscored: {e}"
+    end = time.monotonic() - t0
+    run.stages[wid] = stages
+    if failed is None and cfg.feedback:
+        try:
+            resp = await http.post(cfg.base_url + "/chimera/feedback", json={"workflow_id": wid, "score": score})
+            if resp.status_code < 300:
+                run.feedback_sent += 1
+        except httpx.HTTPError:
+            pass  # feedback is best effort; the record stands
+    return WorkflowRecord(workflow_id=wid, task_id=task.id, kind=task.kind, arrival_s=arrival, end_s=end,
+                          score=score, queue_s=0.0, calls=len(served), models=served, failed=failed)
+
+
+async def run_agents(tasks: Sequence[Task], cfg: AgentConfig, n: int | None = None,
+                     on_record: Callable[[WorkflowRecord], None] | None = None) -> AgentRun:
+    """Run n workflows (default: one per task) and summarize them."""
+    from openai import AsyncOpenAI
+
+    workflows = make_workflows(tasks, n, cfg.seed)
+    run = AgentRun(summary={}, records=[])
+    per_model: dict[str, dict[str, int]] = {m: {"calls": 0, "tokens": 0, "prompt_tokens": 0}
+                                            for m in cfg.models if m != DEFAULT_MODEL}
+    limits = httpx.Limits(max_connections=max(16, (cfg.concurrency or 0) * 2 + 16))
+    t_wall = time.perf_counter()
+    rr = itertools.cycle(cfg.models)
+    models = [next(rr) for _ in workflows]  # round-robin per workflow
+
+    async with AsyncOpenAI(base_url=cfg.base_url, api_key=cfg.api_key, max_retries=0, timeout=cfg.timeout_s,
+                           http_client=httpx.AsyncClient(limits=limits, timeout=cfg.timeout_s)) as client, \
+            httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {cfg.api_key}"}) as http:
+        t0 = time.monotonic()
+
+        async def one(i: int, arrival: float) -> None:
+            wid, plan, task = workflows[i]
+            rec = await _run_workflow(client, http, cfg, wid, plan, task, models[i], arrival, t0, run, per_model)
+            run.records.append(rec)
+            if on_record is not None:
+                on_record(rec)
+
+        if cfg.rate is not None:  # open loop: Poisson arrivals
+            gaps = np.random.default_rng([cfg.seed, 2]).exponential(1.0 / cfg.rate, len(workflows))
+            arrivals = np.cumsum(gaps) - gaps[0]
+            pending = []
+            for i, a in enumerate(arrivals):
+                delay = float(a) - (time.monotonic() - t0)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                pending.append(asyncio.create_task(one(i, float(a))))
+            await asyncio.gather(*pending)
+        else:  # closed loop: `concurrency` agents, each takes the next workflow when it finishes one
+            nxt = itertools.count()
+
+            async def worker() -> None:
+                while True:
+                    i = next(nxt)
+                    if i >= len(workflows):
+                        return
+                    await one(i, time.monotonic() - t0)
+
+            await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency or 1, len(workflows)))))
+
+    wall = time.perf_counter() - t_wall
+    order = {wid: k for k, (wid, _, _) in enumerate(workflows)}
+    run.records.sort(key=lambda r: order[r.workflow_id])
+    failures = [{"workflow_id": r.workflow_id, "task_id": r.task_id, "reason": r.failed}
+                for r in run.records if r.failed]
+    extra = {
+        "simulated": False,
+        "endpoint": cfg.base_url,
+        "models": list(cfg.models),
+        "mode": "open" if cfg.rate is not None else "closed",
+        "rate": cfg.rate,
+        "concurrency": cfg.concurrency,
+        "time_scale": cfg.time_scale,
+        "queue_s_note": QUEUE_NOTE,
+        "failures": failures,
+        "feedback_sent": run.feedback_sent,
+    }
+    policy = cfg.models[0] if len(cfg.models) == 1 else "round-robin:" + ",".join(cfg.models)
+    run.summary = summarize(policy, run.records, per_model, wall, extra)
+    return run
+
+
+def run_agents_sync(tasks: Sequence[Task], cfg: AgentConfig, n: int | None = None,
+                    on_record: Callable[[WorkflowRecord], None] | None = None) -> AgentRun:
+    return asyncio.run(run_agents(tasks, cfg, n, on_record))

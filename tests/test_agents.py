@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
-import threading
 import time
 
-import uvicorn
 from typer.testing import CliRunner
 
 from chimera.agents.driver import AgentConfig, make_workflows, run_agents_sync
@@ -17,6 +14,7 @@ from chimera.cli import app
 from chimera.emulate import EmulatorServer
 from chimera.serve import build_gateway
 from chimera.serve.config import gateway_config_from_dict
+from chimera.serve.threaded import serve_in_thread
 from chimera.workload.schema import load_tasks, write_tasks
 from chimera.workload.synthetic import generate
 
@@ -92,31 +90,6 @@ def test_backend_error_mid_workflow_fails_that_task_only(tmp_path) -> None:
             assert 1 <= st.completion_tokens <= plan.output_tokens(st.stage, model)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _gateway(app_):
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app_, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 15
-        while not server.started:
-            assert thread.is_alive() and time.time() < deadline, "gateway did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        assert not thread.is_alive()
-
-
 def test_via_gateway_feedback_reaches_the_trace_store(tmp_path) -> None:
     path, tasks = _workload(tmp_path, 6)
     key = "agents-key"
@@ -133,7 +106,7 @@ def test_via_gateway_feedback_reaches_the_trace_store(tmp_path) -> None:
             "limits": {"request_timeout_s": 30},
         })
         gw_app = build_gateway(cfg)
-        url = stack.enter_context(_gateway(gw_app))
+        url = stack.enter_context(serve_in_thread(gw_app))
         out = tmp_path / "gw.json"
         res = CliRunner().invoke(app, ["agents", "run", "--gateway", url, "--workload", str(path), "--rate", "20",
                                        "--api-key", key, "--time-scale", str(SCALE), "--json", str(out)])

@@ -5,12 +5,11 @@ fresh gateway. Live run against emulated backends (engine model), not real GPUs.
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from chimera.serve.threaded import serve_in_thread
 
 LABEL = "live run against emulated backends (engine model), not real GPUs"
 MODELS = {"qwen2.5-1.5b": "qwen2.5-1.5b@a6000", "qwen2.5-7b": "qwen2.5-7b@a6000",
@@ -34,33 +33,6 @@ class LiveDemo:
     time_scale: float
     workload: str
     report: Path | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serve(app_):
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app_, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 20
-        while not server.started:
-            if not thread.is_alive() or time.time() > deadline:
-                raise RuntimeError("gateway did not start")
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
 
 
 def arrival_rate(tasks, load: float, time_scale: float) -> float:
@@ -100,7 +72,7 @@ def run_one(tasks: Sequence, policy: str, lam: float | None, n: int, rate: float
             "limits": {"request_timeout_s": 300, "max_queue": 100000},
         })
         gw = build_gateway(cfg)
-        url = stack.enter_context(_serve(gw))
+        url = stack.enter_context(serve_in_thread(gw))
         acfg = AgentConfig(base_url=url, rate=rate, time_scale=time_scale, seed=seed, timeout_s=300)
         run = asyncio.run(run_agents(tasks, acfg, n, on_record))
         calls = gw.state.gateway.trace.query(

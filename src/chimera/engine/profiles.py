@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from chimera.engine.gpus import GPUS, GPU
+from chimera.yamlfile import read_yaml
 
 GIB = 1 << 30
 FIXED_RESERVE_BYTES = 1 * GIB  # per GPU: CUDA context, cuBLAS/NCCL workspaces, CUDA-graph pool
@@ -196,14 +197,7 @@ _FIELDS = tuple(ModelSpec.model_fields)
 
 def load_cluster(path: str | Path) -> ClusterConfig:
     """Read a cluster YAML (`models: [{name, gpu, params_b, ...} | {profile: MODEL@GPU, overrides...}]`)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ClusterError(f"{p}: cluster file not found")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ClusterError(f"{p}: not valid YAML: {e}") from None
-    return cluster_from_dict(raw, source=str(p))
+    return cluster_from_dict(read_yaml(path, ClusterError, "cluster file"), source=str(Path(path)))
 
 
 def cluster_from_dict(raw: Any, source: str = "<cluster>") -> ClusterConfig:

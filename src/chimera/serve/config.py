@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
+from chimera.yamlfile import read_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
@@ -116,11 +116,4 @@ def gateway_config_from_dict(raw: Any, source: str = "<config>") -> GatewayConfi
 
 def load_gateway_config(path: str | Path) -> GatewayConfig:
     """Read and validate a gateway YAML; errors name the file and the offending key."""
-    p = Path(path)
-    if not p.is_file():
-        raise GatewayConfigError(f"{p}: gateway config not found")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise GatewayConfigError(f"{p}: not valid YAML: {e}") from None
-    return gateway_config_from_dict(raw, source=str(p))
+    return gateway_config_from_dict(read_yaml(path, GatewayConfigError, "gateway config"), source=str(Path(path)))

@@ -1,7 +1,8 @@
 """ReAct-style agents that execute each task's workflow plan, stage by stage, through the official `openai` client.
 
 Works against any OpenAI-compatible endpoint (the Chimera gateway, LiteLLM, one vLLM backend). Each stage's prompt is
-the task prompt plus every earlier stage's output (the context grows); `max_tokens` is the plan's output length for
+the task prompt plus every earlier stage's output (the context grows), padded with filler tokens up to the plan's
+prompt length (the instructions and tool observations the text lacks); `max_tokens` is the plan's output length for
 the stage, so a plain backend also produces the planned length. Between stages the agent really sleeps for the plan's
 tool time (divided by `time_scale`). After the last stage the task's score (plan.score over the models that answered)
 is POSTed to `{base_url}/chimera/feedback` (a 404 from a non-Chimera endpoint is ignored).
@@ -43,6 +44,7 @@ class AgentConfig:
     seed: int = 0
     timeout_s: float = 600.0
     feedback: bool = True
+    pad_prompts: bool = True  # pad each request to the plan's prompt length (see _messages)
 
     def __post_init__(self) -> None:
         self.base_url = normalize_base_url(self.base_url)
@@ -112,12 +114,34 @@ def _max_tokens(plan: WorkflowPlan, stage: int, model: str) -> int:
     return max(plan.output_tokens(stage, m) for m in plan.models) if plan.models else 256
 
 
-def _messages(task: Task, stage: int, outputs: list[str], plan: WorkflowPlan) -> list[dict]:
+def served_model(body_model: str | None, headers, requested: str) -> str:
+    """The model that answered: LiteLLM names the deployment in `x-litellm-model-name` (`openai/NAME`) and puts
+    the model group in the body; Chimera and vLLM put the served model in the body."""
+    name = headers.get("x-litellm-model-name") if headers is not None else None
+    if name:
+        return name.split("/", 1)[1] if "/" in name else name
+    return body_model or requested
+
+
+FILLER = " the"  # one Qwen BPE token per repeat
+
+
+def _messages(task: Task, stage: int, outputs: list[str], plan: WorkflowPlan,
+              pad_to: int | None = None) -> list[dict]:
+    """The task prompt, then each earlier output and an observation. With `pad_to`, filler tokens stand in for the
+    context the plan counts but the text lacks (instructions, tool observations), so the backend prefills the
+    planned prompt length; they go in the stage's newest user message."""
     msgs: list[dict] = [{"role": "user", "content": task.prompt or f"Task {task.id}"}]
     for i, text in enumerate(outputs):
         msgs.append({"role": "assistant", "content": text})
         role = plan.stage_roles[i + 1] if i + 1 < len(plan.stage_roles) else "continue"
         msgs.append({"role": "user", "content": f"Observation after step {i + 1}. Next step ({role})."})
+    if pad_to is not None:
+        from chimera.workload.tokens import count_tokens
+
+        have = count_tokens("\n".join(m["content"] for m in msgs))
+        if pad_to > have:
+            msgs[-1]["content"] += FILLER * (pad_to - have)
     return msgs
 
 
@@ -129,6 +153,7 @@ def _reason(e: BaseException, stage: int) -> str:
 async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: str, plan: WorkflowPlan, task: Task,
                         model: str, arrival: float, t0: float, run: AgentRun, per_model: dict) -> WorkflowRecord:
     outputs: list[str] = []
+    out_tokens: list[int] = []
     served: list[str] = []
     stages: list[StageResult] = []
     failed: str | None = None
@@ -136,13 +161,15 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
     try:
         for stage in range(plan.n_stages):
             headers = {"X-Chimera-Workflow-Id": wid, "X-Chimera-Stage": str(stage), "X-Chimera-Task-Id": task.id}
-            r = await client.chat.completions.create(
-                model=model, messages=_messages(task, stage, outputs, plan),
+            raw = await client.chat.completions.with_raw_response.create(
+                model=model, messages=_messages(task, stage, outputs, plan,
+                                                plan.prompt_tokens(stage, out_tokens) if cfg.pad_prompts else None),
                 max_tokens=_max_tokens(plan, stage, model),
                 extra_body={"chimera": {"workflow_id": wid, "stage": stage, "task_id": task.id}},
                 extra_headers=headers)
+            r = raw.parse()
             text = (r.choices[0].message.content or "") if r.choices else ""
-            got = r.model or model
+            got = served_model(r.model, raw.headers, model)
             usage = r.usage
             pt = usage.prompt_tokens if usage else 0
             ct = usage.completion_tokens if usage else 0
@@ -151,6 +178,7 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
             pm["tokens"] += ct
             pm["prompt_tokens"] += pt
             outputs.append(text)
+            out_tokens.append(ct)
             served.append(got)
             stages.append(StageResult(stage, got, pt, ct))
             if stage < plan.n_stages - 1 and plan.tool_s[stage] > 0:
@@ -187,7 +215,9 @@ async def run_agents(tasks: Sequence[Task], cfg: AgentConfig, n: int | None = No
     run = AgentRun(summary={}, records=[])
     per_model: dict[str, dict[str, int]] = {m: {"calls": 0, "tokens": 0, "prompt_tokens": 0}
                                             for m in cfg.models if m != DEFAULT_MODEL}
-    limits = httpx.Limits(max_connections=max(16, (cfg.concurrency or 0) * 2 + 16))
+    # closed loop: at most one call per agent in flight; open loop: no cap, or the pool itself would queue calls
+    limits = httpx.Limits(max_connections=(cfg.concurrency + 16) if cfg.concurrency else None,
+                          max_keepalive_connections=200)
     t_wall = time.perf_counter()
     rr = itertools.cycle(cfg.models)
     models = [next(rr) for _ in workflows]  # round-robin per workflow

@@ -58,7 +58,8 @@ class SizePriorConfidence:
 
 
 class RunningLength:
-    """Per-(kind, stage, model) running mean of completion tokens; remaining = this stage's and later stages' means."""
+    """Per-(kind, stage, model) running mean of completion tokens; remaining = this stage's and later stages' means.
+    Unseen (kind, stage, model) falls back to the stage's mean over all models, then to DEFAULT_CALL_TOKENS."""
 
     def __init__(self, models: Sequence[str]) -> None:
         self.models_ = list(models)
@@ -72,8 +73,15 @@ class RunningLength:
         self._max_stage[kind] = max(self._max_stage[kind], stage)
 
     def _mean(self, kind: str, stage: int, model: str) -> float:
+        """This model's mean; for a model not yet served at this stage, the other models' pooled mean, so an
+        unexplored model is not judged by the blind default (which would keep it unexplored)."""
         n = self._n.get((kind, stage, model), 0)
-        return self._sum[(kind, stage, model)] / n if n else DEFAULT_CALL_TOKENS
+        if n:
+            return self._sum[(kind, stage, model)] / n
+        pooled_n = sum(self._n.get((kind, stage, m), 0) for m in self.models_)
+        if pooled_n:
+            return sum(self._sum.get((kind, stage, m), 0.0) for m in self.models_) / pooled_n
+        return DEFAULT_CALL_TOKENS
 
     def predict_lengths(self, calls: Sequence[Call]) -> tuple[np.ndarray, np.ndarray]:
         call = np.zeros((len(calls), len(self.models_)))

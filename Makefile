@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-sim bench-predictors clean
+LITELLM_VENV := .venv-litellm
+LITELLM_STAMP := $(LITELLM_VENV)/.installed
+LITELLM_PIN := litellm[proxy]==1.102.4
+
+.PHONY: demo test bench bench-sim bench-predictors bench-live clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,10 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# LiteLLM (the head-to-head baseline) lives in its own venv: its proxy extra pins a web stack of its own.
+$(LITELLM_STAMP):
+	$(PY) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q --upgrade pip
+	$(LITELLM_VENV)/bin/pip install -q '$(LITELLM_PIN)'
+	touch $(LITELLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/chimera demo
 
-test: $(STAMP)
+test: $(STAMP) $(LITELLM_STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
@@ -23,10 +34,11 @@ bench: $(STAMP)
 	$(BIN)/chimera bench speed
 	$(MAKE) bench-sim
 	$(MAKE) bench-predictors
-	$(BIN)/chimera bench gateway --rates 50,100,200 --duration 5 --baseline --out out/bench-gateway
+	$(BIN)/chimera bench gateway --rates 50,100,200 --duration 5 --baseline --litellm $(LITELLM_VENV)/bin/litellm --out out/bench-gateway
+	$(MAKE) bench-live
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(LITELLM_VENV) out
 
 # Full simulated sweeps behind BENCHMARKS.md (needs ../shared/data for the two real workloads).
 bench-sim: $(STAMP)
@@ -48,3 +60,8 @@ bench-predictors: $(STAMP)
 	$(BIN)/chimera bench predict --predictors out/predictors/fireact-minilm -w source:fireact-hotpotqa
 	$(BIN)/chimera bench sim -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --predictors out/predictors/mmlu --lams $(LAMS_TRAINED) --ablation-lam 0.05 --out out/bench-mmlu-math-trained
 	$(BIN)/chimera bench sim -w source:fireact-hotpotqa -c examples/cluster-fireact-a100.yaml --predictors out/predictors/fireact --lams $(LAMS_TRAINED) --ablation-lam 0.05 --out out/bench-fireact-trained
+
+# Live head-to-head behind BENCHMARKS.md: LiteLLM (simple-shuffle, least-busy) vs Chimera on emulated backends,
+# with the simulator's prediction of the same runs (fidelity).
+bench-live: $(STAMP) $(LITELLM_STAMP)
+	$(BIN)/chimera bench live --litellm $(LITELLM_VENV)/bin/litellm --out out/bench-live

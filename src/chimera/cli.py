@@ -31,7 +31,9 @@ CLUSTER_HELP = "Cluster YAML (models: [{name, gpu, …} or {profile: MODEL@GPU}]
 
 
 def _fail(msg: str) -> None:
-    err.print(f"[bold red]error:[/] {msg}")
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(msg)}")
     raise typer.Exit(2)
 
 
@@ -317,12 +319,20 @@ def bench_gateway(
     policy: str = typer.Option("chimera", "--policy", help="Gateway policy (e.g. chimera, vllm)."),
     profile: bool = typer.Option(False, "--profile", help="Run the gateway under cProfile; writes gateway-profile.txt."),
     baseline: bool = typer.Option(False, "--baseline", help="Also measure a bare httpx forwarding proxy (the stack's floor)."),
+    litellm: Optional[Path] = typer.Option(None, "--litellm", help="Also measure LiteLLM's proxy: path to its `litellm` executable (make bench-live installs .venv-litellm)."),
 ) -> None:
     """Latency the gateway adds in front of an instant fake backend (backend and gateway in their own processes).
 
-    Example: chimera bench gateway --rates 50,100,200 --duration 5 --out out/bench-gateway
+    Example: chimera bench gateway --rates 50,100,200 --duration 5 --baseline --litellm .venv-litellm/bin/litellm
     """
     from chimera.bench.gateway_overhead import markdown_table, run_benchmark
+    from chimera.bench.litellm_proxy import LiteLLMMissing, find_litellm
+
+    if litellm is not None:
+        try:
+            litellm = find_litellm(litellm)
+        except LiteLLMMissing as e:
+            _fail(str(e))
 
     try:
         rate_list = [float(x) for x in rates.split(",") if x.strip()]
@@ -336,13 +346,68 @@ def bench_gateway(
 
     out.mkdir(parents=True, exist_ok=True)
     res = run_benchmark(rate_list, duration=duration, out=out, policy=policy, profile_gateway=profile, baseline=baseline,
-                        progress=show)
+                        progress=show, litellm=litellm)
     md = markdown_table(res)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     console.print(md)
     console.print(f"wrote {out / 'results.md'}, {out / 'results.json'}"
                   + (f", {res['profile_top']}" if res.get("profile_top") else ""))
+
+
+@bench_app.command("live")
+def bench_live(
+    contenders: Optional[str] = typer.Option(None, "--contenders", help="Comma-separated litellm:STRATEGY | chimera:POLICY[@LAMBDA] (default: litellm:simple-shuffle,litellm:least-busy,chimera:vllm,chimera:chimera@0.05)."),
+    workload: str = typer.Option("synthetic", "--workload", "-w", help=WORKLOAD_HELP + " A real workload's three most-covered models are mapped onto 1.5B/7B/14B by accuracy."),
+    tasks: int = typer.Option(200, "--tasks", help="Workflows per contender."),
+    load: float = typer.Option(0.6, "--load", help="Arrival rate as a fraction of round-robin's simulated saturated throughput."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Live workflows/s (overrides --load)."),
+    time_scale: float = typer.Option(5.0, "--time-scale", help="Emulators and tool sleeps run this many times faster than real time."),
+    seed: int = typer.Option(0, "--seed"),
+    overhead_rates: str = typer.Option("50,100", "--overhead-rates", help="Req/s for the added-latency probe (empty: skip it)."),
+    overhead_duration: float = typer.Option(3.0, "--overhead-duration", help="Seconds per target per rate of the probe."),
+    litellm: Optional[Path] = typer.Option(None, "--litellm", help="The `litellm` executable (default: .venv-litellm/bin/litellm, then PATH; `make bench-live` installs it)."),
+    out: Path = typer.Option(Path("out/bench-live"), "--out", help="Folder for results.md, results.json, frontier.png and logs."),
+) -> None:
+    """Live head-to-head: the same agents and workload through LiteLLM's proxy and through Chimera, on fresh emulated
+    backends each, with the simulator's prediction of each run beside it (fidelity).
+
+    Example: chimera bench live --litellm .venv-litellm/bin/litellm --tasks 200 --out out/bench-live
+    """
+    from pydantic import ValidationError
+
+    from chimera.bench.litellm_proxy import LiteLLMMissing
+    from chimera.bench.live import DEFAULT_CONTENDERS, LiveBenchConfig, run_live_bench
+
+    try:
+        orates = [float(x) for x in overhead_rates.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--overhead-rates must be comma-separated numbers, got {overhead_rates!r}")
+    try:
+        cfg = LiveBenchConfig(
+            contenders=[x.strip() for x in contenders.split(",") if x.strip()] if contenders else list(DEFAULT_CONTENDERS),
+            workload=workload, tasks=tasks, load=load, rate=rate, time_scale=time_scale, seed=seed,
+            overhead_rates=orates, overhead_duration_s=overhead_duration, litellm=str(litellm) if litellm else None)
+    except ValidationError as e:
+        _fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+    t0 = time.perf_counter()
+    with _progress() as prog:
+        bar: dict = {}
+
+        def on_stage(name: str) -> None:
+            if "id" in bar:
+                prog.update(bar["id"], visible=False)
+            bar["id"] = prog.add_task(name, total=tasks if name != "gateway added latency" else None)
+
+        try:
+            b = run_live_bench(cfg, out, on_record=lambda _r: prog.advance(bar["id"]), on_stage=on_stage)
+        except LiteLLMMissing as e:
+            _fail(str(e))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            _fail(str(e).strip("'\""))
+    console.print((out / "results.md").read_text())
+    console.print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'frontier.png'} "
+                  f"({time.perf_counter() - t0:.0f} s wall)")
 
 
 @app.command()
@@ -506,7 +571,7 @@ def demo(
     tasks: Optional[int] = typer.Option(None, "--tasks", help="Workflows per policy (default: 200 live, 1500 simulated)."),
     time_scale: float = typer.Option(5.0, "--time-scale", help="Live: emulators and tool sleeps run this many times faster than real time."),
     lam: float = typer.Option(0.05, "--lam", help="Live: λ of the chimera run."),
-    load: float = typer.Option(0.9, "--load", help="Arrival rate as a fraction of vllm's saturated throughput (simulated engine model)."),
+    load: float = typer.Option(0.8, "--load", help="Arrival rate as a fraction of vllm's saturated throughput (simulated engine model)."),
     workload: str = typer.Option("synthetic", "--workload", "-w", help=WORKLOAD_HELP),
     cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP + " (--simulated only)"),
     out: Path = typer.Option(Path("out/demo"), "--out", help="Live: directory for report.html and the trace stores."),
@@ -589,6 +654,7 @@ def agents_run(
     api_key: str = typer.Option("EMPTY", "--api-key", envvar="CHIMERA_API_KEY", help="Bearer key for the endpoint."),
     time_scale: float = typer.Option(1.0, "--time-scale", help="Divide the plan's tool times by this (match emulators)."),
     seed: int = typer.Option(0, "--seed"),
+    pad_prompts: bool = typer.Option(True, "--pad-prompts/--no-pad-prompts", help="Pad each request with filler tokens up to the plan's prompt length (the context the task text lacks)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary JSON here."),
 ) -> None:
     """ReAct-style agents execute each task's workflow stage by stage through the openai client (live, not simulated).
@@ -603,7 +669,8 @@ def agents_run(
     try:
         task_list = load_workload(workload, seed=seed)[0]
         cfg = AgentConfig(base_url=gateway, models=[m.strip() for m in models.split(",") if m.strip()],
-                          api_key=api_key, concurrency=concurrency, rate=rate, time_scale=time_scale, seed=seed)
+                          api_key=api_key, concurrency=concurrency, rate=rate, time_scale=time_scale, seed=seed,
+                          pad_prompts=pad_prompts)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e).strip("'\""))
     n = tasks if tasks is not None else len(task_list)

@@ -144,9 +144,9 @@ def _wait_ready(p: _Proc, path: str, timeout: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def running_stack(workdir: Path, policy: str = "chimera", profile_gateway: bool = False, baseline: bool = False,
-                  gateway_target: str = "chimera.serve.app:app_from_env"):
-    """Backend and gateway (and, with `baseline`, the bare proxy), each in its own uvicorn subprocess;
-    yields ({target: url}, {process: pid})."""
+                  gateway_target: str = "chimera.serve.app:app_from_env", litellm: str | Path | None = None):
+    """Backend and gateway (and, with `baseline`, the bare proxy; with `litellm`, LiteLLM's proxy routing to the
+    same backend), each in its own subprocess; yields ({target: url}, {process: pid})."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[2])
@@ -186,7 +186,16 @@ def running_stack(workdir: Path, policy: str = "chimera", profile_gateway: bool 
             urls["proxy"] = pr.url
         for p in procs:
             _wait_ready(p, "/health")
-        yield urls, {p.name: p.proc.pid for p in procs}
+        pids = {p.name: p.proc.pid for p in procs}
+        with contextlib.ExitStack() as extra:
+            if litellm is not None:
+                from chimera.bench.litellm_proxy import litellm_config, litellm_proxy
+
+                ll = extra.enter_context(litellm_proxy(
+                    litellm_config({"bench-model": b.url + "/v1"}, "simple-shuffle", group="bench-model"),
+                    workdir / "litellm", binary=litellm))
+                urls["litellm"], pids["litellm"] = ll.url, ll.pid
+            yield urls, pids
     finally:
         for p in reversed(procs):
             p.stop()
@@ -278,8 +287,9 @@ async def _measure_rate(client: httpx.AsyncClient, urls: dict[str, str], rate: f
     row["backend_cpu_ms_per_req"] = 1e3 * cpu["backend"] / max(1, g.sent + d.sent)
     sent = sum(x.sent for x in samples.values())
     row["client_cpu_ms_per_req"] = 1e3 * client_cpu / max(1, sent)
-    if "proxy" in samples:
+    if len(samples) > 2:
         row["backend_cpu_ms_per_req"] = 1e3 * cpu["backend"] / max(1, sent)
+    if "proxy" in samples:
         row["proxy_cpu_ms_per_req"] = 1e3 * cpu["proxy"] / max(1, samples["proxy"].sent)
     for name, s in samples.items():
         row[f"{name}_n"] = len(s.lat_s)
@@ -292,9 +302,12 @@ async def _measure_rate(client: httpx.AsyncClient, urls: dict[str, str], rate: f
     row["added_p50_ms"] = row["gateway_p50_ms"] - row["direct_p50_ms"]
     row["added_p99_ms"] = row["gateway_p99_ms"] - row["direct_p99_ms"]
     row["added_mean_ms"] = row["gateway_mean_ms"] - row["direct_mean_ms"]
-    if "proxy" in samples:
-        for q in ("p50", "p99", "mean"):
-            row[f"proxy_added_{q}_ms"] = row[f"proxy_{q}_ms"] - row[f"direct_{q}_ms"]
+    for other in ("proxy", "litellm"):
+        if other in samples:
+            for q in ("p50", "p99", "mean"):
+                row[f"{other}_added_{q}_ms"] = row[f"{other}_{q}_ms"] - row[f"direct_{q}_ms"]
+    if "litellm" in samples:
+        row["litellm_cpu_ms_per_req"] = 1e3 * cpu["litellm"] / max(1, samples["litellm"].sent)
     return row
 
 
@@ -313,10 +326,11 @@ async def _run_all(urls: dict[str, str], pids: dict[str, int], rates: list[float
 def run_benchmark(rates: list[float], duration: float = 5.0, out: Path = Path("out/bench-gateway"),
                   policy: str = "chimera", block_s: float = 1.0, warmup_s: float = 0.5, seed: int = 0,
                   profile_gateway: bool = False, baseline: bool = False, progress=None,
-                  gateway_target: str = "chimera.serve.app:app_from_env") -> dict[str, Any]:
-    """Start backend + gateway (+ bare proxy) subprocesses, measure every rate, stop them; returns the result."""
+                  gateway_target: str = "chimera.serve.app:app_from_env",
+                  litellm: str | Path | None = None) -> dict[str, Any]:
+    """Start backend + gateway (+ bare proxy, + LiteLLM) subprocesses, measure every rate, stop them."""
     with running_stack(out, policy=policy, profile_gateway=profile_gateway, baseline=baseline,
-                       gateway_target=gateway_target) as (urls, pids):
+                       gateway_target=gateway_target, litellm=litellm) as (urls, pids):
         targets = {k: u + "/v1/chat/completions" for k, u in urls.items()}
         rows = asyncio.run(_run_all(targets, pids, rates, duration, block_s, warmup_s, seed, progress))
     result = {
@@ -325,8 +339,11 @@ def run_benchmark(rates: list[float], duration: float = 5.0, out: Path = Path("o
                   "processes": "client (this process, one httpx.AsyncClient, HTTP/1.1 keep-alive), backend "
                                "(uvicorn subprocess, minimal Starlette app), gateway (uvicorn subprocess)"
                                + (", bare proxy baseline (uvicorn subprocess: Starlette + httpx forwarding only)"
-                                  if baseline else ""),
+                                  if baseline else "")
+                               + (", LiteLLM proxy (its own CLI and uvicorn, one deployment, simple-shuffle)"
+                                  if litellm is not None else ""),
                   "baseline": baseline,
+                  "litellm": litellm is not None,
                   "target": "added p50 <= 1 ms and p99 <= 5 ms at 200 req/s"},
         "rows": rows,
     }
@@ -377,5 +394,14 @@ def markdown_table(result: dict[str, Any]) -> str:
                          f"{r['proxy_p99_ms']:.2f} | **{r['proxy_added_p99_ms']:.2f}** | "
                          f"{r['proxy_added_mean_ms']:.2f} | "
                          f"{r['proxy_errors']} | {r['proxy_cpu_ms_per_req']:.2f} |")
+    if s.get("litellm"):
+        lines += ["", "LiteLLM's proxy in the same rotation (the gateway people would otherwise deploy):", "",
+                  "| rate (req/s) | achieved | LiteLLM p50 | **added p50** | LiteLLM p99 | **added p99** | added mean | "
+                  "errors | CPU ms/req LiteLLM |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in result["rows"]:
+            lines.append(f"| {r['rate']:g} | {r['litellm_achieved_rps']:.0f} | {r['litellm_p50_ms']:.2f} | "
+                         f"**{r['litellm_added_p50_ms']:.2f}** | {r['litellm_p99_ms']:.2f} | "
+                         f"**{r['litellm_added_p99_ms']:.2f}** | {r['litellm_added_mean_ms']:.2f} | "
+                         f"{r['litellm_errors']} | {r['litellm_cpu_ms_per_req']:.2f} |")
     lines += ["", f"Set-up: {s['processes']}. Target: {s['target']}."]
     return "\n".join(lines) + "\n"

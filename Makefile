@@ -64,4 +64,5 @@ bench-predictors: $(STAMP)
 # Live head-to-head behind BENCHMARKS.md: LiteLLM (simple-shuffle, least-busy) vs Chimera on emulated backends,
 # with the simulator's prediction of the same runs (fidelity).
 bench-live: $(STAMP) $(LITELLM_STAMP)
-	$(BIN)/chimera bench live --litellm $(LITELLM_VENV)/bin/litellm --out out/bench-live
+	$(BIN)/chimera bench live --litellm $(LITELLM_VENV)/bin/litellm --tasks 400 --load 0.6 --out out/bench-live
+	$(BIN)/chimera bench live --litellm $(LITELLM_VENV)/bin/litellm --tasks 400 --load 0.9 --overhead-rates "" --out out/bench-live-0.9

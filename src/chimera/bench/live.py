@@ -211,7 +211,8 @@ def run_contender(c: Contender, tasks: Sequence[Task], workload_file: Path, cfg:
             models = ("chimera",)
         with gw_cm as gw:
             acfg = AgentConfig(base_url=gw.url, models=models, rate=rate, time_scale=cfg.time_scale,
-                               seed=cfg.seed, timeout_s=600)
+                               seed=cfg.seed, timeout_s=600,
+                               feedback=c.gateway == "chimera")  # LiteLLM has no feedback endpoint: no 404 load
             run = asyncio.run(run_agents(tasks, acfg, cfg.tasks, on_record))
     s = dict(run.summary)
     s.update(policy=c.label, contender=c.label, live=True, label=LABEL)

@@ -29,7 +29,7 @@ demo: $(STAMP)
 test: $(STAMP) $(LITELLM_STAMP)
 	$(BIN)/pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) $(LITELLM_STAMP)
 	$(BIN)/pytest -q -m slow
 	$(BIN)/chimera bench speed
 	$(MAKE) bench-sim

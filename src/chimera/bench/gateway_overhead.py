@@ -30,9 +30,6 @@ import json
 import math
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from chimera.bench.procs import Spawned, spawned, wait_ready
+from chimera.serve.threaded import free_port
 
 BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
 _REPLY = json.dumps({
@@ -100,12 +100,6 @@ def proxy_app():
 
 
 # ---- processes --------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _uvicorn_cmd(target: str, port: int, profile_to: Path | None = None) -> list[str]:
     py = [sys.executable]
     if profile_to is not None:
@@ -114,91 +108,52 @@ def _uvicorn_cmd(target: str, port: int, profile_to: Path | None = None) -> list
                  "--log-level", "warning", "--no-access-log"]
 
 
-@dataclass
-class _Proc:
-    name: str
-    proc: subprocess.Popen
-    url: str
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully (and cProfile writes its file)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def _wait_ready(p: _Proc, path: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if p.proc.poll() is not None:
-            raise RuntimeError(f"{p.name} exited with {p.proc.returncode} before it was ready")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(p.url + path, timeout=1).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{p.name} did not become ready on {p.url}")
-
-
 @contextlib.contextmanager
 def running_stack(workdir: Path, policy: str = "chimera", profile_gateway: bool = False, baseline: bool = False,
                   gateway_target: str = "chimera.serve.app:app_from_env", litellm: str | Path | None = None):
     """Backend and gateway (and, with `baseline`, the bare proxy; with `litellm`, LiteLLM's proxy routing to the
-    same backend), each in its own subprocess; yields ({target: url}, {process: pid})."""
+    same backend), each in its own subprocess (stopped with SIGINT, so cProfile writes its file);
+    yields ({target: url}, {process: pid})."""
     workdir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    procs: list[_Proc] = []
-    try:
-        bport = _free_port()
-        b = _Proc("backend", subprocess.Popen(_uvicorn_cmd("chimera.bench.gateway_overhead:backend_app", bport),
-                                              env=env), f"http://127.0.0.1:{bport}")
-        procs.append(b)
+    env = {"PYTHONPATH": src + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+    with contextlib.ExitStack() as stack:
+        def start(name: str, target: str, extra_env: dict | None = None, prof: Path | None = None) -> Spawned:
+            port = free_port()
+            return stack.enter_context(spawned(name, _uvicorn_cmd(target, port, prof), port, "/health",
+                                               workdir / f"{name}.log", env=dict(env, **(extra_env or {})),
+                                               timeout_s=30, wait=False))
+
+        b = start("backend", "chimera.bench.gateway_overhead:backend_app")
+        trace = workdir / "bench-traces.sqlite"
         cfg = {
             "policy": {"name": policy},
-            "trace_store": str(workdir / "bench-traces.sqlite"),
+            "trace_store": str(trace),
             "backends": [{"name": "bench-0", "model": "bench-model", "base_url": b.url + "/v1",
                           "max_inflight": 10_000}],
             "limits": {"max_queue": 100_000, "request_timeout_s": 60},
         }
         cfg_path = workdir / "gateway.yaml"
         cfg_path.write_text(json.dumps(cfg))  # JSON is YAML
-        trace = workdir / "bench-traces.sqlite"
         for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                Path(str(trace) + suffix).unlink()
-        gport = _free_port()
-        genv = dict(env, CHIMERA_GATEWAY_CONFIG=str(cfg_path))
-        prof = workdir / "gateway.prof" if profile_gateway else None
-        g = _Proc("gateway", subprocess.Popen(_uvicorn_cmd(gateway_target, gport, prof), env=genv),
-                  f"http://127.0.0.1:{gport}")
-        procs.append(g)
-        urls = {"direct": b.url, "gateway": g.url}
+            Path(str(trace) + suffix).unlink(missing_ok=True)
+        procs = [b, start("gateway", gateway_target, {"CHIMERA_GATEWAY_CONFIG": str(cfg_path)},
+                          workdir / "gateway.prof" if profile_gateway else None)]
         if baseline:
-            pport = _free_port()
-            pr = _Proc("proxy", subprocess.Popen(_uvicorn_cmd("chimera.bench.gateway_overhead:proxy_app", pport),
-                                                 env=dict(env, CHIMERA_BENCH_UPSTREAM=b.url + "/v1")),
-                       f"http://127.0.0.1:{pport}")
-            procs.append(pr)
-            urls["proxy"] = pr.url
+            procs.append(start("proxy", "chimera.bench.gateway_overhead:proxy_app",
+                               {"CHIMERA_BENCH_UPSTREAM": b.url + "/v1"}))
         for p in procs:
-            _wait_ready(p, "/health")
-        pids = {p.name: p.proc.pid for p in procs}
-        with contextlib.ExitStack() as extra:
-            if litellm is not None:
-                from chimera.bench.litellm_proxy import litellm_config, litellm_proxy
+            wait_ready(p)
+        urls = {"direct": b.url, "gateway": procs[1].url, **({"proxy": procs[2].url} if baseline else {})}
+        pids = {p.name: p.pid for p in procs}
+        if litellm is not None:
+            from chimera.bench.litellm_proxy import litellm_config, litellm_proxy
 
-                ll = extra.enter_context(litellm_proxy(
-                    litellm_config({"bench-model": b.url + "/v1"}, "simple-shuffle", group="bench-model"),
-                    workdir / "litellm", binary=litellm))
-                urls["litellm"], pids["litellm"] = ll.url, ll.pid
-            yield urls, pids
-    finally:
-        for p in reversed(procs):
-            p.stop()
+            ll = stack.enter_context(litellm_proxy(
+                litellm_config({"bench-model": b.url + "/v1"}, "simple-shuffle", group="bench-model"),
+                workdir / "litellm", binary=litellm))
+            urls["litellm"], pids["litellm"] = ll.url, ll.pid
+        yield urls, pids
 
 
 # ---- load generation --------------------------------------------------------------------------------------------

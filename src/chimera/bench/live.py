@@ -22,7 +22,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chimera.bench.litellm_proxy import GROUP, STRATEGIES, litellm_config, litellm_proxy
-from chimera.bench.procs import Spawned, chimera_cmd, free_port, spawned, wait_ready
+from chimera.bench.procs import Spawned, chimera_cmd, spawned, wait_ready
+from chimera.serve.threaded import free_port
 from chimera.workload.schema import Task
 
 LABEL = "live run against emulated backends (engine model), not real GPUs"
@@ -287,7 +288,8 @@ def run_live_bench(cfg: LiveBenchConfig, out: Path, on_record: Callable | None =
     from chimera.workload.source import load_workload
 
     contenders = [parse_contender(s) for s in cfg.contenders]
-    if any(c.gateway == "litellm" for c in contenders):  # fail before anything starts
+    uses_litellm = any(c.gateway == "litellm" for c in contenders)
+    if uses_litellm:  # fail before anything starts
         from chimera.bench.litellm_proxy import find_litellm
 
         cfg = cfg.model_copy(update={"litellm": str(find_litellm(cfg.litellm))})
@@ -314,7 +316,7 @@ def run_live_bench(cfg: LiveBenchConfig, out: Path, on_record: Callable | None =
             on_stage("gateway added latency")
         bench.overhead = run_benchmark(cfg.overhead_rates, duration=cfg.overhead_duration_s, out=out / "overhead",
                                        policy="chimera",
-                                       litellm=cfg.litellm if any(c.gateway == "litellm" for c in contenders) else None)
+                                       litellm=cfg.litellm if uses_litellm else None)
     (out / "results.json").write_text(json.dumps(to_json(bench), indent=1))
     (out / "results.md").write_text(markdown(bench))
     plot_frontier(bench, out / "frontier.png")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,12 +24,6 @@ class Spawned:
     ready_path: str
     timeout_s: float
     proc: subprocess.Popen
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chimera_cmd(*args: str) -> list[str]:
@@ -73,8 +66,8 @@ def wait_ready(sp: Spawned) -> None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGINT (uvicorn's graceful stop), then SIGTERM, then SIGKILL, to the whole process group."""
-    for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+    """SIGINT (uvicorn's graceful stop; cProfile writes its file), then SIGTERM, then SIGKILL, to the group."""
+    for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         if proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):

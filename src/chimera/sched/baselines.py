@@ -16,10 +16,14 @@ class RoundRobinMixin:
 
     _rr = 0
 
-    def choose(self, call, now, conf, call_tok, rem_tok) -> int:  # type: ignore[override]
-        i = self._rr % len(self.names)  # type: ignore[attr-defined]
-        self._rr += 1
-        return i
+    def choose(self, call, now, conf, call_tok, rem_tok, allowed) -> int:  # type: ignore[override]
+        n = len(allowed)
+        for k in range(n):  # the next allowed model in turn
+            i = (self._rr + k) % n
+            if allowed[i]:
+                self._rr += k + 1
+                return i
+        raise ValueError("no allowed model")
 
 
 class VllmPolicy(RoundRobinMixin, Policy):
@@ -33,10 +37,10 @@ class LeastLoadedPolicy(Policy):
 
     name = "least-loaded"
 
-    def choose(self, call, now, conf, call_tok, rem_tok) -> int:
+    def choose(self, call, now, conf, call_tok, rem_tok, allowed) -> int:
         calls = self.monitor.calls
-        loads = [(calls[m.name] + 1) / m.max_inflight for m in self.models]
-        return int(np.argmin(loads))
+        loads = np.array([(calls[m.name] + 1) / m.max_inflight for m in self.models])
+        return int(np.argmin(np.where(allowed, loads, np.inf)))
 
 
 class RouteLLMPolicy(Policy):
@@ -67,11 +71,11 @@ class RouteLLMPolicy(Policy):
         # Ties (e.g. per-kind priors) make an exact share impossible; >= threshold sends the whole tie strong.
         self.threshold = float(np.quantile(strong_conf, 1.0 - self.strong_share)) if self.strong_share < 1 else -math.inf
 
-    def choose(self, call, now, conf, call_tok, rem_tok) -> int:
+    def choose(self, call, now, conf, call_tok, rem_tok, allowed) -> int:
         thr = self.threshold if self.threshold is not None else 0.5
-        if len(self.models) == 1 or conf[self.strong] >= thr:
+        rest = [i for i in range(len(self.models)) if i != self.strong and allowed[i]]
+        if allowed[self.strong] and (not rest or conf[self.strong] >= thr):
             return self.strong
-        rest = [i for i in range(len(self.models)) if i != self.strong]
         return max(rest, key=lambda i: conf[i])
 
 

@@ -54,12 +54,12 @@ class ChimeraPolicy(Policy):
         inflight = np.array([self.monitor.pred_tokens[n] for n in self.names])
         return inflight / self._tps + service
 
-    def choose(self, call: Call, now: float, conf, call_tok, rem_tok) -> int:
+    def choose(self, call: Call, now: float, conf, call_tok, rem_tok, allowed) -> int:
         lat = self.expected_latency(call_tok, call.prompt_tokens)
         if not self.route:
-            return int(np.argmin(lat))
+            return int(np.argmin(np.where(allowed, lat, np.inf)))
         share = call_tok / np.maximum(call.generated_so_far + rem_tok, 1.0)
-        return int(np.argmax(share * conf - self.lam * lat))
+        return int(np.argmax(np.where(allowed, share * conf - self.lam * lat, -np.inf)))
 
     def key(self, call: Call, now: float) -> float:
         if not self.stjf:

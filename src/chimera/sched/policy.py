@@ -1,7 +1,8 @@
 """The one interface every scheduling policy implements; the simulator and the gateway drive it the same way.
 
 Protocol of a body: `bind(models)` once; per call `submit(call, now)` (routes and enqueues), then whenever a
-backend of `model` has room, `next_call(model, now)`; report `on_progress`, `on_complete` or `on_fail`.
+backend of `model` has room, `next_call(model, now)`; report `on_progress`, `on_complete` or `on_fail`, or
+`withdraw` a call that leaves before it was dispatched.
 Preemptive policies (LTR, MLFQ) also rank running work inside the engine through `engine_key`.
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 from chimera.predict.base import ConfidencePredictor, LengthPredictor
 from chimera.sched.monitor import LoadMonitor
 from chimera.sched.queue import WaitQueue
-from chimera.sched.types import Call, ModelInfo
+from chimera.sched.types import Call, ModelInfo, Prediction
 
 PROMOTED = -1e18  # priority of calls of a workflow promoted by aging: ahead of everything else
 
@@ -68,7 +69,7 @@ class Policy:
         idx = self._cols.get(id(pred))
         return values if idx is None else values[:, idx]
 
-    def predict(self, call: Call) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def predict(self, call: Call) -> Prediction:
         """(confidence, call tokens, remaining workflow tokens), each one value per model in `self.names`."""
         n = len(self.names)
         if self.confidence is not None:
@@ -80,11 +81,13 @@ class Policy:
             call_tok, rem_tok = self._columns(self.length, c)[0], self._columns(self.length, r)[0]
         else:
             call_tok = rem_tok = np.zeros(n)
-        return conf, call_tok, rem_tok
+        return Prediction(conf, call_tok, rem_tok)
 
     # ---- decisions (override) -----------------------------------------------------------------------------
-    def choose(self, call: Call, now: float, conf: np.ndarray, call_tok: np.ndarray, rem_tok: np.ndarray) -> int:
-        return 0
+    def choose(self, call: Call, now: float, conf: np.ndarray, call_tok: np.ndarray, rem_tok: np.ndarray,
+               allowed: np.ndarray) -> int:
+        """Index of the model to route to, among those `allowed` (a bool mask: models that can take a call now)."""
+        return int(np.argmax(allowed))
 
     def key(self, call: Call, now: float) -> float:
         """Queue order: lower first. Default FCFS by arrival at the gateway."""
@@ -95,17 +98,25 @@ class Policy:
         return call.priority
 
     # ---- the body-facing protocol -------------------------------------------------------------------------
-    def submit(self, call: Call, now: float) -> str:
-        """Route the call (unless pinned), record the inputs of the decision, and enqueue it."""
+    def submit(self, call: Call, now: float, prediction: Prediction | None = None,
+               allowed: Sequence[str] | None = None) -> str:
+        """Route the call (unless pinned) among the `allowed` models (default all), record the inputs of the
+        decision, and enqueue it. `prediction` is used when the body computed it already (else computed here)."""
         conf = call_tok = rem_tok = None
         if self.needs_predictions:
-            conf, call_tok, rem_tok = self.predict(call)
+            conf, call_tok, rem_tok = prediction if prediction is not None else self.predict(call)
         if call.pinned_model is not None:
             if call.pinned_model not in self.index:
                 raise KeyError(f"unknown model {call.pinned_model!r}; serving {self.names}")
             i = self.index[call.pinned_model]
         else:
-            i = self.choose(call, now, conf, call_tok, rem_tok)
+            mask = np.ones(len(self.names), dtype=bool)
+            if allowed is not None:
+                mask[:] = False
+                mask[[self.index[m] for m in allowed]] = True
+                if not mask.any():
+                    raise ValueError("submit: no allowed model")
+            i = self.choose(call, now, conf, call_tok, rem_tok, mask)
         name = self.names[i]
         call.model = name
         if conf is not None:
@@ -148,6 +159,12 @@ class Policy:
 
     def on_fail(self, call: Call, now: float) -> None:
         self.monitor.remove(call)
+
+    def withdraw(self, call: Call, now: float) -> bool:
+        """Take a call that was never dispatched out of its queue and out of the load monitor; True if it waited."""
+        waited = call.model is not None and self.queues[call.model].remove(call)
+        self.monitor.remove(call)
+        return waited
 
     def on_workflow_end(self, workflow_id: str) -> None:
         self._promoted_until.pop(workflow_id, None)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 
 @dataclass(slots=True, eq=False)
@@ -43,3 +45,12 @@ class ModelInfo:
     max_inflight: int  # calls the gateway lets run on this model at once (all replicas)
     size_rank: int = 0  # 0 = smallest; used by baselines that need a notion of "strong" model
     prefill_tokens_per_s: float = float("inf")  # prompt tokens processed per second (all replicas); long agent contexts
+
+
+class Prediction(NamedTuple):
+    """What the predictors say of one call, one value per model in the policy's order; a body may compute it off the
+    decision path (the gateway's prediction thread) and pass it in, so no per-call state waits in side tables."""
+
+    confidence: np.ndarray
+    call_tokens: np.ndarray
+    remaining_tokens: np.ndarray

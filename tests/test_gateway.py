@@ -4,111 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from chimera.sched.registry import make_policy
 from chimera.sched.types import Call
 from chimera.serve import build_gateway, load_gateway_config
 from chimera.serve.config import Backend, GatewayConfigError, gateway_config_from_dict
 from chimera.serve.scheduler import Scheduler
+from chimera.serve.threaded import free_port
+from upstreams import Served, fake_upstream
 
 CLIENT_KEY, ADMIN_KEY = "client-key", "admin-key"
-
-
-# ---- harness -------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    """An ASGI app run by uvicorn in a thread; `stop()` shuts it down (and runs its lifespan shutdown)."""
-
-    def __init__(self, app) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 10
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        assert not self.thread.is_alive()
-
-
-def fake_upstream(name: str, delay: float = 0.05, fail: bool = False, words: int = 5,
-                  drop_after: int | None = None) -> Starlette:
-    """An OpenAI-compatible server that answers after `delay` (or 500s when `fail`), naming itself `name`;
-    `drop_after` chunks into a stream it breaks the connection."""
-    hits: list[dict] = []
-
-    live = {"now": 0, "max": 0}
-
-    async def chat(request: Request) -> Response:
-        body = await request.json()
-        hits.append(body)
-        live["now"] += 1
-        live["max"] = max(live["max"], live["now"])
-        try:
-            await asyncio.sleep(delay)
-        finally:
-            live["now"] -= 1
-        if fail:
-            return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
-        text = [f"w{i} " for i in range(words)]
-        if body.get("stream"):
-            async def gen():
-                for i, t in enumerate(text):
-                    if drop_after is not None and i == drop_after:
-                        raise RuntimeError("upstream dies mid-stream")
-                    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": name,
-                             "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                    await asyncio.sleep(0.005)
-                end = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": name,
-                       "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                       "usage": {"prompt_tokens": 3, "completion_tokens": words, "total_tokens": words + 3}}
-                yield f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n"
-            return StreamingResponse(gen(), media_type="text/event-stream")
-        return JSONResponse({
-            "id": "c1", "object": "chat.completion", "created": 1, "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": words, "total_tokens": words + 3},
-        })
-
-    async def completions(request: Request) -> Response:
-        body = await request.json()
-        hits.append(body)
-        await asyncio.sleep(delay)
-        return JSONResponse({"id": "c2", "object": "text_completion", "created": 1, "model": name,
-                             "choices": [{"index": 0, "text": " four", "finish_reason": "stop"}],
-                             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
-
-    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
-                            Route("/v1/completions", completions, methods=["POST"])])
-    app.state.hits = hits
-    app.state.live = live
-    return app
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +228,7 @@ def test_client_disconnect_frees_the_slot(tmp_path):
 def test_all_backends_down_gives_502_not_a_hang(tmp_path):
     cfg = gateway_config_from_dict({
         "trace_store": str(tmp_path / "t.sqlite"),
-        "backends": [{"name": "dead", "model": "m", "base_url": f"http://127.0.0.1:{_free_port()}/v1",
+        "backends": [{"name": "dead", "model": "m", "base_url": f"http://127.0.0.1:{free_port()}/v1",
                       "max_inflight": 2}],
     })
     gw = Served(build_gateway(cfg))
@@ -340,7 +251,7 @@ def test_reroute_to_another_model_only_when_the_policy_chooses(tmp_path):
     cfg = gateway_config_from_dict({
         "trace_store": str(tmp_path / "t.sqlite"),
         "backends": [{"name": "b0", "model": "b", "base_url": up.url + "/v1", "max_inflight": 2},
-                     {"name": "a0", "model": "a", "base_url": f"http://127.0.0.1:{_free_port()}/v1",
+                     {"name": "a0", "model": "a", "base_url": f"http://127.0.0.1:{free_port()}/v1",
                       "max_inflight": 2}],
     })
     app = build_gateway(cfg)
@@ -438,36 +349,29 @@ def test_config_errors_name_the_key(tmp_path):
     assert cfg.policy.params == {"starve_s": 5} and cfg.listen.port == 8000 and cfg.limits.max_queue == 1000
 
 
-def test_trained_predictors_are_mapped_by_workload_model(tmp_path):
-    from pathlib import Path
-
-    folder = Path(__file__).resolve().parents[1] / "out" / "predictors" / "mmlu-hashing"
-    if not (folder / "manifest.json").exists():
-        pytest.skip("no trained predictor folder in out/")
-    raw = {"trace_store": str(tmp_path / "t.sqlite"), "predictors": str(folder),
-           "backends": [{"name": "a", "model": "small", "base_url": "http://x/v1", "workload_model": "Meta-Llama-3-8B"},
+def test_trained_predictors_are_mapped_by_workload_model(tmp_path, synthetic_predictors):
+    raw = {"trace_store": str(tmp_path / "t.sqlite"), "predictors": str(synthetic_predictors),
+           "backends": [{"name": "a", "model": "small", "base_url": "http://x/v1", "workload_model": "qwen2.5-1.5b"},
                         {"name": "b", "model": "large", "base_url": "http://x/v1"}]}
     with pytest.raises(GatewayConfigError, match="workload_model"):
         build_gateway(gateway_config_from_dict(raw))
-    raw["backends"][1]["workload_model"] = "Meta-Llama-3-70B"
+    raw["backends"][1]["workload_model"] = "qwen2.5-14b"
     gw = build_gateway(gateway_config_from_dict(raw)).state.gateway
     call = Call(call_id=0, workflow_id="w", kind="math", prompt="What is 17*23?", stage=0, prompt_tokens=9,
                 arrival_s=0.0, workflow_arrival_s=0.0)
-    assert gw.sched.submit(call, 0.0) in ("small", "large")  # inline (nothing prepared)
+    assert gw.sched.submit(call, 0.0) in ("small", "large")  # computed inside submit
     assert set(call.confidences) == {"small", "large"} and call.pred_call_tokens > 0
-    # The gateway's path: predictions computed on the prediction thread give the same inputs to the decision.
+    # The gateway's path: the Prediction computed on the prediction thread is passed in as a value.
     again = Call(call_id=1, workflow_id="w2", kind="math", prompt="What is 17*23?", stage=0, prompt_tokens=9,
                  arrival_s=0.0, workflow_arrival_s=0.0)
-    asyncio.run(gw.offload.prepare(again))
-    assert gw.offload.confidence.ready and gw.offload.length.ready
-    gw.sched.submit(again, 0.0)
-    assert not gw.offload.confidence.ready and not gw.offload.length.ready
+    prediction = asyncio.run(gw._predict(again))
+    assert prediction is not None
+    gw.sched.submit(again, 0.0, prediction)
     assert again.confidences == call.confidences and again.pred_call_tokens == call.pred_call_tokens
-    gw.offload.close()
+    gw.predict_pool.shutdown()
     gw.trace.close()
 
 
-# ---- same decisions as the simulator -------------------------------------------------------------------------
 def test_scheduler_makes_the_simulators_decisions():
     """Record a simulator run's events, replay them through the gateway's Scheduler on a fresh policy: identical
     routing choices and dispatch order at identical virtual times."""
@@ -483,12 +387,12 @@ def test_scheduler_makes_the_simulators_decisions():
     def recorded(policy, decisions: list, events: list | None):
         submit, next_call, complete, fail = policy.submit, policy.next_call, policy.on_complete, policy.on_fail
 
-        def _submit(call, now):
+        def _submit(call, now, **kw):
             if events is not None:
                 events.append(("submit", now, {f: getattr(call, f) for f in (
                     "call_id", "workflow_id", "kind", "prompt", "stage", "prompt_tokens", "arrival_s",
                     "workflow_arrival_s", "generated_so_far", "pinned_model", "truth")}))
-            m = submit(call, now)
+            m = submit(call, now, **kw)
             decisions.append(("route", call.workflow_id, call.stage, m, now))
             return m
 

@@ -2,6 +2,11 @@
 
 Run: `uvicorn --factory 'chimera.serve.app:app_from_env'` with CHIMERA_GATEWAY_CONFIG=gateway.yaml, or
 `uvicorn.run(build_gateway(load_gateway_config(path)), host=..., port=...)`.
+
+A request passes the edge (serve/edge.py: auth, content type, size, a body that can be forwarded, typed hints) and
+backpressure (Scheduler.open_models) before any tokenising or prediction. From `Scheduler.submit` on, the call's
+life ends in exactly one `_settle`, on every path (completion, upstream fault, client gone, timeout, exception),
+which frees its slot, its queue entry and its predicted load, and writes its trace row.
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ import math
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 import anyio
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -28,11 +33,13 @@ from starlette.routing import Route
 
 from chimera.sched.policy import Policy
 from chimera.sched.registry import make_policy
-from chimera.sched.types import Call
+from chimera.sched.types import Call, Prediction
+from chimera.serve import edge
 from chimera.serve.config import GatewayConfig, load_gateway_config
+from chimera.serve.edge import EdgeError, KeyRing
 from chimera.serve.health import HealthChecker
 from chimera.serve.metrics import GatewayMetrics
-from chimera.serve.offload import OffloadedConfidence, OffloadedLength, Offloader
+from chimera.serve.openapi import openapi_document
 from chimera.serve.priors import RunningLength, SizePriorConfidence, model_infos
 from chimera.serve.proxy import (
     DisconnectAwareStream, UpstreamError, UpstreamReply, count_content_tokens, open_upstream, parse_sse,
@@ -43,7 +50,8 @@ from chimera.serve.trace import TraceStore
 
 log = logging.getLogger("chimera.serve")
 MAX_ATTEMPTS = 3  # the first try and up to 2 retries
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+CHAT, COMPLETIONS, FEEDBACK = "/v1/chat/completions", "/v1/completions", "/v1/chimera/feedback"
+UPSTREAM_LOGGERS = ("httpx", "httpcore")  # one INFO line per upstream call and probe: off unless asked for
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
@@ -52,14 +60,11 @@ def error(status: int, message: str, type_: str = "invalid_request_error", code:
     return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status, headers=headers)
 
 
+_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 503: "server_error"}
+
+
 class _ClientGone(Exception):
     pass
-
-
-class Feedback(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    workflow_id: str = Field(min_length=1)
-    score: float = Field(ge=0.0, le=1.0)
 
 
 def build_policy(cfg: GatewayConfig, infos) -> Policy:
@@ -88,9 +93,7 @@ def build_policy(cfg: GatewayConfig, infos) -> Policy:
             raise GatewayConfigError(
                 f"key 'predictors': {cfg.predictors} was trained on {preds.models}; served model(s) {unknown} are "
                 "not among them: set `workload_model` on their backends to one of those names")
-        # Trained predictors can take milliseconds per call: they run on the prediction thread (serve/offload.py).
-        conf = OffloadedConfidence(RouterConfidence(preds.router, mapping))
-        length = OffloadedLength(ForestLengths(preds.length, mapping))
+        conf, length = RouterConfidence(preds.router, mapping), ForestLengths(preds.length, mapping)
     else:
         conf, length = SizePriorConfidence(infos), RunningLength([i.name for i in infos])
     return make_policy(cfg.policy.name, confidence=conf, length=length, lam=cfg.policy.lam, **cfg.policy.params)
@@ -131,6 +134,24 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
+def _check_completion_body(body: Any, path: str) -> str:
+    """The requested model name, or EdgeError naming the missing or mistyped field."""
+    if not isinstance(body, dict):
+        raise EdgeError(400, "body: must be a JSON object", "invalid_body", "bad_field")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise EdgeError(400, "model: missing required parameter 'model' (a string)", "missing_model", "bad_field")
+    if path == CHAT and (not isinstance(body.get("messages"), list) or not body["messages"]):
+        raise EdgeError(400, "messages: missing required parameter 'messages' (a non-empty list)",
+                        "missing_messages", "bad_field")
+    if path == COMPLETIONS and not isinstance(body.get("prompt"), (str, list)):
+        raise EdgeError(400, "prompt: missing required parameter 'prompt' (a string or a list)", "missing_prompt",
+                        "bad_field")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise EdgeError(400, "stream: must be a boolean", "invalid_value", "bad_field")
+    return model
+
+
 class Gateway:
     """State of one running gateway: scheduler, shared HTTP client, trace store, metrics."""
 
@@ -138,14 +159,16 @@ class Gateway:
         self.cfg = cfg
         self.infos = model_infos(cfg)
         self.policy = policy if policy is not None else build_policy(cfg, self.infos)
-        self.sched = Scheduler(self.policy, self.infos, cfg.backends, cfg.limits.max_queue)
-        conf, length = getattr(self.policy, "confidence", None), getattr(self.policy, "length", None)
-        self.offload = None
-        if isinstance(conf, OffloadedConfidence) or isinstance(length, OffloadedLength):
-            self.offload = Offloader(conf if isinstance(conf, OffloadedConfidence) else None,
-                                     length if isinstance(length, OffloadedLength) else None)
-        self.metrics = GatewayMetrics(self.sched)
+        self.sched = Scheduler(self.policy, self.infos, cfg.backends, cfg.limits.max_queue,
+                               cfg.limits.max_queue_per_model)
+        # Trained predictors take milliseconds per call: they run on one prediction thread (they are not
+        # thread-safe; one thread keeps them so), and the Prediction comes back as a value for `submit`.
+        self.predict_pool = ThreadPoolExecutor(1, thread_name_prefix="chimera-predict") \
+            if cfg.predictors and self.policy.needs_predictions else None
         self.trace = TraceStore(cfg.trace_store)
+        self.metrics = GatewayMetrics(self.sched, self.trace)
+        self.client_keys = KeyRing([*cfg.auth.api_keys, *cfg.auth.admin_keys])
+        self.admin_keys = KeyRing(cfg.auth.admin_keys)
         self.client: httpx.AsyncClient | None = None
         self.health_checker: HealthChecker | None = None
         self.run_id = uuid.uuid4().hex[:8]
@@ -180,6 +203,9 @@ class Gateway:
         if self.cfg.health.enabled:
             self.health_checker = HealthChecker([be for bes in self.sched.backends.values() for be in bes],
                                                 self.cfg.health, self.client)
+            # One round before serving, so a backend that is down or serves another model gets no first calls.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.health_checker.check_all(), 2 * self.cfg.health.timeout_s + 1)
             self.health_checker.start()
         try:
             yield
@@ -191,74 +217,91 @@ class Gateway:
             if self.health_checker is not None:
                 await self.health_checker.stop()
             await self.client.aclose()
-            if self.offload is not None:
-                self.offload.close()
+            if self.predict_pool is not None:
+                self.predict_pool.shutdown(wait=False, cancel_futures=True)
             await asyncio.to_thread(self.trace.close)
 
-    # ---- auth ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _bearer(request: Request) -> str | None:
-        h = request.headers.get("authorization", "")
-        return h[7:].strip() if h.lower().startswith("bearer ") else None
+    # ---- the edge: auth, bodies, refusals ------------------------------------------------------------------
+    def _require_client(self, request: Request) -> None:
+        """Client endpoints: open when no `api_keys` are configured, else a client or an admin key."""
+        if self.cfg.auth.api_keys and not self.client_keys.accepts(edge.bearer(request.headers)):
+            raise EdgeError(401, "missing or invalid API key", "invalid_api_key", "auth")
 
-    def _authorised(self, request: Request, *, admin: bool = False, client_ok: bool = True) -> bool:
-        a = self.cfg.auth
-        allowed = set(a.admin_keys) | (set(a.api_keys) if client_ok else set())
-        if admin and not a.admin_keys:
-            return True
-        if not admin and not a.api_keys:
-            return True
-        return self._bearer(request) in allowed
+    def _require_metrics(self, request: Request) -> None:
+        """/metrics: admin keys when configured, else client keys when configured, else open."""
+        ring = self.admin_keys if self.cfg.auth.admin_keys else self.client_keys if self.cfg.auth.api_keys else None
+        if ring is not None and not ring.accepts(edge.bearer(request.headers)):
+            kind = "an admin key" if self.cfg.auth.admin_keys else "an API key"
+            raise EdgeError(401, f"{kind} is required for /metrics", "invalid_api_key", "auth")
 
-    # ---- endpoints -----------------------------------------------------------------------------------------
-    async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "draining" if self.draining else "ok", "models": self.sched.models,
-                             "waiting": self.sched.waiting_total, "active": self.active})
+    def _refuse(self, endpoint: str, e: EdgeError) -> JSONResponse:
+        self.metrics.rejected.labels(endpoint, e.reason).inc()
+        return error(e.status, e.message, _ERROR_TYPES.get(e.status, "invalid_request_error"), e.code, e.headers)
 
-    async def models(self, request: Request) -> Response:
-        if not self._authorised(request):
-            return error(401, "missing or invalid API key", "authentication_error", "invalid_api_key")
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "chimera"} for m in self.sched.models]
-        data.append({"id": "chimera", "object": "model", "created": 0, "owned_by": "chimera"})
-        return JSONResponse({"object": "list", "data": data})
-
-    async def metrics_endpoint(self, request: Request) -> Response:
-        if not self._authorised(request, admin=True, client_ok=False):
-            return error(401, "an admin key is required for /metrics", "authentication_error", "invalid_api_key")
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def feedback(self, request: Request) -> Response:
-        if not self._authorised(request):
-            return error(401, "missing or invalid API key", "authentication_error", "invalid_api_key")
-        body, err = await self._read_json(request)
-        if err is not None:
-            return err
-        try:
-            fb = Feedback.model_validate(body)
-        except ValidationError as e:
-            first = e.errors()[0]
-            return error(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}", code="invalid_feedback")
-        self.trace.log_feedback(fb.workflow_id, fb.score)
-        self.sched.end_workflow(fb.workflow_id)
-        return JSONResponse({"ok": True, "workflow_id": fb.workflow_id, "score": fb.score})
-
-    async def _read_json(self, request: Request) -> tuple[Any, Response | None]:
+    async def _read_json(self, request: Request) -> Any:
+        """The body as JSON, within `max_body_bytes`; EdgeError (413/415/400) otherwise."""
+        edge.check_content_type(request.headers)
         limit = self.cfg.limits.max_body_bytes
         cl = request.headers.get("content-length")
-        if cl is not None and cl.isdigit() and int(cl) > limit:
-            self.metrics.rejected.labels("too_large").inc()
-            return None, error(413, f"request body over {limit} bytes", code="body_too_large")
+        if cl is not None and cl.isdigit() and (len(cl) > 12 or int(cl) > limit):
+            raise EdgeError(413, f"request body over {limit} bytes", "body_too_large", "too_large")
         buf = bytearray()
         async for chunk in request.stream():
             buf += chunk
             if len(buf) > limit:
-                self.metrics.rejected.labels("too_large").inc()
-                return None, error(413, f"request body over {limit} bytes", code="body_too_large")
+                raise EdgeError(413, f"request body over {limit} bytes", "body_too_large", "too_large")
+        return edge.parse_body(bytes(buf))
+
+    # ---- endpoints -----------------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        backends = {be.name: {"model": m, "up": be.healthy, "reason": be.down_reason, "inflight": be.inflight}
+                    for m, bes in self.sched.backends.items() for be in bes}
+        return JSONResponse({"status": "draining" if self.draining else "ok", "models": self.sched.models,
+                             "waiting": self.sched.waiting_total, "active": self.active,
+                             "inflight": dict(self.sched.inflight), "backends": backends,
+                             "trace": self.trace.stats()})
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document(self.sched.models))
+
+    def _model_object(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "chimera"}
+
+    async def models(self, request: Request) -> Response:
         try:
-            return json.loads(buf), None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            self.metrics.rejected.labels("bad_json").inc()
-            return None, error(400, f"malformed JSON body: {e}", code="invalid_json")
+            self._require_client(request)
+        except EdgeError as e:
+            return self._refuse("/v1/models", e)
+        return JSONResponse({"object": "list", "data": [self._model_object(m) for m in [*self.sched.models,
+                                                                                       "chimera"]]})
+
+    async def model(self, request: Request) -> Response:
+        try:
+            self._require_client(request)
+            name = request.path_params["model_id"]
+            if name != "chimera" and name not in self.sched.models:
+                raise EdgeError(404, f"model {name[:100]!r} is not served here; use 'chimera' or one of "
+                                     f"{self.sched.models}", "model_not_found", "unknown_model")
+        except EdgeError as e:
+            return self._refuse("/v1/models/{model_id}", e)
+        return JSONResponse(self._model_object(name))
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        try:
+            self._require_metrics(request)
+        except EdgeError as e:
+            return self._refuse("/metrics", e)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def feedback(self, request: Request) -> Response:
+        try:
+            self._require_client(request)
+            fb = edge.feedback(await self._read_json(request))
+        except EdgeError as e:
+            return self._refuse(FEEDBACK, e)
+        self.trace.log_feedback(fb.workflow_id, fb.score)
+        self.sched.end_workflow(fb.workflow_id)
+        return JSONResponse({"ok": True, "workflow_id": fb.workflow_id, "score": fb.score})
 
     async def chat(self, request: Request) -> Response:
         return await self._completion(request, CHAT)
@@ -268,48 +311,125 @@ class Gateway:
 
     # ---- the call path -------------------------------------------------------------------------------------
     async def _completion(self, request: Request, path: str) -> Response:
-        if self.draining:
-            return error(503, "gateway is shutting down", "server_error", "draining")
-        if not self._authorised(request):
-            self.metrics.rejected.labels("auth").inc()
-            return error(401, "missing or invalid API key", "authentication_error", "invalid_api_key")
-        body, err = await self._read_json(request)
-        if err is not None:
-            return err
-        if not isinstance(body, dict):
-            return error(400, "the body must be a JSON object", code="invalid_body")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return error(400, "missing required parameter 'model'", code="missing_model")
-        if path == CHAT and (not isinstance(body.get("messages"), list) or not body["messages"]):
-            return error(400, "missing required parameter 'messages' (a non-empty list)", code="missing_messages")
-        if path == COMPLETIONS and not isinstance(body.get("prompt"), (str, list)):
-            return error(400, "missing required parameter 'prompt'", code="missing_prompt")
-        if model != "chimera" and model not in self.sched.models:
-            self.metrics.rejected.labels("unknown_model").inc()
-            return error(404, f"model {model!r} is not served here; use 'chimera' or one of {self.sched.models}",
-                         code="model_not_found")
-        meta = body.get("chimera") if isinstance(body.get("chimera"), dict) else {}
-        now = self.now()
-        wid = request.headers.get("x-chimera-workflow-id") or meta.get("workflow_id")
-        wid = str(wid) if wid else f"wf-{self.run_id}-{next(self._wf_ids)}"
-        wf = self.sched.workflows.get(wid, now)
-        stage_raw = request.headers.get("x-chimera-stage", meta.get("stage"))
         try:
-            stage = int(stage_raw) if stage_raw is not None else wf.stages
-        except (TypeError, ValueError):
-            return error(400, f"stage must be an integer, got {stage_raw!r}", code="invalid_stage")
-        kind = str(request.headers.get("x-chimera-kind") or meta.get("kind") or "chat")
-        prompt, full = _prompts(body, path)
-        prompt_tokens = await asyncio.to_thread(_count_tokens, full)
+            if self.draining:
+                raise EdgeError(503, "gateway is shutting down", "draining", "draining")
+            self._require_client(request)
+            body = await self._read_json(request)
+            model = _check_completion_body(body, path)
+            if model != "chimera" and model not in self.sched.models:
+                raise EdgeError(404, f"model: {model[:100]!r} is not served here; use 'chimera' or one of "
+                                     f"{self.sched.models}", "model_not_found", "unknown_model")
+            hints = edge.workflow_hints(body.get("chimera"), request.headers)
+            pinned = None if model == "chimera" else model
+            self._admit_or_raise(pinned)  # before any tokenising or prediction: a 429 costs next to nothing
+        except EdgeError as e:
+            return self._refuse(path, e)
         self.active += 1
         try:
-            return await self._schedule(request, path, body, dict(
-                workflow_id=wid, kind=kind, prompt=prompt, stage=stage, prompt_tokens=prompt_tokens,
-                workflow_arrival_s=wf.arrival_s, generated_so_far=wf.generated,
-            ), pinned=None if model == "chimera" else model, arrival=now)
+            return await self._schedule(request, path, body, hints, pinned)
+        except Exception:
+            self.metrics.internal_errors.labels(path).inc()
+            log.exception("internal error on %s", path)
+            return error(500, "internal gateway error (logged)", "server_error", "internal_error")
         finally:
             self.active -= 1
+
+    def _admit_or_raise(self, pinned: str | None) -> None:
+        if not self.sched.open_models(pinned):
+            raise EdgeError(429, f"gateway queue is full: {self.sched.backlog_reason(pinned)}", "queue_full",
+                            "queue_full", {"Retry-After": str(self._retry_after())})
+
+    async def _schedule(self, request: Request, path: str, body: dict[str, Any], hints: edge.WorkflowHints,
+                        pinned: str | None) -> Response:
+        now = arrival = self.now()
+        wid = hints.workflow_id or f"wf-{self.run_id}-{next(self._wf_ids)}"
+        wf = self.sched.workflows.get(wid, now)
+        prompt, full = _prompts(body, path)
+        fields = dict(workflow_id=wid, kind=hints.kind or "chat", prompt=prompt,
+                      stage=hints.stage if hints.stage is not None else wf.stages,
+                      prompt_tokens=await asyncio.to_thread(_count_tokens, full),
+                      workflow_arrival_s=wf.arrival_s, generated_so_far=wf.generated)
+        stream = bool(body.get("stream"))
+        client_pinned = pinned is not None  # a pinned call is retried on replicas of that model only
+        tried: set[str] = set()
+        last_err = "no backend available"
+        for attempt in range(MAX_ATTEMPTS):
+            # A retry keeps the original arrival: FCFS-like keys must not send it to the back of the queue.
+            call = Call(call_id=self.sched.next_id(), arrival_s=arrival, pinned_model=pinned, **fields)
+            call.ctx = Ticket(tried=tried)
+            try:
+                outcome = await self._attempt(request, path, body, call, stream)
+            except asyncio.CancelledError:  # the server is tearing the request down
+                self._settle(call, "cancelled", "request task cancelled")
+                raise
+            except BaseException as e:
+                self._settle(call, "error", f"gateway error: {type(e).__name__}")
+                raise
+            if isinstance(outcome, Response):
+                return outcome
+            last_err = outcome  # an upstream fault before any byte reached the client: the call is settled
+            target = self.sched.retry_target(call, self.now(), other_models=not client_pinned)
+            if target is None or attempt == MAX_ATTEMPTS - 1:
+                break
+            self.metrics.retries.labels(call.model).inc()
+            log.warning(json.dumps({"event": "retry", "workflow_id": call.workflow_id, "from": call.ctx.backend.name,
+                                    "to_model": target, "error": outcome}))
+            pinned = target
+        return error(502, f"all attempts failed; last error: {last_err}", "server_error", "upstream_unavailable")
+
+    async def _predict(self, call: Call) -> Prediction | None:
+        if self.predict_pool is None:
+            return None  # priors: cheap, computed inside `submit`
+        return await asyncio.get_running_loop().run_in_executor(self.predict_pool, self.policy.predict, call)
+
+    async def _attempt(self, request: Request, path: str, body: dict[str, Any], call: Call,
+                       stream: bool) -> Response | str:
+        """One try on one backend: a Response for the client, or the upstream error text (retryable, settled).
+        The caller settles the call if this raises; a returned stream settles it when it ends."""
+        ticket: Ticket = call.ctx
+        timeout = self.cfg.limits.request_timeout_s
+        dispatched = asyncio.Event()
+        ticket.on_dispatch = lambda _t: dispatched.set()
+        try:
+            prediction = await self._predict(call)
+            self.sched.submit(call, self.now(), prediction)
+        except QueueFull as e:  # the open models filled up while this call was being predicted
+            self._settle(call, "rejected", "queue full", record=False)
+            self.metrics.rejected.labels(path, "queue_full").inc()
+            return error(429, f"gateway queue is full: {e}", "rate_limit_error", "queue_full",
+                         headers={"Retry-After": str(self._retry_after())})
+        try:
+            await self._race(request, dispatched.wait(), max(0.001, timeout - (self.now() - call.arrival_s)))
+        except (_ClientGone, TimeoutError) as e:
+            gone = isinstance(e, _ClientGone)
+            self._settle(call, "cancelled" if gone else "timeout", None if gone else "queued too long")
+            return Response(status_code=499) if gone else error(504, "timed out waiting for a backend",
+                                                                 "server_error", "queue_timeout")
+        be = ticket.backend
+        assert be is not None
+        self.metrics.queue_wait.labels(call.model).observe(max(0.0, self.now() - call.arrival_s))
+        try:
+            reply: UpstreamReply = await self._race(
+                request, open_upstream(self.client, be.cfg, path, upstream_body(body, be.cfg, call.priority),
+                                       stream, timeout), timeout)
+        except UpstreamError as e:
+            self._settle(call, "error", str(e), backend_down=True)
+            return str(e)
+        except (_ClientGone, TimeoutError) as e:
+            gone = isinstance(e, _ClientGone)
+            self._settle(call, "cancelled" if gone else "timeout", None if gone else "upstream timeout")
+            return Response(status_code=499) if gone else error(504, "backend timed out", "server_error",
+                                                                  "upstream_timeout")
+        if stream and reply.response.status_code < 400:
+            relay = _Relay(self, call, be.name, reply)
+            return DisconnectAwareStream(relay.run(), media_type="text/event-stream", on_close=relay.closed,
+                                         headers={"cache-control": "no-cache", "x-chimera-model": call.model,
+                                                  "x-chimera-backend": be.name})
+        try:
+            return self._finish_plain(call, be.name, reply)
+        finally:
+            await reply.response.aclose()
 
     async def _race(self, request: Request, aw, timeout: float):
         """Await `aw` unless the client leaves (raise _ClientGone) or time runs out (TimeoutError)."""
@@ -331,89 +451,6 @@ class Gateway:
             raise _ClientGone()
         raise TimeoutError()
 
-    async def _schedule(self, request: Request, path: str, body: dict[str, Any], fields: dict[str, Any],
-                        pinned: str | None, arrival: float) -> Response:
-        stream = bool(body.get("stream"))
-        client_pinned = pinned is not None  # a pinned call is retried on replicas of that model only
-        tried: set[str] = set()
-        timeout = self.cfg.limits.request_timeout_s
-        last_err = "no backend available"
-        for attempt in range(MAX_ATTEMPTS):
-            now = self.now()
-            # A retry keeps the original arrival: FCFS-like keys must not send it to the back of the queue.
-            call = Call(call_id=self.sched.next_id(), arrival_s=arrival, pinned_model=pinned, **fields)
-            dispatched = asyncio.Event()
-            ticket = Ticket(tried=tried, on_dispatch=lambda _t: dispatched.set())
-            call.ctx = ticket
-            if self.offload is not None and self.policy.needs_predictions:
-                try:
-                    await self.offload.prepare(call)
-                except Exception as e:
-                    self.offload.discard(call)
-                    log.exception("predictor failed")
-                    return error(500, f"predictor failed: {type(e).__name__}: {e}", "server_error", "predictor_error")
-                except BaseException:
-                    self.offload.discard(call)
-                    raise
-                now = self.now()
-            try:
-                self.sched.submit(call, now)
-            except QueueFull as e:
-                self.metrics.rejected.labels("queue_full").inc()
-                return error(429, f"gateway queue is full: {e}", "rate_limit_error", "queue_full",
-                             headers={"Retry-After": str(self._retry_after())})
-            try:
-                await self._race(request, dispatched.wait(), max(0.001, timeout - (self.now() - arrival)))
-            except (_ClientGone, TimeoutError) as e:
-                ticket.cancelled = True
-                if dispatched.is_set():
-                    self.sched.fail(call, self.now())
-                gone = isinstance(e, _ClientGone)
-                self._record(call, None, "cancelled" if gone else "timeout", "queued too long" if not gone else None)
-                return error(504, "timed out waiting for a backend", "server_error", "queue_timeout") if not gone \
-                    else Response(status_code=499)
-            except asyncio.CancelledError:  # the server is tearing the request down: never leak a slot
-                ticket.cancelled = True
-                if dispatched.is_set():
-                    self.sched.fail(call, self.now())
-                self._record(call, None, "cancelled", "request task cancelled")
-                raise
-            be = ticket.backend
-            assert be is not None
-            self.metrics.queue_wait.labels(call.model).observe(max(0.0, self.now() - call.arrival_s))
-            ub = upstream_body(body, be.cfg, call.priority)
-            try:
-                reply: UpstreamReply = await self._race(
-                    request, open_upstream(self.client, be.cfg, path, ub, stream, timeout), timeout)
-            except UpstreamError as e:
-                self.sched.fail(call, self.now(), backend_down=True)
-                self._record(call, be.name, "error", str(e))
-                last_err = str(e)
-                target = self.sched.retry_target(call, self.now(), other_models=not client_pinned)
-                if target is None or attempt == MAX_ATTEMPTS - 1:
-                    break
-                self.metrics.retries.labels(call.model).inc()
-                log.warning(json.dumps({"event": "retry", "workflow_id": call.workflow_id, "from": be.name,
-                                        "to_model": target, "error": str(e)}))
-                pinned = target
-                continue
-            except (_ClientGone, TimeoutError) as e:
-                self.sched.fail(call, self.now())
-                gone = isinstance(e, _ClientGone)
-                self._record(call, be.name, "cancelled" if gone else "timeout", None if gone else "upstream timeout")
-                return Response(status_code=499) if gone else error(504, "backend timed out", "server_error",
-                                                                      "upstream_timeout")
-            except asyncio.CancelledError:
-                self.sched.fail(call, self.now())
-                self._record(call, be.name, "cancelled", "request task cancelled")
-                raise
-            if stream and reply.response.status_code < 400:
-                return DisconnectAwareStream(self._relay(call, be.name, reply), media_type="text/event-stream",
-                                             headers={"cache-control": "no-cache", "x-chimera-model": call.model,
-                                                      "x-chimera-backend": be.name})
-            return self._finish_plain(call, be.name, reply)
-        return error(502, f"all attempts failed; last error: {last_err}", "server_error", "upstream_unavailable")
-
     def _retry_after(self) -> int:
         """Seconds a client should wait: roughly the time to drain the queue at the current service rate."""
         cap = sum(self.sched.cap.values()) or 1
@@ -421,110 +458,140 @@ class Gateway:
 
     def _finish_plain(self, call: Call, backend: str, reply: UpstreamReply) -> Response:
         resp = reply.response
-        now = self.now()
         try:
             data = resp.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             data = None
         if resp.status_code >= 400 or not isinstance(data, dict):
-            self.sched.fail(call, now)
             msg = f"backend {backend} answered HTTP {resp.status_code}"
-            self._record(call, backend, "error", msg)
+            self._settle(call, "error", msg, backend=backend)
             if isinstance(data, dict) and "error" in data:
                 return JSONResponse(data, resp.status_code if resp.status_code >= 400 else 502)
             return error(resp.status_code if resp.status_code >= 400 else 502, msg, "server_error", "bad_upstream")
         rewrite_model(data, call.model)  # type: ignore[arg-type]
-        usage = data.get("usage") or {}
-        tokens = int(usage.get("completion_tokens") or 0)
-        self._complete(call, now, tokens)
-        if usage.get("prompt_tokens"):
-            call.prompt_tokens = int(usage["prompt_tokens"])
-        self._record(call, backend, "ok", None, completion_tokens=tokens)
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        tokens = _count(usage.get("completion_tokens"))
+        if _count(usage.get("prompt_tokens")):
+            call.prompt_tokens = _count(usage.get("prompt_tokens"))
+        self._settle(call, "ok", backend=backend, new_tokens=tokens, completion_tokens=tokens)
         return JSONResponse(data, headers={"x-chimera-model": call.model or "", "x-chimera-backend": backend})
 
-    def _complete(self, call: Call, now: float, new_tokens: int) -> None:
-        self.sched.complete(call, now, new_tokens)
-        if isinstance(self.policy.length, RunningLength):
-            self.policy.length.observe(call.kind, call.stage, call.model, call.tokens_seen)  # type: ignore[arg-type]
-
-    async def _relay(self, call: Call, backend: str, reply: UpstreamReply) -> AsyncIterator[bytes]:
-        """Pass the SSE stream through, naming the chosen model and reporting token progress to the policy.
-
-        The call is settled (policy, slot, trace) before `[DONE]` is forwarded, so a client that saw the end
-        also sees the trace row; a cancelled or broken stream is settled in `finally`.
-        """
-        tokens, usage_tokens, first_at = 0, None, None
-        settled = False
-
-        def settle(status: str, err: str | None = None) -> None:
-            nonlocal settled
-            if settled:
-                return
-            settled = True
-            now = self.now()
-            if status == "ok":
-                self._complete(call, now, max(0, (usage_tokens or 0) - tokens))
-            else:
-                self.sched.fail(call, now, backend_down=status == "error")
-            total = usage_tokens if usage_tokens is not None else tokens
-            self._record(call, backend, status, err, completion_tokens=total, first_token_at=first_at)
-
-        async def lines() -> AsyncIterator[str]:
-            for line in reply.first or ():
-                yield line
-            async for line in reply.lines:  # type: ignore[union-attr]
-                yield line
-
+    # ---- the one end of a call's life ----------------------------------------------------------------------
+    def _settle(self, call: Call, status: str, err: str | None = None, *, backend: str | None = None,
+                backend_down: bool = False, new_tokens: int = 0, completion_tokens: int | None = None,
+                first_token_at: float | None = None, record: bool = True) -> None:
+        """End the call's life once: free its slot, queue entry and predicted load, learn, and trace it."""
+        ticket: Ticket = call.ctx
+        if ticket.settled:
+            return
+        ticket.settled = True
+        ticket.cancelled = status != "ok"
+        now = self.now()
+        if backend is None and ticket.backend is not None:
+            backend = ticket.backend.name
         try:
-            async for line in lines():
+            if status == "ok":
+                self.sched.complete(call, now, new_tokens)
+                if isinstance(self.policy.length, RunningLength):
+                    self.policy.length.observe(call.kind, call.stage, call.model, call.tokens_seen)  # type: ignore
+            else:
+                self.sched.abandon(call, now, backend_down=backend_down)
+        finally:
+            if record:
+                self._record(call, backend, status, err, now, completion_tokens, first_token_at)
+
+    def _record(self, call: Call, backend: str | None, status: str, err: str | None, now: float,
+                completion_tokens: int | None, first_token_at: float | None) -> None:
+        """Trace row, metrics and a log line; never raises (a lost row is counted by the trace store)."""
+        try:
+            row = {
+                "workflow_id": call.workflow_id, "stage": call.stage, "call_id": f"{self.run_id}-{call.call_id}",
+                "model": call.model, "backend": backend, "prompt_tokens": call.prompt_tokens,
+                "completion_tokens": completion_tokens, "queued_at": self.wall(call.arrival_s),
+                "dispatched_at": self.wall(call.dispatched_s), "first_token_at": self.wall(first_token_at),
+                "ended_at": self.wall(now), "status": status, "error": err, "confidences": call.confidences,
+                "pred_call_tokens": call.pred_call_tokens, "pred_remaining_tokens": call.pred_remaining_tokens,
+                "policy": self.policy.name, "kind": call.kind,
+            }
+            self.trace.log_call({**row, "prompt": call.prompt})  # the router's prompt text: trace only, not the log
+            self.metrics.requests.labels(call.model or "", status).inc()
+            if status == "ok":
+                self.metrics.latency.labels(call.model).observe(now - call.arrival_s)
+            if log.isEnabledFor(logging.INFO):
+                log.info(json.dumps({"event": "call", **row, "latency_s": round(now - call.arrival_s, 4),
+                                     "priority": call.priority}, ensure_ascii=True, allow_nan=True))
+        except Exception:
+            log.exception("could not record call %s", call.call_id)
+
+
+def _count(v: Any) -> int:
+    """A token count from an upstream's usage object (anything else counts 0)."""
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 else 0
+
+
+class _Relay:
+    """Pass one SSE stream through, naming the chosen model and reporting token progress to the policy.
+
+    The call is settled before `[DONE]` is forwarded, so a client that saw the end also sees the trace row; a
+    broken stream is settled in `run`, a client that left (or a stream that never started) in `closed`.
+    """
+
+    def __init__(self, gw: Gateway, call: Call, backend: str, reply: UpstreamReply) -> None:
+        self.gw, self.call, self.backend, self.reply = gw, call, backend, reply
+        self.tokens, self.usage_tokens, self.first_at = 0, None, None
+
+    def settle(self, status: str, err: str | None = None) -> None:
+        total = self.usage_tokens if self.usage_tokens is not None else self.tokens
+        self.gw._settle(self.call, status, err, backend=self.backend, backend_down=status == "error",
+                        new_tokens=max(0, (self.usage_tokens or 0) - self.tokens), completion_tokens=total,
+                        first_token_at=self.first_at)
+
+    def closed(self) -> None:
+        self.settle("cancelled", "client left")  # a no-op unless the stream did not end on its own
+
+    async def _lines(self) -> AsyncIterator[str]:
+        for line in self.reply.first or ():
+            yield line
+        async for line in self.reply.lines:  # type: ignore[union-attr]
+            yield line
+
+    async def run(self) -> AsyncIterator[bytes]:
+        gw, call = self.gw, self.call
+        try:
+            async for line in self._lines():
                 kind, obj = parse_sse(line)
-                if kind == "data" and obj is not None:
+                if kind == "data" and isinstance(obj, dict):
                     rewrite_model(obj, call.model)  # type: ignore[arg-type]
                     n = count_content_tokens(obj)
                     if n:
-                        now = self.now()
-                        if first_at is None:
-                            first_at = now
-                            self.metrics.ttft.labels(call.model).observe(now - call.arrival_s)
-                        tokens += n
-                        self.sched.progress(call, n, now)
+                        now = gw.now()
+                        if self.first_at is None:
+                            self.first_at = now
+                            gw.metrics.ttft.labels(call.model).observe(now - call.arrival_s)
+                        self.tokens += n
+                        gw.sched.progress(call, n, now)
                     u = obj.get("usage")
                     if isinstance(u, dict) and u.get("completion_tokens") is not None:
-                        usage_tokens = int(u["completion_tokens"])
+                        self.usage_tokens = _count(u["completion_tokens"])
                     yield f"data: {json.dumps(obj)}\n".encode()
                 else:
                     if kind == "done":
-                        settle("ok")
+                        self.settle("ok")
                     yield (line + "\n").encode()
-            settle("ok")
+            self.settle("ok")
         except httpx.HTTPError as e:
-            err = f"stream broke after {tokens} tokens: {type(e).__name__}: {e}"
-            settle("error", err)
+            err = f"stream broke after {self.tokens} tokens: {type(e).__name__}: {e}"
+            self.settle("error", err)
             yield sse_error(err)
+        except Exception as e:
+            gw.metrics.internal_errors.labels("relay").inc()
+            log.exception("stream relay failed")
+            self.settle("error", f"gateway error in the relay: {type(e).__name__}")
+            yield sse_error("internal gateway error (logged)", "internal_error")
         finally:
-            settle("cancelled")  # no-op unless the client left (bookkeeping first: no await needed)
+            self.closed()  # bookkeeping first: no await needed
             with anyio.CancelScope(shield=True):
-                await reply.response.aclose()
-
-    # ---- trace + logs --------------------------------------------------------------------------------------
-    def _record(self, call: Call, backend: str | None, status: str, err: str | None,
-                completion_tokens: int | None = None, first_token_at: float | None = None) -> None:
-        now = self.now()
-        row = {
-            "workflow_id": call.workflow_id, "stage": call.stage, "call_id": f"{self.run_id}-{call.call_id}",
-            "model": call.model, "backend": backend, "prompt_tokens": call.prompt_tokens,
-            "completion_tokens": completion_tokens, "queued_at": self.wall(call.arrival_s),
-            "dispatched_at": self.wall(call.dispatched_s), "first_token_at": self.wall(first_token_at),
-            "ended_at": self.wall(now), "status": status, "error": err, "confidences": call.confidences,
-            "pred_call_tokens": call.pred_call_tokens, "pred_remaining_tokens": call.pred_remaining_tokens,
-            "policy": self.policy.name, "kind": call.kind,
-        }
-        self.trace.log_call({**row, "prompt": call.prompt})  # the router's prompt text: trace only, not the log
-        self.metrics.requests.labels(call.model or "", status).inc()
-        if status == "ok":
-            self.metrics.latency.labels(call.model).observe(now - call.arrival_s)
-        log.info(json.dumps({"event": "call", **row, "latency_s": round(now - call.arrival_s, 4),
-                             "priority": call.priority}))
+                await self.reply.response.aclose()
 
 
 def build_gateway(config: GatewayConfig, policy: Policy | None = None) -> Starlette:
@@ -535,9 +602,11 @@ def build_gateway(config: GatewayConfig, policy: Policy | None = None) -> Starle
             Route(CHAT, gw.chat, methods=["POST"]),
             Route(COMPLETIONS, gw.completions, methods=["POST"]),
             Route("/v1/models", gw.models, methods=["GET"]),
-            Route("/v1/chimera/feedback", gw.feedback, methods=["POST"]),
+            Route("/v1/models/{model_id:path}", gw.model, methods=["GET"]),
+            Route(FEEDBACK, gw.feedback, methods=["POST"]),
             Route("/metrics", gw.metrics_endpoint, methods=["GET"]),
             Route("/health", gw.health, methods=["GET"]),
+            Route("/openapi.json", gw.openapi, methods=["GET"]),
         ],
         lifespan=gw.lifespan,
     )
@@ -551,11 +620,18 @@ def app_from_env() -> Starlette:
     return build_gateway(load_gateway_config(path))
 
 
+def quiet_upstream_logs(upstream: bool = False) -> None:
+    """httpx logs every upstream call and probe at INFO (57k lines in a 10-minute soak): WARNING unless asked."""
+    for name in UPSTREAM_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if upstream else logging.WARNING)
+
+
 def run_gateway(config: GatewayConfig, log_level: str = "info") -> None:
     """Serve until SIGINT/SIGTERM on `listen.host:listen.port`; in-flight calls are drained on the way out."""
     import uvicorn
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_upstream_logs()
     uvicorn.run(build_gateway(config), host=config.listen.host, port=config.listen.port, log_level=log_level,
                 timeout_graceful_shutdown=max(1, math.ceil(config.limits.request_timeout_s)))

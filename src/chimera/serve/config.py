@@ -55,7 +55,10 @@ class Backend(_Strict):
 
 
 class Limits(_Strict):
+    """Backpressure and bounds: a call is refused (429) only when no model it may go to can take it."""
+
     max_queue: int = Field(default=1000, ge=0)
+    max_queue_per_model: int | None = Field(default=None, ge=0)  # default: max_queue
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)
 

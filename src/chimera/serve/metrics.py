@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from chimera.serve.scheduler import Scheduler
+    from chimera.serve.trace import TraceStore
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -58,12 +59,29 @@ class _Live(Collector):
         yield from (q, c, t, d, b, up, *scraped.values())
 
 
+class _Trace(Collector):
+    """The trace writer's state, so a stalled or dropping writer shows on the dashboard, not only in the logs."""
+
+    def __init__(self, trace: "TraceStore") -> None:
+        self.trace = trace
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.trace.stats()
+        yield GaugeMetricFamily("chimera_trace_writer_up", "1 while the trace writer thread runs", float(st["alive"]))
+        yield GaugeMetricFamily("chimera_trace_backlog", "Trace rows queued, not yet written", st["backlog"])
+        yield CounterMetricFamily("chimera_trace_rows_written", "Trace rows committed", st["written"])
+        yield CounterMetricFamily("chimera_trace_rows_dropped",
+                                  "Trace rows lost: the queue was full or the row could not be stored", st["dropped"])
+
+
 class GatewayMetrics:
     """One registry per gateway (several gateways can live in one process, e.g. in tests)."""
 
-    def __init__(self, sched: "Scheduler") -> None:
+    def __init__(self, sched: "Scheduler", trace: "TraceStore | None" = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_Live(sched))
+        if trace is not None:
+            self.registry.register(_Trace(trace))
         r = self.registry
         self.latency = Histogram("chimera_request_latency_seconds", "Arrival at the gateway to last byte",
                                  ["model"], buckets=BUCKETS, registry=r)
@@ -73,4 +91,7 @@ class GatewayMetrics:
                               buckets=BUCKETS, registry=r)
         self.requests = Counter("chimera_requests", "Calls by outcome", ["model", "status"], registry=r)
         self.retries = Counter("chimera_retries", "Calls re-scheduled after a backend fault", ["model"], registry=r)
-        self.rejected = Counter("chimera_rejected", "Requests refused before scheduling", ["reason"], registry=r)
+        self.rejected = Counter("chimera_rejected", "Requests refused at the edge or by backpressure",
+                                ["endpoint", "reason"], registry=r)
+        self.internal_errors = Counter("chimera_internal_errors", "Requests that hit a gateway bug (500)",
+                                       ["endpoint"], registry=r)

@@ -19,6 +19,9 @@ from chimera.serve.config import GatewayConfig
 DEFAULT_TPS = 2000.0  # aggregate decode tokens/s per replica when a backend names no profile
 DEFAULT_TPOT = 0.02
 DEFAULT_CALL_TOKENS = 256.0
+TRACKED_STAGES = 64  # stages at or past the last share one running mean: a prediction costs O(stages × models), fixed
+TRACKED_KINDS = 1024  # kinds past this many pool under OTHER_KIND: memory stays bounded whatever clients send
+OTHER_KIND = "\x00other"
 
 
 def model_infos(cfg: GatewayConfig) -> list[ModelInfo]:
@@ -59,18 +62,25 @@ class SizePriorConfidence:
 
 class RunningLength:
     """Per-(kind, stage, model) running mean of completion tokens; remaining = this stage's and later stages' means.
-    Unseen (kind, stage, model) falls back to the stage's mean over all models, then to DEFAULT_CALL_TOKENS."""
+    Unseen (kind, stage, model) falls back to the stage's mean over all models, then to DEFAULT_CALL_TOKENS.
+    Stages from TRACKED_STAGES − 1 on share one bucket, so a client's stage number never sets the work done."""
 
     def __init__(self, models: Sequence[str]) -> None:
         self.models_ = list(models)
         self._sum: dict[tuple[str, int, str], float] = defaultdict(float)
         self._n: dict[tuple[str, int, str], int] = defaultdict(int)
-        self._max_stage: dict[str, int] = defaultdict(int)
+        self._max_stage: dict[str, int] = {}
+
+    def _key(self, kind: str, stage: int) -> tuple[str, int]:
+        if kind not in self._max_stage and len(self._max_stage) >= TRACKED_KINDS:
+            kind = OTHER_KIND
+        return kind, min(max(stage, 0), TRACKED_STAGES - 1)
 
     def observe(self, kind: str, stage: int, model: str, tokens: int) -> None:
+        kind, stage = self._key(kind, stage)
         self._sum[(kind, stage, model)] += tokens
         self._n[(kind, stage, model)] += 1
-        self._max_stage[kind] = max(self._max_stage[kind], stage)
+        self._max_stage[kind] = max(self._max_stage.get(kind, 0), stage)
 
     def _mean(self, kind: str, stage: int, model: str) -> float:
         """This model's mean; for a model not yet served at this stage, the other models' pooled mean, so an
@@ -87,8 +97,9 @@ class RunningLength:
         call = np.zeros((len(calls), len(self.models_)))
         rem = np.zeros_like(call)
         for i, c in enumerate(calls):
-            last = max(self._max_stage.get(c.kind, 0), c.stage)
+            kind, stage = self._key(c.kind, c.stage)
+            last = max(self._max_stage.get(kind, 0), stage)
             for j, m in enumerate(self.models_):
-                call[i, j] = self._mean(c.kind, c.stage, m)
-                rem[i, j] = sum(self._mean(c.kind, s, m) for s in range(c.stage, last + 1))
+                call[i, j] = self._mean(kind, stage, m)
+                rem[i, j] = sum(self._mean(kind, s, m) for s in range(stage, last + 1))
         return call, rem

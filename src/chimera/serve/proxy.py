@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 import httpx
@@ -155,7 +155,12 @@ def sse_error(message: str, code: str = "upstream_error") -> bytes:
 
 class DisconnectAwareStream(StreamingResponse):
     """A StreamingResponse that always watches for the client leaving and closes the body iterator at once,
-    so the upstream request is cancelled instead of running to the end."""
+    so the upstream request is cancelled instead of running to the end. `on_close` runs last on every path, even
+    when the body iterator never started (its own `finally` would not run then)."""
+
+    def __init__(self, *args: Any, on_close: Callable[[], None] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -171,7 +176,11 @@ class DisconnectAwareStream(StreamingResponse):
                 await self.listen_for_disconnect(receive)
                 tg.cancel_scope.cancel()
         finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
-                    await aclose()
+            try:
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    with anyio.CancelScope(shield=True):
+                        await aclose()
+            finally:
+                if self.on_close is not None:
+                    self.on_close()

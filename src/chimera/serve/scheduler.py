@@ -19,7 +19,7 @@ DOWN_S = 5.0  # a backend that just failed is avoided for this long (still used 
 
 
 class QueueFull(Exception):
-    """More than `max_queue` calls are waiting; the client should back off."""
+    """No model the call may go to can take it now (no free slot, its queue or the gateway's at the cap)."""
 
 
 @dataclass
@@ -32,6 +32,7 @@ class BackendState:
     failures: int = 0
     # set by the health checker (serve/health.py); defaults mean "no probe data": the choice is unchanged
     healthy: bool = True
+    down_reason: str | None = None  # why the last probe marked it down (connection, HTTP status, wrong model)
     scraped_running: float | None = None
     scraped_waiting: float | None = None
     kv_cache_usage: float | None = None
@@ -89,6 +90,7 @@ class Ticket:
     cancelled: bool = False
     tried: set[str] = field(default_factory=set)
     on_dispatch: Callable[["Ticket"], None] | None = None
+    settled: bool = False  # the call's life ended (completed, failed or cancelled) and everything it held is freed
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,7 +98,7 @@ class Scheduler:
     """Admission control per model (sum of its backends' max_inflight) in front of one Policy."""
 
     def __init__(self, policy: Policy, models: Sequence[ModelInfo], backends: Sequence[Backend],
-                 max_queue: int = 1000) -> None:
+                 max_queue: int = 1000, max_queue_per_model: int | None = None) -> None:
         self.policy = policy
         policy.bind(list(models))
         self.models = [m.name for m in models]
@@ -108,6 +110,7 @@ class Scheduler:
         self.cap = {m: sum(b.cfg.max_inflight for b in self.backends[m]) for m in self.models}
         self.inflight = {m: 0 for m in self.models}
         self.max_queue = max_queue
+        self.max_queue_per_model = max_queue if max_queue_per_model is None else max_queue_per_model
         self.waiting_total = 0
         self.workflows = Workflows()
         self._ids = itertools.count()
@@ -119,12 +122,31 @@ class Scheduler:
     def waiting(self, model: str) -> int:
         return self.policy.waiting(model)
 
+    # ---- backpressure -------------------------------------------------------------------------------------
+    def accepts(self, model: str) -> bool:
+        """A new call can go to `model`: it has a free slot (so it runs at once whatever else waits), or room in
+        both its own queue and the gateway's. A saturated model never closes the others."""
+        if self.inflight[model] + self.waiting(model) < self.cap[model]:
+            return True
+        return self.waiting(model) < self.max_queue_per_model and self.waiting_total < self.max_queue
+
+    def open_models(self, pinned: str | None = None) -> list[str]:
+        """The models a new call may be routed to now (only `pinned`, when the client named one)."""
+        return [m for m in ([pinned] if pinned is not None else self.models) if self.accepts(m)]
+
+    def backlog_reason(self, pinned: str | None = None) -> str:
+        models = [pinned] if pinned is not None else self.models
+        per = ", ".join(f"{m}: {self.waiting(m)} waiting, {self.inflight[m]}/{self.cap[m]} running" for m in models)
+        return (f"{per}; {self.waiting_total} waiting in all (limits: {self.max_queue_per_model} per model, "
+                f"{self.max_queue} in all)")
+
     # ---- the body-facing protocol (same order of calls as sim.Simulator) ------------------------------------
-    def submit(self, call: Call, now: float) -> str:
-        """Route and enqueue (the policy), then dispatch what fits; raises QueueFull past `max_queue`."""
-        if self.waiting_total >= self.max_queue:
-            raise QueueFull(f"{self.waiting_total} calls waiting (limit {self.max_queue})")
-        model = self.policy.submit(call, now)
+    def submit(self, call: Call, now: float, prediction=None) -> str:
+        """Route among the open models and enqueue (the policy), then dispatch what fits; QueueFull if none is open."""
+        allowed = self.open_models(call.pinned_model)
+        if not allowed:
+            raise QueueFull(self.backlog_reason(call.pinned_model))
+        model = self.policy.submit(call, now, prediction=prediction, allowed=allowed)
         self.waiting_total += 1
         self.dispatch(model, now)
         return model
@@ -160,22 +182,40 @@ class Scheduler:
 
     def complete(self, call: Call, now: float, new_tokens: int = 0) -> None:
         """The call finished: report the last tokens and completion, free its slot, dispatch the next."""
-        if new_tokens:
-            self.policy.on_progress(call, new_tokens, now)
-        self.policy.on_complete(call, now)
-        st = self.workflows.get(call.workflow_id, now)
-        st.generated += call.tokens_seen
-        st.stages += 1
-        self._release(call, now)
+        try:
+            if new_tokens:
+                self.policy.on_progress(call, new_tokens, now)
+            self.policy.on_complete(call, now)
+            st = self.workflows.get(call.workflow_id, now)
+            st.generated += call.tokens_seen
+            st.stages += 1
+        except BaseException:
+            self.policy.monitor.remove(call)  # a policy that failed half-way must not keep the call's load
+            raise
+        finally:  # whatever the policy does, the slot is freed
+            self._release(call, now)
 
     def fail(self, call: Call, now: float, backend_down: bool = False) -> None:
         """The call failed on its backend (or was cancelled after dispatch): free the slot, dispatch the next."""
-        self.policy.on_fail(call, now)
         be = self._placed.get(call.call_id)
         if backend_down and be is not None:
             be.down_until = now + DOWN_S
             be.failures += 1
-        self._release(call, now)
+        try:
+            self.policy.on_fail(call, now)
+        except BaseException:
+            self.policy.monitor.remove(call)
+            raise
+        finally:
+            self._release(call, now)
+
+    def abandon(self, call: Call, now: float, backend_down: bool = False) -> None:
+        """The call's life ended without completing, wherever it was: dispatched (free the slot), waiting (take it
+        out of the queue) or half-submitted (forget its predicted load). Safe to call more than once."""
+        if call.call_id in self._placed:
+            self.fail(call, now, backend_down=backend_down)
+        elif self.policy.withdraw(call, now):
+            self.waiting_total -= 1
 
     def _release(self, call: Call, now: float) -> None:
         model = call.model

@@ -1,0 +1,126 @@
+"""The gateway's own OpenAPI 3.1 document: its endpoints, request bodies and error shape, from pydantic models.
+
+The request models describe what the edge accepts (extra OpenAI fields pass through to the backend untouched); the
+fuzz harness (tests/test_fuzz_gateway.py) generates requests from this document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chimera.serve.edge import MAX_STAGE, Feedback, WorkflowHints
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI chat completions; `model: "chimera"` lets the policy choose, a served name pins it."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    chimera: WorkflowHints | None = None
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI (legacy) completions."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    prompt: str | list[str]
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    chimera: WorkflowHints | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+_MODELS = (ChatCompletionRequest, CompletionRequest, Feedback, WorkflowHints, ErrorBody)
+_HINT_HEADERS = [
+    ("X-Chimera-Workflow-Id", {"type": "string", "minLength": 1, "maxLength": 256}, "the workflow this call belongs to"),
+    ("X-Chimera-Stage", {"type": "integer", "minimum": 0, "maximum": MAX_STAGE}, "the call's stage in its workflow"),
+    ("X-Chimera-Kind", {"type": "string", "minLength": 1, "maxLength": 256}, "the workflow's kind (math, code, ...)"),
+    ("X-Chimera-Task-Id", {"type": "string", "minLength": 1, "maxLength": 256}, "the task id, for replay backends"),
+]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(c): {"description": "OpenAI-style error", "content": {"application/json": {"schema": _ref("ErrorBody")}}}
+            for c in codes}
+
+
+def _json_body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _ok(description: str, media: str = "application/json") -> dict[str, Any]:
+    return {"200": {"description": description, "content": {media: {"schema": {"type": "object"}}}}}
+
+
+def openapi_document(models: list[str]) -> dict[str, Any]:
+    """The document for a gateway serving `models` (plus the policy's own name, `chimera`)."""
+    schemas: dict[str, Any] = {}
+    for m in _MODELS:
+        s = m.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(s.pop("$defs", {}))
+        schemas[m.__name__] = s
+    hint_params = [{"name": n, "in": "header", "required": False, "schema": sch, "description": d}
+                   for n, sch, d in _HINT_HEADERS]
+    completion_errors = _errors(400, 401, 404, 413, 415, 429, 502, 503, 504)
+    secured = [{"bearer": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Chimera gateway", "version": "1",
+                 "description": f"Scheduling gateway for multi-agent LLM workflows. Models: {models + ['chimera']}."},
+        "components": {"schemas": schemas,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/v1/chat/completions": {"post": {
+                "summary": "Chat completion, routed and ordered by the policy", "security": secured,
+                "parameters": hint_params, "requestBody": _json_body("ChatCompletionRequest"),
+                "responses": {**_ok("completion (JSON) or a text/event-stream when stream is true"),
+                              **completion_errors}}},
+            "/v1/completions": {"post": {
+                "summary": "Text completion, routed and ordered by the policy", "security": secured,
+                "parameters": hint_params, "requestBody": _json_body("CompletionRequest"),
+                "responses": {**_ok("completion (JSON) or a text/event-stream when stream is true"),
+                              **completion_errors}}},
+            "/v1/models": {"get": {"summary": "Served models and `chimera`", "security": secured,
+                                   "responses": {**_ok("model list"), **_errors(401)}}},
+            "/v1/models/{model_id}": {"get": {
+                "summary": "One served model", "security": secured,
+                "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {**_ok("model object"), **_errors(401, 404)}}},
+            "/v1/chimera/feedback": {"post": {
+                "summary": "A finished workflow's score (ends the workflow in the policy; trains the predictors)",
+                "security": secured, "requestBody": _json_body("Feedback"),
+                "responses": {**_ok("stored"), **_errors(400, 401, 413, 415)}}},
+            "/health": {"get": {"summary": "Liveness, queue, backends and the trace writer",
+                                "responses": _ok("state")}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "security": secured,
+                                 "responses": {**_ok("Prometheus text", "text/plain"), **_errors(401)}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": _ok("OpenAPI 3.1")}},
+        },
+    }

@@ -1,0 +1,16 @@
+"""Fixtures shared across test files."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def synthetic_predictors(tmp_path_factory):
+    """A small trained predictor folder (router + length forest) on the synthetic workload's three Qwen models."""
+    from chimera.predict.training import gather, train_predictors
+    from chimera.workload.synthetic import generate
+
+    data = gather([("synthetic", generate(240, seed=11))], train_frac=0.7)
+    pred = train_predictors(data, encoder="hashing", train_frac=0.7, seed=0, n_estimators=20)
+    return pred.save(tmp_path_factory.mktemp("predictors") / "synthetic")

@@ -1,0 +1,94 @@
+"""Test servers shared by the gateway tests: an ASGI app served by uvicorn in a thread, and a fake OpenAI upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from chimera.serve.threaded import free_port
+
+
+class Served:
+    """An ASGI app run by uvicorn in a thread; `stop()` shuts it down (and runs its lifespan shutdown)."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        assert not self.thread.is_alive()
+
+
+def fake_upstream(name: str, delay: float = 0.05, fail: bool = False, words: int = 5,
+                  drop_after: int | None = None) -> Starlette:
+    """An OpenAI-compatible server that answers after `delay` (or 500s when `fail`), naming itself `name`;
+    `drop_after` chunks into a stream it breaks the connection."""
+    hits: list[dict] = []
+
+    live = {"now": 0, "max": 0}
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        hits.append(body)
+        live["now"] += 1
+        live["max"] = max(live["max"], live["now"])
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            live["now"] -= 1
+        if fail:
+            return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
+        text = [f"w{i} " for i in range(words)]
+        if body.get("stream"):
+            async def gen():
+                for i, t in enumerate(text):
+                    if drop_after is not None and i == drop_after:
+                        raise RuntimeError("upstream dies mid-stream")
+                    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": name,
+                             "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    await asyncio.sleep(0.005)
+                end = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": name,
+                       "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": words, "total_tokens": words + 3}}
+                yield f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n"
+            return StreamingResponse(gen(), media_type="text/event-stream")
+        return JSONResponse({
+            "id": "c1", "object": "chat.completion", "created": 1, "model": name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": words, "total_tokens": words + 3},
+        })
+
+    async def completions(request: Request) -> Response:
+        body = await request.json()
+        hits.append(body)
+        await asyncio.sleep(delay)
+        return JSONResponse({"id": "c2", "object": "text_completion", "created": 1, "model": name,
+                             "choices": [{"index": 0, "text": " four", "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                            Route("/v1/completions", completions, methods=["POST"])])
+    app.state.hits = hits
+    app.state.live = live
+    return app

@@ -8,7 +8,7 @@ LITELLM_VENV := .venv-litellm
 LITELLM_STAMP := $(LITELLM_VENV)/.installed
 LITELLM_PIN := litellm[proxy]==1.102.4
 
-.PHONY: demo test bench bench-sim bench-predictors bench-live clean
+.PHONY: demo test bench bench-sim bench-predictors bench-live bench-soak clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,7 @@ bench: $(STAMP) $(LITELLM_STAMP)
 	$(MAKE) bench-predictors
 	$(BIN)/chimera bench gateway --rates 50,100,200 --duration 5 --baseline --litellm $(LITELLM_VENV)/bin/litellm --out out/bench-gateway
 	$(MAKE) bench-live
+	$(MAKE) bench-soak
 
 clean:
 	rm -rf $(VENV) $(LITELLM_VENV) out
@@ -66,3 +67,8 @@ bench-predictors: $(STAMP)
 bench-live: $(STAMP) $(LITELLM_STAMP)
 	$(BIN)/chimera bench live --litellm $(LITELLM_VENV)/bin/litellm --tasks 400 --load 0.6 --out out/bench-live
 	$(BIN)/chimera bench live --litellm $(LITELLM_VENV)/bin/litellm --tasks 400 --load 0.9 --overhead-rates "" --out out/bench-live-0.9
+
+# Gateway soak behind BENCHMARKS.md: 10 minutes of mixed traffic at 30 req/s, then 5 minutes of 429s, with trained
+# predictors configured (gateway RSS, latency and errors per minute; live, emulated backends).
+bench-soak: $(STAMP)
+	$(BIN)/chimera bench soak --minutes 10 --rate 30 --reject-minutes 5 --window-s 60 --out out/bench-soak

@@ -410,6 +410,70 @@ def bench_live(
                   f"({time.perf_counter() - t0:.0f} s wall)")
 
 
+@bench_app.command("soak")
+def bench_soak(
+    minutes: float = typer.Option(10.0, "--minutes", help="Steady phase: minutes of mixed traffic (float allowed)."),
+    rate: float = typer.Option(30.0, "--rate", help="Steady phase: open-loop Poisson requests/s."),
+    reject_minutes: float = typer.Option(5.0, "--reject-minutes", help="Reject phase: minutes of traffic the gateway refuses with 429 (0: skip)."),
+    reject_rate: Optional[float] = typer.Option(None, "--reject-rate", help="Reject phase requests/s (default: --rate)."),
+    window_s: float = typer.Option(60.0, "--window-s", help="Seconds per measurement window."),
+    time_scale: float = typer.Option(20.0, "--time-scale", help="Emulated backends run this many times faster than real time."),
+    predictors: Optional[Path] = typer.Option(None, "--predictors", help="Folder from `chimera train -w synthetic` (default: train one into OUT/predictors)."),
+    train_tasks: int = typer.Option(600, "--train-tasks", help="Synthetic tasks to train on when --predictors is not given."),
+    train_trees: int = typer.Option(100, "--train-trees", help="Trees per quantile forest when training."),
+    max_queue: int = typer.Option(32, "--max-queue", help="The gateway's limits.max_queue."),
+    lam: float = typer.Option(0.05, "--lam", help="λ of the gateway's chimera policy."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("out/bench-soak"), "--out", help="Folder for results.md, results.json, gateway.yaml, traces and logs."),
+) -> None:
+    """Soak the gateway (trained predictors, 3 emulated backends, all subprocesses): steady mixed traffic, then a
+    phase of 429s; per window the gateway's RSS, latency p50/p99 and answers by status (live, emulated backends).
+
+    Example: chimera bench soak --minutes 30 --rate 30 --reject-minutes 5 --window-s 60 --out out/bench-soak
+    """
+    from pydantic import ValidationError
+
+    from chimera.bench.soak import WINDOW_COLUMNS, SoakConfig, fmt_num, run_soak, summary_lines, window_cells
+
+    try:
+        cfg = SoakConfig(minutes=minutes, rate=rate, reject_minutes=reject_minutes, reject_rate=reject_rate,
+                         window_s=window_s, time_scale=time_scale, predictors=str(predictors) if predictors else None,
+                         train_tasks=train_tasks, train_trees=train_trees, max_queue=max_queue, lam=lam, seed=seed)
+    except ValidationError as e:
+        _fail("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}" for err in e.errors()))
+    with _progress() as prog:
+        bar = prog.add_task("setting up", total=cfg.steady_s + cfg.reject_s)
+
+        def on_tick(phase: str, t: float) -> None:
+            done = min(t, cfg.steady_s) if phase == "steady" else cfg.steady_s + min(t, cfg.reject_s)
+            prog.update(bar, description=f"{phase} (s)", completed=round(done))
+
+        def on_window(r: dict) -> None:
+            c = r["counts"]
+            prog.console.print(f"{r['phase']} window {r['window']}: {r['sent']} sent, 200 {c['200']}, 429 {c['429']}, "
+                               f"4xx {c['4xx']}, 5xx {c['5xx']}, conn {c['conn']}; p50 {fmt_num(r['p50_ms'])} ms, "
+                               f"p99 {fmt_num(r['p99_ms'])} ms; gateway RSS {fmt_num(r['rss_end_mib'])} MiB")
+
+        try:
+            res = run_soak(cfg, out, on_stage=lambda m: prog.update(bar, description=m), on_window=on_window,
+                           on_tick=on_tick)
+        except KeyboardInterrupt:
+            err.print("interrupted: the backends and the gateway it started have been stopped; no results written")
+            raise typer.Exit(130)
+        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+            _fail(str(e).strip("'\""))
+    t = Table(title=f"gateway soak — {res['label']}")
+    for col in WINDOW_COLUMNS:
+        t.add_column(col, justify="left" if col == "phase" else "right")
+    for r in res["windows"]:
+        t.add_row(*window_cells(r))
+    console.print(res["command"])
+    console.print(t)
+    for line in summary_lines(res):
+        console.print(line)
+    console.print(f"wrote {out / 'results.md'}, {out / 'results.json'} ({res['wall_s']:.0f} s wall)")
+
+
 @app.command()
 def train(
     workload: Optional[list[str]] = typer.Option(None, "--workload", "-w", help=WORKLOAD_HELP + " Repeatable."),

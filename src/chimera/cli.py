@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -752,7 +753,14 @@ def agents_run(
         console.print(f"wrote {json_out}")
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so benchmarks stop the servers they started (each runs in its own session);
+    # `chimera serve` / `emulate` replace this with uvicorn's graceful handler.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     app()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import json
-import socket
 import threading
 import time
 import uuid
@@ -17,49 +16,15 @@ import uuid
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from chimera.emulate import EmulatorServer
 from chimera.serve import build_gateway
 from chimera.serve.config import gateway_config_from_dict
+from upstreams import Served
 
 KEY = "e2e-client-key"
 MODELS = {"qwen2.5-1.5b": "qwen2.5-1.5b@a6000", "qwen2.5-7b": "qwen2.5-7b@a6000", "qwen2.5-14b": "qwen2.5-14b@a6000"}
 SCALE = 50.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Gateway:
-    """The gateway app under uvicorn in a thread; `stop()` runs its lifespan shutdown and joins the thread."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 15
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                self.stop()
-                raise RuntimeError("gateway did not start")
-            time.sleep(0.01)
-
-    @property
-    def gw(self):
-        return self.app.state.gateway
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
-        assert not self.thread.is_alive()
 
 
 @contextlib.contextmanager
@@ -76,7 +41,7 @@ def _stack(tmp_path, max_inflight: int = 16):
                           "profile": MODELS[m]} for m, e in emus.items()],
             "limits": {"request_timeout_s": 30},
         })
-        gw = _Gateway(build_gateway(cfg))
+        gw = Served(build_gateway(cfg))
         stack.callback(gw.stop)  # runs first: the gateway drains before the emulators stop
         yield gw, emus
 
@@ -294,3 +259,23 @@ def test_bench_gateway_smoke(tmp_path) -> None:
     assert row["gateway_n"] > 5 and row["direct_n"] > 5
     assert row["gateway_p50_ms"] > 0 and "added_p99_ms" in row
     assert "**added p50**" in (out / "results.md").read_text()
+
+
+# ---- token accounting from the engine's own usage ----------------------------------------------------------------
+def test_streamed_tokens_come_from_the_engine_usage_and_the_extra_chunk_is_hidden(stack) -> None:
+    """The gateway always asks upstream for the usage chunk; a client that did not ask never sees it, and the trace
+    holds the engine's count either way."""
+    gw, _ = stack
+    c = _client(gw.url)
+    for asked in (False, True):
+        wid = f"usage-{asked}-{uuid.uuid4().hex[:6]}"
+        extra = {"stream_options": {"include_usage": True}} if asked else {}
+        chunks = list(c.chat.completions.create(model="qwen2.5-1.5b", messages=_msgs(), max_tokens=20, stream=True,
+                                                extra_body={"chimera": {"workflow_id": wid}}, **extra))
+        with_usage = [ch for ch in chunks if ch.usage is not None]
+        if asked:
+            assert len(with_usage) == 1 and with_usage[0].usage.completion_tokens == 20 and not chunks[-1].choices
+        else:
+            assert not with_usage and all(ch.choices for ch in chunks)
+        row = _rows(gw, wid)[0]
+        assert row["status"] == "ok" and row["completion_tokens"] == 20

@@ -43,7 +43,7 @@ from chimera.serve.openapi import openapi_document
 from chimera.serve.priors import RunningLength, SizePriorConfidence, model_infos
 from chimera.serve.proxy import (
     DisconnectAwareStream, UpstreamError, UpstreamReply, count_content_tokens, open_upstream, parse_sse,
-    rewrite_model, sse_error, upstream_body,
+    rewrite_model, sse_error, upstream_body, usage_completion_tokens, wants_usage,
 )
 from chimera.serve.scheduler import QueueFull, Scheduler, Ticket
 from chimera.serve.trace import TraceStore
@@ -422,7 +422,7 @@ class Gateway:
             return Response(status_code=499) if gone else error(504, "backend timed out", "server_error",
                                                                   "upstream_timeout")
         if stream and reply.response.status_code < 400:
-            relay = _Relay(self, call, be.name, reply)
+            relay = _Relay(self, call, be.name, reply, show_usage=wants_usage(body))
             return DisconnectAwareStream(relay.run(), media_type="text/event-stream", on_close=relay.closed,
                                          headers={"cache-control": "no-cache", "x-chimera-model": call.model,
                                                   "x-chimera-backend": be.name})
@@ -470,7 +470,7 @@ class Gateway:
             return error(resp.status_code if resp.status_code >= 400 else 502, msg, "server_error", "bad_upstream")
         rewrite_model(data, call.model)  # type: ignore[arg-type]
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        tokens = _count(usage.get("completion_tokens"))
+        tokens = usage_completion_tokens(data) or 0
         if _count(usage.get("prompt_tokens")):
             call.prompt_tokens = _count(usage.get("prompt_tokens"))
         self._settle(call, "ok", backend=backend, new_tokens=tokens, completion_tokens=tokens)
@@ -536,8 +536,9 @@ class _Relay:
     broken stream is settled in `run`, a client that left (or a stream that never started) in `closed`.
     """
 
-    def __init__(self, gw: Gateway, call: Call, backend: str, reply: UpstreamReply) -> None:
+    def __init__(self, gw: Gateway, call: Call, backend: str, reply: UpstreamReply, show_usage: bool) -> None:
         self.gw, self.call, self.backend, self.reply = gw, call, backend, reply
+        self.show_usage = show_usage  # the client asked for the usage chunk (the gateway always does, upstream)
         self.tokens, self.usage_tokens, self.first_at = 0, None, None
 
     def settle(self, status: str, err: str | None = None) -> None:
@@ -570,9 +571,15 @@ class _Relay:
                             gw.metrics.ttft.labels(call.model).observe(now - call.arrival_s)
                         self.tokens += n
                         gw.sched.progress(call, n, now)
-                    u = obj.get("usage")
-                    if isinstance(u, dict) and u.get("completion_tokens") is not None:
-                        self.usage_tokens = _count(u["completion_tokens"])
+                    used = usage_completion_tokens(obj)
+                    if used is not None:
+                        self.usage_tokens = used  # the engine's own count: it settles the call's tokens
+                        if _count(obj["usage"].get("prompt_tokens")):
+                            call.prompt_tokens = _count(obj["usage"].get("prompt_tokens"))
+                    if not self.show_usage:
+                        if "usage" in obj and not obj.get("choices"):
+                            continue  # the usage-only chunk the gateway asked for, not the client
+                        obj.pop("usage", None)
                     yield f"data: {json.dumps(obj)}\n".encode()
                 else:
                     if kind == "done":

@@ -43,12 +43,29 @@ def vllm_priority(priority: float) -> int:
 
 
 def upstream_body(body: dict[str, Any], backend: Backend, priority: float) -> dict[str, Any]:
-    """The request as the backend should see it: its model name, `priority` only where it is understood."""
+    """The request as the backend should see it: its model name, `priority` only where it is understood, and, when
+    streaming, the engine's own token count at the end (`stream_options.include_usage`; see `wants_usage`)."""
     out = {k: v for k, v in body.items() if k not in ("chimera", "priority")}
     out["model"] = backend.model
     if backend.priority:
         out["priority"] = vllm_priority(priority)
+    if out.get("stream") is True:
+        opts = out.get("stream_options") if isinstance(out.get("stream_options"), dict) else {}
+        out["stream_options"] = {**opts, "include_usage": True}
     return out
+
+
+def wants_usage(body: dict[str, Any]) -> bool:
+    """The client asked for the usage chunk itself; if not, the relay hides the one the gateway asked for."""
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and opts.get("include_usage") is True
+
+
+def usage_completion_tokens(obj: dict[str, Any]) -> int | None:
+    """`usage.completion_tokens` of a response or chunk, when it carries a sane count."""
+    u = obj.get("usage")
+    v = u.get("completion_tokens") if isinstance(u, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 else None
 
 
 def _headers(backend: Backend) -> dict[str, str]:

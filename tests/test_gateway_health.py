@@ -20,7 +20,7 @@ from chimera.serve import build_gateway
 from chimera.serve.config import Backend, Health, gateway_config_from_dict
 from chimera.serve.health import HealthChecker, backend_root, parse_model_ids, parse_vllm_gauges
 from chimera.serve.scheduler import BackendState
-from test_e2e_gateway import _Gateway
+from upstreams import Served
 
 MODEL, PROFILE = "qwen2.5-1.5b", "qwen2.5-1.5b@a6000"
 FOREIGN = "llama-3.1-8b"  # what a foreign server on the configured port serves
@@ -62,7 +62,7 @@ def test_unhealthy_backend_is_avoided_and_recovers(tmp_path):
     with contextlib.ExitStack() as stack:
         a = stack.enter_context(EmulatorServer(profile=PROFILE, served_model_name=MODEL, time_scale=50.0))
         b = stack.enter_context(EmulatorServer(profile=PROFILE, served_model_name=MODEL, time_scale=50.0))
-        gw = _Gateway(build_gateway(_cfg(tmp_path, {"a": a.base_url, "b": b.base_url})))
+        gw = Served(build_gateway(_cfg(tmp_path, {"a": a.base_url, "b": b.base_url})))
         stack.callback(gw.stop)
         bes = {be.name: be for be in gw.gw.sched.backends[MODEL]}
 
@@ -196,7 +196,7 @@ def test_gateway_avoids_backend_serving_another_model(tmp_path, caplog):
     with contextlib.ExitStack() as stack:
         a = stack.enter_context(EmulatorServer(profile=PROFILE, served_model_name=MODEL, time_scale=50.0))
         b = stack.enter_context(EmulatorServer(profile=PROFILE, served_model_name=FOREIGN, time_scale=50.0))
-        gw = _Gateway(build_gateway(_cfg(tmp_path, {"b": b.base_url, "a": a.base_url})))
+        gw = Served(build_gateway(_cfg(tmp_path, {"b": b.base_url, "a": a.base_url})))
         stack.callback(gw.stop)
         bes = {be.name: be for be in gw.gw.sched.backends[MODEL]}
         _wait(lambda: not bes["b"].healthy, timeout=3.0)

@@ -20,21 +20,28 @@ class Served:
     """An ASGI app run by uvicorn in a thread; `stop()` shuts it down (and runs its lifespan shutdown)."""
 
     def __init__(self, app) -> None:
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
+                                                    lifespan="on", timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.time() + 10
+        deadline = time.time() + 15
         while not self.server.started:
             if time.time() > deadline or not self.thread.is_alive():
+                self.stop()
                 raise RuntimeError("server did not start")
             time.sleep(0.01)
 
+    @property
+    def gw(self):
+        """The Gateway object when `app` is a Chimera gateway."""
+        return self.app.state.gateway
+
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(15)
+        self.thread.join(20)
         assert not self.thread.is_alive()
 
 

@@ -352,3 +352,17 @@ def test_health_reports_backends_and_the_trace_writer(tmp_path):
         h = httpx.get(url + "/health").json()
         assert h["backends"]["m0"] == {"model": "m", "up": True, "reason": None, "inflight": 0}
         assert set(h["trace"]) >= {"alive", "backlog", "dropped", "written"} and h["trace"]["alive"]
+
+
+def test_a_trickled_body_times_out_with_408(tmp_path):
+    import socket
+
+    with gateway(tmp_path, [dict(b) for b in ONE], limits={"body_timeout_s": 0.5}) as (url, gw):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"model\":")
+            t0 = time.perf_counter()
+            reply = sock.recv(65536).decode()
+        assert reply.startswith("HTTP/1.1 408") and "body_timeout" in reply and time.perf_counter() - t0 < 3
+        assert chat(url).status_code == 200

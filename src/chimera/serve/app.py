@@ -27,7 +27,7 @@ import anyio
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -242,14 +242,21 @@ class Gateway:
         """The body as JSON, within `max_body_bytes`; EdgeError (413/415/400) otherwise."""
         edge.check_content_type(request.headers)
         limit = self.cfg.limits.max_body_bytes
-        cl = request.headers.get("content-length")
-        if cl is not None and cl.isdigit() and (len(cl) > 12 or int(cl) > limit):
+        cl = (request.headers.get("content-length") or "").lstrip("0") or "0"
+        if cl.isdigit() and (len(cl) > 12 or int(cl) > limit):
             raise EdgeError(413, f"request body over {limit} bytes", "body_too_large", "too_large")
         buf = bytearray()
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > limit:
-                raise EdgeError(413, f"request body over {limit} bytes", "body_too_large", "too_large")
+        try:
+            async with asyncio.timeout(self.cfg.limits.body_timeout_s):  # a trickled body cannot hold a slot
+                async for chunk in request.stream():
+                    buf += chunk
+                    if len(buf) > limit:
+                        raise EdgeError(413, f"request body over {limit} bytes", "body_too_large", "too_large")
+        except ClientDisconnect:
+            raise EdgeError(499, "the client left before its body was read", "client_gone", "client_gone") from None
+        except TimeoutError:
+            raise EdgeError(408, f"body: not received within {self.cfg.limits.body_timeout_s:g} s", "body_timeout",
+                            "body_timeout") from None
         return edge.parse_body(bytes(buf))
 
     # ---- endpoints -----------------------------------------------------------------------------------------

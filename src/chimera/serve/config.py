@@ -60,6 +60,7 @@ class Limits(_Strict):
     max_queue: int = Field(default=1000, ge=0)
     max_queue_per_model: int | None = Field(default=None, ge=0)  # default: max_queue
     max_body_bytes: int = Field(default=1_000_000, ge=1)
+    body_timeout_s: float = Field(default=30.0, gt=0)  # the whole body must arrive within this (else 408)
     request_timeout_s: float = Field(default=600.0, gt=0)
 
 

@@ -312,7 +312,7 @@ RAW_BODIES: list[tuple[str, bytes, bool]] = [
     ("invalid UTF-8", b'{"model":"small","prompt":"\xff\xfe"}', True),
     ("CESU-8 surrogate bytes", b'{"model":"small","prompt":"\xed\xa0\x80"}', True),
     ("UTF-8 BOM", b'\xef\xbb\xbf{"model":"small","prompt":"hi"}', False),
-    ("UTF-16", '{"model":"small","prompt":"hi"}'.encode("utf-16"), False),
+    ("UTF-16 (JSON on the wire is UTF-8: RFC 8259)", '{"model":"small","prompt":"hi"}'.encode("utf-16"), True),
     ("trailing garbage", b'{"model":"small","prompt":"hi"} x', True),
     ("two documents", b'{"model":"small","prompt":"hi"}{"a":1}', True),
     ("[ x 100000", b"[" * 100_000, True), ('{"a": x 5000', b'{"a":' * NEST, True),

@@ -51,6 +51,7 @@ from chimera.serve.trace import TraceStore
 log = logging.getLogger("chimera.serve")
 MAX_ATTEMPTS = 3  # the first try and up to 2 retries
 CHAT, COMPLETIONS, FEEDBACK = "/v1/chat/completions", "/v1/completions", "/v1/chimera/feedback"
+UPSTREAM_KEEPALIVE_S = 2.0
 UPSTREAM_LOGGERS = ("httpx", "httpcore")  # one INFO line per upstream call and probe: off unless asked for
 
 
@@ -198,7 +199,10 @@ class Gateway:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self.now()
         self._wall0 = time.time()
-        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=200))
+        # Idle upstream connections are dropped after 2 s, before the server's own keep-alive timeout (uvicorn's and
+        # vLLM's: 5 s); at equal timeouts a call could be sent on a connection the server is closing (ReadError).
+        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=200,
+                                                            keepalive_expiry=UPSTREAM_KEEPALIVE_S))
         await asyncio.to_thread(_count_tokens, "warm up")  # load the vocabulary before the first request
         if self.cfg.health.enabled:
             self.health_checker = HealthChecker([be for bes in self.sched.backends.values() for be in bes],

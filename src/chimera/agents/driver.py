@@ -9,6 +9,12 @@ is POSTed to `{base_url}/chimera/feedback` (a 404 from a non-Chimera endpoint is
 
 The summary is `chimera.sim.metrics.summarize(...)`, the same JSON as `chimera simulate`, with `"simulated": false`.
 Queue time is not observable from the client: `queue_s` is reported as 0 (see `queue_s_note`).
+
+For real engines (`chimera bench live --engine vllm`): `extra_body` adds request fields (`ignore_eos: true`, so a
+vLLM server returns exactly `max_tokens`); `tokenizer` (the server's tokenizer.json, ChatML chat template) makes the
+padding count the server's tokens instead of Qwen's, earlier outputs are carried trimmed to the tokens they were
+generated as (decoded noise re-tokenizes ~13% longer), and `max_model_len` caps `max_tokens` so that prompt +
+output fit. The summary then carries `length_check` (planned vs sent prompt tokens, calls shorter than asked).
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ class AgentConfig:
     timeout_s: float = 600.0
     feedback: bool = True
     pad_prompts: bool = True  # pad each request to the plan's prompt length (see _messages)
+    extra_body: dict = field(default_factory=dict)  # extra request fields, e.g. {"ignore_eos": True} for vLLM
+    tokenizer: str | None = None  # the server's tokenizer.json: pad and count in its tokens (ChatML template)
+    max_model_len: int | None = None  # cap max_tokens so that prompt + output fit the server's context
 
     def __post_init__(self) -> None:
         self.base_url = normalize_base_url(self.base_url)
@@ -73,6 +82,10 @@ class StageResult:
     model: str
     prompt_tokens: int
     completion_tokens: int
+    planned_prompt_tokens: int | None = None  # what the plan asked for (None: no padding)
+    sent_prompt_tokens: int | None = None  # counted with the server's tokenizer before sending (real engines)
+    max_tokens: int | None = None
+    capped: bool = False  # max_tokens cut so that prompt + output fit max_model_len
 
 
 @dataclass
@@ -145,13 +158,76 @@ def _messages(task: Task, stage: int, outputs: list[str], plan: WorkflowPlan,
     return msgs
 
 
+CHATML_OPEN, CHATML_CLOSE = "<|im_start|>", "<|im_end|>"
+
+
+class ServerTokens:
+    """Counts a chat prompt in a server's tokens: ChatML rendering (the random-weight models' chat template, what
+    vLLM applies before tokenizing) encoded with the server's tokenizer.json (`tokenizers`, no special tokens
+    added)."""
+
+    def __init__(self, path: str) -> None:
+        from tokenizers import Tokenizer
+
+        self.path = str(path)
+        self.tok = Tokenizer.from_file(self.path)
+
+    @staticmethod
+    def render(msgs: list[dict]) -> str:
+        return "".join(f"{CHATML_OPEN}{m['role']}\n{m['content']}{CHATML_CLOSE}\n" for m in msgs) + \
+            f"{CHATML_OPEN}assistant\n"
+
+    def count(self, msgs: list[dict]) -> int:
+        return len(self.tok.encode(self.render(msgs), add_special_tokens=False).ids)
+
+    def trim(self, text: str, n: int) -> str:
+        """`text` cut to its first n tokens (a decoded random-token output re-tokenizes longer than it was made)."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return text if len(ids) <= n else self.tok.decode(ids[:max(0, n)])
+
+    def pad(self, msgs: list[dict], target: int) -> int:
+        """Append filler to the newest message until the prompt is `target` tokens (when it is shorter); returns
+        the prompt's token count. A filler token is one token here too, so one re-count settles it."""
+        base = msgs[-1]["content"]
+        have, k = self.count(msgs), 0
+        for _ in range(3):
+            if have == target or (have > target and k == 0):
+                break
+            k = max(0, k + target - have)
+            msgs[-1]["content"] = base + FILLER * k
+            have = self.count(msgs)
+        return have
+
+
+def _server_messages(task: Task, stage: int, outputs: list[str], out_tokens: list[int], plan: WorkflowPlan,
+                     pad_to: int | None, counter: ServerTokens) -> tuple[list[dict], int]:
+    """As `_messages`, counted in the server's tokens: earlier outputs trimmed to the tokens they were generated as,
+    filler up to `pad_to`. Where the text alone is longer than `pad_to` (the task text in a small-vocabulary
+    tokenizer, the chat template's markers), the task text is cut, then the observation notes are emptied: the
+    server prefills the planned length. Returns (messages, prompt tokens as the server will count them)."""
+    carried = [counter.trim(t, n) for t, n in zip(outputs, out_tokens)]
+    msgs = _messages(task, stage, carried, plan, None)
+    if pad_to is None:
+        return msgs, counter.count(msgs)
+    have = counter.count(msgs)
+    if have > pad_to:
+        ids = counter.tok.encode(msgs[0]["content"], add_special_tokens=False).ids
+        msgs[0]["content"] = counter.tok.decode(ids[:max(1, len(ids) - (have - pad_to))])
+        have = counter.count(msgs)
+        if have > pad_to:
+            for m in msgs[2::2]:  # the observation notes between outputs
+                m["content"] = ""
+    return msgs, counter.pad(msgs, pad_to)
+
+
 def _reason(e: BaseException, stage: int) -> str:
     msg = str(e).strip() or type(e).__name__
     return f"stage {stage}: {type(e).__name__}: {msg}"[:500]
 
 
 async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: str, plan: WorkflowPlan, task: Task,
-                        model: str, arrival: float, t0: float, run: AgentRun, per_model: dict) -> WorkflowRecord:
+                        model: str, arrival: float, t0: float, run: AgentRun, per_model: dict,
+                        counter: ServerTokens | None = None) -> WorkflowRecord:
     outputs: list[str] = []
     out_tokens: list[int] = []
     served: list[str] = []
@@ -161,12 +237,19 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
     try:
         for stage in range(plan.n_stages):
             headers = {"X-Chimera-Workflow-Id": wid, "X-Chimera-Stage": str(stage), "X-Chimera-Task-Id": task.id}
+            want = plan.prompt_tokens(stage, out_tokens) if cfg.pad_prompts else None
+            max_tokens = _max_tokens(plan, stage, model)
+            sent, capped = None, False
+            if counter is not None:
+                msgs, sent = _server_messages(task, stage, outputs, out_tokens, plan, want, counter)
+            else:
+                msgs = _messages(task, stage, outputs, plan, want)
+            if cfg.max_model_len is not None and sent is not None and sent + max_tokens > cfg.max_model_len:
+                max_tokens, capped = max(1, cfg.max_model_len - sent), True
+            body = {"chimera": {"workflow_id": wid, "stage": stage, "task_id": task.id}}
+            body.update(cfg.extra_body)
             raw = await client.chat.completions.with_raw_response.create(
-                model=model, messages=_messages(task, stage, outputs, plan,
-                                                plan.prompt_tokens(stage, out_tokens) if cfg.pad_prompts else None),
-                max_tokens=_max_tokens(plan, stage, model),
-                extra_body={"chimera": {"workflow_id": wid, "stage": stage, "task_id": task.id}},
-                extra_headers=headers)
+                model=model, messages=msgs, max_tokens=max_tokens, extra_body=body, extra_headers=headers)
             r = raw.parse()
             text = (r.choices[0].message.content or "") if r.choices else ""
             got = served_model(r.model, raw.headers, model)
@@ -180,7 +263,7 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
             outputs.append(text)
             out_tokens.append(ct)
             served.append(got)
-            stages.append(StageResult(stage, got, pt, ct))
+            stages.append(StageResult(stage, got, pt, ct, want, sent, max_tokens, capped))
             if stage < plan.n_stages - 1 and plan.tool_s[stage] > 0:
                 await asyncio.sleep(plan.tool_s[stage] / cfg.time_scale)
     except asyncio.CancelledError:
@@ -207,11 +290,14 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
 
 
 async def run_agents(tasks: Sequence[Task], cfg: AgentConfig, n: int | None = None,
-                     on_record: Callable[[WorkflowRecord], None] | None = None) -> AgentRun:
-    """Run n workflows (default: one per task) and summarize them."""
+                     on_record: Callable[[WorkflowRecord], None] | None = None,
+                     workflows: Sequence[tuple[str, WorkflowPlan, Task]] | None = None) -> AgentRun:
+    """Run n workflows (default: one per task) and summarize them. `workflows` (from `make_workflows`, possibly
+    transformed, e.g. lengths scaled for a CPU engine) replaces the plans built from `tasks`."""
     from openai import AsyncOpenAI
 
-    workflows = make_workflows(tasks, n, cfg.seed)
+    workflows = list(workflows) if workflows is not None else make_workflows(tasks, n, cfg.seed)
+    counter = ServerTokens(cfg.tokenizer) if cfg.tokenizer else None
     run = AgentRun(summary={}, records=[])
     per_model: dict[str, dict[str, int]] = {m: {"calls": 0, "tokens": 0, "prompt_tokens": 0}
                                             for m in cfg.models if m != DEFAULT_MODEL}
@@ -229,7 +315,8 @@ async def run_agents(tasks: Sequence[Task], cfg: AgentConfig, n: int | None = No
 
         async def one(i: int, arrival: float) -> None:
             wid, plan, task = workflows[i]
-            rec = await _run_workflow(client, http, cfg, wid, plan, task, models[i], arrival, t0, run, per_model)
+            rec = await _run_workflow(client, http, cfg, wid, plan, task, models[i], arrival, t0, run, per_model,
+                                      counter)
             run.records.append(rec)
             if on_record is not None:
                 on_record(rec)
@@ -273,9 +360,30 @@ async def run_agents(tasks: Sequence[Task], cfg: AgentConfig, n: int | None = No
         "failures": failures,
         "feedback_sent": run.feedback_sent,
     }
+    if counter is not None or cfg.extra_body or cfg.max_model_len is not None:
+        extra["length_check"] = length_check(run.stages)
     policy = cfg.models[0] if len(cfg.models) == 1 else "round-robin:" + ",".join(cfg.models)
     run.summary = summarize(policy, run.records, per_model, wall, extra)
     return run
+
+
+def length_check(stages: dict[str, list[StageResult]]) -> dict:
+    """Did the server get and produce what the plan asked for? Prompt tokens planned / sent (server tokenizer) /
+    reported (usage), calls that returned fewer tokens than max_tokens, calls whose max_tokens was capped."""
+    sts = [st for v in stages.values() for st in v]
+    planned = sum(st.planned_prompt_tokens or 0 for st in sts if st.planned_prompt_tokens is not None)
+    reported_p = sum(st.prompt_tokens for st in sts if st.planned_prompt_tokens is not None)
+    return {
+        "calls": len(sts),
+        "prompt_tokens_planned": planned,
+        "prompt_tokens_sent": sum(st.sent_prompt_tokens or 0 for st in sts),
+        "prompt_tokens_reported": sum(st.prompt_tokens for st in sts),
+        "prompt_reported_over_planned": (reported_p / planned) if planned else None,
+        "output_tokens_asked": sum(st.max_tokens or 0 for st in sts),
+        "output_tokens_reported": sum(st.completion_tokens for st in sts),
+        "short_calls": sum(1 for st in sts if st.max_tokens is not None and st.completion_tokens < st.max_tokens),
+        "capped_calls": sum(1 for st in sts if st.capped),
+    }
 
 
 def run_agents_sync(tasks: Sequence[Task], cfg: AgentConfig, n: int | None = None,

@@ -7,6 +7,13 @@ driver's interpreter. Live run against emulated backends (engine model), not rea
 
 Fidelity: the simulator replays the same workflows at the same arrival times (scaled back by the time scale) under
 the policy the gateway ran, and its latencies, throughput and accuracy are set beside the live ones.
+
+`engine="vllm"` (`--engine vllm`): the backends are real vLLM CPU servers instead (chimera.engines.vllm: `tiny` and
+`wide`, random-weight models, one core each), fresh per contender, in real time (time scale 1). Both servers are
+profiled once at the start (`chimera profile`, or PROFILE.yaml files given with `profiles`), and the simulator's
+prediction of each run uses the cluster built from those profiles. Lengths are model-independent (the client sets
+`max_tokens` before the gateway picks a model; `ignore_eos` makes it exact) and can be scaled to fit the CPU's speed.
+The CPU time of every process (servers, gateway, driver) is recorded over each run. See docs/live.md.
 """
 
 from __future__ import annotations
@@ -14,19 +21,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from chimera.bench.litellm_proxy import GROUP, STRATEGIES, litellm_config, litellm_proxy
 from chimera.bench.procs import Spawned, chimera_cmd, spawned, wait_ready
 from chimera.serve.threaded import free_port
 from chimera.workload.schema import Task
 
-LABEL = "live run against emulated backends (engine model), not real GPUs"
+LABELS = {
+    "emulate": "live run against emulated backends (engine model), not real GPUs",
+    "vllm": "live, real vLLM (CPU build), random-weight models; task scores from the workload's outcome table",
+}
+LABEL = LABELS["emulate"]  # the default engine's; LiveBenchConfig.label is the configured engine's
+ENGINES = tuple(LABELS)
+REAL_MODELS = ("tiny", "wide")  # real vLLM servers, weakest-mapped first: tiny <- weakest, wide <- strongest
+REAL_MAX_MODEL_LEN = 2048  # the servers' --max-model-len (../shared/real-engines/README.md)
+REAL_MAX_NUM_BATCHED_TOKENS = 2048  # set explicitly on the servers and in their profiles
+CONTEXT_MARGIN = 16  # tokens of max_model_len kept free beside each planned call
 MODELS = {"qwen2.5-1.5b": "qwen2.5-1.5b@a6000", "qwen2.5-7b": "qwen2.5-7b@a6000",
           "qwen2.5-14b": "qwen2.5-14b@a6000"}  # served name -> engine profile, smallest first
 DEFAULT_LAM = 0.05
@@ -90,6 +107,53 @@ class LiveBenchConfig(BaseModel):
     overhead_rates: list[float] = Field(default_factory=lambda: [50.0, 100.0])
     overhead_duration_s: float = Field(default=3.0, gt=0)
     litellm: str | None = None  # path to the litellm executable
+    # ---- engine "vllm" only (real vLLM CPU servers); see docs/live.md
+    engine: Literal["emulate", "vllm"] = "emulate"
+    real_models: list[str] = Field(default_factory=lambda: list(REAL_MODELS), min_length=1)  # weakest-mapped first
+    length_scale: float = Field(default=1.0, gt=0)  # × the plan's output tokens
+    prompt_scale: float | None = Field(default=None, gt=0)  # × the plan's prompt tokens (default: length_scale)
+    tool_scale: float = Field(default=1.0, ge=0)  # × the plan's tool sleeps
+    max_inflight: int = Field(default=32, ge=1)  # per backend: gateway admission = the server's --max-num-seqs
+    kv_cache_gib: int = Field(default=2, ge=1)  # VLLM_CPU_KVCACHE_SPACE per server
+    priority: bool = True  # servers run --scheduling-policy priority (every contender: the same servers)
+    profiles: str | None = None  # a folder with NAME.yaml from `chimera profile`: skip profiling, use these
+    profile_mode: Literal["together", "alone"] = "together"  # both servers measured at once, or one by one
+    profile_rounds: int = Field(default=2, ge=1)
+    profile_concurrency: str = "1,2,4,8,16,32"
+    models_dir: str | None = None  # default: chimera.engines.vllm.DEFAULT_MODELS (out/models)
+    venv: str | None = None  # default: .venv-vllm
+
+    @model_validator(mode="before")
+    @classmethod
+    def _real_time(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("time_scale") is None:  # not given: 5 emulated, 1 (real time) for vLLM
+            v = {k: x for k, x in v.items() if k != "time_scale"}
+            if v.get("engine") == "vllm":
+                v["time_scale"] = 1.0
+        return v
+
+    @model_validator(mode="after")
+    def _engine_options(self) -> "LiveBenchConfig":
+        if self.engine == "vllm":
+            if self.time_scale != 1.0:
+                raise ValueError(f"time_scale: real vLLM servers run in real time (1), got {self.time_scale:g}; "
+                                 "scale the work with length_scale / tool_scale instead")
+            if len(set(self.real_models)) != len(self.real_models):
+                raise ValueError(f"real_models must be distinct, got {self.real_models}")
+        else:
+            given = {k: getattr(self, k) for k in ("length_scale", "tool_scale") if getattr(self, k) != 1.0}
+            if self.prompt_scale is not None:
+                given["prompt_scale"] = self.prompt_scale
+            if self.profiles is not None:
+                given["profiles"] = self.profiles
+            if given:
+                raise ValueError(f"{', '.join(given)}: only with engine 'vllm' (the emulated cluster replays the "
+                                 "workload's lengths)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.engine]
 
     @field_validator("contenders")
     @classmethod
@@ -107,11 +171,13 @@ class LiveBenchConfig(BaseModel):
 
 
 # ---- the workload on the emulated cluster -------------------------------------------------------------------------
-def to_emulated_models(tasks: Sequence[Task]) -> tuple[list[Task], dict[str, str]]:
-    """Tasks whose outcomes name the three emulated models. A workload that already does is kept; otherwise its
-    three most-covered models, ranked by mean score (weakest -> 1.5B, strongest -> 14B), are renamed, and tasks
-    lacking any of them are dropped. Returns (tasks, {emulated name: workload model})."""
-    names = list(MODELS)
+def to_served_models(tasks: Sequence[Task], names: Sequence[str], what: str = "emulated"
+                     ) -> tuple[list[Task], dict[str, str]]:
+    """Tasks whose outcomes name the cluster's models `names` (ordered for the weakest workload model first). A
+    workload that already names them is kept; otherwise its max(N, 3) most-covered models are ranked by mean score
+    and N of them, evenly spread over that ranking (weakest -> names[0], strongest -> names[-1]), are renamed;
+    tasks lacking any of them are dropped. Returns (tasks, {served name: workload model})."""
+    names = list(names)
     if all(all(m in t.outcomes for m in names) for t in tasks):
         return list(tasks), {m: m for m in names}
     cover: dict[str, list[float]] = {}
@@ -119,19 +185,27 @@ def to_emulated_models(tasks: Sequence[Task]) -> tuple[list[Task], dict[str, str
         for m, o in t.outcomes.items():
             cover.setdefault(m, []).append(o.score)
     if len(cover) < len(names):
-        raise ValueError(f"the workload names {len(cover)} model(s); the emulated cluster needs {len(names)}")
-    top = sorted(cover, key=lambda m: (-len(cover[m]), m))[: len(names)]
+        raise ValueError(f"the workload names {len(cover)} model(s); the {what} cluster needs {len(names)}")
+    top = sorted(cover, key=lambda m: (-len(cover[m]), m))[: max(len(names), 3)]
     ranked = sorted(top, key=lambda m: float(np.mean(cover[m])))
-    mapping = dict(zip(names, ranked))
+    k, n = len(names), len(ranked)
+    picked = [ranked[round(i * (n - 1) / (k - 1))] for i in range(k)] if k > 1 else [ranked[-1]]
+    mapping = dict(zip(names, picked))
     out = []
     for t in tasks:
-        if all(w in t.outcomes for w in ranked):
+        if all(w in t.outcomes for w in picked):
             stages = {e: t.stages[w] for e, w in mapping.items() if t.stages and w in t.stages} or None
             out.append(t.model_copy(update={"outcomes": {e: t.outcomes[w] for e, w in mapping.items()},
                                             "stages": stages}))
     if not out:
-        raise ValueError(f"no task of the workload has outcomes for all of {', '.join(ranked)}")
+        raise ValueError(f"no task of the workload has outcomes for all of {', '.join(picked)}")
     return out, mapping
+
+
+def to_emulated_models(tasks: Sequence[Task]) -> tuple[list[Task], dict[str, str]]:
+    """Tasks whose outcomes name the three emulated models (weakest -> 1.5B, strongest -> 14B); see
+    `to_served_models`."""
+    return to_served_models(tasks, list(MODELS), "emulated")
 
 
 def arrival_rate(tasks: Sequence[Task], load: float, time_scale: float) -> float:
@@ -194,6 +268,9 @@ class ContenderRun:
     summary: dict[str, Any]
     sim: dict[str, Any] | None = None  # the simulator's prediction of the same run
     fidelity: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, Any] | None = None  # real engine: CPU seconds per process over the run (bench.proc_cpu)
+    server_metrics: dict[str, Any] | None = None  # real engine: vLLM counters over the run, per server
+    servers: list[dict[str, Any]] | None = None  # real engine: the servers (pid, core, start-up time, log)
 
 
 def run_contender(c: Contender, tasks: Sequence[Task], workload_file: Path, cfg: LiveBenchConfig, rate: float,
@@ -221,10 +298,13 @@ def run_contender(c: Contender, tasks: Sequence[Task], workload_file: Path, cfg:
 
 
 # ---- the simulator's prediction of the same run -------------------------------------------------------------------
-def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig, rate: float) -> dict[str, Any] | None:
+def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig, rate: float,
+                      cluster=None, workflows: Sequence[tuple[str, Any, Task]] | None = None) -> dict[str, Any] | None:
     """The simulator on the driver's workflows and arrival times (× time scale), under the contender's policy with
     the gateway's untrained priors (size-ranked confidence; per-stage mean lengths, which the gateway's running
-    means converge to). Latencies and throughput are returned in live (time-scaled) units."""
+    means converge to). Latencies and throughput are returned in live (time-scaled) units. `cluster` (default: the
+    emulated A6000 cluster) and `workflows` (default: the plans built from `tasks`) are what the real engine uses:
+    the cluster built from the measured profiles and the length-scaled plans."""
     from chimera.agents.driver import make_workflows
     from chimera.engine.profiles import default_cluster
     from chimera.predict.priors import StageMeanLength
@@ -236,8 +316,8 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
     pol_name = c.sim_policy
     if pol_name is None:
         return None
-    wfs = make_workflows(tasks, cfg.tasks, cfg.seed)
-    runtimes = build_runtimes(default_cluster())
+    wfs = list(workflows) if workflows is not None else make_workflows(tasks, cfg.tasks, cfg.seed)
+    runtimes = build_runtimes(cluster if cluster is not None else default_cluster())
     names = [r.info.name for r in runtimes]
     conf = SizePriorConfidence([r.info for r in runtimes])
     length = StageMeanLength(names).fit([p for _, p, _ in wfs])
@@ -271,6 +351,479 @@ def fidelity(sim: dict[str, Any], live: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+# ---- the workload on real vLLM CPU servers ------------------------------------------------------------------------
+@dataclass
+class ScaleReport:
+    """What scaling the plans for the real engine did (reported in results.json `engine.workload`)."""
+
+    length_scale: float
+    prompt_scale: float
+    tool_scale: float
+    max_model_len: int
+    calls: int = 0
+    capped_calls: int = 0  # output (or, rarely, the prompt) cut so that prompt + output + margin fit max_model_len
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+def scale_plan(plan, models: Sequence[str], length_scale: float, prompt_scale: float, tool_scale: float,
+               max_model_len: int, report: ScaleReport | None = None, margin: int = CONTEXT_MARGIN):
+    """The plan as the real engine runs it: per-stage output tokens the same for every model (the client sets
+    `max_tokens` before the gateway picks the model; `ignore_eos` makes it exact): the mean over `models` of the
+    plan's outputs × `length_scale`; fixed prompt parts × `prompt_scale`; tool sleeps × `tool_scale`; each call's
+    prompt + output within `max_model_len` − `margin` (the output is cut, then the prompt). Scores are the plan's."""
+    from chimera.workload.plan import WorkflowPlan
+
+    n = plan.n_stages
+    common = [max(1, round(length_scale * float(np.mean([plan.output_tokens(i, m) for m in models]))))
+              for i in range(n)]
+    fixed = [max(1, round(prompt_scale * f)) for f in plan._pfixed]
+    lo = plan._plo
+    for i in range(n):
+        prompt = fixed[i] + (sum(common[lo[i]:i]) if lo[i] != i else 0)
+        room = max_model_len - margin - prompt
+        if room < common[i]:
+            if room >= 1:
+                common[i] = room
+            else:
+                fixed[i] = max(1, fixed[i] - (1 - room))
+                common[i] = 1
+            if report is not None:
+                report.capped_calls += 1
+        if report is not None:
+            report.calls += 1
+            report.output_tokens += common[i]
+            report.prompt_tokens += fixed[i] + (sum(common[lo[i]:i]) if lo[i] != i else 0)
+    outs = tuple(common)
+    return WorkflowPlan(
+        task_id=plan.task_id, kind=plan.kind, tool_s=tuple(t * tool_scale for t in plan.tool_s),
+        stage_shares=plan.stage_shares, cum_shares=plan._cum, stage_roles=plan.stage_roles,
+        observation_tokens=tuple(round(o * prompt_scale) for o in plan.observation_tokens),
+        prompt_fixed=tuple(fixed), prompt_lo=lo, scores={m: plan._scores[m] for m in models},
+        totals={m: sum(outs) for m in models}, real={m: outs for m in models}, rule=plan.rule)
+
+
+def real_workflows(tasks: Sequence[Task], cfg: LiveBenchConfig) -> tuple[list[tuple[str, Any, Task]], ScaleReport]:
+    """The driver's workflows (`make_workflows`: same ids, plans and order) with plans scaled for the real engine."""
+    from chimera.agents.driver import make_workflows
+
+    ps = cfg.prompt_scale if cfg.prompt_scale is not None else cfg.length_scale
+    rep = ScaleReport(cfg.length_scale, ps, cfg.tool_scale, REAL_MAX_MODEL_LEN)
+    cache: dict[int, Any] = {}
+    out = []
+    for wid, plan, task in make_workflows(tasks, cfg.tasks, cfg.seed):
+        if id(plan) not in cache:
+            cache[id(plan)] = scale_plan(plan, cfg.real_models, cfg.length_scale, ps, cfg.tool_scale,
+                                         REAL_MAX_MODEL_LEN, rep)
+        out.append((wid, cache[id(plan)], task))
+    return out, rep
+
+
+def capacity_of(runtimes, workflows: Sequence[tuple[str, Any, Task]]) -> float:
+    """Load 1.0 on a given cluster and set of workflows: the throughput round-robin sustains when saturated, in
+    the simulator (as `bench.sweep.capacity_workflows_per_s`: a closed loop with twice as many agents as batch
+    slots, workflows per second over the middle half of the run)."""
+    from chimera.sched.registry import make_policy
+    from chimera.sim.simulator import Simulator
+
+    agents = min(3000, 2 * sum(r.info.max_inflight for r in runtimes))
+    wfs = [(f"{w}~cap{k}", p, t.prompt) for k in range(-(-3 * agents // len(workflows)))
+           for w, p, t in workflows][: 3 * agents]
+    sim = Simulator(runtimes, make_policy("vllm"), wfs, agents=agents)
+    sim.run()
+    ends = sorted(r.end_s for r in sim.records)
+    lo, hi = len(ends) // 4, (3 * len(ends)) // 4
+    return (hi - lo) / max(ends[hi] - ends[lo], 1e-9)
+
+
+def real_server_specs(cfg: LiveBenchConfig) -> list:
+    """The servers every contender (and the profiling) gets: one model and one core each."""
+    from chimera.engines.vllm import ServerSpec
+
+    return [ServerSpec(m, priority=cfg.priority, max_num_seqs=cfg.max_inflight, kv_cache_gib=cfg.kv_cache_gib,
+                       max_model_len=REAL_MAX_MODEL_LEN,
+                       extra_args=["--max-num-batched-tokens", str(REAL_MAX_NUM_BATCHED_TOKENS)])
+            for m in cfg.real_models]
+
+
+IPC_PATH_MAX = 107  # bytes of a unix socket path (sockaddr_un.sun_path): vLLM's ZMQ sockets live in the state dir
+
+
+def server_workdir(workdir: Path, names: Sequence[str]) -> Path:
+    """Where the servers keep their state (temp dirs, ZMQ sockets, caches, logs): `workdir/srv`, unless a socket
+    path there would pass the unix limit (deep or non-ASCII folders, e.g. pytest's): then a short folder under
+    chimera.engines.vllm.DEFAULT_WORKDIR (out/engines/live-HASH), never /tmp."""
+    import hashlib
+
+    from chimera.engines.vllm import DEFAULT_WORKDIR
+
+    wd = (Path(workdir) / "srv").resolve()
+    longest = max(len(os.fsencode(f"/servers/{i}-{n}/rpc/")) for i, n in enumerate(names)) + 36  # + a uuid4
+    if len(os.fsencode(str(wd))) + longest <= IPC_PATH_MAX:
+        return wd
+    return Path(DEFAULT_WORKDIR).resolve() / f"live-{hashlib.sha1(os.fsencode(str(wd))).hexdigest()[:10]}"
+
+
+def _cluster_kwargs(cfg: LiveBenchConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {"start_timeout_s": 300.0}
+    if cfg.models_dir:
+        kw["models_dir"] = Path(cfg.models_dir)
+    if cfg.venv:
+        kw["venv"] = Path(cfg.venv)
+    return kw
+
+
+def check_real_setup(cfg: LiveBenchConfig) -> dict[str, Path]:
+    """Fail before anything starts: the vLLM venv and every model folder exist. Returns {name: model folder}."""
+    from chimera.engines.vllm import DEFAULT_MODELS, DEFAULT_VENV, model_dir, vllm_python
+
+    vllm_python(Path(cfg.venv) if cfg.venv else DEFAULT_VENV)
+    return {m: model_dir(m, Path(cfg.models_dir) if cfg.models_dir else DEFAULT_MODELS) for m in cfg.real_models}
+
+
+def params_b(model_folder: Path) -> float | None:
+    """Parameters (billions) of a model built by chimera.engines.models (ranks model sizes for the policies)."""
+    try:
+        return json.loads((model_folder / "chimera-model.json").read_text())["parameters"] / 1e9
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+EXPORT_TOKENIZER = ("import sys\nfrom transformers import AutoTokenizer\n"
+                    "AutoTokenizer.from_pretrained(sys.argv[1]).backend_tokenizer.save(sys.argv[2])\n")
+
+
+def server_tokenizer(folders: dict[str, Path], out: Path, venv: str | None = None) -> tuple[Path, str]:
+    """The tokenizer the servers really use, as a tokenizers JSON the driver pads prompts with: exported by the vLLM
+    venv's transformers (which gives a `qwen2` model Qwen2's pre-tokenizer and NFC, not the plain byte-level one
+    saved in tokenizer.json: digits and punctuation split differently). Every server must use the same one.
+    Falls back to the folder's tokenizer.json (noted) where the export fails. Returns (path, how)."""
+    import subprocess
+
+    from chimera.engines.vllm import DEFAULT_VENV, vllm_python
+
+    py = vllm_python(Path(venv) if venv else DEFAULT_VENV)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out.mkdir(parents=True, exist_ok=True)
+    paths, how = [], "exported by the vLLM venv's transformers (what the servers tokenize with)"
+    first: Path | None = None
+
+    def same_files(a: Path, b: Path) -> bool:  # the tokenizer files and the model type (it picks the pre-tokenizer)
+        def model_type(d: Path) -> Any:
+            with contextlib.suppress(OSError, ValueError):
+                return json.loads((d / "config.json").read_text()).get("model_type")
+            return None
+
+        return model_type(a) == model_type(b) is not None and all(
+            (a / f).is_file() and (b / f).is_file() and (a / f).read_bytes() == (b / f).read_bytes()
+            for f in ("tokenizer.json", "tokenizer_config.json"))
+
+    for name, folder in folders.items():
+        if first is not None and paths and same_files(first, folder):  # same files: the same export
+            paths.append(paths[0])
+            continue
+        first = first or folder
+        dest = out / f"server-tokenizer-{name}.json"
+        r = subprocess.run([str(py), "-c", EXPORT_TOKENIZER, str(folder), str(dest)], env=env, capture_output=True,
+                           timeout=300)
+        if r.returncode != 0 or not dest.is_file():
+            dest, how = folder / "tokenizer.json", (f"{folder}/tokenizer.json (export failed: "
+                                                    f"{r.stderr.decode(errors='replace').strip()[-200:]})")
+            if not dest.is_file():
+                raise FileNotFoundError(f"no tokenizer.json in {folder}")
+        paths.append(dest)
+    for q in paths[1:]:
+        if q.read_bytes() != paths[0].read_bytes():
+            raise ValueError(f"the servers' tokenizers differ ({paths[0]} vs {q}); prompt padding needs one")
+    return paths[0], how
+
+
+def profile_command(server, out: Path, cfg: LiveBenchConfig, size_b: float | None) -> list[str]:
+    """The pluggable profiling step: `chimera profile` against one running server, writing `out` (PROFILE.yaml).
+
+    Replace this (or pass `profiles`) to plug in another way of measuring; what the benchmark needs is a profile
+    file per server that a cluster file can load as `profile_file:`."""
+    from chimera.bench.procs import chimera_cmd
+
+    cmd = chimera_cmd("profile", "--base-url", server.base_url, "--model", server.served_model_name,
+                      "--out", str(out), "--json", str(out.with_suffix(".json")),
+                      "--max-num-seqs", str(cfg.max_inflight),
+                      "--max-num-batched-tokens", str(REAL_MAX_NUM_BATCHED_TOKENS),
+                      "--gpu", f"cpu-core-{server.core}-vllm-cpu", "--rounds", str(cfg.profile_rounds),
+                      "--concurrency", cfg.profile_concurrency)
+    if size_b is not None:
+        cmd += ["--params-b", f"{size_b:.6g}"]
+    return cmd
+
+
+def _run_all(cmds: dict[str, list[str]], logs: dict[str, Path], together: bool, timeout_s: float = 900.0) -> dict:
+    """Run the commands (in parallel if `together`), each in its own process group, logging to its file; every
+    one is stopped by its own handle if anything fails. Returns {name: seconds}."""
+    import signal
+    import subprocess
+    import time
+
+    procs: dict[str, subprocess.Popen] = {}
+    t0: dict[str, float] = {}
+    took: dict[str, float] = {}
+    fhs = []
+
+    def start(name: str) -> None:
+        fh = open(logs[name], "wb")
+        fhs.append(fh)
+        t0[name] = time.monotonic()
+        procs[name] = subprocess.Popen(cmds[name], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                       stdin=subprocess.DEVNULL)
+
+    def finish(name: str) -> None:
+        try:
+            rc = procs[name].wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{' '.join(cmds[name][3:6])}: no result after {timeout_s:.0f} s; see {logs[name]}")
+        took[name] = time.monotonic() - t0[name]
+        if rc != 0:
+            tail = "\n".join(logs[name].read_text(errors="replace").splitlines()[-8:])
+            raise RuntimeError(f"profiling {name} failed (exit {rc}); see {logs[name]}:\n{tail}")
+
+    try:
+        if together:
+            for n in cmds:
+                start(n)
+            for n in cmds:
+                finish(n)
+        else:
+            for n in cmds:
+                start(n)
+                finish(n)
+    finally:
+        for pr in procs.values():
+            if pr.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pr.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    pr.wait(10)
+                if pr.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pr.pid, signal.SIGKILL)
+                    pr.wait(5)
+        for fh in fhs:
+            fh.close()
+    return took
+
+
+def profile_real_servers(cfg: LiveBenchConfig, folders: dict[str, Path], out: Path,
+                         on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fresh servers (the contenders' settings), each measured by `chimera profile` (both at once with
+    profile_mode "together": the conditions of a run, where both are busy and the client shares the cores), then
+    stopped. Returns {"paths": {name: PROFILE.yaml}, "seconds": {...}, "startup_s": {...}, "mode": ...}."""
+    from chimera.engines.vllm import vllm_cluster
+
+    out.mkdir(parents=True, exist_ok=True)
+    if on_stage is not None:
+        on_stage(f"profiling {', '.join(cfg.real_models)} ({cfg.profile_mode})")
+    with vllm_cluster(real_server_specs(cfg), workdir=server_workdir(out, cfg.real_models),
+                      **_cluster_kwargs(cfg)) as cl:
+        paths = {s.served_model_name: out / f"{s.served_model_name}.yaml" for s in cl}
+        cmds = {s.served_model_name: profile_command(s, paths[s.served_model_name], cfg,
+                                                     params_b(folders[s.served_model_name])) for s in cl}
+        took = _run_all(cmds, {n: out / f"{n}.log" for n in cmds}, cfg.profile_mode == "together")
+        startup = {s.served_model_name: s.startup_s for s in cl}
+    return {"paths": {n: str(p) for n, p in paths.items()}, "seconds": took, "startup_s": startup,
+            "mode": cfg.profile_mode, "measured": True}
+
+
+def given_profiles(cfg: LiveBenchConfig) -> dict[str, Any]:
+    """Profiles from `cfg.profiles` (NAME.yaml per real model), instead of measuring."""
+    d = Path(cfg.profiles or "")
+    paths = {m: d / f"{m}.yaml" for m in cfg.real_models}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"profiles: no {', '.join(missing)} (write them with `chimera profile --out`, or "
+                                "leave --profiles out to measure the servers first)")
+    return {"paths": {n: str(p) for n, p in paths.items()}, "mode": "given", "measured": False}
+
+
+def profiled_cluster(paths: dict[str, str], cfg: LiveBenchConfig):
+    """The simulated cluster: one model per profile file, batch limit and token budget as the servers run them."""
+    from chimera.engine.profiles import cluster_from_dict
+
+    return cluster_from_dict({"models": [
+        {"profile_file": str(Path(p).resolve()), "name": n, "max_num_seqs": cfg.max_inflight,
+         "max_num_batched_tokens": REAL_MAX_NUM_BATCHED_TOKENS} for n, p in paths.items()]},
+        source="profiled cluster")
+
+
+def profile_summary(paths: dict[str, str], cfg: LiveBenchConfig) -> dict[str, dict[str, Any]]:
+    """Per profile: the fitted coefficients, the fit's RMS error and what the fit predicts at batch 1 and 32."""
+    import yaml
+
+    from chimera.engine.perf import StepTimeModel
+
+    cl = profiled_cluster(paths, cfg)
+    out = {}
+    for spec in cl.models:
+        doc = yaml.safe_load(Path(paths[spec.name]).read_text())
+        perf = StepTimeModel(spec)
+        rep = doc.get("fit_report") or {}
+        fitted = {k: v for k, v in doc["fitted"].items() if k != "source"}
+        out[spec.name] = {
+            "file": paths[spec.name], "fitted": fitted, "rms_relative_error": rep.get("rms_relative_error"),
+            "notes": rep.get("notes", []), "source": doc["fitted"].get("source"),
+            "tpot_ms_c1": 1e3 * perf.step_time(1, 300, 0), "tok_s_c32": 32 / perf.step_time(32, 32 * 300, 0),
+            "prefill_tok_s_1024": 1024 / perf.prefill_time(1024),
+        }
+    return out
+
+
+def _scrape_servers(servers) -> dict[str, dict[str, float]]:
+    """A few vLLM counters per server (prompt/generation tokens, preemptions, prefix-cache queries and hits)."""
+    import httpx
+
+    from chimera.profiling.metrics import parse_prometheus
+
+    names = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",
+             "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:request_success_total")
+    out = {}
+    for s in servers:
+        vals = {n: 0.0 for n in names}
+        with contextlib.suppress(httpx.HTTPError):
+            text = httpx.get(s.url + "/metrics", timeout=10).text
+            for n, lab, v in parse_prometheus(text):
+                if n in vals and lab.get("model_name") in (None, s.served_model_name):
+                    vals[n] += v
+        out[s.served_model_name] = vals
+    return out
+
+
+def _metrics_delta(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for m, vals in b.items():
+        d = {k.removeprefix("vllm:").removesuffix("_total"): v - a.get(m, {}).get(k, 0.0) for k, v in vals.items()}
+        q = d.get("prefix_cache_queries", 0.0)
+        d["prefix_cache_hit_pct"] = 100.0 * d.get("prefix_cache_hits", 0.0) / q if q else 0.0
+        out[m] = d
+    return out
+
+
+@contextlib.contextmanager
+def real_chimera_gateway(c: Contender, servers, profiles: dict[str, str], cfg: LiveBenchConfig, workdir: Path):
+    """`chimera serve` in front of real vLLM servers: speeds from their measured profiles, `priority: true` where
+    the server runs the priority policy, admission per backend = the server's max_num_seqs."""
+    from chimera.bench.procs import chimera_cmd, spawned
+
+    port = free_port()
+    pol: dict[str, Any] = {"name": c.strategy}
+    if c.lam is not None:
+        pol["lam"] = c.lam
+    trace = workdir / "traces.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(trace) + suffix).unlink(missing_ok=True)
+    gw = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "policy": pol,
+        "trace_store": str(trace),
+        "backends": [{"name": f"{s.served_model_name}-0", "model": s.served_model_name, "base_url": s.base_url,
+                      "profile": str(Path(profiles[s.served_model_name]).resolve()), "max_inflight": cfg.max_inflight,
+                      "priority": bool(s.spec.priority)} for s in servers],
+        "limits": {"request_timeout_s": 600, "max_queue": 100000},
+    }
+    path = workdir / "gateway.yaml"
+    path.write_text(json.dumps(gw, indent=1))  # JSON is YAML
+    with spawned("chimera gateway", chimera_cmd("serve", "--config", str(path)), port, "/health",
+                 workdir / "gateway.log") as sp:
+        yield sp
+
+
+def run_real_contender(c: Contender, tasks: Sequence[Task], workflows: Sequence[tuple[str, Any, Task]],
+                       cfg: LiveBenchConfig, rate: float, profiles: dict[str, str], tokenizer: Path, workdir: Path,
+                       on_record: Callable | None = None) -> ContenderRun:
+    """Fresh vLLM servers and gateway for `c`, then the agents; the live summary plus each process's CPU time and
+    the servers' counters over the agents' run."""
+    from chimera.agents.driver import AgentConfig, run_agents
+    from chimera.bench.proc_cpu import cpu_delta, snapshot
+    from chimera.engines.vllm import vllm_cluster
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    with vllm_cluster(real_server_specs(cfg), workdir=server_workdir(workdir, cfg.real_models),
+                      **_cluster_kwargs(cfg)) as cl:
+        servers = list(cl)
+        if c.gateway == "litellm":
+            gw_cm = litellm_proxy(litellm_config({s.served_model_name: s.base_url for s in servers}, c.strategy),
+                                  workdir, binary=cfg.litellm)
+            models: tuple[str, ...] = (GROUP,)
+        else:
+            gw_cm = real_chimera_gateway(c, servers, profiles, cfg, workdir)
+            models = ("chimera",)
+        with gw_cm as gw:
+            acfg = AgentConfig(base_url=gw.url, models=models, rate=rate, time_scale=1.0, seed=cfg.seed,
+                               timeout_s=600, feedback=c.gateway == "chimera", extra_body={"ignore_eos": True},
+                               tokenizer=str(tokenizer), max_model_len=REAL_MAX_MODEL_LEN)
+            groups = {f"server {s.served_model_name}": s.pgid for s in servers}
+            groups["gateway"] = gw.pid
+            m0, cpu0 = _scrape_servers(servers), snapshot(groups)
+            run = asyncio.run(run_agents(tasks, acfg, cfg.tasks, on_record, workflows=workflows))
+            cpu1, m1 = snapshot(groups), _scrape_servers(servers)
+        info = {"servers": [s.describe() for s in servers]}
+    s = dict(run.summary)
+    s.update(policy=c.label, contender=c.label, live=True, label=cfg.label)
+    out = ContenderRun(c, s)
+    out.cpu = cpu_delta(cpu0, cpu1)
+    out.server_metrics = _metrics_delta(m0, m1)
+    out.servers = info["servers"]
+    return out
+
+
+def run_real_bench(cfg: LiveBenchConfig, out: Path, on_record: Callable | None = None,
+                   on_stage: Callable[[str], None] | None = None) -> "LiveBench":
+    """`--engine vllm`: profile the servers (or take the given profiles), build the simulated cluster from them,
+    set the rate from its round-robin capacity, then every contender on fresh servers; fidelity against the
+    simulator on the profiled cluster."""
+    from chimera.workload.source import load_workload
+
+    contenders = [parse_contender(x) for x in cfg.contenders]
+    uses_litellm = any(c.gateway == "litellm" for c in contenders)
+    if uses_litellm:
+        from chimera.bench.litellm_proxy import find_litellm
+
+        cfg = cfg.model_copy(update={"litellm": str(find_litellm(cfg.litellm))})
+    folders = check_real_setup(cfg)
+    if cfg.profiles is not None:
+        given_profiles(cfg)  # fail before anything starts
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, tokenizer_how = server_tokenizer(folders, out, cfg.venv)
+    loaded, _ = load_workload(cfg.workload, seed=cfg.seed)
+    tasks, mapping = to_served_models(loaded, cfg.real_models, "real")
+    workflows, scale = real_workflows(tasks, cfg)
+    prof = given_profiles(cfg) if cfg.profiles is not None else profile_real_servers(cfg, folders, out / "profiles",
+                                                                                     on_stage)
+    cluster = profiled_cluster(prof["paths"], cfg)
+    from chimera.sim.cluster import build_runtimes
+
+    capacity = capacity_of(build_runtimes(cluster), workflows)
+    rate = cfg.rate if cfg.rate is not None else cfg.load * capacity
+    engine = {"kind": "vllm", "servers": [{"model": sp.model, "priority": sp.priority, "max_num_seqs": sp.max_num_seqs,
+                                           "kv_cache_gib": sp.kv_cache_gib, "max_model_len": sp.max_model_len,
+                                           "extra_args": sp.extra_args} for sp in real_server_specs(cfg)],
+              "profiles": {**prof, "summary": profile_summary(prof["paths"], cfg)},
+              "capacity_wps": capacity, "workload": scale.__dict__, "tokenizer": str(tokenizer),
+              "tokenizer_source": tokenizer_how}
+    (out / "engine.json").write_text(json.dumps(engine, indent=1))
+    runs = []
+    for c in contenders:
+        if on_stage is not None:
+            on_stage(c.label)
+        run = run_real_contender(c, tasks, workflows, cfg, rate, prof["paths"], tokenizer,
+                                 out / c.label.replace(" ", "-"), on_record)
+        run.sim = simulate_same_run(c, tasks, cfg, rate, cluster=cluster, workflows=workflows)
+        if run.sim is not None:
+            run.fidelity = fidelity(run.sim, run.summary)
+        runs.append(run)
+    bench = LiveBench(cfg, rate, mapping, runs, engine=engine)
+    _finish(bench, cfg, out, uses_litellm, on_stage)
+    return bench
+
+
 # ---- the whole benchmark ------------------------------------------------------------------------------------------
 @dataclass
 class LiveBench:
@@ -279,6 +832,11 @@ class LiveBench:
     mapping: dict[str, str]
     runs: list[ContenderRun]
     overhead: dict[str, Any] | None = None
+    engine: dict[str, Any] | None = None  # real engine: servers, profiles, capacity, workload scaling
+
+    @property
+    def label(self) -> str:
+        return self.config.label
 
 
 def run_live_bench(cfg: LiveBenchConfig, out: Path, on_record: Callable | None = None,
@@ -287,6 +845,8 @@ def run_live_bench(cfg: LiveBenchConfig, out: Path, on_record: Callable | None =
     from chimera.workload.schema import write_tasks
     from chimera.workload.source import load_workload
 
+    if cfg.engine == "vllm":
+        return run_real_bench(cfg, out, on_record, on_stage)
     contenders = [parse_contender(s) for s in cfg.contenders]
     uses_litellm = any(c.gateway == "litellm" for c in contenders)
     if uses_litellm:  # fail before anything starts
@@ -309,6 +869,13 @@ def run_live_bench(cfg: LiveBenchConfig, out: Path, on_record: Callable | None =
             run.fidelity = fidelity(run.sim, run.summary)
         runs.append(run)
     bench = LiveBench(cfg, rate, mapping, runs)
+    _finish(bench, cfg, out, uses_litellm, on_stage)
+    return bench
+
+
+def _finish(bench: LiveBench, cfg: LiveBenchConfig, out: Path, uses_litellm: bool,
+            on_stage: Callable[[str], None] | None) -> None:
+    """The gateways' added latency (unless skipped), then results.json, results.md and frontier.png."""
     if cfg.overhead_rates:
         from chimera.bench.gateway_overhead import run_benchmark
 
@@ -320,14 +887,18 @@ def run_live_bench(cfg: LiveBenchConfig, out: Path, on_record: Callable | None =
     (out / "results.json").write_text(json.dumps(to_json(bench), indent=1))
     (out / "results.md").write_text(markdown(bench))
     plot_frontier(bench, out / "frontier.png")
-    return bench
 
 
 def to_json(b: LiveBench) -> dict[str, Any]:
-    return {"config": b.config.model_dump(), "rate": b.rate, "label": LABEL, "model_mapping": b.mapping,
-            "runs": [{"contender": r.contender.label, "live": r.summary, "sim": r.sim, "fidelity_pct": r.fidelity}
-                     for r in b.runs],
-            "overhead": b.overhead}
+    out = {"config": b.config.model_dump(), "rate": b.rate, "label": b.label, "model_mapping": b.mapping,
+           "runs": [{"contender": r.contender.label, "live": r.summary, "sim": r.sim, "fidelity_pct": r.fidelity}
+                    for r in b.runs],
+           "overhead": b.overhead}
+    if b.engine is not None:
+        out["engine"] = b.engine
+        for row, r in zip(out["runs"], b.runs):
+            row.update(cpu=r.cpu, server_metrics=r.server_metrics, servers=r.servers)
+    return out
 
 
 def _fmt_models(s: dict[str, Any]) -> str:
@@ -336,9 +907,13 @@ def _fmt_models(s: dict[str, Any]) -> str:
 
 def markdown(b: LiveBench) -> str:
     c = b.config
-    lines = [f"Workload `{c.workload}`, {c.tasks} workflows, open-loop Poisson at {b.rate:.2f} workflows/s (live), "
-             f"time scale {c.time_scale:g} (1 s here ≈ {c.time_scale:g} s on the emulated A6000s), seed {c.seed}. "
-             f"{LABEL}.", "",
+    if b.engine is not None:
+        head = real_header(b)
+    else:
+        head = (f"Workload `{c.workload}`, {c.tasks} workflows, open-loop Poisson at {b.rate:.2f} workflows/s (live), "
+                f"time scale {c.time_scale:g} (1 s here ≈ {c.time_scale:g} s on the emulated A6000s), seed {c.seed}. "
+                f"{LABEL}.")
+    lines = [head, "",
              "| contender | accuracy | mean lat (s) | p50 | p99 | tasks/s | failed | calls per model |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in b.runs:
@@ -372,15 +947,87 @@ def markdown(b: LiveBench) -> str:
                 f"{a['latency_p50']:.2f} / {l['latency_p50']:.2f} | {a['latency_p99']:.2f} / {l['latency_p99']:.2f} | "
                 f"{a['throughput']:.2f} / {l['throughput']:.2f} | {100 * a['accuracy']:.1f}% / "
                 f"{100 * l['accuracy']:.1f}% | " + " / ".join(f"{f[k]:.0f}%" for k in FIDELITY_METRICS) + " |")
+    if b.engine is not None:
+        lines += real_tables(b)
     if b.overhead is not None:
         from chimera.bench.gateway_overhead import markdown_table
 
         lines += ["", "Gateway added latency (instant fake backend, real loopback measurements):", "",
                   markdown_table(b.overhead)]
     if any(m != e for e, m in b.mapping.items()):
-        lines += ["", "Workload models on the emulated cluster: "
+        where = "the real vLLM servers" if b.engine is not None else "the emulated cluster"
+        lines += ["", f"Workload models on {where}: "
                   + ", ".join(f"{m} → {e}" for e, m in b.mapping.items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def real_header(b: LiveBench) -> str:
+    c, e = b.config, b.engine or {}
+    w = e.get("workload", {})
+    srv = ", ".join(f"{x['model']} (core {i})" for i, x in enumerate(e.get("servers", [])))
+    prof = e.get("profiles", {})
+    how = {"together": "both measured at once by `chimera profile` before the runs",
+           "alone": "each measured alone by `chimera profile` before the runs",
+           "given": f"given ({c.profiles})"}.get(prof.get("mode", ""), prof.get("mode", ""))
+    rate_src = (f"{c.load:g} × the simulated round-robin capacity {e.get('capacity_wps', 0):.3f} workflows/s of the "
+                "profiled cluster" if c.rate is None else "given")
+    return (f"Workload `{c.workload}`, {c.tasks} workflows, open-loop Poisson at {b.rate:.3f} workflows/s ({rate_src}), "
+            f"real time, seed {c.seed}. Servers: {srv}; vLLM {'priority' if c.priority else 'fcfs'} scheduling, "
+            f"max_num_seqs = gateway max_inflight {c.max_inflight}, max_model_len {REAL_MAX_MODEL_LEN}, "
+            f"max_num_batched_tokens {REAL_MAX_NUM_BATCHED_TOKENS}, fresh servers per contender. Lengths: output × "
+            f"{w.get('length_scale', 1):g}, prompts × {w.get('prompt_scale', 1):g}, tool time × "
+            f"{w.get('tool_scale', 1):g}, the same for every model ({w.get('capped_calls', 0)} of {w.get('calls', 0)} "
+            f"calls capped to fit max_model_len). Profiles: {how}. {c.label}.")
+
+
+def _cpu_cell(cpu: dict[str, Any] | None, role: str) -> str:
+    r = (cpu or {}).get("roles", {}).get(role)
+    if r is None:
+        return "–"
+    return f"{r['cpu_s']:.1f} ({100 * (r['cores'] or 0):.0f}%)"
+
+
+def real_tables(b: LiveBench) -> list[str]:
+    """Real engine: CPU time per process, what the servers did, and the profiles the simulator ran on."""
+    names = list(b.config.real_models)
+    lines = ["", "CPU seconds over each run (share of one core in brackets; the servers' engine cores are pinned, "
+             "one core each; their API processes, the gateway and the driver float over both cores):", "",
+             "| contender | run wall (s) | " + " | ".join(f"server {n}" for n in names)
+             + " | gateway | driver | machine busy (% of all cores) |",
+             "|---|---:|" + "---:|" * len(names) + "---:|---:|---:|"]
+    for r in b.runs:
+        cpu = r.cpu or {}
+        lines.append(f"| {r.contender.label} | {cpu.get('wall_s', 0):.0f} | "
+                     + " | ".join(_cpu_cell(cpu, f"server {n}") for n in names)
+                     + f" | {_cpu_cell(cpu, 'gateway')} | {_cpu_cell(cpu, 'driver')} | "
+                     f"{cpu.get('machine_busy_pct') or 0:.0f}% |")
+    lines += ["", "What the servers did over each run (vLLM counters) and whether lengths were as planned:", "",
+              "| contender | " + " | ".join(f"{n}: prompt / output tokens, preemptions, prefix-cache hits"
+                                             for n in names) + " | prompt reported / planned | short calls |",
+              "|---|" + "---|" * len(names) + "---:|---:|"]
+    for r in b.runs:
+        sm = r.server_metrics or {}
+        cells = []
+        for n in names:
+            d = sm.get(n, {})
+            cells.append(f"{d.get('prompt_tokens', 0):,.0f} / {d.get('generation_tokens', 0):,.0f}, "
+                         f"{d.get('num_preemptions', 0):.0f}, {d.get('prefix_cache_hit_pct', 0):.0f}%")
+        lc = r.summary.get("length_check") or {}
+        ratio = lc.get("prompt_reported_over_planned")
+        lines.append(f"| {r.contender.label} | " + " | ".join(cells)
+                     + f" | {ratio:.3f} | {lc.get('short_calls', 0)} of {lc.get('calls', 0)} |" if ratio is not None
+                     else f"| {r.contender.label} | " + " | ".join(cells) + " | – | – |")
+    summ = (b.engine or {}).get("profiles", {}).get("summary", {})
+    if summ:
+        lines += ["", "Profiles the simulator ran on (fitted by `chimera profile`):", "",
+                  "| server | TPOT batch 1 (ms) | decode tok/s at batch 32 | prefill tok/s (1,024 tokens) | "
+                  "per-seq cost (ms) | fit RMS error |", "|---|---:|---:|---:|---:|---:|"]
+        for n, d in summ.items():
+            rms = d.get("rms_relative_error")
+            lines.append(f"| {n} | {d['tpot_ms_c1']:.2f} | {d['tok_s_c32']:.0f} | {d['prefill_tok_s_1024']:.0f} | "
+                         f"{1e3 * d['fitted'].get('per_seq_s', 0):.3f} | "
+                         f"{'–' if rms is None else f'{100 * rms:.1f}%'} |")
+    return lines
 
 
 def plot_frontier(b: LiveBench, path: Path) -> Path:
@@ -401,9 +1048,11 @@ def plot_frontier(b: LiveBench, path: Path) -> Path:
         if r.sim is not None:
             ax.scatter(r.sim["latency_s"]["mean"], 100 * r.sim["accuracy"], facecolors="none", edgecolors=col,
                        marker=mk, s=60)
-    ax.set_xlabel("mean workflow latency (s, live, time-scaled)")
+    ax.set_xlabel("mean workflow latency (s, live, real time)" if b.engine is not None
+                  else "mean workflow latency (s, live, time-scaled)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"LiteLLM vs Chimera — {LABEL}\n(hollow: the simulator's prediction of the same run)", fontsize=9)
+    title = b.label if b.engine is None else b.label.replace("; ", ";\n")
+    ax.set_title(f"LiteLLM vs Chimera — {title}\n(hollow: the simulator's prediction of the same run)", fontsize=9)
     ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -378,11 +378,14 @@ def bench_live(
     kv_cache_gib: int = typer.Option(2, "--kv-cache-gib", help="--engine vllm: KV cache per server (GiB)."),
     priority: bool = typer.Option(True, "--priority/--no-priority", help="--engine vllm: servers run vLLM's priority policy (all contenders get the same servers)."),
     profiles: Optional[Path] = typer.Option(None, "--profiles", help="--engine vllm: a folder with NAME.yaml per server from `chimera profile` (skips measuring)."),
-    profile_mode: str = typer.Option("together", "--profile-mode", help="--engine vllm: together (both servers measured at once, as in a run) or alone (one by one)."),
+    profile_mode: str = typer.Option("loaded", "--profile-mode", help="--engine vllm: loaded (both servers measured at once, and a finished server keeps getting the run's kind of calls until the other is done), together (both at once, nothing more) or alone (one by one)."),
+    background_rps: float = typer.Option(1.0, "--background-rps", help="--engine vllm, --profile-mode loaded: calls/s sent to each server whose profile is done."),
+    sim_online_lengths: bool = typer.Option(True, "--sim-online-lengths/--sim-plan-lengths", help="--engine vllm: the simulated gateway learns lengths online from a cold start, as the live one (or knows the plans' per-stage means)."),
     profile_rounds: int = typer.Option(2, "--profile-rounds", help="--engine vllm: `chimera profile --rounds`."),
     profile_concurrency: str = typer.Option("1,2,4,8,16,32", "--profile-concurrency", help="--engine vllm: `chimera profile --concurrency`."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="--engine vllm: the random-weight models (default out/models)."),
     vllm_venv: Optional[Path] = typer.Option(None, "--vllm-venv", help="--engine vllm: the vLLM venv (default .venv-vllm)."),
+    resim: bool = typer.Option(False, "--resimulate", help="--engine vllm results in --out: run only the simulator again on the stored live runs (with --profiles and --sim-online-lengths/--sim-plan-lengths); writes results-resim.md/.json. Starts nothing."),
 ) -> None:
     """Live head-to-head: the same agents and workload through LiteLLM's proxy and through Chimera, on fresh
     backends each (emulated, or real vLLM CPU servers with --engine vllm), with the simulator's prediction of each
@@ -397,6 +400,20 @@ def bench_live(
     from chimera.bench.live import DEFAULT_CONTENDERS, LiveBenchConfig, run_live_bench
     from chimera.engines.vllm import EngineSetupError
 
+    if resim:
+        from chimera.bench.live import resim_markdown, resimulate
+
+        try:
+            r = resimulate(out, str(profiles) if profiles else None, sim_online_lengths)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            _fail(str(e).strip("'\""))
+        md = resim_markdown(r)
+        (out / "results-resim.md").write_text(md)
+        (out / "results-resim.json").write_text(json.dumps(r, indent=1))
+        console.print(md)
+        console.print(f"wrote {out / 'results-resim.md'}, {out / 'results-resim.json'}")
+        return
+
     try:
         orates = [float(x) for x in overhead_rates.split(",") if x.strip()]
     except ValueError:
@@ -409,7 +426,8 @@ def bench_live(
             engine=engine, real_models=[m.strip() for m in real_models.split(",") if m.strip()],
             length_scale=length_scale, prompt_scale=prompt_scale, tool_scale=tool_scale,
             max_inflight=max_inflight, kv_cache_gib=kv_cache_gib, priority=priority,
-            profiles=str(profiles) if profiles else None, profile_mode=profile_mode,
+            profiles=str(profiles) if profiles else None, profile_mode=profile_mode, background_rps=background_rps,
+            sim_online_lengths=sim_online_lengths,
             profile_rounds=profile_rounds, profile_concurrency=profile_concurrency,
             models_dir=str(models_dir) if models_dir else None, venv=str(vllm_venv) if vllm_venv else None)
     except ValidationError as e:

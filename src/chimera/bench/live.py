@@ -117,7 +117,11 @@ class LiveBenchConfig(BaseModel):
     kv_cache_gib: int = Field(default=2, ge=1)  # VLLM_CPU_KVCACHE_SPACE per server
     priority: bool = True  # servers run --scheduling-policy priority (every contender: the same servers)
     profiles: str | None = None  # a folder with NAME.yaml from `chimera profile`: skip profiling, use these
-    profile_mode: Literal["together", "alone"] = "together"  # both servers measured at once, or one by one
+    # together: both measured at once; loaded: together, and a server whose profile is done keeps getting the run's
+    # kind of calls (background_rps, open loop) until the others' are done; alone: one by one on a quiet machine
+    profile_mode: Literal["together", "loaded", "alone"] = "loaded"
+    background_rps: float = Field(default=1.0, gt=0)  # profile_mode "loaded": calls/s to each finished server
+    sim_online_lengths: bool = True  # engine vllm: the simulated gateway learns lengths online from a cold start
     profile_rounds: int = Field(default=2, ge=1)
     profile_concurrency: str = "1,2,4,8,16,32"
     models_dir: str | None = None  # default: chimera.engines.vllm.DEFAULT_MODELS (out/models)
@@ -320,8 +324,22 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
     runtimes = build_runtimes(cluster if cluster is not None else default_cluster())
     names = [r.info.name for r in runtimes]
     conf = SizePriorConfidence([r.info for r in runtimes])
-    length = StageMeanLength(names).fit([p for _, p, _ in wfs])
+    online = cfg.engine == "vllm" and cfg.sim_online_lengths
+    if online:  # as the live gateway: running means per (kind, stage, model), from a cold start (256 tokens)
+        from chimera.serve.priors import RunningLength
+
+        length: Any = RunningLength(names)
+    else:
+        length = StageMeanLength(names).fit([p for _, p, _ in wfs])
     pol = make_policy(pol_name, confidence=conf, length=length, lam=c.lam)
+    if online:
+        done = pol.on_complete
+
+        def on_complete(call, now, _done=done, _len=length):
+            _done(call, now)
+            _len.observe(call.kind, call.stage, call.model, call.tokens_seen)
+
+        pol.on_complete = on_complete  # type: ignore[method-assign]
     gaps = np.random.default_rng([cfg.seed, 2]).exponential(1.0 / rate, len(wfs))  # as the agent driver draws them
     arrivals = (np.cumsum(gaps) - gaps[0]) * cfg.time_scale
     sim = Simulator(runtimes, pol, [(w, p, t.prompt) for w, p, t in wfs], arrivals=list(arrivals), seed=cfg.seed)
@@ -332,6 +350,7 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
     s["latency_s"] = {k: v / ts for k, v in s["latency_s"].items()}
     s["throughput_tasks_per_s"] = s["throughput_tasks_per_s"] * ts
     s["sim_policy"] = pol_name
+    s["sim_lengths"] = "online running means (cold start), as the gateway" if online else "per-stage means of the plans"
     return s
 
 
@@ -557,9 +576,10 @@ def profile_command(server, out: Path, cfg: LiveBenchConfig, size_b: float | Non
     return cmd
 
 
-def _run_all(cmds: dict[str, list[str]], logs: dict[str, Path], together: bool, timeout_s: float = 900.0) -> dict:
+def _run_all(cmds: dict[str, list[str]], logs: dict[str, Path], together: bool, timeout_s: float = 900.0,
+             on_done: Callable[[str], None] | None = None) -> dict:
     """Run the commands (in parallel if `together`), each in its own process group, logging to its file; every
-    one is stopped by its own handle if anything fails. Returns {name: seconds}."""
+    one is stopped by its own handle if anything fails; `on_done(name)` as each finishes. Returns {name: s}."""
     import signal
     import subprocess
     import time
@@ -576,26 +596,39 @@ def _run_all(cmds: dict[str, list[str]], logs: dict[str, Path], together: bool, 
         procs[name] = subprocess.Popen(cmds[name], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                                        stdin=subprocess.DEVNULL)
 
-    def finish(name: str) -> None:
-        try:
-            rc = procs[name].wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{' '.join(cmds[name][3:6])}: no result after {timeout_s:.0f} s; see {logs[name]}")
+    def finish(name: str, rc: int) -> None:
         took[name] = time.monotonic() - t0[name]
         if rc != 0:
             tail = "\n".join(logs[name].read_text(errors="replace").splitlines()[-8:])
             raise RuntimeError(f"profiling {name} failed (exit {rc}); see {logs[name]}:\n{tail}")
+        if on_done is not None:
+            on_done(name)
+
+    def wait(name: str) -> None:
+        try:
+            rc = procs[name].wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{' '.join(cmds[name][3:6])}: no result after {timeout_s:.0f} s; see {logs[name]}")
+        finish(name, rc)
 
     try:
         if together:
             for n in cmds:
                 start(n)
-            for n in cmds:
-                finish(n)
+            left = set(cmds)
+            while left:  # in the order they finish (on_done starts background load on a finished server)
+                for n in sorted(left):
+                    rc = procs[n].poll()
+                    if rc is not None:
+                        left.discard(n)
+                        finish(n, rc)
+                    elif time.monotonic() - t0[n] > timeout_s:
+                        raise RuntimeError(f"profiling {n}: no result after {timeout_s:.0f} s; see {logs[n]}")
+                time.sleep(0.2)
         else:
             for n in cmds:
                 start(n)
-                finish(n)
+                wait(n)
     finally:
         for pr in procs.values():
             if pr.poll() is None:
@@ -612,25 +645,104 @@ def _run_all(cmds: dict[str, list[str]], logs: dict[str, Path], together: bool, 
     return took
 
 
+class BackgroundLoad:
+    """Open-loop Poisson calls shaped like the run's (each a stage of the benchmark's workflows: its planned prompt
+    of filler, exactly its output with ignore_eos, not streamed), `rps` per server, sent from a thread of this
+    process (where the agents run) to every server `add`ed, until `stop`. Profile mode "loaded" uses it so that a
+    server is measured while the others are busy, as in a run."""
+
+    def __init__(self, workflows: Sequence[tuple[str, Any, Task]], rps: float, seed: int = 0) -> None:
+        import threading
+
+        calls = []
+        for _, plan, _ in workflows:
+            outs = [plan.output_tokens(i, plan.models[0]) for i in range(plan.n_stages)]
+            calls += [(plan.prompt_tokens(i, outs), outs[i]) for i in range(plan.n_stages)]
+        self.calls = calls or [(256, 32)]
+        self.rps, self.seed = rps, seed
+        self.servers: list = []
+        self.sent = self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="background-load", daemon=True)
+        self._thread.start()
+
+    def add(self, server) -> None:
+        self.servers.append(server)
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join(30)
+        return {"sent": self.sent, "errors": self.errors}
+
+    def _main(self) -> None:
+        asyncio.run(self._loop())
+
+    async def _loop(self) -> None:
+        import httpx
+
+        rng = np.random.default_rng([self.seed, 7])
+        pending: set = set()
+        nxt: dict[int, float] = {}
+        loop = asyncio.get_running_loop()
+        async with httpx.AsyncClient(timeout=600) as client:
+            async def one(srv, prompt: int, out: int) -> None:
+                body = {"model": srv.served_model_name, "max_tokens": max(1, out), "ignore_eos": True,
+                        "messages": [{"role": "user", "content": "the" + " the" * max(0, prompt - 8)}]}
+                try:
+                    r = await client.post(srv.base_url + "/chat/completions", json=body)
+                    self.errors += r.status_code != 200
+                except httpx.HTTPError:
+                    self.errors += 1
+
+            while not self._stop.is_set():
+                now = loop.time()
+                for k, srv in enumerate(list(self.servers)):
+                    if nxt.setdefault(k, now) <= now:
+                        prompt, out = self.calls[int(rng.integers(len(self.calls)))]
+                        t = asyncio.ensure_future(one(srv, min(prompt, REAL_MAX_MODEL_LEN - out - 64), out))
+                        pending.add(t)
+                        t.add_done_callback(pending.discard)
+                        self.sent += 1
+                        nxt[k] = now + float(rng.exponential(1.0 / self.rps))
+                await asyncio.sleep(0.02)
+            for t in list(pending):
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
 def profile_real_servers(cfg: LiveBenchConfig, folders: dict[str, Path], out: Path,
-                         on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Fresh servers (the contenders' settings), each measured by `chimera profile` (both at once with
-    profile_mode "together": the conditions of a run, where both are busy and the client shares the cores), then
-    stopped. Returns {"paths": {name: PROFILE.yaml}, "seconds": {...}, "startup_s": {...}, "mode": ...}."""
+                         on_stage: Callable[[str], None] | None = None,
+                         workflows: Sequence[tuple[str, Any, Task]] | None = None) -> dict[str, Any]:
+    """Fresh servers (the contenders' settings), each measured by `chimera profile` — both at once with
+    profile_mode "together" (both busy, the clients on the same cores); "loaded": also, a server whose profile is
+    done gets the run's kind of calls (`BackgroundLoad`, `background_rps`) until every profile is done, so the
+    slow server is not measured beside an idle one; "alone": one by one — then stopped.
+    Returns {"paths": {name: PROFILE.yaml}, "seconds": {...}, "startup_s": {...}, "mode": ...}."""
     from chimera.engines.vllm import vllm_cluster
 
     out.mkdir(parents=True, exist_ok=True)
     if on_stage is not None:
         on_stage(f"profiling {', '.join(cfg.real_models)} ({cfg.profile_mode})")
+    background: dict[str, int] | None = None
     with vllm_cluster(real_server_specs(cfg), workdir=server_workdir(out, cfg.real_models),
                       **_cluster_kwargs(cfg)) as cl:
         paths = {s.served_model_name: out / f"{s.served_model_name}.yaml" for s in cl}
         cmds = {s.served_model_name: profile_command(s, paths[s.served_model_name], cfg,
                                                      params_b(folders[s.served_model_name])) for s in cl}
-        took = _run_all(cmds, {n: out / f"{n}.log" for n in cmds}, cfg.profile_mode == "together")
+        bg = BackgroundLoad(workflows or [], cfg.background_rps, cfg.seed) if cfg.profile_mode == "loaded" else None
+        try:
+            took = _run_all(cmds, {n: out / f"{n}.log" for n in cmds}, cfg.profile_mode != "alone",
+                            on_done=(lambda n: bg.add(cl.by_name(n))) if bg is not None else None)
+        finally:
+            if bg is not None:
+                background = bg.stop()
         startup = {s.served_model_name: s.startup_s for s in cl}
-    return {"paths": {n: str(p) for n, p in paths.items()}, "seconds": took, "startup_s": startup,
-            "mode": cfg.profile_mode, "measured": True}
+    res = {"paths": {n: str(p) for n, p in paths.items()}, "seconds": took, "startup_s": startup,
+           "mode": cfg.profile_mode, "measured": True}
+    if background is not None:
+        res["background_load"] = {**background, "rps_per_server": cfg.background_rps}
+    (out / "profiling.json").write_text(json.dumps(res, indent=1))
+    return res
 
 
 def given_profiles(cfg: LiveBenchConfig) -> dict[str, Any]:
@@ -641,7 +753,10 @@ def given_profiles(cfg: LiveBenchConfig) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"profiles: no {', '.join(missing)} (write them with `chimera profile --out`, or "
                                 "leave --profiles out to measure the servers first)")
-    return {"paths": {n: str(p) for n, p in paths.items()}, "mode": "given", "measured": False}
+    res: dict[str, Any] = {"paths": {n: str(p) for n, p in paths.items()}, "mode": "given", "measured": False}
+    with contextlib.suppress(OSError, ValueError):  # how they were measured, when they came from this benchmark
+        res["measured_as"] = json.loads((d / "profiling.json").read_text())
+    return res
 
 
 def profiled_cluster(paths: dict[str, str], cfg: LiveBenchConfig):
@@ -796,7 +911,7 @@ def run_real_bench(cfg: LiveBenchConfig, out: Path, on_record: Callable | None =
     tasks, mapping = to_served_models(loaded, cfg.real_models, "real")
     workflows, scale = real_workflows(tasks, cfg)
     prof = given_profiles(cfg) if cfg.profiles is not None else profile_real_servers(cfg, folders, out / "profiles",
-                                                                                     on_stage)
+                                                                                     on_stage, workflows)
     cluster = profiled_cluster(prof["paths"], cfg)
     from chimera.sim.cluster import build_runtimes
 
@@ -889,6 +1004,53 @@ def _finish(bench: LiveBench, cfg: LiveBenchConfig, out: Path, uses_litellm: boo
     plot_frontier(bench, out / "frontier.png")
 
 
+def resimulate(out: Path, profiles: str | None = None, sim_online_lengths: bool | None = None) -> dict[str, Any]:
+    """The simulator again on the live runs stored in OUT/results.json (engine vllm): same workflows and arrival
+    times, the cluster from `profiles` (default: the run's), online or plan lengths; fidelity against the stored
+    live results. Nothing is started. Returns {"profiles", "sim_lengths", "rows": [{contender, sim, fidelity_pct}]}."""
+    from chimera.sim.cluster import build_runtimes
+    from chimera.workload.source import load_workload
+
+    res = json.loads((Path(out) / "results.json").read_text())
+    upd: dict[str, Any] = {}
+    if profiles is not None:
+        upd["profiles"] = profiles
+    if sim_online_lengths is not None:
+        upd["sim_online_lengths"] = sim_online_lengths
+    cfg = LiveBenchConfig.model_validate({**res["config"], **upd})
+    if cfg.engine != "vllm":
+        raise ValueError("resimulate: only for --engine vllm results")
+    paths = given_profiles(cfg)["paths"] if cfg.profiles else res["engine"]["profiles"]["paths"]
+    loaded, _ = load_workload(cfg.workload, seed=cfg.seed)
+    tasks, _ = to_served_models(loaded, cfg.real_models, "real")
+    workflows, _ = real_workflows(tasks, cfg)
+    cluster = profiled_cluster(paths, cfg)
+    rows = []
+    for run in res["runs"]:
+        c = parse_contender(next(x for x in cfg.contenders if parse_contender(x).label == run["contender"]))
+        sim = simulate_same_run(c, tasks, cfg, res["rate"], cluster=cluster, workflows=workflows)
+        rows.append({"contender": run["contender"], "sim": sim,
+                     "fidelity_pct": fidelity(sim, run["live"]) if sim is not None else {}, "live": run["live"]})
+    return {"profiles": paths, "sim_lengths": "online" if cfg.sim_online_lengths else "plans",
+            "capacity_wps": capacity_of(build_runtimes(cluster), workflows), "rows": rows}
+
+
+def resim_markdown(r: dict[str, Any]) -> str:
+    lines = [f"Simulator again on the stored live runs: profiles {', '.join(r['profiles'].values())}, lengths "
+             f"{r['sim_lengths']} (capacity of that cluster {r['capacity_wps']:.3f} workflows/s).", "",
+             "| contender | mean lat sim / live (s) | p50 sim / live | p99 sim / live | tasks/s sim / live | "
+             "accuracy sim / live | fidelity mean / p50 / p99 / tasks/s / accuracy |", "|---|---:|---:|---:|---:|---:|---|"]
+    for row in r["rows"]:
+        if row["sim"] is None:
+            continue
+        a, b, f = _metrics(row["sim"]), _metrics(row["live"]), row["fidelity_pct"]
+        lines.append(f"| {row['contender']} | {a['latency_mean']:.2f} / {b['latency_mean']:.2f} | "
+                     f"{a['latency_p50']:.2f} / {b['latency_p50']:.2f} | {a['latency_p99']:.2f} / {b['latency_p99']:.2f} | "
+                     f"{a['throughput']:.2f} / {b['throughput']:.2f} | {100 * a['accuracy']:.1f}% / "
+                     f"{100 * b['accuracy']:.1f}% | " + " / ".join(f"{f[k]:.0f}%" for k in FIDELITY_METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def to_json(b: LiveBench) -> dict[str, Any]:
     out = {"config": b.config.model_dump(), "rate": b.rate, "label": b.label, "model_mapping": b.mapping,
            "runs": [{"contender": r.contender.label, "live": r.summary, "sim": r.sim, "fidelity_pct": r.fidelity}
@@ -967,8 +1129,13 @@ def real_header(b: LiveBench) -> str:
     srv = ", ".join(f"{x['model']} (core {i})" for i, x in enumerate(e.get("servers", [])))
     prof = e.get("profiles", {})
     how = {"together": "both measured at once by `chimera profile` before the runs",
+           "loaded": "both measured at once by `chimera profile` before the runs, a finished one kept busy with the "
+                     "run's kind of calls until the other was done",
            "alone": "each measured alone by `chimera profile` before the runs",
-           "given": f"given ({c.profiles})"}.get(prof.get("mode", ""), prof.get("mode", ""))
+           "given": f"given ({c.profiles}"
+                    + (f", measured by this benchmark in mode {prof['measured_as'].get('mode')!r})"
+                       if isinstance(prof.get("measured_as"), dict) else ")")}.get(prof.get("mode", ""),
+                                                                                 prof.get("mode", ""))
     rate_src = (f"{c.load:g} × the simulated round-robin capacity {e.get('capacity_wps', 0):.3f} workflows/s of the "
                 "profiled cluster" if c.rate is None else "given")
     return (f"Workload `{c.workload}`, {c.tasks} workflows, open-loop Poisson at {b.rate:.3f} workflows/s ({rate_src}), "

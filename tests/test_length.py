@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from chimera.predict.base import LengthPredictor
+from chimera.sched.predictors import LengthPredictor
 from chimera.predict.length import ForestLengths, WorkflowLengthForest
 from chimera.predict.length_baselines import PairwiseRanker, StageMeanBaseline
 from chimera.predict.length_eval import evaluate_length_models, grouped_tau, kendall_tau

@@ -12,7 +12,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from chimera.predict.base import ConfidencePredictor
+from chimera.sched.predictors import ConfidencePredictor
 from chimera.predict.encoders import HashingEncoder, MiniLMEncoder, make_encoder
 from chimera.predict.priors import KindAccuracyRouter
 from chimera.predict.router import RouterConfidence, SemanticRouter, tasks_to_arrays

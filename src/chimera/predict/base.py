@@ -1,27 +1,5 @@
-"""What the policies need from predictors; trained ones (router, length forest) drop in behind these."""
+"""The predictor protocols, re-exported: the brain declares them (chimera.sched.predictors), predictors implement them."""
 
-from __future__ import annotations
+from chimera.sched.predictors import ConfidencePredictor, LengthPredictor
 
-from typing import Protocol, Sequence, runtime_checkable
-
-import numpy as np
-
-from chimera.sched.types import Call
-
-
-@runtime_checkable
-class ConfidencePredictor(Protocol):
-    """P(model answers correctly | call), one column per model in `models_`."""
-
-    models_: list[str]
-
-    def predict_confidence(self, calls: Sequence[Call]) -> np.ndarray: ...
-
-
-@runtime_checkable
-class LengthPredictor(Protocol):
-    """Predicted output tokens per model: of this call, and of the rest of the workflow including this call."""
-
-    models_: list[str]
-
-    def predict_lengths(self, calls: Sequence[Call]) -> tuple[np.ndarray, np.ndarray]: ...
+__all__ = ["ConfidencePredictor", "LengthPredictor"]

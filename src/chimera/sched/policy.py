@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from chimera.predict.base import ConfidencePredictor, LengthPredictor
+from chimera.sched.predictors import ConfidencePredictor, LengthPredictor
 from chimera.sched.monitor import LoadMonitor
 from chimera.sched.queue import WaitQueue
 from chimera.sched.types import Call, ModelInfo, Prediction

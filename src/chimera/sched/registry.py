@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from chimera.predict.base import ConfidencePredictor, LengthPredictor
+from chimera.sched.predictors import ConfidencePredictor, LengthPredictor
 from chimera.sched.baselines import LeastLoadedPolicy, LtrPolicy, MlfqPolicy, RouteLLMPolicy, SjfPolicy, VllmPolicy
 from chimera.sched.chimera import ChimeraPolicy
 from chimera.sched.policy import Policy

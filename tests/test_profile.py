@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from chimera.bench.procs import chimera_cmd, spawned
+from chimera.procs import chimera_cmd, spawned
 from chimera.cli import app
 from chimera.engine.fit import (
     DecodePoint,

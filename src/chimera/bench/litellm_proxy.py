@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from chimera.bench.procs import Spawned, spawned
+from chimera.procs import Spawned, spawned
 from chimera.serve.threaded import free_port
 
 LITELLM_VERSION = "1.102.4"  # pinned in the Makefile's .venv-litellm; the newest that resolves on this index

@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from chimera.bench.litellm_proxy import GROUP, STRATEGIES, litellm_config, litellm_proxy
-from chimera.bench.procs import Spawned, chimera_cmd, spawned, wait_ready
+from chimera.procs import Spawned, chimera_cmd, spawned, wait_ready
 from chimera.serve.threaded import free_port
 from chimera.workload.schema import Task
 
@@ -563,7 +563,7 @@ def profile_command(server, out: Path, cfg: LiveBenchConfig, size_b: float | Non
 
     Replace this (or pass `profiles`) to plug in another way of measuring; what the benchmark needs is a profile
     file per server that a cluster file can load as `profile_file:`."""
-    from chimera.bench.procs import chimera_cmd
+    from chimera.procs import chimera_cmd
 
     cmd = chimera_cmd("profile", "--base-url", server.base_url, "--model", server.served_model_name,
                       "--out", str(out), "--json", str(out.with_suffix(".json")),
@@ -825,7 +825,7 @@ def _metrics_delta(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]
 def real_chimera_gateway(c: Contender, servers, profiles: dict[str, str], cfg: LiveBenchConfig, workdir: Path):
     """`chimera serve` in front of real vLLM servers: speeds from their measured profiles, `priority: true` where
     the server runs the priority policy, admission per backend = the server's max_num_seqs."""
-    from chimera.bench.procs import chimera_cmd, spawned
+    from chimera.procs import chimera_cmd, spawned
 
     port = free_port()
     pol: dict[str, Any] = {"name": c.strategy}

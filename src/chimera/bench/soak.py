@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from chimera.bench.gateway_overhead import _pct, cpu_seconds
 from chimera.bench.live import MODELS, emulated_cluster
-from chimera.bench.procs import Spawned, chimera_cmd, spawned
+from chimera.procs import Spawned, chimera_cmd, spawned
 from chimera.serve.threaded import free_port
 
 LABEL = "live, emulated backends (engine model), not real GPUs"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from chimera.bench.procs import Spawned, wait_ready
+from chimera.procs import Spawned, wait_ready
 
 
 def project_root() -> Path:

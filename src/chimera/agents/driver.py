@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import httpx
-import numpy as np
 
 from chimera.sim.metrics import WorkflowRecord, summarize
+from chimera.workload.arrivals import LIVE_STREAM, poisson_arrivals
 from chimera.workload.plan import WorkflowPlan, plan_workflow, task_rng
 from chimera.workload.schema import Task
 from chimera.workload.templates import load_templates, template_for
+from chimera.workload.workflows import repeat_ids
 
 DEFAULT_MODEL = "chimera"
 QUEUE_NOTE = "unknown in live runs (the client cannot see backend queueing); reported as 0"
@@ -102,21 +103,14 @@ def make_workflows(tasks: Sequence[Task], n: int | None = None, seed: int = 0
                    ) -> list[tuple[str, WorkflowPlan, Task]]:
     """(workflow id, plan, task): plans as the emulator plans them (`task_rng(task.id, seed)`), so emulated backends
     fed the same workload replay the same per-stage lengths. Beyond one pass, tasks repeat as `id~k`."""
-    if not tasks:
-        raise ValueError("the workload has no tasks")
-    n = len(tasks) if n is None else n
-    if n < 1:
-        raise ValueError(f"tasks must be >= 1, got {n}")
     templates = load_templates()
     plans: dict[str, WorkflowPlan] = {}
     out = []
-    for k in range(n):
-        t = tasks[k % len(tasks)]
-        cycle = k // len(tasks)
+    for wid, t in repeat_ids(tasks, [t.id for t in tasks], n):
         plan = plans.get(t.id)
         if plan is None:
             plan = plans[t.id] = plan_workflow(t, template_for(t.kind, templates), task_rng(t.id, seed))
-        out.append((t.id if cycle == 0 else f"{t.id}~{cycle}", plan, t))
+        out.append((wid, plan, t))
     return out
 
 
@@ -322,8 +316,7 @@ async def run_agents(tasks: Sequence[Task], cfg: AgentConfig, n: int | None = No
                 on_record(rec)
 
         if cfg.rate is not None:  # open loop: Poisson arrivals
-            gaps = np.random.default_rng([cfg.seed, 2]).exponential(1.0 / cfg.rate, len(workflows))
-            arrivals = np.cumsum(gaps) - gaps[0]
+            arrivals = poisson_arrivals(cfg.rate, len(workflows), cfg.seed, LIVE_STREAM, start_at_zero=True)
             pending = []
             for i, a in enumerate(arrivals):
                 delay = float(a) - (time.monotonic() - t0)

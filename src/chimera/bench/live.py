@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from chimera.bench.litellm_proxy import GROUP, STRATEGIES, litellm_config, litellm_proxy
 from chimera.procs import Spawned, chimera_cmd, spawned, wait_ready
 from chimera.serve.threaded import free_port
+from chimera.workload.arrivals import LIVE_STREAM, poisson_arrivals
 from chimera.workload.schema import Task
 
 LABELS = {
@@ -340,8 +341,7 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
             _len.observe(call.kind, call.stage, call.model, call.tokens_seen)
 
         pol.on_complete = on_complete  # type: ignore[method-assign]
-    gaps = np.random.default_rng([cfg.seed, 2]).exponential(1.0 / rate, len(wfs))  # as the agent driver draws them
-    arrivals = (np.cumsum(gaps) - gaps[0]) * cfg.time_scale
+    arrivals = poisson_arrivals(rate, len(wfs), cfg.seed, LIVE_STREAM, start_at_zero=True) * cfg.time_scale
     sim = Simulator(runtimes, pol, [(w, p, t.prompt) for w, p, t in wfs], arrivals=list(arrivals), seed=cfg.seed)
     if hasattr(pol, "prepare"):
         pol.prepare([])

@@ -8,9 +8,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from chimera.predict.artifacts import Predictors
-from chimera.sim.experiment import make_plans, split_tasks
 from chimera.workload.schema import Task
 from chimera.workload.templates import load_templates
+from chimera.workload.workflows import make_plans, split_tasks
 
 Progress = Callable[[str], None]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -18,6 +17,7 @@ from chimera.sim.simulator import Simulator
 from chimera.workload.plan import WorkflowPlan, plan_workflow
 from chimera.workload.schema import Task
 from chimera.workload.templates import WorkflowTemplate, load_templates, template_for
+from chimera.workload.workflows import make_plans, repeat_ids, split_tasks
 
 
 class ClusterWorkloadMismatch(ValueError):
@@ -47,23 +47,6 @@ def to_cluster_namespace(tasks: Sequence[Task], cluster: ClusterConfig) -> tuple
     return out, skipped
 
 
-def split_tasks(tasks: Sequence[Task], train_frac: float) -> tuple[list[Task], list[Task]]:
-    """Deterministic split by task id (never test on a training task)."""
-    if not 0.0 <= train_frac < 1.0:
-        raise ValueError(f"train_frac must be in [0, 1), got {train_frac}")
-    train, test = [], []
-    for t in tasks:
-        (train if zlib.crc32(t.id.encode()) % 10_000 < train_frac * 10_000 else test).append(t)
-    if not test:
-        raise ValueError("the split left no test tasks; lower train_frac or give more tasks")
-    return train, test
-
-
-def make_plans(tasks: Sequence[Task], templates: dict[str, WorkflowTemplate], seed: int, rule: str) -> list[WorkflowPlan]:
-    return [plan_workflow(t, template_for(t.kind, templates), np.random.default_rng([seed, i]), rule)
-            for i, t in enumerate(tasks)]
-
-
 @dataclass
 class Prepared:
     """Everything that does not depend on the policy, built once and shared by a sweep."""
@@ -82,21 +65,11 @@ class Prepared:
 
     def workflows(self, n: int | None, seed: int) -> list[tuple[str, WorkflowPlan, str]]:
         """n workflows from the test tasks; beyond one pass, tasks are drawn again under new workflow ids."""
-        n = len(self.test) if n is None else n
-        if n < 1:
-            raise ValueError(f"tasks must be >= 1, got {n}")
-        rng = np.random.default_rng([seed, 1])
         out = []
-        cycle = 0
-        while len(out) < n:
-            order = rng.permutation(len(self.test)) if cycle else np.arange(len(self.test))
-            for j in order[: n - len(out)]:
-                t = self.test[int(j)]
-                wid = t.id if cycle == 0 else f"{t.id}~{cycle}"
-                plan = plan_workflow(t, template_for(t.kind, self.templates),
-                                     np.random.default_rng([seed, len(out)]), self.rule)
-                out.append((wid, plan, t.prompt))
-            cycle += 1
+        pairs = repeat_ids(self.test, [t.id for t in self.test], n, shuffle=np.random.default_rng([seed, 1]))
+        for k, (wid, t) in enumerate(pairs):
+            plan = plan_workflow(t, template_for(t.kind, self.templates), np.random.default_rng([seed, k]), self.rule)
+            out.append((wid, plan, t.prompt))
         return out
 
 

@@ -12,13 +12,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import numpy as np
 
 from chimera.engine.batching import Engine, Seq
 from chimera.sched.policy import Policy
 from chimera.sched.types import Call
 from chimera.sim.cluster import ModelRuntime
 from chimera.sim.metrics import WorkflowRecord, summarize
+from chimera.workload.arrivals import SIM_STREAM, poisson_arrivals
 from chimera.workload.plan import WorkflowPlan
 
 _WF_START, _CALL, _ENGINE = 0, 1, 2
@@ -110,8 +110,7 @@ class Simulator:
                 self._push(float(t), _WF_START, i)
             self._next_wf = n
         elif self.rate is not None:
-            rng = np.random.default_rng([self.seed, 7])
-            times = np.cumsum(rng.exponential(1.0 / self.rate, size=n))
+            times = poisson_arrivals(self.rate, n, self.seed, SIM_STREAM)
             for i, t in enumerate(times):
                 self._push(float(t), _WF_START, i)
             self._next_wf = n

@@ -13,6 +13,7 @@ import numpy as np
 
 from chimera.engine.perf import StepTimeModel
 from chimera.engine.profiles import profile
+from chimera.engine.speeds import size_ranks, speed_summary
 from chimera.sched.types import Call, ModelInfo
 from chimera.serve.config import GatewayConfig
 
@@ -26,8 +27,6 @@ OTHER_KIND = "\x00other"
 
 def model_infos(cfg: GatewayConfig) -> list[ModelInfo]:
     """One ModelInfo per served model: speeds from the first backend's `profile` × replicas, else defaults."""
-    from chimera.sim.cluster import speed_summary
-
     infos, sizes, tpots = [], [], []
     for name in cfg.models:
         bes = [b for b in cfg.backends if b.model == name]
@@ -37,7 +36,7 @@ def model_infos(cfg: GatewayConfig) -> list[ModelInfo]:
             spec = profile(prof).model_copy(update={"name": name, "replicas": len(bes)})
             perf = StepTimeModel(spec)
             info = speed_summary(spec, perf, 0, max_inflight=inflight)
-            sizes.append(spec.active_params_b or spec.params_b)
+            sizes.append(spec.size_b)
             tpots.append(perf.decode_tpot(1, 1024))
         else:
             info = ModelInfo(name=name, tokens_per_s=DEFAULT_TPS * len(bes), tpot_s=DEFAULT_TPOT,
@@ -45,11 +44,7 @@ def model_infos(cfg: GatewayConfig) -> list[ModelInfo]:
             sizes.append(None)
             tpots.append(float(len(tpots)))  # unknown size: config order
         infos.append(info)
-    # Size rank by parameter count where every model has one, else (a measured profile, `chimera profile`, may not
-    # know it) by batch-1 decode time: the slower model is taken for the larger one, as sim/cluster.py does.
-    key = sizes if all(x is not None for x in sizes) else tpots
-    order = sorted(range(len(infos)), key=lambda i: key[i])
-    rank = {i: r for r, i in enumerate(order)}
+    rank = size_ranks(sizes, tpots)  # unknown sizes: by decode time, as sim/cluster.py ranks them
     return [ModelInfo(name=m.name, tokens_per_s=m.tokens_per_s, tpot_s=m.tpot_s, max_inflight=m.max_inflight,
                       size_rank=rank[i], prefill_tokens_per_s=m.prefill_tokens_per_s) for i, m in enumerate(infos)]
 

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 from chimera.engine.perf import StepTimeModel
 from chimera.engine.profiles import ClusterConfig, ModelSpec
+from chimera.engine.speeds import size_ranks, speed_summary
 from chimera.sched.types import ModelInfo
-
-TYPICAL_CONTEXT = 1500  # tokens of KV per running sequence when estimating a busy batch's speed
 
 
 @dataclass
@@ -20,19 +19,6 @@ class ModelRuntime:
     info: ModelInfo
 
 
-def speed_summary(spec: ModelSpec, perf: StepTimeModel, size_rank: int, max_inflight: int | None = None) -> ModelInfo:
-    """Decode throughput at a busy batch (bounded by max_num_seqs and KV room), TPOT at a moderate batch, prefill rate."""
-    busy = max(1, min(perf.max_num_seqs, perf.kv_capacity_tokens // TYPICAL_CONTEXT))
-    tps = busy / perf.step_time(busy, busy * TYPICAL_CONTEXT, 0) * spec.replicas
-    moderate = max(1, min(16, busy))
-    tpot = perf.step_time(moderate, moderate * TYPICAL_CONTEXT, 0)
-    inflight = max_inflight if max_inflight is not None else perf.max_num_seqs * spec.replicas
-    chunk = perf.max_num_batched_tokens
-    prefill_tps = chunk / perf.prefill_time(chunk) * spec.replicas
-    return ModelInfo(name=spec.name, tokens_per_s=tps, tpot_s=tpot, max_inflight=inflight, size_rank=size_rank,
-                     prefill_tokens_per_s=prefill_tps)
-
-
 def build_runtimes(cluster: ClusterConfig) -> list[ModelRuntime]:
     """One runtime per model; size rank by active parameters (0 = smallest).
 
@@ -40,11 +26,6 @@ def build_runtimes(cluster: ClusterConfig) -> list[ModelRuntime]:
     batch-1 decode step time instead (slower = larger)."""
     specs = list(cluster.models)
     perfs = [StepTimeModel(spec) for spec in specs]
-    if all(s.size_b is not None for s in specs):
-        key = lambda i: specs[i].size_b  # noqa: E731
-    else:
-        key = lambda i: perfs[i].decode_tpot(1, 1024)  # noqa: E731
-    order = sorted(range(len(specs)), key=key)
-    rank = {i: r for r, i in enumerate(order)}
+    rank = size_ranks([s.size_b for s in specs], [p.decode_tpot(1, 1024) for p in perfs])
     return [ModelRuntime(spec=spec, perf=perf, info=speed_summary(spec, perf, rank[i]))
             for i, (spec, perf) in enumerate(zip(specs, perfs))]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chimera.workload import datadir, lengthfill, synthetic, tokens
+from chimera.workload import datadir, lengthfill, lengthfill_data, synthetic, tokens
 from chimera.workload.datadir import DataDirError, require_file, resolve_data_dir
 from chimera.workload.loaders import SOURCES, UnknownSourceError, fireact_hotpotqa, load_source, mmlu_pro_math
 from chimera.workload.loaders._common import read_json
@@ -126,7 +126,7 @@ def test_routerdc_lengths_are_filled_deterministically(data_dir):
 
 
 def test_shipped_length_constants_match_the_data(data_dir):
-    refit = lengthfill.params_as_dict(lengthfill.refit(data_dir))
+    refit = lengthfill.params_as_dict(lengthfill_data.refit(data_dir))
     shipped = lengthfill.params_as_dict(lengthfill.PARAMS)
     assert refit.keys() == shipped.keys()
     for kind in shipped:

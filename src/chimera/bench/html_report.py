@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from chimera.bench.live import LABEL
+
 COLORS = {"vllm": "tab:red", "chimera": "tab:blue"}
 
 
@@ -103,7 +105,6 @@ def write_report(demo, path: Path | str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    from chimera.bench.live_demo import LABEL, versus
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,3 +141,11 @@ run; same tasks and arrival seed.</p>
 """
     path.write_text(doc, encoding="utf-8")
     return path
+
+
+def versus(base: dict, other: dict) -> str:
+    """One line comparing two runs' summaries: the mean-latency ratio and the accuracy difference."""
+    b, o = base["latency_s"]["mean"], other["latency_s"]["mean"]
+    speed = f"{b / o:.2f}× lower" if o <= b else f"{o / b:.2f}× higher"
+    return (f"{other['policy']} vs {base['policy']}: {speed} mean latency, "
+            f"{100 * (other['accuracy'] - base['accuracy']):+.1f} points accuracy (live, emulated backends)")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from chimera.bench.html_report import versus, write_report  # noqa: F401 - versus re-exported for the CLI and tests
 from chimera.bench.live import DEFAULT_LAM, LABEL, MODELS  # noqa: F401 - re-exported for the CLI and tests
 
 
@@ -45,7 +46,6 @@ def run_live_demo(n: int = 200, time_scale: float = 5.0, workload: str = "synthe
                   on_record: Callable | None = None, on_run: Callable[[str], None] | None = None) -> LiveDemo:
     """Both runs (vllm, then chimera λ=`lam`) on the same tasks and arrival times, each with fresh emulator and
     gateway processes (as `chimera bench live` runs them); writes out/report.html."""
-    from chimera.bench.html_report import write_report
     from chimera.bench.live import LiveBenchConfig, arrival_rate, parse_contender, run_contender, to_emulated_models
     from chimera.workload.schema import write_tasks
     from chimera.workload.source import load_workload
@@ -71,10 +71,3 @@ def run_live_demo(n: int = 200, time_scale: float = 5.0, workload: str = "synthe
     demo = LiveDemo(runs, rate, n, time_scale, workload)
     demo.report = write_report(demo, out / "report.html")
     return demo
-
-
-def versus(base: dict, other: dict) -> str:
-    b, o = base["latency_s"]["mean"], other["latency_s"]["mean"]
-    speed = f"{b / o:.2f}× lower" if o <= b else f"{o / b:.2f}× higher"
-    return (f"{other['policy']} vs {base['policy']}: {speed} mean latency, "
-            f"{100 * (other['accuracy'] - base['accuracy']):+.1f} points accuracy (live, emulated backends)")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 from scipy.special import ndtri
@@ -58,7 +57,7 @@ class LengthParams:
 
 
 # Shipped constants (fit() output). Regenerate with:
-#   .venv/bin/python -c "from chimera.workload.lengthfill import refit; print(refit())"
+#   .venv/bin/python -c "from chimera.workload.lengthfill_data import refit; print(refit())"
 # math: 4 x 1319 GSM8K test answers -- routellm/gsm8k_responses.csv.xz (Mixtral-8x7B-Instruct, GPT-4-1106 response
 #       text) and tora/*_gsm8k_test.jsonl.xz (ToRA-70B, ToRA-Code-34B; generated text only, tool output excluded).
 # code: reflexion/programming/humaneval_simple_{gpt-4,text-davinci-003,gpt-3.5-turbo}.jsonl.xz and
@@ -144,54 +143,6 @@ def fit(obs: list[Observation]) -> LengthParams:
         dataset_offsets={ds: round(v, 6) for ds, v in d.items()},
         model_offsets={f"{m} ({ds})": round(float(v), 6) for (m, ds), v in zip(groups, u)},
     )
-
-
-def math_observations(data_dir: Path) -> list[Observation]:
-    """GSM8K test answers with text: RouteLLM (Mixtral, GPT-4) and ToRA (70B, Code-34B)."""
-    from chimera.workload.loaders import routellm_gsm8k, tora_gsm8k
-
-    obs: list[Observation] = []
-    for mod in (routellm_gsm8k, tora_gsm8k):
-        for t in mod.load(data_dir):
-            key = str(getattr(t, "gsm8k_index"))
-            for m, o in t.outcomes.items():
-                obs.append((m, "gsm8k", key, t.prompt_tokens or 0, o.output_tokens))
-    return obs
-
-
-CODE_FILES = {  # (model, dataset) -> file
-    ("gpt-4", "humaneval"): "reflexion/programming/humaneval_simple_gpt-4.jsonl.xz",
-    ("text-davinci-003", "humaneval"): "reflexion/programming/humaneval_simple_text-davinci-003.jsonl.xz",
-    ("gpt-3.5-turbo", "humaneval"): "reflexion/programming/humaneval_simple_gpt-3.5-turbo.jsonl.xz",
-    ("gpt-4", "mbpp"): "reflexion/programming/mbpp_simple_gpt-4.jsonl.xz",
-}
-
-
-def code_observations(data_dir: Path) -> list[Observation]:
-    """Reflexion single-shot HumanEval/MBPP solutions (generated body only)."""
-    from chimera.workload.loaders._common import iter_jsonl
-    from chimera.workload.tokens import count_tokens_batch
-
-    rows = []
-    for (model, ds), rel in CODE_FILES.items():
-        for rec in iter_jsonl(data_dir, rel):
-            sol = rec.get("solution") or ""
-            if not sol.strip():
-                continue
-            if sol.startswith(rec["prompt"]):
-                sol = sol[len(rec["prompt"]) :]
-            rows.append((model, ds, str(rec.get("task_id") or rec.get("name")), rec["prompt"], sol))
-    p_tok = count_tokens_batch([r[3] for r in rows])
-    o_tok = count_tokens_batch([r[4] for r in rows])
-    return [(m, ds, k, p, o) for (m, ds, k, _, _), p, o in zip(rows, p_tok, o_tok)]
-
-
-def refit(data_dir: str | Path | None = None) -> dict[str, LengthParams]:
-    """Refit every kind from the data directory (to check or regenerate the shipped PARAMS)."""
-    from chimera.workload.datadir import resolve_data_dir
-
-    d = resolve_data_dir(data_dir)
-    return {"math": fit(math_observations(d)), "code": fit(code_observations(d))}
 
 
 def params_as_dict(params: dict[str, LengthParams]) -> dict[str, dict]:

@@ -3,9 +3,7 @@ head-to-head relies on (served model behind LiteLLM, prompt padding, no client-s
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 
 import pytest
 from typer.testing import CliRunner
@@ -22,9 +20,10 @@ from chimera.bench.live import (
 )
 from chimera.cli import app
 from chimera.emulate import EmulatorServer
-from chimera.serve.threaded import serve_in_thread
+from chimera.threaded import serve_in_thread
 from chimera.workload.schema import Outcome, Task
 from chimera.workload.synthetic import generate
+from upstreams import fake_upstream, vllm_missing
 
 
 def _litellm_or_skip():
@@ -125,33 +124,13 @@ def test_prompts_are_padded_to_the_planned_length() -> None:
 
 def test_open_loop_calls_are_not_queued_by_the_client_pool() -> None:
     """40 workflows arriving at once must all be in flight together (an httpx pool cap of 16 once hid this)."""
-    from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
-
-    state = {"now": 0, "peak": 0}
-    lock = threading.Lock()
-
-    async def chat(request):
-        body = await request.json()
-        with lock:
-            state["now"] += 1
-            state["peak"] = max(state["peak"], state["now"])
-        await asyncio.sleep(0.4)
-        with lock:
-            state["now"] -= 1
-        return JSONResponse({"id": "x", "object": "chat.completion", "created": 1, "model": body["model"],
-                             "choices": [{"index": 0, "finish_reason": "stop",
-                                          "message": {"role": "assistant", "content": "ok"}}],
-                             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
-
-    backend = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    backend = fake_upstream("qwen2.5-1.5b", delay=0.4, words=1)
     tasks = generate(40)
     with serve_in_thread(backend) as url:
         run = run_agents_sync(tasks, AgentConfig(base_url=url, models=["qwen2.5-1.5b"], rate=10_000,
                                                  time_scale=1000, feedback=False), n=40)
     assert run.summary["tasks"] == 40 and run.summary["failed"] == 0
-    assert state["peak"] >= 35, state
+    assert backend.state.live["max"] >= 35, backend.state.live
 
 
 # ---- the whole benchmark, tiny, with real LiteLLM ----------------------------------------------------------------
@@ -345,17 +324,6 @@ def test_cpu_time_of_a_process_group() -> None:
 
 
 # ---- `--engine vllm` on real vLLM CPU servers (marker `vllm`) -------------------------------------------------------
-from chimera.engines.vllm import DEFAULT_MODELS, DEFAULT_VENV, EngineSetupError, model_dir, vllm_python  # noqa: E402
-
-
-def _vllm_missing() -> str | None:
-    try:
-        vllm_python(DEFAULT_VENV)
-        for m in ("tiny", "wide"):
-            model_dir(m, DEFAULT_MODELS)
-    except EngineSetupError as e:
-        return str(e)
-    return None
 
 
 @pytest.mark.vllm
@@ -363,7 +331,7 @@ def test_bench_live_on_real_vllm_servers(tmp_path) -> None:
     """`--engine vllm` end to end, under 2 minutes: one Chimera contender, 5 short workflows, hand-written profiles (the measuring step is `chimera profile`'s,
     tested in tests/test_profile.py; here it is plugged in as files). Needs `.venv-vllm` and `out/models/{tiny,wide}`
     (`make test` builds both); skipped, naming the missing piece, where either is absent."""
-    missing = _vllm_missing()
+    missing = vllm_missing()
     if missing:
         pytest.skip(f"real vLLM tests skipped: {missing}")
     from chimera.bench.live import LABELS, LiveBenchConfig, run_live_bench

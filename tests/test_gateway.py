@@ -16,7 +16,7 @@ from chimera.sched.types import Call
 from chimera.serve import build_gateway, load_gateway_config
 from chimera.serve.config import Backend, GatewayConfigError, gateway_config_from_dict
 from chimera.serve.scheduler import Scheduler
-from chimera.serve.threaded import free_port
+from chimera.threaded import free_port
 from upstreams import Served, fake_upstream
 
 CLIENT_KEY, ADMIN_KEY = "client-key", "admin-key"

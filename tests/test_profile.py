@@ -38,7 +38,7 @@ from chimera.engine.profiles import (
 )
 from chimera.profiling.client import ProfileConfig, Profiler
 from chimera.profiling.metrics import read_scrape
-from chimera.serve.threaded import free_port
+from chimera.threaded import free_port
 from chimera.sim.cluster import build_runtimes
 
 EMU_PROFILE = "qwen2.5-7b@a6000"

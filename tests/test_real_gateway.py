@@ -15,32 +15,21 @@ import httpx
 import openai
 import pytest
 
-from chimera.engines.vllm import (DEFAULT_MODELS, DEFAULT_VENV, ROOT, EngineSetupError, ServerSpec, model_dir,
-                                  vllm_cluster, vllm_python)
+from chimera.engines.vllm import ROOT, ServerSpec, vllm_cluster
 from chimera.serve import build_gateway
 from chimera.serve.config import gateway_config_from_dict
-from upstreams import Served
+from upstreams import Served, vllm_missing
 
 pytestmark = pytest.mark.vllm
 IGNORE_EOS = {"ignore_eos": True}
 MSG = [{"role": "user", "content": "Tell me about the weather in Paris."}]
 
 
-def _missing() -> str | None:
-    try:
-        vllm_python(DEFAULT_VENV)
-        for m in ("tiny", "wide"):
-            model_dir(m, DEFAULT_MODELS)
-    except EngineSetupError as e:
-        return str(e)
-    return None
-
-
 @pytest.fixture(scope="module")
 def servers():
     """`tiny` runs vLLM's priority policy one sequence at a time (so calls wait inside the engine) with tool calling
     on; `wide` is a plain fcfs server."""
-    why = _missing()
+    why = vllm_missing()
     if why:
         pytest.skip(f"real vLLM not available: {why}")
     specs = [ServerSpec("tiny", priority=True, max_num_seqs=1,

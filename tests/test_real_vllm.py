@@ -19,25 +19,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chimera.engines.vllm import (DEFAULT_MODELS, DEFAULT_VENV, ROOT, EngineSetupError, ServerSpec, VLLMServer,
-                                  gateway_yaml_text, group_members, model_dir, release_shm, shm_files, stop_group,
-                                  vllm_cluster, vllm_python)
+from chimera.engines.vllm import (ROOT, EngineSetupError, ServerSpec, VLLMServer, gateway_yaml_text, group_members,
+                                  model_dir, release_shm, shm_files, stop_group, vllm_cluster, vllm_python)
+from upstreams import vllm_missing
 
 vllm = pytest.mark.vllm
 
 OUT = ROOT / "out"
 TMP_ROOTS = sorted({"/tmp", os.path.realpath(tempfile.gettempdir())})
 VLLM_NAMES = ("vllm", "zmq", "ipc", "torchinductor", "inductor", "triton", "outlines", "xgrammar")
-
-
-def _missing() -> str | None:
-    try:
-        vllm_python(DEFAULT_VENV)
-        for m in ("tiny", "wide"):
-            model_dir(m, DEFAULT_MODELS)
-    except EngineSetupError as e:
-        return str(e)
-    return None
 
 
 def _tmp_entries() -> set[str]:
@@ -190,7 +180,7 @@ def test_missing_pieces_are_named(tmp_path):
 @pytest.fixture(scope="module")
 def cluster():
     """tiny (fcfs, core 0) and wide (priority, core 1); the last test stops it and checks what is left behind."""
-    missing = _missing()
+    missing = vllm_missing()
     if missing:
         pytest.skip(f"real vLLM tests skipped: {missing}")
     state = {"tmp_before": _tmp_entries()}

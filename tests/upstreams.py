@@ -1,48 +1,44 @@
-"""Test servers shared by the gateway tests: an ASGI app served by uvicorn in a thread, and a fake OpenAI upstream."""
+"""Test servers shared by the test files: an ASGI app served by uvicorn in a thread, a fake OpenAI upstream, and
+whether the real vLLM servers can run."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from chimera.serve.threaded import free_port
+from chimera.threaded import ThreadedServer
 
 
-class Served:
-    """An ASGI app run by uvicorn in a thread; `stop()` shuts it down (and runs its lifespan shutdown)."""
+class Served(ThreadedServer):
+    """An ASGI app run by uvicorn in a thread from construction on; `stop()` shuts it down (and runs its lifespan
+    shutdown)."""
 
     def __init__(self, app) -> None:
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 15
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                self.stop()
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
+        super().__init__(app, name="test-server")
+        self.start(15)
 
     @property
     def gw(self):
         """The Gateway object when `app` is a Chimera gateway."""
         return self.app.state.gateway
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
-        assert not self.thread.is_alive()
+
+def vllm_missing() -> str | None:
+    """Why the real vLLM CPU servers cannot run here (no `.venv-vllm`, a model not built), or None when they can."""
+    from chimera.engines.vllm import DEFAULT_MODELS, DEFAULT_VENV, EngineSetupError, model_dir, vllm_python
+
+    try:
+        vllm_python(DEFAULT_VENV)
+        for m in ("tiny", "wide"):
+            model_dir(m, DEFAULT_MODELS)
+    except EngineSetupError as e:
+        return str(e)
+    return None
 
 
 def fake_upstream(name: str, delay: float = 0.05, fail: bool = False, words: int = 5,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from chimera.procs import Spawned, spawned
-from chimera.serve.threaded import free_port
+from chimera.threaded import free_port
 
 LITELLM_VERSION = "1.102.4"  # pinned in the Makefile's .venv-litellm; the newest that resolves on this index
 STRATEGIES = ("simple-shuffle", "least-busy")

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from chimera.bench.litellm_proxy import GROUP, STRATEGIES, litellm_config, litellm_proxy
 from chimera.procs import Spawned, chimera_cmd, spawned, wait_ready
-from chimera.serve.threaded import free_port
+from chimera.threaded import free_port
 from chimera.workload.arrivals import LIVE_STREAM, poisson_arrivals
 from chimera.workload.schema import Task
 

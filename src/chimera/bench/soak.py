@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from chimera.bench.gateway_overhead import _pct, cpu_seconds
 from chimera.bench.live import MODELS, emulated_cluster
 from chimera.procs import Spawned, chimera_cmd, spawned
-from chimera.serve.threaded import free_port
+from chimera.threaded import free_port
 
 LABEL = "live, emulated backends (engine model), not real GPUs"
 HELD_MODEL = "qwen2.5-1.5b"  # the model whose backend is paused in the reject phase

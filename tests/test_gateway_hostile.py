@@ -16,7 +16,7 @@ from chimera.serve import app as app_module
 from chimera.serve import build_gateway
 from chimera.serve.config import gateway_config_from_dict
 from chimera.serve.edge import KeyRing
-from chimera.serve.priors import TRACKED_STAGES, RunningLength
+from chimera.predict.priors import TRACKED_STAGES, RunningLength
 from upstreams import Served, fake_upstream
 
 MSG = [{"role": "user", "content": "What is 2+2?"}]

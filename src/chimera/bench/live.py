@@ -312,9 +312,8 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
     the cluster built from the measured profiles and the length-scaled plans."""
     from chimera.agents.driver import make_workflows
     from chimera.engine.profiles import default_cluster
-    from chimera.predict.priors import StageMeanLength
+    from chimera.predict.priors import RunningLength, SizePriorConfidence, StageMeanLength
     from chimera.sched.registry import make_policy
-    from chimera.serve.priors import SizePriorConfidence
     from chimera.sim.cluster import build_runtimes
     from chimera.sim.simulator import Simulator
 
@@ -327,8 +326,6 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
     conf = SizePriorConfidence([r.info for r in runtimes])
     online = cfg.engine == "vllm" and cfg.sim_online_lengths
     if online:  # as the live gateway: running means per (kind, stage, model), from a cold start (256 tokens)
-        from chimera.serve.priors import RunningLength
-
         length: Any = RunningLength(names)
     else:
         length = StageMeanLength(names).fit([p for _, p, _ in wfs])

@@ -1,4 +1,5 @@
-"""Honest predictors without learning from text: per-kind accuracy and per-stage mean lengths from a training split."""
+"""Honest predictors without learning from text: per-kind accuracy and per-stage mean lengths from a training split;
+for a gateway with no training data yet, confidence by model size and lengths learnt online from completions."""
 
 from __future__ import annotations
 
@@ -7,9 +8,30 @@ from typing import Sequence
 
 import numpy as np
 
-from chimera.sched.types import Call
+from chimera.sched.types import Call, ModelInfo
 from chimera.workload.plan import WorkflowPlan
 from chimera.workload.schema import Task
+
+DEFAULT_CALL_TOKENS = 256.0
+TRACKED_STAGES = 64  # stages at or past the last share one running mean: a prediction costs O(stages × models), fixed
+TRACKED_KINDS = 1024  # kinds past this many pool under OTHER_KIND: memory stays bounded whatever clients send
+OTHER_KIND = "\x00other"
+
+
+def kind_accuracy(kinds: Sequence[str], scores: Sequence[Sequence[float]] | np.ndarray, models: Sequence[str],
+                  smoothing: float = 1.0) -> dict[tuple[str, str], float]:
+    """Laplace-smoothed mean score by (kind, model) and by ("*", model) over all kinds, from one row of per-model
+    scores per task (NaN: the model has no score for it); shared by the simulator's prior and the routing tables."""
+    sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for kind, row in zip(kinds, scores):
+        for m, v in zip(models, row):
+            if v != v:  # NaN: no outcome for this model
+                continue
+            for key in {(kind, m), ("*", m)}:
+                sums[key][0] += float(v)
+                sums[key][1] += 1
+    a = smoothing
+    return {k: (total + 0.5 * a) / (n + a) for k, (total, n) in sums.items()}
 
 
 class KindAccuracyRouter:
@@ -20,17 +42,9 @@ class KindAccuracyRouter:
         self.smoothing = smoothing
 
     def fit(self, tasks: Sequence[Task]) -> "KindAccuracyRouter":
-        sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
-        for t in tasks:
-            for m in self.models:
-                o = t.outcomes.get(m)
-                if o is None:
-                    continue
-                for key in ((t.kind, m), ("*", m)):
-                    sums[key][0] += o.score
-                    sums[key][1] += 1
-        a = self.smoothing
-        self.table_ = {k: (s + 0.5 * a) / (n + a) for k, (s, n) in sums.items()}
+        nan = float("nan")
+        scores = [[o.score if (o := t.outcomes.get(m)) is not None else nan for m in self.models] for t in tasks]
+        self.table_ = kind_accuracy([t.kind for t in tasks], scores, self.models, self.smoothing)
         self.models_ = list(self.models)
         self._rows: dict[str, np.ndarray] = {}
         return self
@@ -110,4 +124,63 @@ class OracleLength:
     def predict_lengths(self, calls: Sequence[Call]) -> tuple[np.ndarray, np.ndarray]:
         call = np.array([[c.truth.output_tokens(c.stage, m) for m in self.models_] for c in calls], dtype=float)
         rem = np.array([[c.truth.remaining_tokens(c.stage, m) for m in self.models_] for c in calls], dtype=float)
+        return call, rem
+
+
+class SizePriorConfidence:
+    """Confidence rises with model size (0.5 smallest → 0.9 largest): bigger models are usually more accurate."""
+
+    def __init__(self, models: Sequence[ModelInfo]) -> None:
+        self.models_ = [m.name for m in models]
+        n = max(len(models) - 1, 1)
+        self._row = np.array([0.5 + 0.4 * m.size_rank / n for m in models])
+
+    def predict_confidence(self, calls: Sequence[Call]) -> np.ndarray:
+        return np.tile(self._row, (len(calls), 1))
+
+
+class RunningLength:
+    """Per-(kind, stage, model) running mean of completion tokens; remaining = this stage's and later stages' means.
+    StageMeanLength's online counterpart: it sees stages one at a time, not whole workflows, so the remaining work is
+    the sum of per-stage means rather than a measured mean of remainders (the two differ where workflows vary in depth).
+    Unseen (kind, stage, model) falls back to the stage's mean over all models, then to DEFAULT_CALL_TOKENS.
+    Stages from TRACKED_STAGES − 1 on share one bucket, so a client's stage number never sets the work done."""
+
+    def __init__(self, models: Sequence[str]) -> None:
+        self.models_ = list(models)
+        self._sum: dict[tuple[str, int, str], float] = defaultdict(float)
+        self._n: dict[tuple[str, int, str], int] = defaultdict(int)
+        self._max_stage: dict[str, int] = {}
+
+    def _key(self, kind: str, stage: int) -> tuple[str, int]:
+        if kind not in self._max_stage and len(self._max_stage) >= TRACKED_KINDS:
+            kind = OTHER_KIND
+        return kind, min(max(stage, 0), TRACKED_STAGES - 1)
+
+    def observe(self, kind: str, stage: int, model: str, tokens: int) -> None:
+        kind, stage = self._key(kind, stage)
+        self._sum[(kind, stage, model)] += tokens
+        self._n[(kind, stage, model)] += 1
+        self._max_stage[kind] = max(self._max_stage.get(kind, 0), stage)
+
+    def _mean(self, kind: str, stage: int, model: str) -> float:
+        """This model's mean; for a model not yet served at this stage, the other models' pooled mean, so an
+        unexplored model is not judged by the blind default (which would keep it unexplored)."""
+        n = self._n.get((kind, stage, model), 0)
+        if n:
+            return self._sum[(kind, stage, model)] / n
+        pooled_n = sum(self._n.get((kind, stage, m), 0) for m in self.models_)
+        if pooled_n:
+            return sum(self._sum.get((kind, stage, m), 0.0) for m in self.models_) / pooled_n
+        return DEFAULT_CALL_TOKENS
+
+    def predict_lengths(self, calls: Sequence[Call]) -> tuple[np.ndarray, np.ndarray]:
+        call = np.zeros((len(calls), len(self.models_)))
+        rem = np.zeros_like(call)
+        for i, c in enumerate(calls):
+            kind, stage = self._key(c.kind, c.stage)
+            last = max(self._max_stage.get(kind, 0), stage)
+            for j, m in enumerate(self.models_):
+                call[i, j] = self._mean(kind, stage, m)
+                rem[i, j] = sum(self._mean(kind, s, m) for s in range(stage, last + 1))
         return call, rem

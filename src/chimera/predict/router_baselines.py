@@ -9,6 +9,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from chimera.predict.encoders import is_fitted, make_encoder
+from chimera.predict.priors import kind_accuracy
 from chimera.predict.router import RouterBase
 
 
@@ -182,15 +183,8 @@ class PriorRouter(RouterBase):
         self, texts: Sequence[str], scores: np.ndarray, models: Sequence[str], kinds: Sequence[str] | None = None
     ) -> "PriorRouter":
         scores = self._fit_priors(scores, models, kinds)
-        kinds_arr = np.asarray(list(kinds) if kinds is not None else ["*"] * len(scores), dtype=object)
-        a = self.smoothing
-        self.table_: dict[tuple[str, str], float] = {}
-        for kind in self.priors_:
-            rows = scores if kind == "*" else scores[kinds_arr == kind]
-            for j, m in enumerate(self.models_):
-                col = rows[:, j][np.isfinite(rows[:, j])]
-                if len(col):
-                    self.table_[(kind, m)] = float((col.sum() + 0.5 * a) / (len(col) + a))
+        kinds = list(kinds) if kinds is not None else ["*"] * len(scores)
+        self.table_: dict[tuple[str, str], float] = kind_accuracy(kinds, scores, self.models_, self.smoothing)
         return self
 
     def predict_proba(

@@ -347,11 +347,16 @@ class _StreamResponse(Response):
         except OSError:  # client gone while sending
             pass
         finally:
-            watcher.cancel()
-            if not h.done:
-                st.clock.cancel(h)
+            _release(st, h, watcher)
             if h.error == "cancelled":
                 st.success["abort"] += 1
+
+
+def _release(st: EmulatorState, h: Handle, watcher: asyncio.Future) -> None:
+    """Stop watching the client; a request that did not finish gives its engine slot back."""
+    watcher.cancel()
+    if not h.done:
+        st.clock.cancel(h)
 
 
 def _record(st: EmulatorState, job: _Job, h: Handle) -> None:
@@ -391,9 +396,7 @@ def _endpoint(kind: str):
             while not h.done:
                 await h.wait_change()
         finally:
-            watcher.cancel()
-            if not h.done:
-                st.clock.cancel(h)
+            _release(st, h, watcher)
         if h.error == "cancelled":
             st.success["abort"] += 1
             return ApiError(499, "request cancelled", "Cancelled").response()

@@ -22,10 +22,12 @@ from chimera.engine.fit import (
     PrefillPoint,
     SeqTrace,
     analyze_wave,
+    decode_point,
     estimate_max_num_seqs,
     fit_rows,
     fit_step_model,
     poorly_fitted,
+    with_engine_tpot,
 )
 from chimera.engine.perf import StepTimeModel
 from chimera.engine.profiles import (
@@ -37,7 +39,7 @@ from chimera.engine.profiles import (
     profile,
 )
 from chimera.profiling.client import ProfileConfig, Profiler
-from chimera.profiling.metrics import read_scrape
+from chimera.profiling.metrics import engine_tpot, read_scrape
 from chimera.threaded import free_port
 from chimera.sim.cluster import build_runtimes
 
@@ -151,6 +153,31 @@ vllm:cache_config_info{block_size="128",engine="0",num_gpu_blocks="8192",kv_cach
     assert (s.running, s.waiting, s.kv_usage, s.kv_capacity_tokens) == (3.0, 1.0, 0.25, 8192 * 128)
 
 
+def test_metrics_engine_tpot_from_the_inter_token_histogram() -> None:
+    """The engine's own TPOT over a wave: Δsum / Δcount of vllm:inter_token_latency_seconds; None when the scrape
+    raced the last outputs (too few intervals) or the server does not export it."""
+    def scrape(total: float, count: float) -> str:
+        return (f'vllm:inter_token_latency_seconds_sum{{engine="0",model_name="m"}} {total}\n'
+                f'vllm:inter_token_latency_seconds_count{{engine="0",model_name="m"}} {count}\n'
+                f'vllm:inter_token_latency_seconds_sum{{engine="0",model_name="other"}} 99.0\n')
+    a, b = read_scrape(scrape(1.0, 100), "m"), read_scrape(scrape(1.0 + 8 * 63 * 0.005, 100 + 8 * 63), "m")
+    assert (a.itl_sum_s, a.itl_count) == (1.0, 100)
+    assert engine_tpot(a, b, 8 * 63 * 0.98) == pytest.approx(0.005)
+    assert engine_tpot(a, b, 8 * 63 + 10) is None  # the scrape ran ahead of the engine's stats
+    assert engine_tpot(read_scrape("vllm:num_requests_running 1\n", "m"), b, 1) is None
+
+
+def test_engine_tpot_replaces_a_bursty_waves_makespan() -> None:
+    """A starved API server delivers in one burst: the streams give only a makespan; the engine's TPOT wins and
+    the batch is the requests sent; the streams' figure is kept beside it."""
+    seqs = [SeqTrace(0.0, [0.32 + 1e-5 * k for k in range(64)], list(range(1, 65)), 30, 64) for _ in range(4)]
+    w = analyze_wave(seqs, 4, prefill_s=0.005)
+    e = with_engine_tpot(w, 0.003)
+    assert (e.tpot_s, e.method, e.steady, e.n) == (0.003, "engine", True, 4.0)
+    assert e.client_tpot_s == w.tpot_s and e.unsteady_reason == ""
+    assert decode_point([e, with_engine_tpot(w, 0.005), with_engine_tpot(w, 0.004)]).tpot_s == 0.004
+
+
 # ---- profile files in cluster files ----------------------------------------------------------------------------
 FITTED = {"fixed_s": 0.002, "weights_s": 0.001, "per_token_s": 2e-5, "per_seq_s": 4e-4,
           "per_context_token_s": 5e-8, "kv_capacity_tokens": 100000, "max_model_len": 2048}
@@ -182,6 +209,28 @@ def test_profile_file_in_a_cluster(tmp_path: Path) -> None:
     rts = build_runtimes(cl)  # no parameter count: sizes ranked by batch-1 step time
     assert [r.info.size_rank for r in rts] == [0, 1, 2]
     assert profile(str(tmp_path / "tiny.yaml")) == load_profile_file(tmp_path / "tiny.yaml")
+
+
+def test_simulator_adds_a_profiled_servers_request_overhead(tmp_path: Path) -> None:
+    """A measured server's per-request overhead (HTTP, tokenising: `request_overhead_s`) is part of every call's
+    latency in the simulator; alone in the cluster, each call costs exactly that much more."""
+    from chimera.sched.registry import make_policy
+    from chimera.sim.simulator import Simulator
+    from chimera.workload.synthetic import generate
+    from chimera.sim.experiment import prepare
+
+    def run(overhead: float) -> dict:
+        _write_profile(tmp_path / "p.yaml", fitted={**FITTED, "request_overhead_s": overhead})
+        cl = cluster_from_dict({"models": [{"profile_file": "p.yaml", "name": "a", "workload_model": "qwen2.5-1.5b"}]},
+                               base_dir=tmp_path)
+        prep = prepare(generate(20, seed=1), cl, seed=1)
+        sim = Simulator(prep.runtimes, make_policy("vllm"), prep.workflows(5, 0), arrivals=[100.0 * i for i in range(5)])
+        return sim.run()
+
+    base, slow = run(0.0), run(0.25)
+    assert slow["calls"] == base["calls"] > 5
+    extra = (slow["latency_s"]["mean"] - base["latency_s"]["mean"]) * 5
+    assert extra == pytest.approx(0.25 * base["calls"], rel=1e-6)
 
 
 def test_profile_file_errors(tmp_path: Path) -> None:

@@ -720,6 +720,7 @@ def profile_cmd(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CHIMERA_API_KEY", help="Bearer key for the server."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds per request."),
     metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Scrape vLLM /metrics during the waves."),
+    tpot_source: str = typer.Option("auto", "--tpot-source", help="auto | engine | client: decode TPOT from the server's own inter-token latency metric (vLLM; auto uses it when exported) or from the streams' timing."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompts."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements and the fit as JSON."),
 ) -> None:
@@ -766,7 +767,9 @@ def profile_cmd(
                             prefill_lengths=_int_list(prefill_lengths, "--prefill-lengths") if prefill_lengths else None,
                             long_prompt_tokens=long_prompt_tokens,
                             long_concurrency=_int_list(long_concurrency, "--long-concurrency"), metrics=metrics,
-                            timeout_s=timeout, seed=seed, extra_waves=extra_waves)
+                            timeout_s=timeout, seed=seed, extra_waves=extra_waves, tpot_source=tpot_source)
+        if tpot_source == "engine" and not metrics:
+            _fail("--tpot-source engine reads the server's /metrics: drop --no-metrics")
     except (ValueError, ClusterError) as e:
         _fail(str(e))
     with _progress() as prog:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -73,7 +73,21 @@ class WaveStats:
     prompt_tokens: int  # median
     steady: bool = True  # the sequences agree with each other and with the tokens delivered in the window
     unsteady_reason: str = ""
-    method: str = "window"  # "window": steady-window slope; "makespan": unsteady, the wave's makespan per token
+    method: str = "window"  # "window": steady-window slope; "makespan": unsteady, the wave's makespan per token;
+    # "engine": the server's own inter-token latencies (vLLM /metrics), see with_engine_tpot
+    client_tpot_s: float | None = None  # what the streams gave (window or makespan) when method is "engine"
+
+
+def with_engine_tpot(w: WaveStats, tpot_s: float) -> WaveStats:
+    """The wave with the engine's own mean time per output token as its TPOT.
+
+    A CPU server's API process can deliver tokens late and in bursts (it shares cores with the engine and the
+    client), so the streams' timing says more about delivery than about steps; the engine stamps each step's
+    outputs when it makes them. The batch is the window's time average when the streams were steady, else the
+    requests sent."""
+    n = w.n if w.steady else float(w.concurrency)
+    return replace(w, tpot_s=tpot_s, client_tpot_s=w.tpot_s, method="engine", steady=True, n=n,
+                   unsteady_reason="")
 
 
 STEADY_SPREAD = 0.4  # (p90 − p10) / median of the sequences' TPOTs in one wave

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import re
 import time
@@ -33,11 +34,12 @@ from chimera.engine.fit import (
     WaveStats,
     analyze_wave,
     decode_point,
+    with_engine_tpot,
     estimate_max_num_seqs,
     kv_capacity_from_usage,
     prefill_point,
 )
-from chimera.profiling.metrics import Scrape, read_scrape
+from chimera.profiling.metrics import Scrape, engine_tpot, read_scrape
 
 Progress = Callable[[str, int, int], None]  # (what is running, steps done, steps in all)
 NOISY = 1.35  # max / min TPOT of a level's waves beyond which it gets `extra_waves` more
@@ -75,6 +77,7 @@ class ProfileConfig:
     timeout_s: float = 300.0
     seed: int = 0
     extra_waves: int = 2  # more waves for a level whose waves disagree by more than NOISY (median of all)
+    tpot_source: str = "auto"  # "engine": the server's inter-token latency metric; "client": the streams; auto
 
     def __post_init__(self) -> None:
         if self.api not in ("completions", "chat"):
@@ -85,6 +88,8 @@ class ProfileConfig:
             raise ValueError("decode_tokens must be ≥ 8 (the steady window needs several steps)")
         if self.rounds < 1:
             raise ValueError("rounds must be ≥ 1")
+        if self.tpot_source not in ("auto", "engine", "client"):
+            raise ValueError(f"tpot_source must be 'auto', 'engine' or 'client', got {self.tpot_source!r}")
         self.concurrency = tuple(sorted(set(int(c) for c in self.concurrency)))
         self.long_concurrency = tuple(sorted(set(int(c) for c in self.long_concurrency)))
 
@@ -108,6 +113,7 @@ class Measurements:
     max_model_len: int | None = None
     metrics_exposed: bool = False
     continuous_usage: bool = False  # the server reports completion_tokens in every chunk (vLLM)
+    engine_tpot: bool = False  # decode TPOTs are the engine's own inter-token latencies (vLLM /metrics)
     exact_lengths: bool = True  # every decode request returned exactly max_tokens
     inexact_requests: int = 0
     decode_requests: int = 0
@@ -375,7 +381,7 @@ class Profiler:
         max_tokens = self._room(prompt_tokens)
         for _ in range(3):
             w = await self._wave_once(c, prompt_tokens, max_tokens, label)
-            if w.steady and w.window_tokens >= max_tokens / 4:
+            if w.method == "engine" or (w.steady and w.window_tokens >= max_tokens / 4):
                 break
             if "one burst" in w.unsteady_reason:
                 break  # buffered delivery: longer outputs do not help; the makespan estimate stands
@@ -393,6 +399,8 @@ class Profiler:
     async def _wave_once(self, c: int, prompt_tokens: int, max_tokens: int, label: str) -> WaveStats:
         watch = _Watch(c, max_tokens)
         prompts = [self._prompt(prompt_tokens) for _ in range(c)]
+        use_engine = self.meas.metrics_exposed and self.cfg.tpot_source != "client"
+        before = await self._scrape() if use_engine else None
         scrape_task = asyncio.ensure_future(self._scrape_when(watch.event)) if self.meas.metrics_exposed else None
         try:
             traces = await asyncio.gather(*(self._stream(p, max_tokens, watch) for p in prompts))
@@ -414,6 +422,22 @@ class Profiler:
         if scrape is not None:
             self.meas.scrapes.append(scrape)
             self._use_scrape(scrape, traces)
+        if before is not None:
+            w = await self._engine_wave(w, before, sum(max(0, t.completion_tokens - 1) for t in traces))
+        return w
+
+    async def _engine_wave(self, w: WaveStats, before: Scrape, intervals: int) -> WaveStats:
+        """The wave with the engine's own TPOT when /metrics has the inter-token latencies of (nearly) all its
+        tokens; a scrape can run ahead of the engine's last stats by a moment, so it is read up to 3 times."""
+        for k in range(3):
+            tpot = engine_tpot(before, await self._scrape(), 0.98 * intervals)
+            if tpot is not None:
+                self.meas.engine_tpot = True
+                return with_engine_tpot(w, tpot)
+            await asyncio.sleep(0.05 * (k + 1))
+        if self.cfg.tpot_source == "engine":
+            raise MeasureError("--tpot-source engine: the server's /metrics has no vllm:inter_token_latency_seconds "
+                               "for the wave's tokens")
         return w
 
     async def _scrape_when(self, started: asyncio.Event) -> Scrape | None:
@@ -519,9 +543,30 @@ class Profiler:
         return m
 
 
+    async def decode_tpots(self, c: int, waves: int) -> list[float]:
+        """A quick speed check: the TPOT (the engine's own where /metrics has it) of `waves` waves of c requests;
+        `bench live` uses it to measure how much a server slows while its neighbours are busy."""
+        limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4, keepalive_expiry=2.0)
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(self.cfg.timeout_s, connect=10.0),
+                                     trust_env=False) as client:
+            self._client = client
+            try:
+                await self._probe()
+                await asyncio.gather(*(self._stream(self._prompt(self.cfg.prompt_tokens), 8) for _ in range(c)))
+                return [(await self._wave_once(c, self.cfg.prompt_tokens, self._room(self.cfg.prompt_tokens),
+                                               "decode")).tpot_s or math.nan for _ in range(waves)]
+            finally:
+                self._client = None
+
+
 def _spread(ws: list[WaveStats]) -> float:
     t = [w.tpot_s for w in ws if w.tpot_s]
     return max(t) / min(t) if len(t) >= 2 else 1.0
+
+
+def measure_decode_tpots(cfg: ProfileConfig, c: int, waves: int) -> list[float]:
+    """`Profiler.decode_tpots` in its own event loop."""
+    return asyncio.run(Profiler(cfg).decode_tpots(c, waves))
 
 
 def measure(cfg: ProfileConfig, progress: Progress | None = None) -> Measurements:

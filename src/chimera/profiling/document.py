@@ -83,6 +83,9 @@ def build_profile(
         notes.append(f"{meas.longer_waves} waves were sent again with longer outputs (staggered arrivals)")
     if not meas.metrics_exposed:
         notes.append("no vLLM /metrics: queueing judged from the streams alone")
+    if meas.engine_tpot:
+        notes.append("decode TPOTs are the engine's own inter-token latencies (vllm:inter_token_latency_seconds); "
+                     "the streams' timing is kept per wave as client_tpot_s")
 
     source = f"chimera profile of {meas.model} at {meas.base_url}, {meas.started_at}"
     fitted: dict[str, Any] = {k: _sig(v) for k, v in fit.coefficients().items()}

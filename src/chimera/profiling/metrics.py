@@ -9,6 +9,10 @@ RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 KV_USAGE = "vllm:kv_cache_usage_perc"  # a fraction 0–1 despite the name
 CACHE_INFO = "vllm:cache_config_info"  # labels carry the cache config: num_gpu_blocks, block_size, ...
+# The engine's own inter-token latencies (stamped by the EngineCore when a step's outputs are made, so free of
+# how the API server and the network deliver them): sum and count of the histogram.
+ITL_SUM = "vllm:inter_token_latency_seconds_sum"
+ITL_COUNT = "vllm:inter_token_latency_seconds_count"
 
 _LINE = re.compile(r'^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})?\s+(\S+)')
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -41,6 +45,8 @@ class Scrape:
     waiting: float | None
     kv_usage: float | None
     kv_capacity_tokens: int | None  # from cache_config_info (num_gpu_blocks × block_size), when exported
+    itl_sum_s: float | None = None  # the engine's inter-token latencies so far: sum (seconds) and count
+    itl_count: float | None = None
 
 
 def read_scrape(text: str, model: str, t: float = 0.0) -> Scrape:
@@ -69,4 +75,18 @@ def read_scrape(text: str, model: str, t: float = 0.0) -> Scrape:
             continue
         break
     return Scrape(t=t, running=total(RUNNING), waiting=total(WAITING),
-                  kv_usage=(sum(kv) / len(kv)) if kv else None, kv_capacity_tokens=cap)
+                  kv_usage=(sum(kv) / len(kv)) if kv else None, kv_capacity_tokens=cap,
+                  itl_sum_s=total(ITL_SUM), itl_count=total(ITL_COUNT))
+
+
+def engine_tpot(before: Scrape | None, after: Scrape | None, min_count: float) -> float | None:
+    """Mean time per output token the engine itself stamped between two scrapes (the inter-token latency
+    histogram's sum / count over that span), or None when the server does not export it or fewer than
+    `min_count` intervals were recorded (the scrape raced the last outputs)."""
+    if before is None or after is None or None in (before.itl_sum_s, before.itl_count, after.itl_sum_s,
+                                                    after.itl_count):
+        return None
+    n = after.itl_count - before.itl_count  # type: ignore[operator]
+    if n < max(1.0, min_count):
+        return None
+    return (after.itl_sum_s - before.itl_sum_s) / n  # type: ignore[operator]

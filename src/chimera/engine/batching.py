@@ -92,6 +92,7 @@ class Engine:
         self._seg_k = 0
         self._seg_tau = 0.0
         self._seg_chunks: list[tuple[Seq, int]] | None = None
+        self.slowdown = 1.0  # step-time factor from outside the engine (CPU shared with busy peers)
         # statistics
         self.preemptions = 0
         self.tokens_out = 0
@@ -112,6 +113,19 @@ class Engine:
 
     def next_event_time(self) -> float:
         return self._seg_end
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.decoding or self.prefilling or self.waiting)
+
+    def set_slowdown(self, factor: float, now: float) -> None:
+        """Steps from the next step boundary at or after `now` take `factor` × their model time (the step under
+        way finishes at the old speed); the caller re-reads `next_event_time()`."""
+        if factor == self.slowdown:
+            return
+        self.slowdown = factor
+        if self._seg_end < math.inf and self._seg_chunks is None:
+            self._truncate(now)
 
     def generated(self, seq: Seq) -> int:
         if seq.state == DECODE:
@@ -296,7 +310,7 @@ class Engine:
             tokens = sum(c for _, c in chunks)
             ctx = self.kv_base + n_dec * self.S
             self._seg_chunks, self._seg_k = chunks, 1
-            self._seg_tau = self.perf.step_time(n_dec, ctx, tokens)
+            self._seg_tau = self.perf.step_time(n_dec, ctx, tokens) * self.slowdown
         elif n_dec:
             while True:
                 room = self.cap - self.kv_used()
@@ -309,7 +323,7 @@ class Engine:
             if self.key_fn is not None:
                 k = min(k, self.tick_steps)
             ctx_mid = self.kv_base + n_dec * self.S + n_dec * (k - 1) // 2
-            self._seg_k, self._seg_tau = k, self.perf.step_time(n_dec, ctx_mid, 0)
+            self._seg_k, self._seg_tau = k, self.perf.step_time(n_dec, ctx_mid, 0) * self.slowdown
         else:
             self._seg_k, self._seg_tau, self._seg_end = 0, 0.0, math.inf
             return []

@@ -46,6 +46,11 @@ class ModelSpec(BaseModel):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     dtype_bytes: int = Field(default=2, ge=1, le=4)
     workload_model: str | None = Field(default=None, min_length=1)
+    # Servers that share one machine's CPU (e.g. vLLM CPU servers, or GPU servers whose API processes share
+    # cores): every server with the same `host` slows the others while it is busy, by `peer_busy_slowdown`
+    # (a step-time factor measured by `chimera bench live --engine vllm`, see docs/engine.md).
+    host: str | None = Field(default=None, min_length=1)
+    peer_busy_slowdown: float = Field(default=1.0, ge=1.0, le=10.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -160,7 +165,7 @@ class FittedStep(BaseModel):
     per_context_token_s: float = Field(default=0.0, ge=0)
     kv_capacity_tokens: int = Field(ge=MIN_KV_TOKENS)
     max_model_len: int | None = Field(default=None, ge=1)
-    # What a client sees on top of the prefill step (HTTP, tokenising, scheduling); reported, not simulated.
+    # What a client sees on top of the prefill step (HTTP, tokenising, scheduling); the simulator adds it per call.
     request_overhead_s: float = Field(default=0.0, ge=0)
     source: str | None = None  # where and when it was measured
 

@@ -18,6 +18,13 @@ class ModelRuntime:
     perf: StepTimeModel
     info: ModelInfo
 
+    @property
+    def request_overhead_s(self) -> float:
+        """What a client waits per call beyond the engine's steps (HTTP, tokenising, the API server), as
+        `chimera profile` measured it; 0 for catalogue engines, whose figures are engine-only."""
+        fitted = getattr(self.spec, "fitted", None)
+        return float(fitted.request_overhead_s) if fitted is not None else 0.0
+
 
 def build_runtimes(cluster: ClusterConfig) -> list[ModelRuntime]:
     """One runtime per model; size rank by active parameters (0 = smallest).

@@ -17,11 +17,12 @@ from chimera.engine.batching import Engine, Seq
 from chimera.sched.policy import Policy
 from chimera.sched.types import Call
 from chimera.sim.cluster import ModelRuntime
+from chimera.sim.hosts import SharedHosts
 from chimera.sim.metrics import WorkflowRecord, summarize
 from chimera.workload.arrivals import SIM_STREAM, poisson_arrivals
 from chimera.workload.plan import WorkflowPlan
 
-_WF_START, _CALL, _ENGINE = 0, 1, 2
+_WF_START, _CALL, _ENGINE, _ANSWERED = 0, 1, 2, 3
 
 
 @dataclass
@@ -76,10 +77,13 @@ class Simulator:
                           for k in range(r.spec.replicas)]
             for r in self.runtimes
         }
+        self.hosts = SharedHosts([(e, r.spec.host, r.spec.peer_busy_slowdown)
+                                  for r in self.runtimes for e in self.engines[r.info.name]])
         self.max_inflight = {
             r.info.name: (math.inf if policy.preemptive else r.info.max_inflight) for r in self.runtimes
         }
         self.inflight = {r.info.name: 0 for r in self.runtimes}
+        self.overhead_s = {r.info.name: r.request_overhead_s for r in self.runtimes}
         self.sched_s = 0.0  # wall time spent inside the policy (the scheduler's own cost)
 
     # ---- event plumbing ----------------------------------------------------------------------------------
@@ -128,9 +132,15 @@ class Simulator:
                     continue  # superseded
                 self._engine_time[eng.name] = math.inf
                 for seq in eng.advance():
-                    self._finish_call(seq, t)
+                    ovh = self.overhead_s[seq.call.model]
+                    if ovh > 0:  # the answer reaches the gateway after the server's own overhead
+                        self._push(t + ovh, _ANSWERED, seq)
+                    else:
+                        self._finish_call(seq, t)
                 self._refresh(eng)
                 self._dispatch(eng.name.rsplit("#", 1)[0], t)
+            elif kind == _ANSWERED:
+                self._finish_call(payload, t)
             elif kind == _WF_START:
                 i = payload
                 wid, plan, prompt = self.workflows[i]
@@ -138,6 +148,8 @@ class Simulator:
                 self._issue(wf, t)
             else:
                 self._issue(payload, t)
+            if self.hosts:
+                self.hosts.update(t, self._refresh)
 
         per_engine = {e.name: {"preemptions": e.preemptions, "busy_s": round(e.busy_s, 3), "steps": e.steps}
                       for engs in self.engines.values() for e in engs}

@@ -409,3 +409,63 @@ def test_loaded_profiling_keeps_finished_servers_busy(tmp_path) -> None:
     assert order == ["fast", "slow"] and set(took) == {"fast", "slow"} and time.monotonic() - t0 < 10
     assert stats["sent"] >= 10 and stats["errors"] == 0, stats
     assert all(b["ignore_eos"] is True and b["model"] == "tiny" and b["max_tokens"] >= 1 for b in seen)
+
+
+def test_closed_loop_background_keeps_a_fixed_number_in_flight() -> None:
+    """The contention check keeps exactly `in_flight` calls on each peer: never more, and refilled as they end."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from chimera.bench.live import BackgroundLoad, real_workflows, to_served_models
+
+    state = {"now": 0, "peak": 0, "done": 0}
+
+    async def chat(request):
+        state["now"] += 1
+        state["peak"] = max(state["peak"], state["now"])
+        await asyncio.sleep(0.05)
+        state["now"] -= 1
+        state["done"] += 1
+        return JSONResponse({"choices": [], "usage": {"completion_tokens": 1}})
+
+    tasks, _ = to_served_models(generate(10), ["tiny", "wide"], "real")
+    wfs, _ = real_workflows(tasks, LiveBenchConfig(engine="vllm", tasks=10))
+    with serve_in_thread(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])) as url:
+        bg = BackgroundLoad(wfs, rps=0.001, in_flight=3)  # rps is ignored in closed loop
+        bg.add(SimpleNamespace(served_model_name="tiny", base_url=url + "/v1"))
+        time.sleep(1.0)
+        stats = bg.stop()
+    assert state["peak"] == 3 and state["done"] >= 12 and stats["errors"] == 0, (state, stats)
+
+
+def test_contention_measured_beside_the_profiles_reaches_the_simulated_cluster(tmp_path) -> None:
+    from chimera.bench.live import CONTENTION_FILE, profiled_cluster
+
+    folder = _profiles(tmp_path / "profiles")
+    paths = {n: str(folder / f"{n}.yaml") for n in ("tiny", "wide")}
+    cfg = LiveBenchConfig(engine="vllm")
+    assert all(m.host is None and m.peer_busy_slowdown == 1.0 for m in profiled_cluster(paths, cfg).models)
+    (folder / CONTENTION_FILE).write_text(json.dumps({"tiny": {"slowdown": 1.06}, "wide": {"slowdown": 2.13}}))
+    tiny, wide = profiled_cluster(paths, cfg).models
+    assert (tiny.host, tiny.peer_busy_slowdown, wide.peer_busy_slowdown) == ("this-machine", 1.06, 2.13)
+    off = profiled_cluster(paths, cfg.model_copy(update={"contention": False})).models
+    assert all(m.host is None for m in off)
+
+
+def test_engine_times_over_a_run_from_the_servers_histograms() -> None:
+    from chimera.bench.live import _metrics_delta
+
+    a = {"tiny": {"vllm:inter_token_latency_seconds_sum": 1.0, "vllm:inter_token_latency_seconds_count": 100.0,
+                  "vllm:e2e_request_latency_seconds_sum": 2.0, "vllm:e2e_request_latency_seconds_count": 10.0,
+                  "vllm:request_queue_time_seconds_sum": 0.0}}
+    b = {"tiny": {"vllm:inter_token_latency_seconds_sum": 1.6, "vllm:inter_token_latency_seconds_count": 300.0,
+                  "vllm:e2e_request_latency_seconds_sum": 4.0, "vllm:e2e_request_latency_seconds_count": 20.0,
+                  "vllm:request_queue_time_seconds_sum": 0.5}}
+    d = _metrics_delta(a, b)["tiny"]
+    assert d["engine_tpot_ms"] == pytest.approx(3.0) and d["engine_e2e_ms_per_call"] == pytest.approx(200.0)
+    assert d["engine_queue_ms_per_call"] == pytest.approx(50.0)

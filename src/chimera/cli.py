@@ -378,7 +378,9 @@ def bench_live(
     kv_cache_gib: int = typer.Option(2, "--kv-cache-gib", help="--engine vllm: KV cache per server (GiB)."),
     priority: bool = typer.Option(True, "--priority/--no-priority", help="--engine vllm: servers run vLLM's priority policy (all contenders get the same servers)."),
     profiles: Optional[Path] = typer.Option(None, "--profiles", help="--engine vllm: a folder with NAME.yaml per server from `chimera profile` (skips measuring)."),
-    profile_mode: str = typer.Option("loaded", "--profile-mode", help="--engine vllm: loaded (both servers measured at once, and a finished server keeps getting the run's kind of calls until the other is done), together (both at once, nothing more) or alone (one by one)."),
+    profile_mode: str = typer.Option("alone", "--profile-mode", help="--engine vllm: alone (one by one, the other idle: with --contention the simulator adds the slowdown while peers are busy), loaded (both servers measured at once, and a finished server keeps getting the run's kind of calls until the other is done) or together (both at once, nothing more)."),
+    contention: bool = typer.Option(True, "--contention/--no-contention", help="--engine vllm: measure each server's slowdown while the others are busy (profiles/contention.json) and simulate it; with --resimulate: use a stored one or not."),
+    contention_batch: int = typer.Option(4, "--contention-batch", help="--engine vllm: batch of the contention check (calls measured, and kept in flight on each peer)."),
     background_rps: float = typer.Option(1.0, "--background-rps", help="--engine vllm, --profile-mode loaded: calls/s sent to each server whose profile is done."),
     sim_online_lengths: bool = typer.Option(True, "--sim-online-lengths/--sim-plan-lengths", help="--engine vllm: the simulated gateway learns lengths online from a cold start, as the live one (or knows the plans' per-stage means)."),
     profile_rounds: int = typer.Option(2, "--profile-rounds", help="--engine vllm: `chimera profile --rounds`."),
@@ -404,7 +406,7 @@ def bench_live(
         from chimera.bench.live import resim_markdown, resimulate
 
         try:
-            r = resimulate(out, str(profiles) if profiles else None, sim_online_lengths)
+            r = resimulate(out, str(profiles) if profiles else None, sim_online_lengths, contention)
         except (ValueError, KeyError, FileNotFoundError) as e:
             _fail(str(e).strip("'\""))
         md = resim_markdown(r)
@@ -427,7 +429,7 @@ def bench_live(
             length_scale=length_scale, prompt_scale=prompt_scale, tool_scale=tool_scale,
             max_inflight=max_inflight, kv_cache_gib=kv_cache_gib, priority=priority,
             profiles=str(profiles) if profiles else None, profile_mode=profile_mode, background_rps=background_rps,
-            sim_online_lengths=sim_online_lengths,
+            sim_online_lengths=sim_online_lengths, contention=contention, contention_batch=contention_batch,
             profile_rounds=profile_rounds, profile_concurrency=profile_concurrency,
             models_dir=str(models_dir) if models_dir else None, venv=str(vllm_venv) if vllm_venv else None)
     except ValidationError as e:

@@ -22,6 +22,8 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -93,6 +95,9 @@ def parse_contender(spec: str) -> Contender:
     raise ValueError(f"contender {spec!r}: expected litellm:STRATEGY or chimera:POLICY[@LAMBDA]")
 
 
+CONTENTION_FILE = "contention.json"  # beside the profiles: each server's slowdown while the others are busy
+
+
 class LiveBenchConfig(BaseModel):
     """What `chimera bench live` runs; validated before anything starts."""
 
@@ -120,9 +125,12 @@ class LiveBenchConfig(BaseModel):
     profiles: str | None = None  # a folder with NAME.yaml from `chimera profile`: skip profiling, use these
     # together: both measured at once; loaded: together, and a server whose profile is done keeps getting the run's
     # kind of calls (background_rps, open loop) until the others' are done; alone: one by one on a quiet machine
-    profile_mode: Literal["together", "loaded", "alone"] = "loaded"
+    profile_mode: Literal["together", "loaded", "alone"] = "alone"
     background_rps: float = Field(default=1.0, gt=0)  # profile_mode "loaded": calls/s to each finished server
     sim_online_lengths: bool = True  # engine vllm: the simulated gateway learns lengths online from a cold start
+    # measure how much each server slows while the others are busy (profiles/contention.json) and simulate it
+    contention: bool = True
+    contention_batch: int = Field(default=4, ge=1)
     profile_rounds: int = Field(default=2, ge=1)
     profile_concurrency: str = "1,2,4,8,16,32"
     models_dir: str | None = None  # default: chimera.engines.vllm.DEFAULT_MODELS (out/models)
@@ -648,7 +656,8 @@ class BackgroundLoad:
     process (where the agents run) to every server `add`ed, until `stop`. Profile mode "loaded" uses it so that a
     server is measured while the others are busy, as in a run."""
 
-    def __init__(self, workflows: Sequence[tuple[str, Any, Task]], rps: float, seed: int = 0) -> None:
+    def __init__(self, workflows: Sequence[tuple[str, Any, Task]], rps: float, seed: int = 0,
+                 in_flight: int | None = None) -> None:
         import threading
 
         calls = []
@@ -657,6 +666,7 @@ class BackgroundLoad:
             calls += [(plan.prompt_tokens(i, outs), outs[i]) for i in range(plan.n_stages)]
         self.calls = calls or [(256, 32)]
         self.rps, self.seed = rps, seed
+        self.in_flight = in_flight  # closed loop: keep this many calls in flight per server (instead of rps)
         self.servers: list = []
         self.sent = self.errors = 0
         self._stop = threading.Event()
@@ -691,9 +701,24 @@ class BackgroundLoad:
                 except httpx.HTTPError:
                     self.errors += 1
 
+            busy: dict[int, int] = {}
+
+            def done(k: int, t: asyncio.Future) -> None:
+                pending.discard(t)
+                busy[k] -= 1
+
             while not self._stop.is_set():
                 now = loop.time()
                 for k, srv in enumerate(list(self.servers)):
+                    if self.in_flight is not None:
+                        while busy.get(k, 0) < self.in_flight:
+                            prompt, out = self.calls[int(rng.integers(len(self.calls)))]
+                            t = asyncio.ensure_future(one(srv, min(prompt, REAL_MAX_MODEL_LEN - out - 64), out))
+                            busy[k] = busy.get(k, 0) + 1
+                            pending.add(t)
+                            t.add_done_callback(lambda t, k=k: done(k, t))
+                            self.sent += 1
+                        continue
                     if nxt.setdefault(k, now) <= now:
                         prompt, out = self.calls[int(rng.integers(len(self.calls)))]
                         t = asyncio.ensure_future(one(srv, min(prompt, REAL_MAX_MODEL_LEN - out - 64), out))
@@ -733,6 +758,11 @@ def profile_real_servers(cfg: LiveBenchConfig, folders: dict[str, Path], out: Pa
         finally:
             if bg is not None:
                 background = bg.stop()
+        if cfg.contention and len(cl) > 1:
+            if on_stage is not None:
+                on_stage("measuring how much each server slows while the others are busy")
+            contention = measure_peer_slowdown(list(cl), cfg, workflows or [])
+            (out / CONTENTION_FILE).write_text(json.dumps(contention, indent=1))
         startup = {s.served_model_name: s.startup_s for s in cl}
     res = {"paths": {n: str(p) for n, p in paths.items()}, "seconds": took, "startup_s": startup,
            "mode": cfg.profile_mode, "measured": True}
@@ -740,6 +770,34 @@ def profile_real_servers(cfg: LiveBenchConfig, folders: dict[str, Path], out: Pa
         res["background_load"] = {**background, "rps_per_server": cfg.background_rps}
     (out / "profiling.json").write_text(json.dumps(res, indent=1))
     return res
+
+
+def measure_peer_slowdown(cl, cfg: LiveBenchConfig, workflows: Sequence[tuple[str, Any, Task]]
+                          ) -> dict[str, dict[str, Any]]:
+    """How much each server slows while the others are busy (they share the machine's cores; docs/engine.md):
+    its TPOT at batch `contention_batch` with the others idle, then with the others kept busy by the run's kind of
+    calls (closed loop, `contention_batch` in flight each), as the engine itself measures it (vLLM's inter-token
+    latency). The ratio is the simulator's `peer_busy_slowdown` for that server."""
+    from chimera.profiling.client import ProfileConfig, measure_decode_tpots
+
+    out: dict[str, dict[str, Any]] = {}
+    k, waves = cfg.contention_batch, 3
+    for srv in cl:
+        pcfg = ProfileConfig(base_url=srv.base_url, model=srv.served_model_name, decode_tokens=64, seed=cfg.seed)
+        alone = statistics.median(measure_decode_tpots(pcfg, k, waves))
+        bg = BackgroundLoad(workflows, cfg.background_rps, cfg.seed, in_flight=k)
+        for other in cl:
+            if other is not srv:
+                bg.add(other)
+        try:
+            time.sleep(2.0)  # let the peers fill up
+            busy = statistics.median(measure_decode_tpots(pcfg, k, waves))
+        finally:
+            sent = bg.stop()
+        out[srv.served_model_name] = {"tpot_alone_ms": 1e3 * alone, "tpot_peers_busy_ms": 1e3 * busy,
+                                      "slowdown": min(10.0, max(1.0, busy / alone)), "batch": k, "waves": waves,
+                                      "peer_calls": sent}
+    return out
 
 
 def given_profiles(cfg: LiveBenchConfig) -> dict[str, Any]:
@@ -760,10 +818,24 @@ def profiled_cluster(paths: dict[str, str], cfg: LiveBenchConfig):
     """The simulated cluster: one model per profile file, batch limit and token budget as the servers run them."""
     from chimera.engine.profiles import cluster_from_dict
 
+    contention = load_contention(paths) if cfg.contention else {}
     return cluster_from_dict({"models": [
         {"profile_file": str(Path(p).resolve()), "name": n, "max_num_seqs": cfg.max_inflight,
-         "max_num_batched_tokens": REAL_MAX_NUM_BATCHED_TOKENS} for n, p in paths.items()]},
-        source="profiled cluster")
+         "max_num_batched_tokens": REAL_MAX_NUM_BATCHED_TOKENS,
+         **({"host": "this-machine", "peer_busy_slowdown": contention[n]["slowdown"]} if n in contention else {})}
+        for n, p in paths.items()]}, source="profiled cluster")
+
+
+def load_contention(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The peer-busy slowdowns measured beside the profiles (CONTENTION_FILE in their folder), or {}."""
+    folders = {Path(p).resolve().parent for p in paths.values()}
+    if len(folders) != 1:
+        return {}
+    f = folders.pop() / CONTENTION_FILE
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def profile_summary(paths: dict[str, str], cfg: LiveBenchConfig) -> dict[str, dict[str, Any]]:
@@ -795,7 +867,12 @@ def _scrape_servers(servers) -> dict[str, dict[str, float]]:
     from chimera.profiling.metrics import parse_prometheus
 
     names = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",
-             "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:request_success_total")
+             "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:request_success_total",
+             # the engine's own times (sum and count of its histograms): how fast it really stepped in the run
+             "vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count",
+             "vllm:request_queue_time_seconds_sum", "vllm:request_prefill_time_seconds_sum",
+             "vllm:request_decode_time_seconds_sum", "vllm:e2e_request_latency_seconds_sum",
+             "vllm:e2e_request_latency_seconds_count")
     out = {}
     for s in servers:
         vals = {n: 0.0 for n in names}
@@ -814,6 +891,11 @@ def _metrics_delta(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]
         d = {k.removeprefix("vllm:").removesuffix("_total"): v - a.get(m, {}).get(k, 0.0) for k, v in vals.items()}
         q = d.get("prefix_cache_queries", 0.0)
         d["prefix_cache_hit_pct"] = 100.0 * d.get("prefix_cache_hits", 0.0) / q if q else 0.0
+        n_itl, n_req = d.get("inter_token_latency_seconds_count", 0.0), d.get("e2e_request_latency_seconds_count", 0.0)
+        d["engine_tpot_ms"] = 1e3 * d.get("inter_token_latency_seconds_sum", 0.0) / n_itl if n_itl else 0.0
+        for k in ("queue", "prefill", "decode"):
+            d[f"engine_{k}_ms_per_call"] = 1e3 * d.get(f"request_{k}_time_seconds_sum", 0.0) / n_req if n_req else 0.0
+        d["engine_e2e_ms_per_call"] = 1e3 * d.get("e2e_request_latency_seconds_sum", 0.0) / n_req if n_req else 0.0
         out[m] = d
     return out
 
@@ -1001,7 +1083,8 @@ def _finish(bench: LiveBench, cfg: LiveBenchConfig, out: Path, uses_litellm: boo
     plot_frontier(bench, out / "frontier.png")
 
 
-def resimulate(out: Path, profiles: str | None = None, sim_online_lengths: bool | None = None) -> dict[str, Any]:
+def resimulate(out: Path, profiles: str | None = None, sim_online_lengths: bool | None = None,
+               contention: bool | None = None) -> dict[str, Any]:
     """The simulator again on the live runs stored in OUT/results.json (engine vllm): same workflows and arrival
     times, the cluster from `profiles` (default: the run's), online or plan lengths; fidelity against the stored
     live results. Nothing is started. Returns {"profiles", "sim_lengths", "rows": [{contender, sim, fidelity_pct}]}."""
@@ -1014,6 +1097,8 @@ def resimulate(out: Path, profiles: str | None = None, sim_online_lengths: bool 
         upd["profiles"] = profiles
     if sim_online_lengths is not None:
         upd["sim_online_lengths"] = sim_online_lengths
+    if contention is not None:
+        upd["contention"] = contention
     cfg = LiveBenchConfig.model_validate({**res["config"], **upd})
     if cfg.engine != "vllm":
         raise ValueError("resimulate: only for --engine vllm results")
@@ -1029,12 +1114,15 @@ def resimulate(out: Path, profiles: str | None = None, sim_online_lengths: bool 
         rows.append({"contender": run["contender"], "sim": sim,
                      "fidelity_pct": fidelity(sim, run["live"]) if sim is not None else {}, "live": run["live"]})
     return {"profiles": paths, "sim_lengths": "online" if cfg.sim_online_lengths else "plans",
+            "contention": {n: d["slowdown"] for n, d in load_contention(paths).items()} if cfg.contention else {},
             "capacity_wps": capacity_of(build_runtimes(cluster), workflows), "rows": rows}
 
 
 def resim_markdown(r: dict[str, Any]) -> str:
     lines = [f"Simulator again on the stored live runs: profiles {', '.join(r['profiles'].values())}, lengths "
-             f"{r['sim_lengths']} (capacity of that cluster {r['capacity_wps']:.3f} workflows/s).", "",
+             f"{r['sim_lengths']}, peer-busy slowdowns "
+             f"{', '.join(f'{n} ×{v:.2f}' for n, v in r.get('contention', {}).items()) or 'none'} "
+             f"(capacity of that cluster {r['capacity_wps']:.3f} workflows/s).", "",
              "| contender | mean lat sim / live (s) | p50 sim / live | p99 sim / live | tasks/s sim / live | "
              "accuracy sim / live | fidelity mean / p50 / p99 / tasks/s / accuracy |", "|---|---:|---:|---:|---:|---:|---|"]
     for row in r["rows"]:
@@ -1181,6 +1269,19 @@ def real_tables(b: LiveBench) -> list[str]:
         lines.append(f"| {r.contender.label} | " + " | ".join(cells)
                      + f" | {ratio:.3f} | {lc.get('short_calls', 0)} of {lc.get('calls', 0)} |" if ratio is not None
                      else f"| {r.contender.label} | " + " | ".join(cells) + " | – | – |")
+    lines += ["", "The engines' own times over each run (vLLM histograms: mean inter-token time; per call: waiting in "
+              "the server, prefill, decode, end to end):", "",
+              "| contender | " + " | ".join(f"{n}: TPOT ms; queue / prefill / decode / e2e ms per call" for n in names)
+              + " |", "|---|" + "---|" * len(names)]
+    for r in b.runs:
+        sm = r.server_metrics or {}
+        cells = []
+        for n in names:
+            d = sm.get(n, {})
+            cells.append(f"{d.get('engine_tpot_ms', 0):.2f}; {d.get('engine_queue_ms_per_call', 0):.0f} / "
+                         f"{d.get('engine_prefill_ms_per_call', 0):.0f} / {d.get('engine_decode_ms_per_call', 0):.0f}"
+                         f" / {d.get('engine_e2e_ms_per_call', 0):.0f}")
+        lines.append(f"| {r.contender.label} | " + " | ".join(cells) + " |")
     summ = (b.engine or {}).get("profiles", {}).get("summary", {})
     if summ:
         lines += ["", "Profiles the simulator ran on (fitted by `chimera profile`):", "",

@@ -73,7 +73,7 @@ class Contender:
 
 
 def parse_contender(spec: str) -> Contender:
-    from chimera.sched.registry import LAMBDA_POLICIES, POLICIES
+    from chimera.sched.registry import POLICIES, live_refusal, takes_param
 
     gw, _, rest = spec.strip().partition(":")
     if gw == "litellm":
@@ -84,8 +84,10 @@ def parse_contender(spec: str) -> Contender:
         pol, _, lam = rest.partition("@")
         if pol not in POLICIES:
             raise ValueError(f"contender {spec!r}: unknown policy {pol!r}; choose one of {', '.join(POLICIES)}")
-        if lam and pol not in LAMBDA_POLICIES:
+        if lam and not takes_param(pol, "lam"):
             raise ValueError(f"contender {spec!r}: policy {pol!r} takes no λ")
+        if live_refusal(pol):
+            raise ValueError(f"contender {spec!r}: {live_refusal(pol)}")
         try:
             return Contender("chimera", pol, float(lam) if lam else None)
         except ValueError:

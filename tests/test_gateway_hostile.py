@@ -54,7 +54,7 @@ def assert_nothing_held(url: str, gw) -> None:
     assert all(len(q) == 0 for q in gw.policy.queues.values())
     assert all(v == pytest.approx(0.0, abs=1e-6) for v in gw.policy.monitor.pred_tokens.values())
     assert all(v == 0 for v in gw.policy.monitor.calls.values())
-    assert not s._placed
+    assert s.core.n_running() == 0
     h = httpx.get(url + "/health", timeout=2).json()
     assert h["waiting"] == 0 and h["active"] == 0 and set(h["inflight"].values()) == {0}
 

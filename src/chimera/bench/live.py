@@ -331,15 +331,7 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
         length: Any = RunningLength(names)
     else:
         length = StageMeanLength(names).fit([p for _, p, _ in wfs])
-    pol = make_policy(pol_name, confidence=conf, length=length, lam=c.lam)
-    if online:
-        done = pol.on_complete
-
-        def on_complete(call, now, _done=done, _len=length):
-            _done(call, now)
-            _len.observe(call.kind, call.stage, call.model, call.tokens_seen)
-
-        pol.on_complete = on_complete  # type: ignore[method-assign]
+    pol = make_policy(pol_name, confidence=conf, length=length, lam=c.lam)  # the core feeds RunningLength.learn
     arrivals = poisson_arrivals(rate, len(wfs), cfg.seed, LIVE_STREAM, start_at_zero=True) * cfg.time_scale
     sim = Simulator(runtimes, pol, [(w, p, t.prompt) for w, p, t in wfs], arrivals=list(arrivals), seed=cfg.seed)
     if hasattr(pol, "prepare"):

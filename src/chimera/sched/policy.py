@@ -1,8 +1,9 @@
 """The one interface every scheduling policy implements; the simulator and the gateway drive it the same way.
 
-Protocol of a body: `bind(models)` once; per call `submit(call, now)` (routes and enqueues), then whenever a
-backend of `model` has room, `next_call(model, now)`; report `on_progress`, `on_complete` or `on_fail`, or
-`withdraw` a call that leaves before it was dispatched.
+Protocol (driven by chimera.sched.admission.Admission in both bodies): `bind(models)` once; per call `admit(call,
+now, prediction)` (routes, enqueues, returns the Decision), then whenever a backend of `model` has room,
+`next_call(model, now)`; report `on_progress`, `on_complete` or `on_fail`, or `withdraw` a call that leaves before it
+was dispatched.
 Preemptive policies (LTR, MLFQ) also rank running work inside the engine through `engine_key`.
 """
 
@@ -81,6 +82,11 @@ class Policy:
     def prepare(self, train_calls: Sequence[Call]) -> None:
         """Calibrate on calls from training tasks (RouteLLM's threshold); default: nothing to do."""
 
+    def needs_calibration(self) -> str | None:
+        """The parameter `prepare` would still have to calibrate (a body without training calls must be given
+        it), or None when the policy is ready as configured."""
+        return None
+
     # ---- predictions ---------------------------------------------------------------------------------------
     def _columns(self, pred, values: np.ndarray) -> np.ndarray:
         idx = self._cols.get(id(pred))
@@ -117,8 +123,13 @@ class Policy:
     # ---- the body-facing protocol -------------------------------------------------------------------------
     def submit(self, call: Call, now: float, prediction: Prediction | None = None,
                allowed: Sequence[str] | None = None) -> str:
-        """Route the call (unless pinned) among the `allowed` models (default all), record the inputs of the
-        decision, and enqueue it. `prediction` is used when the body computed it already (else computed here)."""
+        """`admit`, returning only the model name (the bodies run `Admission`, which keeps the whole Decision)."""
+        return self.admit(call, now, prediction, allowed).model
+
+    def admit(self, call: Call, now: float, prediction: Prediction | None = None,
+              allowed: Sequence[str] | None = None) -> Decision:
+        """Route the call (unless pinned) among the `allowed` models (default all), enqueue it, and return the
+        Decision with the inputs it used. `prediction` is used when the body obtained it (else computed here)."""
         conf = call_tok = rem_tok = None
         if self.needs_predictions:
             conf, call_tok, rem_tok = prediction if prediction is not None else self.predict(call)
@@ -141,7 +152,7 @@ class Policy:
         self.monitor.add(call)
         self.queues[decision.model].push(call, call.priority)
         self.decisions[decision.model] += 1
-        return decision.model
+        return decision
 
     def decide(self, call: Call, now: float, i: int, conf: np.ndarray | None, call_tok: np.ndarray | None,
                rem_tok: np.ndarray | None) -> Decision:

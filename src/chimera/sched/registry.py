@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import chimera.sched.policies  # noqa: F401  (registers the built-in policies and presets)
+from chimera.sched.admission import live_refusal as policy_live_refusal
 from chimera.sched.predictors import ConfidencePredictor, LengthPredictor
 from chimera.sched.plugin import POLICY_REGISTRY, PREDICTIONS, PolicyEntry, PolicyParamsError
 from chimera.sched.policy import Policy
@@ -25,17 +26,14 @@ def takes_param(name: str, key: str) -> bool:
     return policy_entry(name).takes(key)
 
 
-def live_refusal(name: str) -> str | None:
-    """Why the live gateway cannot run policy `name` (None: it can), from its declared capabilities: a preemptive
-    policy re-ranks *running* sequences inside the engine, which an OpenAI-compatible backend does not expose; an
-    oracle preset reads ground truth only the simulator has."""
+def live_refusal(name: str, lam: float | None = None, **params: Any) -> str | None:
+    """Why the live gateway cannot run policy `name` with these parameters (None: it can): an oracle preset reads
+    ground truth only the simulator has; the rest follows from the built policy's capabilities
+    (chimera.sched.admission.live_refusal: in-engine preemption, calibration it was not given)."""
     entry = policy_entry(name)
-    if entry.cls.preemptive:
-        return (f"policy {name!r} needs in-engine preemption (it re-ranks running sequences), which the gateway "
-                "cannot do through an OpenAI-compatible backend; run it in the simulator (chimera simulate)")
     if entry.predictions is not None and entry.predictions.startswith("oracle"):
         return f"policy {name!r} uses {entry.predictions} predictions (ground truth), which only the simulator has"
-    return None
+    return policy_live_refusal(make_policy(name, lam=lam, **params))
 
 
 def make_policy(

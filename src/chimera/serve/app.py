@@ -311,7 +311,7 @@ class Gateway:
         except EdgeError as e:
             return self._refuse(FEEDBACK, e)
         self.trace.log_feedback(fb.workflow_id, fb.score)
-        self.sched.end_workflow(fb.workflow_id)
+        self.sched.end_workflow(fb.workflow_id, self.now())
         return JSONResponse({"ok": True, "workflow_id": fb.workflow_id, "score": fb.score})
 
     async def chat(self, request: Request) -> Response:
@@ -502,9 +502,7 @@ class Gateway:
             backend = ticket.backend.name
         try:
             if status == "ok":
-                self.sched.complete(call, now, new_tokens)
-                if isinstance(self.policy.length, RunningLength):
-                    self.policy.length.observe(call.kind, call.stage, call.model, call.tokens_seen)  # type: ignore
+                self.sched.complete(call, now, new_tokens)  # the core feeds online learners (running lengths)
             else:
                 self.sched.abandon(call, now, backend_down=backend_down)
         finally:

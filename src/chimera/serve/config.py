@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from chimera.sched.registry import live_refusal, make_policy
+from chimera.sched.registry import live_refusal
 from chimera.yamlfile import read_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -40,10 +40,11 @@ class PolicyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_params(self) -> "PolicyConfig":
-        refusal = live_refusal(self.name)  # unknown names raise here too
+        # Unknown names and parameters raise here (ValueError naming the policy and the key); then what the gateway
+        # cannot run: oracle presets, preemptive policies, a calibration (routellm's threshold) not given.
+        refusal = live_refusal(self.name, lam=self.lam, **self.params)
         if refusal:
             raise ValueError(refusal)
-        make_policy(self.name, lam=self.lam, **self.params)  # ValueError names the policy and the key
         return self
 
     @property

@@ -172,7 +172,7 @@ def run_policy(
     pol = make_policy(policy, confidence=conf, length=lens, lam=lam, **policy_params)
     wfs = workflows if workflows is not None else prep.workflows(n_tasks, seed)
     sim = Simulator(prep.runtimes, pol, wfs, rate=rate, agents=agents, seed=seed)
-    pol.prepare(train_calls(prep))
+    sim.admission.prepare(train_calls(prep))
     result = sim.run(progress=progress)
     result["lam"] = getattr(pol, "lam", None)
     result["rate"] = rate

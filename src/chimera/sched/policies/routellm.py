@@ -38,6 +38,9 @@ class RouteLLMPolicy(Policy):
         # Ties (e.g. per-kind priors) make an exact share impossible; >= threshold sends the whole tie strong.
         self.threshold = float(np.quantile(strong_conf, 1.0 - self.strong_share)) if self.strong_share < 1 else -math.inf
 
+    def needs_calibration(self) -> str | None:
+        return "threshold" if self.threshold is None else None
+
     def choose(self, call, now, conf, call_tok, rem_tok, allowed) -> int:
         thr = self.threshold if self.threshold is not None else 0.5
         rest = [i for i in range(len(self.models)) if i != self.strong and allowed[i]]

@@ -210,6 +210,14 @@ def test_toy_scorer_changes_routing_only_with_a_weight(toy_scorer):
     assert bound("chimera", lam=0.0, scorers={toy_scorer: 1.0}).submit(call("c"), 0.0) == "small"
 
 
+def test_toy_scorer_is_a_weight_in_the_gateway_yaml(toy_scorer):
+    backends = [{"name": "a", "model": "m", "base_url": "http://x"}]
+    cfg = gateway_config_from_dict({"backends": backends, "policy": {"name": "chimera", "scorers": {toy_scorer: 0.5}}})
+    assert make_policy(cfg.policy.name, **cfg.policy.params).weights()[toy_scorer] == 0.5
+    with pytest.raises(GatewayConfigError, match=r"key 'policy': .*unknown scorer\(s\) \['prefers_smal'\]"):
+        gateway_config_from_dict({"backends": backends, "policy": {"name": "chimera", "scorers": {"prefers_smal": 1}}})
+
+
 def test_toy_policy_is_one_class_and_one_registration_line():
     @register_policy("always-last")
     class AlwaysLast(Policy):

@@ -184,3 +184,26 @@ def test_gateway_refuses_what_it_cannot_run_by_capability():
         with pytest.raises(PolicyNotLive, match=f"policy '{name}' needs in-engine preemption"):
             Scheduler(make_policy(name), MODELS, [Backend(name="x", model="a", base_url="http://x"),
                                                   Backend(name="y", model="b", base_url="http://y")])
+
+
+def test_a_new_policy_runs_in_both_bodies_with_one_registration_line(prep):
+    """A toy policy (one class, one registration line) is simulated and replayed through the gateway unchanged."""
+    from chimera.sched.plugin import POLICY_REGISTRY, register_policy
+    from chimera.sched.policy import Policy
+
+    @register_policy("biggest-first")
+    class BiggestFirst(Policy):
+        """The largest allowed model; FCFS."""
+
+        def choose(self, call, now, conf, call_tok, rem_tok, allowed):
+            ranks = np.array([m.size_rank if ok else -1 for m, ok in zip(self.models, allowed)])
+            return int(np.argmax(ranks))
+
+    try:
+        _, events = simulate(prep, "biggest-first")
+        gw_events: list = []
+        replay(events, gateway_scheduler(prep, make_policy("biggest-first"), gw_events))
+        assert comparable(gw_events) == comparable(events)
+        assert {e.decision.model for e in events if isinstance(e, Submitted)} == {"big"}
+    finally:
+        POLICY_REGISTRY.unregister("biggest-first")

@@ -156,7 +156,7 @@ def policies() -> None:
 
     Example: chimera policies
     """
-    from chimera.sched.registry import POLICIES, policy_entry
+    from chimera.sched.registry import POLICIES, live_refusal, policy_entry
 
     for p in POLICIES:
         e = policy_entry(p)
@@ -165,7 +165,9 @@ def policies() -> None:
                            for k, f in fields.items())
         caps = [c for c in ("preemptive", "needs_predictions") if getattr(e.cls, c)]
         extra = f"  predictions={e.predictions}" if e.predictions else ""
-        console.print(f"[bold]{p}[/bold]  ({', '.join(caps) or 'no predictions'}){extra}\n    {params}")
+        live = live_refusal(p) or "runs as configured"
+        console.print(f"[bold]{p}[/bold]  ({', '.join(caps) or 'no predictions'}){extra}\n    {params}\n"
+                      f"    gateway: {live}", soft_wrap=True)
 
 
 @app.command("cluster")

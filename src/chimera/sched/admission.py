@@ -168,7 +168,7 @@ class Admission(Generic[R]):
     def dispatch(self, model: str, now: float) -> int:
         """Move calls from the model's queue to its replicas while it has room; the number started.
         A call made from a body hook while this model is being dispatched is a no-op: the running loop sees the room."""
-        if model in self._dispatching:
+        if self.inflight[model] >= self.capacity[model] or model in self._dispatching:
             return 0
         self._dispatching.add(model)
         n = 0

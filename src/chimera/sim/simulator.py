@@ -173,12 +173,9 @@ class Simulator:
             truth=plan,
             ctx=wf,
         )
-        self._timed(self.admission.submit, call, now)
-
-    def _timed(self, fn, *args) -> None:
-        """Run a call into the admission core, counting its wall time (less the engines') as the scheduler's."""
         t0, e0 = time.perf_counter(), self._engine_s
-        fn(*args)
+        self.admission.submit(call, now)
+        # wall time in the core and the policy, less the engines' (a dispatch starts engine work through `_start`)
         self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
 
     # ---- the core's hooks: replica choice and start -----------------------------------------------------------
@@ -198,7 +195,9 @@ class Simulator:
 
     def _dispatch(self, model: str, now: float) -> None:
         """Move calls from the gateway queue to the model's replicas while it has room."""
-        self._timed(self.admission.dispatch, model, now)
+        t0, e0 = time.perf_counter(), self._engine_s
+        self.admission.dispatch(model, now)
+        self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
 
     def _finish_call(self, seq: Seq, now: float) -> None:
         call: Call = seq.call
@@ -213,7 +212,9 @@ class Simulator:
         if seq.error:
             wf.failed = seq.error
             self._end(wf, now)
-            self._timed(self.admission.fail, call, now)
+            t0, e0 = time.perf_counter(), self._engine_s
+            self.admission.fail(call, now)
+            self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
             return
         pm["tokens"] += seq.output_tokens
         wf.outputs.append(seq.output_tokens)
@@ -223,7 +224,9 @@ class Simulator:
             self._push(now + wf.plan.tool_s[stage], _CALL, wf)
         else:
             self._end(wf, now)
-        self._timed(self.admission.complete, call, now, seq.output_tokens)  # frees the slot, dispatches the next
+        t0, e0 = time.perf_counter(), self._engine_s
+        self.admission.complete(call, now, seq.output_tokens)  # frees the slot, dispatches the next
+        self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
 
     def _end(self, wf: Workflow, now: float) -> None:
         score = 0.0 if wf.failed else wf.plan.score(wf.models)

@@ -1,4 +1,4 @@
-"""The live gateway against tiny fake OpenAI upstreams on 127.0.0.1, and its decisions against the simulator's."""
+"""The live gateway against tiny fake OpenAI upstreams on 127.0.0.1 (its decisions against the simulator's: test_replay.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import pytest
 from chimera.sched.registry import make_policy
 from chimera.sched.types import Call
 from chimera.serve import build_gateway, load_gateway_config
-from chimera.serve.config import Backend, GatewayConfigError, gateway_config_from_dict
-from chimera.serve.scheduler import Scheduler
+from chimera.serve.config import GatewayConfigError, gateway_config_from_dict
 from chimera.threaded import free_port
 from upstreams import Served, fake_upstream
 
@@ -370,75 +369,3 @@ def test_trained_predictors_are_mapped_by_workload_model(tmp_path, synthetic_pre
     assert again.confidences == call.confidences and again.pred_call_tokens == call.pred_call_tokens
     gw.predict_pool.shutdown()
     gw.trace.close()
-
-
-def test_scheduler_makes_the_simulators_decisions():
-    """Record a simulator run's events, replay them through the gateway's Scheduler on a fresh policy: identical
-    routing choices and dispatch order at identical virtual times."""
-    from chimera.engine.profiles import cluster_from_dict
-    from chimera.sim.experiment import prepare
-    from chimera.sim.simulator import Simulator
-    from chimera.workload.synthetic import generate
-
-    cl = cluster_from_dict({"models": [{"profile": "qwen2.5-1.5b@a6000", "name": "small", "max_num_seqs": 2},
-                                       {"profile": "qwen2.5-7b@a6000", "name": "big", "max_num_seqs": 2}]})
-    prep = prepare(generate(80, seed=3), cl, seed=3)
-
-    def recorded(policy, decisions: list, events: list | None):
-        submit, next_call, complete, fail = policy.submit, policy.next_call, policy.on_complete, policy.on_fail
-
-        def _submit(call, now, **kw):
-            if events is not None:
-                events.append(("submit", now, {f: getattr(call, f) for f in (
-                    "call_id", "workflow_id", "kind", "prompt", "stage", "prompt_tokens", "arrival_s",
-                    "workflow_arrival_s", "generated_so_far", "pinned_model", "truth")}))
-            m = submit(call, now, **kw)
-            decisions.append(("route", call.workflow_id, call.stage, m, now))
-            return m
-
-        def _next(model, now):
-            c = next_call(model, now)
-            if c is not None:
-                decisions.append(("dispatch", c.workflow_id, c.stage, model, now))
-            return c
-
-        def _complete(call, now):
-            if events is not None:
-                events.append(("complete", now, (call.call_id, call.tokens_seen)))
-            complete(call, now)
-
-        def _fail(call, now):
-            if events is not None:
-                events.append(("fail", now, (call.call_id, 0)))
-            fail(call, now)
-
-        policy.submit, policy.next_call, policy.on_complete, policy.on_fail = _submit, _next, _complete, _fail
-        return policy
-
-    sim_dec, events = [], []
-    sim_pol = recorded(make_policy("chimera", confidence=prep.router, length=prep.lengths), sim_dec, events)
-    Simulator(prep.runtimes, sim_pol, prep.workflows(40, 0), rate=4.0, seed=1).run()
-
-    gw_dec = []
-    gw_pol = recorded(make_policy("chimera", confidence=prep.router, length=prep.lengths), gw_dec, None)
-    infos = [r.info for r in prep.runtimes]
-    backends = [Backend(name=f"{i.name}-0", model=i.name, base_url="http://unused", max_inflight=i.max_inflight)
-                for i in infos]
-    sched = Scheduler(gw_pol, infos, backends, max_queue=10**9)
-    calls: dict[int, Call] = {}
-    for kind, now, data in events:
-        if kind == "submit":
-            call = calls[data["call_id"]] = Call(**data)
-            sched.submit(call, now)
-        elif kind == "complete":
-            cid, tokens = data
-            sched.complete(calls[cid], now, tokens)
-        else:
-            sched.fail(calls[data[0]], now)
-
-    assert len(sim_dec) > 100 and any(d[0] == "dispatch" and d[4] > 0 for d in sim_dec)
-    assert len({d[3] for d in sim_dec if d[0] == "route"}) == 2  # both models used
-    assert max(sim_pol.waiting(m) for m in ("small", "big")) == 0
-    queued = [d for d in sim_dec if d[0] == "dispatch"]
-    assert any(r[4] < q[4] for r, q in zip([d for d in sim_dec if d[0] == "route"], queued))
-    assert gw_dec == sim_dec

@@ -13,6 +13,7 @@ import pytest
 
 from chimera.sched.types import Call
 from chimera.serve import app as app_module
+from chimera.serve import relay as relay_module
 from chimera.serve import build_gateway
 from chimera.serve.config import gateway_config_from_dict
 from chimera.serve.edge import KeyRing
@@ -54,7 +55,7 @@ def assert_nothing_held(url: str, gw) -> None:
     assert all(len(q) == 0 for q in gw.policy.queues.values())
     assert all(v == pytest.approx(0.0, abs=1e-6) for v in gw.policy.monitor.pred_tokens.values())
     assert all(v == 0 for v in gw.policy.monitor.calls.values())
-    assert not s._placed
+    assert s.core.n_running() == 0
     h = httpx.get(url + "/health", timeout=2).json()
     assert h["waiting"] == 0 and h["active"] == 0 and set(h["inflight"].values()) == {0}
 
@@ -302,7 +303,8 @@ STEPS = {  # step -> (what to patch on the gateway, or on the app module)
     "dispatch": lambda gw, mp: mp.setattr(gw.sched, "_pick_backend", _raise),
     "upstream_body": lambda gw, mp: mp.setattr(app_module, "upstream_body", _raise),
     "open_upstream": lambda gw, mp: mp.setattr(app_module, "open_upstream", _raise),
-    "response": lambda gw, mp: mp.setattr(app_module, "rewrite_model", _raise),
+    "response": lambda gw, mp: (mp.setattr(app_module, "rewrite_model", _raise),
+                                mp.setattr(relay_module, "rewrite_model", _raise)),
     "progress": lambda gw, mp: mp.setattr(gw.sched, "progress", _raise),
     "policy_complete": lambda gw, mp: mp.setattr(gw.policy, "on_complete", _raise),
     "trace": lambda gw, mp: mp.setattr(gw.trace, "log_call", _raise),

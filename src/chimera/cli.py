@@ -44,6 +44,19 @@ def _cluster(path: Optional[Path]):
     return load_cluster(path) if path else default_cluster()
 
 
+def _param_pairs(pairs: list[str]) -> dict:
+    """KEY=VALUE strings → a dict, values read as YAML scalars (0.5, true, null, {a: 1}); the policy checks keys."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--param expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def _predictors(path: Optional[Path]):
     """Load a predictor folder, or None; a bad folder is a clear error."""
     if path is None:
@@ -88,7 +101,11 @@ def simulate(
     agents: Optional[int] = typer.Option(None, "--agents", help="Closed loop: N agents, each starts a new task when one ends."),
     tasks: Optional[int] = typer.Option(None, "--tasks", help="Workflows to run (more than the file: tasks drawn again)."),
     seed: int = typer.Option(0, "--seed"),
-    lam: Optional[float] = typer.Option(None, "--lam", help="λ: accuracy traded per second of expected latency (chimera*)."),
+    lam: Optional[float] = typer.Option(None, "--lam", help="λ: accuracy traded per second of expected latency (policies that take λ)."),
+    param: list[str] = typer.Option([], "--param", help="Policy parameter KEY=VALUE (repeatable; see `chimera policies`)."),
+    predictions: Optional[str] = typer.Option(None, "--predictions", help="priors | trained | oracle | oracle-scores | "
+                                              "oracle-lengths (default: the policy preset's, else trained if "
+                                              "--predictors, else priors)."),
     train_frac: float = typer.Option(0.3, "--train-frac", help="Share of tasks (by id) used to fit predictors; the rest are simulated."),
     rule: str = typer.Option("weighted", "--quality-rule", help="Task score with mixed models: weighted | last | min."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Public data directory (default ../shared/data)."),
@@ -108,6 +125,10 @@ def simulate(
     if rate is not None and agents is not None:
         _fail("give --rate or --agents, not both")
     try:
+        from chimera.sched.registry import make_policy
+
+        params = _param_pairs(param)
+        make_policy(policy, lam=lam, **params)  # refuse unknown parameters before any work
         ts, report = load_workload(workload, data_dir=data_dir, seed=seed)
         prep = prepare(ts, _cluster(cluster), seed=seed, train_frac=train_frac, rule=rule,
                        predictors=_predictors(predictors))
@@ -115,7 +136,7 @@ def simulate(
         with _progress() as prog:
             bar = prog.add_task(f"simulating {policy}", total=n)
             res = run_policy(prep, policy, rate=rate, agents=agents, n_tasks=n, seed=seed, lam=lam,
-                             progress=lambda k: prog.advance(bar, k))
+                             progress=lambda k: prog.advance(bar, k), predictions=predictions, **params)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e).strip("'\""))
     res["workload"] = workload
@@ -131,14 +152,22 @@ def simulate(
 
 @app.command()
 def policies() -> None:
-    """List the scheduling policies.
+    """List the scheduling policies with their parameters (defaults) and capabilities.
 
     Example: chimera policies
     """
-    from chimera.sched.registry import POLICIES
+    from chimera.sched.registry import POLICIES, live_refusal, policy_entry
 
     for p in POLICIES:
-        console.print(p)
+        e = policy_entry(p)
+        fields = e.cls.Params.model_fields
+        params = ", ".join(f"{k}={e.params.get(k, f.get_default(call_default_factory=True))!r}"
+                           for k, f in fields.items())
+        caps = [c for c in ("preemptive", "needs_predictions") if getattr(e.cls, c)]
+        extra = f"  predictions={e.predictions}" if e.predictions else ""
+        live = live_refusal(p) or "runs as configured"
+        console.print(f"[bold]{p}[/bold]  ({', '.join(caps) or 'no predictions'}){extra}\n    {params}\n"
+                      f"    gateway: {live}", soft_wrap=True)
 
 
 @app.command("cluster")
@@ -211,6 +240,8 @@ def bench_sim(
                               help="Arrival rates as fractions of the throughput round-robin (vllm) sustains when saturated (measured)."),
     lams: str = typer.Option("0.005,0.01,0.02,0.05,0.1", "--lams", help="λ values for chimera and chimera-oracle."),
     ablation_lam: float = typer.Option(0.02, "--ablation-lam", help="λ for the chimera-no-* ablations."),
+    predictions_: Optional[str] = typer.Option(None, "--predictions", help="Extra predictor choices for chimera, comma-"
+                                               "separated (oracle, oracle-scores, oracle-lengths, …); rows 'chimera+CHOICE'."),
     tasks: int = typer.Option(3000, "--tasks", help="Workflows per run (held-out tasks, drawn again as needed)."),
     seed: int = typer.Option(0, "--seed"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
@@ -222,7 +253,7 @@ def bench_sim(
     Example: chimera bench sim -w source:mmlu-pro-math -c examples/cluster-llama-h100.yaml --out out/mmlu
     """
     from chimera.bench.report import frontier_plot, markdown_table
-    from chimera.bench.sweep import SweepSpec, count_runs, run_sweep
+    from chimera.bench.sweep import SweepSpec, check_spec, count_runs, run_sweep
     from chimera.sched.registry import POLICIES
     from chimera.workload.source import load_workload
 
@@ -233,10 +264,15 @@ def bench_sim(
         tasks=tasks,
         seed=seed,
         ablation_lam=ablation_lam,
+        predictions=[p.strip() for p in predictions_.split(",")] if predictions_ else (),
     )
     unknown = [p for p in spec.policies if p not in POLICIES]
     if unknown:
         _fail(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    try:
+        check_spec(spec)
+    except ValueError as e:
+        _fail(str(e))
     rows: list[dict] = []
     try:
         cl = _cluster(cluster)

@@ -75,7 +75,7 @@ class Contender:
 
 
 def parse_contender(spec: str) -> Contender:
-    from chimera.sched.registry import LAMBDA_POLICIES, POLICIES
+    from chimera.sched.registry import POLICIES, live_refusal, takes_param
 
     gw, _, rest = spec.strip().partition(":")
     if gw == "litellm":
@@ -86,8 +86,10 @@ def parse_contender(spec: str) -> Contender:
         pol, _, lam = rest.partition("@")
         if pol not in POLICIES:
             raise ValueError(f"contender {spec!r}: unknown policy {pol!r}; choose one of {', '.join(POLICIES)}")
-        if lam and pol not in LAMBDA_POLICIES:
+        if lam and not takes_param(pol, "lam"):
             raise ValueError(f"contender {spec!r}: policy {pol!r} takes no λ")
+        if live_refusal(pol):
+            raise ValueError(f"contender {spec!r}: {live_refusal(pol)}")
         try:
             return Contender("chimera", pol, float(lam) if lam else None)
         except ValueError:
@@ -337,15 +339,7 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
         length: Any = RunningLength(names)
     else:
         length = StageMeanLength(names).fit([p for _, p, _ in wfs])
-    pol = make_policy(pol_name, confidence=conf, length=length, lam=c.lam)
-    if online:
-        done = pol.on_complete
-
-        def on_complete(call, now, _done=done, _len=length):
-            _done(call, now)
-            _len.observe(call.kind, call.stage, call.model, call.tokens_seen)
-
-        pol.on_complete = on_complete  # type: ignore[method-assign]
+    pol = make_policy(pol_name, confidence=conf, length=length, lam=c.lam)  # the core feeds RunningLength.learn
     arrivals = poisson_arrivals(rate, len(wfs), cfg.seed, LIVE_STREAM, start_at_zero=True) * cfg.time_scale
     sim = Simulator(runtimes, pol, [(w, p, t.prompt) for w, p, t in wfs], arrivals=list(arrivals), seed=cfg.seed)
     if hasattr(pol, "prepare"):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from chimera.engine.profiles import ClusterConfig
-from chimera.sched.registry import LAMBDA_POLICIES, POLICIES
+from chimera.sched.registry import POLICIES, policy_entry
 from chimera.sim.experiment import Prepared, prepare, run_policy
 from chimera.workload.schema import Task
 
@@ -22,7 +22,8 @@ class SweepSpec:
     tasks: int | None = 3000
     seed: int = 0
     train_frac: float = 0.3
-    extra: dict = field(default_factory=dict)
+    predictions: Sequence[str] = ()  # extra predictor choices (e.g. oracle-scores) for every λ-taking policy, not presets
+    params: dict[str, dict] = field(default_factory=dict)  # policy name -> its parameters (checked before any run)
 
 
 def capacity_workflows_per_s(prep: Prepared) -> float:
@@ -51,7 +52,8 @@ def run_sweep(
     progress: Callable[[int], None] | None = None,
     predictors=None,
 ) -> list[dict]:
-    """Every policy at every load (and every λ for the chimera family); one row per run."""
+    """Every policy at every load (and every λ for policies that take one, see `lams_for`); one row per run."""
+    check_spec(spec)
     prep = prepare(tasks, cluster, seed=spec.seed, train_frac=spec.train_frac, predictors=predictors)
     cap = capacity_workflows_per_s(prep)
     rows = []
@@ -59,21 +61,53 @@ def run_sweep(
     for load in spec.loads:
         rate = load * cap
         for policy in spec.policies:
-            if policy in ("chimera", "chimera-oracle"):
-                lams = spec.lams
-            elif policy in LAMBDA_POLICIES:
-                lams = (spec.ablation_lam,)
-            else:
-                lams = (None,)
-            for lam in lams:
-                res = run_policy(prep, policy, rate=rate, seed=spec.seed, lam=lam, workflows=wfs)
-                res.update(workload=workload_name, load=load, capacity_wps=cap)
-                rows.append(res)
-                if progress:
-                    progress(1)
+            for choice in (None, *extra_predictions(policy, spec)):
+                for lam in lams_for(policy, spec):
+                    res = run_policy(prep, policy, rate=rate, seed=spec.seed, lam=lam, workflows=wfs,
+                                     predictions=choice, **spec.params.get(policy, {}))
+                    res.update(workload=workload_name, load=load, capacity_wps=cap)
+                    if choice is not None:  # its own row label: the policy under that predictor choice
+                        res["policy"] = f"{policy}+{choice}"
+                    rows.append(res)
+                    if progress:
+                        progress(1)
     return rows
 
 
+def check_spec(spec: SweepSpec) -> None:
+    """Refuse unknown policies, parameters and predictor choices before anything runs (errors name the key)."""
+    from chimera.sched.registry import PREDICTIONS, make_policy
+
+    stray = [p for p in spec.params if p not in spec.policies]
+    if stray:
+        raise ValueError(f"sweep params for policies not in the sweep: {stray}")
+    for policy in spec.policies:
+        params = spec.params.get(policy, {})
+        make_policy(policy, **params)  # unknown keys (lam included, for a policy without it) fail here
+        if "lam" in params:
+            raise ValueError(f"sweep params of {policy!r}: set λ with lams / ablation_lam, not params")
+        for lam in lams_for(policy, spec):
+            make_policy(policy, lam=lam, **params)
+    bad = [p for p in spec.predictions if p not in PREDICTIONS]
+    if bad:
+        raise ValueError(f"unknown predictions {bad}; choose from {', '.join(PREDICTIONS)}")
+
+
+def extra_predictions(policy: str, spec: SweepSpec) -> Sequence[str]:
+    """The spec's extra predictor choices apply to policies that take λ and are not presets (chimera)."""
+    entry = policy_entry(policy)
+    return tuple(spec.predictions) if entry.takes("lam") and not entry.is_preset and entry.predictions is None else ()
+
+
+def lams_for(policy: str, spec: SweepSpec) -> Sequence[float | None]:
+    """λ values to run: every λ for a policy that takes one, one λ for its presets with fixed parameters
+    (the ablations), none otherwise; decided by the policy's parameters, never its name."""
+    entry = policy_entry(policy)
+    if not entry.takes("lam"):
+        return (None,)
+    return (spec.ablation_lam,) if entry.is_preset else tuple(spec.lams)
+
+
 def count_runs(spec: SweepSpec) -> int:
-    per_load = sum(len(spec.lams) if p in ("chimera", "chimera-oracle") else 1 for p in spec.policies)
+    per_load = sum(len(lams_for(p, spec)) * (1 + len(extra_predictions(p, spec))) for p in spec.policies)
     return per_load * len(spec.loads)

@@ -163,6 +163,10 @@ class RunningLength:
         self._n[(kind, stage, model)] += 1
         self._max_stage[kind] = max(self._max_stage.get(kind, 0), stage)
 
+    def learn(self, call: Call, tokens: int) -> None:
+        """The OnlineLearner hook the admission core calls when a call completes."""
+        self.observe(call.kind, call.stage, call.model, tokens)  # type: ignore[arg-type]
+
     def _mean(self, kind: str, stage: int, model: str) -> float:
         """This model's mean; for a model not yet served at this stage, the other models' pooled mean, so an
         unexplored model is not judged by the blind default (which would keep it unexplored)."""

@@ -1,44 +1,62 @@
 """The one interface every scheduling policy implements; the simulator and the gateway drive it the same way.
 
-Protocol of a body: `bind(models)` once; per call `submit(call, now)` (routes and enqueues), then whenever a
-backend of `model` has room, `next_call(model, now)`; report `on_progress`, `on_complete` or `on_fail`, or
-`withdraw` a call that leaves before it was dispatched.
+Protocol (driven by chimera.sched.admission.Admission in both bodies): `bind(models)` once; per call `admit(call,
+now, prediction)` (routes, enqueues, returns the Decision), then whenever a backend of `model` has room,
+`next_call(model, now)`; report `on_progress`, `on_complete` or `on_fail`, or `withdraw` a call that leaves before it
+was dispatched.
 Preemptive policies (LTR, MLFQ) also rank running work inside the engine through `engine_key`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from chimera.sched.predictors import ConfidencePredictor, LengthPredictor
+from chimera.sched.decision import Decision
 from chimera.sched.monitor import LoadMonitor
+from chimera.sched.plugin import parse_params
 from chimera.sched.queue import WaitQueue
 from chimera.sched.types import Call, ModelInfo, Prediction
 
 PROMOTED = -1e18  # priority of calls of a workflow promoted by aging: ahead of everything else
 
 
+class PolicyParams(BaseModel):
+    """Parameters every policy takes (aging); a policy's `Params` subclasses this. Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    starve_s: float | None = None  # a call waiting longer is promoted (None: never)
+    quantum_s: float = 0.0  # a promoted workflow stays ahead this long
+
+
 class Policy:
-    """Base policy: FCFS order, no routing preference; subclasses override `choose` and `key`."""
+    """Base policy: FCFS order, no routing preference; subclasses override `choose` and `key`.
+
+    Parameters are validated by the class's `Params` and become attributes of the same names.
+    """
 
     name = "base"
-    preemptive = False  # True: the engine re-ranks waiting *and running* sequences by `engine_key`
-    needs_predictions = False
+    Params: ClassVar[type[PolicyParams]] = PolicyParams
+    # Capabilities the bodies read.
+    preemptive: ClassVar[bool] = False  # True: the engine re-ranks waiting *and running* sequences by `engine_key`
+    needs_predictions: ClassVar[bool] = False  # True: `submit` uses a Prediction (computed here if not passed in)
 
     def __init__(
         self,
         confidence: ConfidencePredictor | None = None,
         length: LengthPredictor | None = None,
-        starve_s: float | None = None,
-        quantum_s: float = 0.0,
+        **params: Any,
     ) -> None:
         self.confidence = confidence
         self.length = length
-        self.starve_s = starve_s
-        self.quantum_s = quantum_s
+        self.params = parse_params(self.Params, params, self.name)
+        for key in type(self.params).model_fields:
+            setattr(self, key, getattr(self.params, key))
         self.models: list[ModelInfo] = []
+        self.last_decision: Decision | None = None
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def bind(self, models: Sequence[ModelInfo]) -> None:
@@ -63,6 +81,11 @@ class Policy:
 
     def prepare(self, train_calls: Sequence[Call]) -> None:
         """Calibrate on calls from training tasks (RouteLLM's threshold); default: nothing to do."""
+
+    def needs_calibration(self) -> str | None:
+        """The parameter `prepare` would still have to calibrate (a body without training calls must be given
+        it), or None when the policy is ready as configured."""
+        return None
 
     # ---- predictions ---------------------------------------------------------------------------------------
     def _columns(self, pred, values: np.ndarray) -> np.ndarray:
@@ -100,8 +123,13 @@ class Policy:
     # ---- the body-facing protocol -------------------------------------------------------------------------
     def submit(self, call: Call, now: float, prediction: Prediction | None = None,
                allowed: Sequence[str] | None = None) -> str:
-        """Route the call (unless pinned) among the `allowed` models (default all), record the inputs of the
-        decision, and enqueue it. `prediction` is used when the body computed it already (else computed here)."""
+        """`admit`, returning only the model name (the bodies run `Admission`, which keeps the whole Decision)."""
+        return self.admit(call, now, prediction, allowed).model
+
+    def admit(self, call: Call, now: float, prediction: Prediction | None = None,
+              allowed: Sequence[str] | None = None) -> Decision:
+        """Route the call (unless pinned) among the `allowed` models (default all), enqueue it, and return the
+        Decision with the inputs it used. `prediction` is used when the body obtained it (else computed here)."""
         conf = call_tok = rem_tok = None
         if self.needs_predictions:
             conf, call_tok, rem_tok = prediction if prediction is not None else self.predict(call)
@@ -117,22 +145,30 @@ class Policy:
                 if not mask.any():
                     raise ValueError("submit: no allowed model")
             i = self.choose(call, now, conf, call_tok, rem_tok, mask)
+        decision = self.decide(call, now, i, conf, call_tok, rem_tok)
+        call.priority = decision.priority
+        call.enqueued_s = now
+        self.last_decision = decision
+        self.monitor.add(call)
+        self.queues[decision.model].push(call, call.priority)
+        self.decisions[decision.model] += 1
+        return decision
+
+    def decide(self, call: Call, now: float, i: int, conf: np.ndarray | None, call_tok: np.ndarray | None,
+               rem_tok: np.ndarray | None) -> Decision:
+        """The Decision for routing `call` to model `i`. Its inputs are written on the call before the priority is
+        computed, since the queue order (`key`) reads them; the body reads the rest from the Decision or the call."""
         name = self.names[i]
         call.model = name
+        confidences = pc = pr = None
         if conf is not None:
-            call.confidences = dict(zip(self.names, conf.tolist()))
-            call.pred_call_tokens = float(call_tok[i])
-            call.pred_remaining_tokens = float(rem_tok[i])
+            confidences = call.confidences = dict(zip(self.names, conf.tolist()))
+            pc = call.pred_call_tokens = float(call_tok[i])
+            pr = call.pred_remaining_tokens = float(rem_tok[i])
         until = self._promoted_until.get(call.workflow_id)
-        if until is not None and now < until:
-            call.priority = PROMOTED + call.arrival_s
-        else:
-            call.priority = self.key(call, now)
-        call.enqueued_s = now
-        self.monitor.add(call)
-        self.queues[name].push(call, call.priority)
-        self.decisions[name] += 1
-        return name
+        promoted = until is not None and now < until
+        priority = PROMOTED + call.arrival_s if promoted else self.key(call, now)
+        return Decision(name, priority, confidences, pc, pr, promoted)
 
     def next_call(self, model: str, now: float) -> Call | None:
         """The call to dispatch next to a backend of `model` that has room, or None."""
@@ -168,3 +204,18 @@ class Policy:
 
     def on_workflow_end(self, workflow_id: str) -> None:
         self._promoted_until.pop(workflow_id, None)
+
+
+class RoundRobinMixin:
+    """Spread calls over models in turn, as a plain load balancer in front of vLLM does."""
+
+    _rr = 0
+
+    def choose(self, call, now, conf, call_tok, rem_tok, allowed) -> int:  # type: ignore[override]
+        n = len(allowed)
+        for k in range(n):  # the next allowed model in turn
+            i = (self._rr + k) % n
+            if allowed[i]:
+                self._rr += k + 1
+                return i
+        raise ValueError("no allowed model")

@@ -26,3 +26,11 @@ class LengthPredictor(Protocol):
     models_: list[str]
 
     def predict_lengths(self, calls: Sequence[Call]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@runtime_checkable
+class OnlineLearner(Protocol):
+    """A predictor that learns from calls as they complete (the gateway's running per-stage means); the admission
+    core calls `learn` with each completed call and its output tokens, in both bodies."""
+
+    def learn(self, call: Call, tokens: int) -> None: ...

@@ -1,30 +1,39 @@
-"""Policies by name, so every comparison is one flag."""
+"""Policies by name, so every comparison is one flag; the names come from the plugins' registration lines."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
+import chimera.sched.policies  # noqa: F401  (registers the built-in policies and presets)
+from chimera.sched.admission import live_refusal as policy_live_refusal
 from chimera.sched.predictors import ConfidencePredictor, LengthPredictor
-from chimera.sched.baselines import LeastLoadedPolicy, LtrPolicy, MlfqPolicy, RouteLLMPolicy, SjfPolicy, VllmPolicy
-from chimera.sched.chimera import ChimeraPolicy
+from chimera.sched.plugin import POLICY_REGISTRY, PREDICTIONS, PolicyEntry, PolicyParamsError
 from chimera.sched.policy import Policy
 
-_FACTORIES: dict[str, Callable[..., Policy]] = {
-    "vllm": VllmPolicy,
-    "least-loaded": LeastLoadedPolicy,
-    "routellm": RouteLLMPolicy,
-    "sjf": SjfPolicy,
-    "ltr": LtrPolicy,
-    "mlfq": MlfqPolicy,
-    "chimera": ChimeraPolicy,
-    "chimera-oracle": ChimeraPolicy,
-    "chimera-no-route": lambda **kw: ChimeraPolicy(route=False, **kw),
-    "chimera-no-stjf": lambda **kw: ChimeraPolicy(stjf=False, **kw),
-    "chimera-no-load": lambda **kw: ChimeraPolicy(load=False, **kw),
-}
-POLICIES: tuple[str, ...] = tuple(_FACTORIES)
-ORACLE_POLICIES = frozenset({"chimera-oracle"})
-LAMBDA_POLICIES = frozenset(n for n in POLICIES if n.startswith("chimera"))
+POLICIES: tuple[str, ...] = POLICY_REGISTRY.names()
+
+__all__ = ["POLICIES", "POLICY_REGISTRY", "PREDICTIONS", "PolicyParamsError", "live_refusal", "make_policy", "policy_entry",
+           "takes_param"]
+
+
+def policy_entry(name: str) -> PolicyEntry:
+    """The registered policy or preset `name` (ValueError naming the choices if unknown)."""
+    return POLICY_REGISTRY.get(name)
+
+
+def takes_param(name: str, key: str) -> bool:
+    """Whether policy `name` has parameter `key` (e.g. 'lam'): ask this, never test the name."""
+    return policy_entry(name).takes(key)
+
+
+def live_refusal(name: str, lam: float | None = None, **params: Any) -> str | None:
+    """Why the live gateway cannot run policy `name` with these parameters (None: it can): an oracle preset reads
+    ground truth only the simulator has; the rest follows from the built policy's capabilities
+    (chimera.sched.admission.live_refusal: in-engine preemption, calibration it was not given)."""
+    entry = policy_entry(name)
+    if entry.predictions is not None and entry.predictions.startswith("oracle"):
+        return f"policy {name!r} uses {entry.predictions} predictions (ground truth), which only the simulator has"
+    return policy_live_refusal(make_policy(name, lam=lam, **params))
 
 
 def make_policy(
@@ -32,14 +41,16 @@ def make_policy(
     confidence: ConfidencePredictor | None = None,
     length: LengthPredictor | None = None,
     lam: float | None = None,
-    **params,
+    **params: Any,
 ) -> Policy:
-    """Build a policy by name; `lam` applies to the chimera family only."""
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
-    kw = dict(params)
-    if lam is not None and name in LAMBDA_POLICIES:
+    """Build a policy by name, its parameters validated by its Params (an unknown key is refused, `lam` too)."""
+    entry = policy_entry(name)
+    kw = {**entry.params, **params}
+    if lam is not None:
         kw["lam"] = lam
-    policy = _FACTORIES[name](confidence=confidence, length=length, **kw)
+    try:
+        policy = entry.cls(confidence=confidence, length=length, **kw)
+    except PolicyParamsError as e:
+        raise PolicyParamsError(str(e).replace(f"policy {entry.cls.name!r}", f"policy {name!r}")) from None
     policy.name = name
     return policy

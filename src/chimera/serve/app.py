@@ -3,10 +3,13 @@
 Run: `uvicorn --factory 'chimera.serve.app:app_from_env'` with CHIMERA_GATEWAY_CONFIG=gateway.yaml, or
 `uvicorn.run(build_gateway(load_gateway_config(path)), host=..., port=...)`.
 
-A request passes the edge (serve/edge.py: auth, content type, size, a body that can be forwarded, typed hints) and
-backpressure (Scheduler.open_models) before any tokenising or prediction. From `Scheduler.submit` on, the call's
-life ends in exactly one `_settle`, on every path (completion, upstream fault, client gone, timeout, exception),
-which frees its slot, its queue entry and its predicted load, and writes its trace row.
+The parts: the HTTP edge (serve/edge.py: auth, content type, size, a body that can be forwarded, typed hints), the
+admission core's gateway side (serve/scheduler.py: backends, backpressure, retries around chimera.sched.admission),
+the stream relay (serve/relay.py), the trace writer (serve/records.py); this module holds the endpoints and a call's
+life (attempts, retries, cancellation). A request passes the edge and backpressure (Scheduler.open_models) before any
+tokenising or prediction. From `Scheduler.submit` on, the call's life ends in exactly one `settle`, on every path
+(completion, upstream fault, client gone, timeout, exception), which frees its slot, its queue entry and its
+predicted load, and writes its trace row.
 """
 
 from __future__ import annotations
@@ -23,11 +26,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
-import anyio
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -36,15 +38,17 @@ from chimera.sched.registry import make_policy
 from chimera.sched.types import Call, Prediction
 from chimera.serve import edge
 from chimera.serve.config import GatewayConfig, load_gateway_config
-from chimera.serve.edge import EdgeError, KeyRing
+from chimera.serve.edge import EdgeError
 from chimera.serve.health import HealthChecker
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.openapi import openapi_document
 from chimera.serve.priors import RunningLength, SizePriorConfidence, model_infos
 from chimera.serve.proxy import (
-    DisconnectAwareStream, UpstreamError, UpstreamReply, count_content_tokens, open_upstream, parse_sse,
-    rewrite_model, sse_error, upstream_body, usage_completion_tokens, wants_usage,
+    DisconnectAwareStream, UpstreamError, UpstreamReply, open_upstream, rewrite_model, upstream_body,
+    usage_completion_tokens, usage_prompt_tokens, wants_usage,
 )
+from chimera.serve.records import CallRecorder
+from chimera.serve.relay import StreamRelay
 from chimera.serve.scheduler import QueueFull, Scheduler, Ticket
 from chimera.serve.trace import TraceStore
 
@@ -100,25 +104,6 @@ def build_policy(cfg: GatewayConfig, infos) -> Policy:
     return make_policy(cfg.policy.name, confidence=conf, length=length, lam=cfg.policy.lam, **cfg.policy.params)
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def _prompts(body: dict[str, Any], path: str) -> tuple[str, str]:
-    """(task prompt for the router: first user message, whole prompt text for token counting)."""
-    if path == CHAT:
-        msgs = [m for m in body["messages"] if isinstance(m, dict)]
-        first = next((_text(m.get("content")) for m in msgs if m.get("role") == "user"), "")
-        return first, "\n".join(_text(m.get("content")) for m in msgs)
-    p = body.get("prompt")
-    text = p if isinstance(p, str) else "\n".join(x for x in p if isinstance(x, str)) if isinstance(p, list) else ""
-    return text, text
-
-
 def _count_tokens(text: str) -> int:
     try:
         from chimera.workload.tokens import count_tokens
@@ -133,24 +118,6 @@ async def _until_disconnect(request: Request) -> None:
         msg = await request.receive()
         if msg["type"] == "http.disconnect":
             return
-
-
-def _check_completion_body(body: Any, path: str) -> str:
-    """The requested model name, or EdgeError naming the missing or mistyped field."""
-    if not isinstance(body, dict):
-        raise EdgeError(400, "body: must be a JSON object", "invalid_body", "bad_field")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise EdgeError(400, "model: missing required parameter 'model' (a string)", "missing_model", "bad_field")
-    if path == CHAT and (not isinstance(body.get("messages"), list) or not body["messages"]):
-        raise EdgeError(400, "messages: missing required parameter 'messages' (a non-empty list)",
-                        "missing_messages", "bad_field")
-    if path == COMPLETIONS and not isinstance(body.get("prompt"), (str, list)):
-        raise EdgeError(400, "prompt: missing required parameter 'prompt' (a string or a list)", "missing_prompt",
-                        "bad_field")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise EdgeError(400, "stream: must be a boolean", "invalid_value", "bad_field")
-    return model
 
 
 class Gateway:
@@ -168,11 +135,11 @@ class Gateway:
             if cfg.predictors and self.policy.needs_predictions else None
         self.trace = TraceStore(cfg.trace_store)
         self.metrics = GatewayMetrics(self.sched, self.trace)
-        self.client_keys = KeyRing([*cfg.auth.api_keys, *cfg.auth.admin_keys])
-        self.admin_keys = KeyRing(cfg.auth.admin_keys)
+        self.auth = edge.Auth(cfg.auth.api_keys, cfg.auth.admin_keys)
         self.client: httpx.AsyncClient | None = None
         self.health_checker: HealthChecker | None = None
         self.run_id = uuid.uuid4().hex[:8]
+        self.recorder = CallRecorder(self.trace, self.metrics, self.run_id, self.policy.name, self.wall)
         self._t0: float | None = None
         self._wall0 = time.time()
         self.active = 0
@@ -226,42 +193,9 @@ class Gateway:
             await asyncio.to_thread(self.trace.close)
 
     # ---- the edge: auth, bodies, refusals ------------------------------------------------------------------
-    def _require_client(self, request: Request) -> None:
-        """Client endpoints: open when no `api_keys` are configured, else a client or an admin key."""
-        if self.cfg.auth.api_keys and not self.client_keys.accepts(edge.bearer(request.headers)):
-            raise EdgeError(401, "missing or invalid API key", "invalid_api_key", "auth")
-
-    def _require_metrics(self, request: Request) -> None:
-        """/metrics: admin keys when configured, else client keys when configured, else open."""
-        ring = self.admin_keys if self.cfg.auth.admin_keys else self.client_keys if self.cfg.auth.api_keys else None
-        if ring is not None and not ring.accepts(edge.bearer(request.headers)):
-            kind = "an admin key" if self.cfg.auth.admin_keys else "an API key"
-            raise EdgeError(401, f"{kind} is required for /metrics", "invalid_api_key", "auth")
-
     def _refuse(self, endpoint: str, e: EdgeError) -> JSONResponse:
         self.metrics.rejected.labels(endpoint, e.reason).inc()
         return error(e.status, e.message, _ERROR_TYPES.get(e.status, "invalid_request_error"), e.code, e.headers)
-
-    async def _read_json(self, request: Request) -> Any:
-        """The body as JSON, within `max_body_bytes`; EdgeError (413/415/400) otherwise."""
-        edge.check_content_type(request.headers)
-        limit = self.cfg.limits.max_body_bytes
-        cl = (request.headers.get("content-length") or "").lstrip("0") or "0"
-        if cl.isdigit() and (len(cl) > 12 or int(cl) > limit):
-            raise EdgeError(413, f"request body over {limit} bytes", "body_too_large", "too_large")
-        buf = bytearray()
-        try:
-            async with asyncio.timeout(self.cfg.limits.body_timeout_s):  # a trickled body cannot hold a slot
-                async for chunk in request.stream():
-                    buf += chunk
-                    if len(buf) > limit:
-                        raise EdgeError(413, f"request body over {limit} bytes", "body_too_large", "too_large")
-        except ClientDisconnect:
-            raise EdgeError(499, "the client left before its body was read", "client_gone", "client_gone") from None
-        except TimeoutError:
-            raise EdgeError(408, f"body: not received within {self.cfg.limits.body_timeout_s:g} s", "body_timeout",
-                            "body_timeout") from None
-        return edge.parse_body(bytes(buf))
 
     # ---- endpoints -----------------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -280,7 +214,7 @@ class Gateway:
 
     async def models(self, request: Request) -> Response:
         try:
-            self._require_client(request)
+            self.auth.require_client(request.headers)
         except EdgeError as e:
             return self._refuse("/v1/models", e)
         return JSONResponse({"object": "list", "data": [self._model_object(m) for m in [*self.sched.models,
@@ -288,7 +222,7 @@ class Gateway:
 
     async def model(self, request: Request) -> Response:
         try:
-            self._require_client(request)
+            self.auth.require_client(request.headers)
             name = request.path_params["model_id"]
             if name != "chimera" and name not in self.sched.models:
                 raise EdgeError(404, f"model {name[:100]!r} is not served here; use 'chimera' or one of "
@@ -299,19 +233,19 @@ class Gateway:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         try:
-            self._require_metrics(request)
+            self.auth.require_metrics(request.headers)
         except EdgeError as e:
             return self._refuse("/metrics", e)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def feedback(self, request: Request) -> Response:
         try:
-            self._require_client(request)
-            fb = edge.feedback(await self._read_json(request))
+            self.auth.require_client(request.headers)
+            fb = edge.feedback(await edge.read_json(request, self.cfg.limits))
         except EdgeError as e:
             return self._refuse(FEEDBACK, e)
         self.trace.log_feedback(fb.workflow_id, fb.score)
-        self.sched.end_workflow(fb.workflow_id)
+        self.sched.end_workflow(fb.workflow_id, self.now())
         return JSONResponse({"ok": True, "workflow_id": fb.workflow_id, "score": fb.score})
 
     async def chat(self, request: Request) -> Response:
@@ -325,9 +259,9 @@ class Gateway:
         try:
             if self.draining:
                 raise EdgeError(503, "gateway is shutting down", "draining", "draining")
-            self._require_client(request)
-            body = await self._read_json(request)
-            model = _check_completion_body(body, path)
+            self.auth.require_client(request.headers)
+            body = await edge.read_json(request, self.cfg.limits)
+            model = edge.completion_model(body, chat=path == CHAT)
             if model != "chimera" and model not in self.sched.models:
                 raise EdgeError(404, f"model: {model[:100]!r} is not served here; use 'chimera' or one of "
                                      f"{self.sched.models}", "model_not_found", "unknown_model")
@@ -356,7 +290,7 @@ class Gateway:
         now = arrival = self.now()
         wid = hints.workflow_id or f"wf-{self.run_id}-{next(self._wf_ids)}"
         wf = self.sched.workflows.get(wid, now)
-        prompt, full = _prompts(body, path)
+        prompt, full = edge.prompts(body, chat=path == CHAT)
         fields = dict(workflow_id=wid, kind=hints.kind or "chat", prompt=prompt,
                       stage=hints.stage if hints.stage is not None else wf.stages,
                       prompt_tokens=await asyncio.to_thread(_count_tokens, full),
@@ -372,10 +306,10 @@ class Gateway:
             try:
                 outcome = await self._attempt(request, path, body, call, stream)
             except asyncio.CancelledError:  # the server is tearing the request down
-                self._settle(call, "cancelled", "request task cancelled")
+                self.settle(call, "cancelled", "request task cancelled")
                 raise
             except BaseException as e:
-                self._settle(call, "error", f"gateway error: {type(e).__name__}")
+                self.settle(call, "error", f"gateway error: {type(e).__name__}")
                 raise
             if isinstance(outcome, Response):
                 return outcome
@@ -406,7 +340,7 @@ class Gateway:
             prediction = await self._predict(call)
             self.sched.submit(call, self.now(), prediction)
         except QueueFull as e:  # the open models filled up while this call was being predicted
-            self._settle(call, "rejected", "queue full", record=False)
+            self.settle(call, "rejected", "queue full", record=False)
             self.metrics.rejected.labels(path, "queue_full").inc()
             return error(429, f"gateway queue is full: {e}", "rate_limit_error", "queue_full",
                          headers={"Retry-After": str(self._retry_after())})
@@ -414,7 +348,7 @@ class Gateway:
             await self._race(request, dispatched.wait(), max(0.001, timeout - (self.now() - call.arrival_s)))
         except (_ClientGone, TimeoutError) as e:
             gone = isinstance(e, _ClientGone)
-            self._settle(call, "cancelled" if gone else "timeout", None if gone else "queued too long")
+            self.settle(call, "cancelled" if gone else "timeout", None if gone else "queued too long")
             return Response(status_code=499) if gone else error(504, "timed out waiting for a backend",
                                                                  "server_error", "queue_timeout")
         be = ticket.backend
@@ -425,15 +359,15 @@ class Gateway:
                 request, open_upstream(self.client, be.cfg, path, upstream_body(body, be.cfg, call.priority),
                                        stream, timeout), timeout)
         except UpstreamError as e:
-            self._settle(call, "error", str(e), backend_down=True)
+            self.settle(call, "error", str(e), backend_down=True)
             return str(e)
         except (_ClientGone, TimeoutError) as e:
             gone = isinstance(e, _ClientGone)
-            self._settle(call, "cancelled" if gone else "timeout", None if gone else "upstream timeout")
+            self.settle(call, "cancelled" if gone else "timeout", None if gone else "upstream timeout")
             return Response(status_code=499) if gone else error(504, "backend timed out", "server_error",
                                                                   "upstream_timeout")
         if stream and reply.response.status_code < 400:
-            relay = _Relay(self, call, be.name, reply, show_usage=wants_usage(body))
+            relay = StreamRelay(self, call, be.name, reply, show_usage=wants_usage(body))
             return DisconnectAwareStream(relay.run(), media_type="text/event-stream", on_close=relay.closed,
                                          headers={"cache-control": "no-cache", "x-chimera-model": call.model,
                                                   "x-chimera-backend": be.name})
@@ -475,20 +409,19 @@ class Gateway:
             data = None
         if resp.status_code >= 400 or not isinstance(data, dict):
             msg = f"backend {backend} answered HTTP {resp.status_code}"
-            self._settle(call, "error", msg, backend=backend)
+            self.settle(call, "error", msg, backend=backend)
             if isinstance(data, dict) and "error" in data:
                 return JSONResponse(data, resp.status_code if resp.status_code >= 400 else 502)
             return error(resp.status_code if resp.status_code >= 400 else 502, msg, "server_error", "bad_upstream")
         rewrite_model(data, call.model)  # type: ignore[arg-type]
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         tokens = usage_completion_tokens(data) or 0
-        if _count(usage.get("prompt_tokens")):
-            call.prompt_tokens = _count(usage.get("prompt_tokens"))
-        self._settle(call, "ok", backend=backend, new_tokens=tokens, completion_tokens=tokens)
+        if usage_prompt_tokens(data):
+            call.prompt_tokens = usage_prompt_tokens(data)
+        self.settle(call, "ok", backend=backend, new_tokens=tokens, completion_tokens=tokens)
         return JSONResponse(data, headers={"x-chimera-model": call.model or "", "x-chimera-backend": backend})
 
     # ---- the one end of a call's life ----------------------------------------------------------------------
-    def _settle(self, call: Call, status: str, err: str | None = None, *, backend: str | None = None,
+    def settle(self, call: Call, status: str, err: str | None = None, *, backend: str | None = None,
                 backend_down: bool = False, new_tokens: int = 0, completion_tokens: int | None = None,
                 first_token_at: float | None = None, record: bool = True) -> None:
         """End the call's life once: free its slot, queue entry and predicted load, learn, and trace it."""
@@ -502,114 +435,13 @@ class Gateway:
             backend = ticket.backend.name
         try:
             if status == "ok":
-                self.sched.complete(call, now, new_tokens)
-                if isinstance(self.policy.length, RunningLength):
-                    self.policy.length.observe(call.kind, call.stage, call.model, call.tokens_seen)  # type: ignore
+                self.sched.complete(call, now, new_tokens)  # the core feeds online learners (running lengths)
             else:
                 self.sched.abandon(call, now, backend_down=backend_down)
         finally:
             if record:
-                self._record(call, backend, status, err, now, completion_tokens, first_token_at)
+                self.recorder.record(call, backend, status, err, now, completion_tokens, first_token_at)
 
-    def _record(self, call: Call, backend: str | None, status: str, err: str | None, now: float,
-                completion_tokens: int | None, first_token_at: float | None) -> None:
-        """Trace row, metrics and a log line; never raises (a lost row is counted by the trace store)."""
-        try:
-            row = {
-                "workflow_id": call.workflow_id, "stage": call.stage, "call_id": f"{self.run_id}-{call.call_id}",
-                "model": call.model, "backend": backend, "prompt_tokens": call.prompt_tokens,
-                "completion_tokens": completion_tokens, "queued_at": self.wall(call.arrival_s),
-                "dispatched_at": self.wall(call.dispatched_s), "first_token_at": self.wall(first_token_at),
-                "ended_at": self.wall(now), "status": status, "error": err, "confidences": call.confidences,
-                "pred_call_tokens": call.pred_call_tokens, "pred_remaining_tokens": call.pred_remaining_tokens,
-                "policy": self.policy.name, "kind": call.kind,
-            }
-            self.trace.log_call({**row, "prompt": call.prompt})  # the router's prompt text: trace only, not the log
-            self.metrics.requests.labels(call.model or "", status).inc()
-            if status == "ok":
-                self.metrics.latency.labels(call.model).observe(now - call.arrival_s)
-            if log.isEnabledFor(logging.INFO):
-                log.info(json.dumps({"event": "call", **row, "latency_s": round(now - call.arrival_s, 4),
-                                     "priority": call.priority}, ensure_ascii=True, allow_nan=True))
-        except Exception:
-            log.exception("could not record call %s", call.call_id)
-
-
-def _count(v: Any) -> int:
-    """A token count from an upstream's usage object (anything else counts 0)."""
-    return int(v) if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 else 0
-
-
-class _Relay:
-    """Pass one SSE stream through, naming the chosen model and reporting token progress to the policy.
-
-    The call is settled before `[DONE]` is forwarded, so a client that saw the end also sees the trace row; a
-    broken stream is settled in `run`, a client that left (or a stream that never started) in `closed`.
-    """
-
-    def __init__(self, gw: Gateway, call: Call, backend: str, reply: UpstreamReply, show_usage: bool) -> None:
-        self.gw, self.call, self.backend, self.reply = gw, call, backend, reply
-        self.show_usage = show_usage  # the client asked for the usage chunk (the gateway always does, upstream)
-        self.tokens, self.usage_tokens, self.first_at = 0, None, None
-
-    def settle(self, status: str, err: str | None = None) -> None:
-        total = self.usage_tokens if self.usage_tokens is not None else self.tokens
-        self.gw._settle(self.call, status, err, backend=self.backend, backend_down=status == "error",
-                        new_tokens=max(0, (self.usage_tokens or 0) - self.tokens), completion_tokens=total,
-                        first_token_at=self.first_at)
-
-    def closed(self) -> None:
-        self.settle("cancelled", "client left")  # a no-op unless the stream did not end on its own
-
-    async def _lines(self) -> AsyncIterator[str]:
-        for line in self.reply.first or ():
-            yield line
-        async for line in self.reply.lines:  # type: ignore[union-attr]
-            yield line
-
-    async def run(self) -> AsyncIterator[bytes]:
-        gw, call = self.gw, self.call
-        try:
-            async for line in self._lines():
-                kind, obj = parse_sse(line)
-                if kind == "data" and isinstance(obj, dict):
-                    rewrite_model(obj, call.model)  # type: ignore[arg-type]
-                    n = count_content_tokens(obj)
-                    if n:
-                        now = gw.now()
-                        if self.first_at is None:
-                            self.first_at = now
-                            gw.metrics.ttft.labels(call.model).observe(now - call.arrival_s)
-                        self.tokens += n
-                        gw.sched.progress(call, n, now)
-                    used = usage_completion_tokens(obj)
-                    if used is not None:
-                        self.usage_tokens = used  # the engine's own count: it settles the call's tokens
-                        if _count(obj["usage"].get("prompt_tokens")):
-                            call.prompt_tokens = _count(obj["usage"].get("prompt_tokens"))
-                    if not self.show_usage:
-                        if "usage" in obj and not obj.get("choices"):
-                            continue  # the usage-only chunk the gateway asked for, not the client
-                        obj.pop("usage", None)
-                    yield f"data: {json.dumps(obj)}\n".encode()
-                else:
-                    if kind == "done":
-                        self.settle("ok")
-                    yield (line + "\n").encode()
-            self.settle("ok")
-        except httpx.HTTPError as e:
-            err = f"stream broke after {self.tokens} tokens: {type(e).__name__}: {e}"
-            self.settle("error", err)
-            yield sse_error(err)
-        except Exception as e:
-            gw.metrics.internal_errors.labels("relay").inc()
-            log.exception("stream relay failed")
-            self.settle("error", f"gateway error in the relay: {type(e).__name__}")
-            yield sse_error("internal gateway error (logged)", "internal_error")
-        finally:
-            self.closed()  # bookkeeping first: no await needed
-            with anyio.CancelScope(shield=True):
-                await self.reply.response.aclose()
 
 
 def build_gateway(config: GatewayConfig, policy: Policy | None = None) -> Starlette:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from chimera.sched.registry import live_refusal
 from chimera.yamlfile import read_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -30,11 +31,21 @@ class Auth(_Strict):
 
 
 class PolicyConfig(BaseModel):
-    """`name` and `lam` are known; any other key is passed to the policy constructor."""
+    """`name` picks a registered policy; every other key (and `lam`) is one of its parameters, checked against the
+    policy's Params at load time so a typo fails here, naming the key, the policy and what it takes."""
 
     model_config = ConfigDict(extra="allow")
     name: str = "chimera"
-    lam: float | None = 0.02
+    lam: float | None = None  # only for policies that take λ (chimera's default applies when absent)
+
+    @model_validator(mode="after")
+    def _check_params(self) -> "PolicyConfig":
+        # Unknown names and parameters raise here (ValueError naming the policy and the key); then what the gateway
+        # cannot run: oracle presets, preemptive policies, a calibration (routellm's threshold) not given.
+        refusal = live_refusal(self.name, lam=self.lam, **self.params)
+        if refusal:
+            raise ValueError(refusal)
+        return self
 
     @property
     def params(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ bounded nesting), so nothing fails later, inside the forwarding path.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -16,6 +17,9 @@ import re
 from typing import Annotated, Any, Iterable, Mapping
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, ValidationError
+from starlette.requests import ClientDisconnect, Request
+
+from chimera.serve.config import Limits
 
 MAX_DEPTH = 64  # nesting of a JSON body (tool schemas nest; a hostile `[`×100000 must not reach the recursion limit)
 MAX_INT_DIGITS = 16  # |integers| up to 10^16 (beyond 2^53 JSON clients and upstreams disagree on the value anyway)
@@ -56,6 +60,26 @@ class KeyRing:
 def bearer(headers: Mapping[str, str]) -> str | None:
     h = headers.get("authorization", "")
     return h[7:].strip() if h[:7].lower() == "bearer " else None
+
+
+class Auth:
+    """Client endpoints: open when no `api_keys` are configured, else a client or an admin key. /metrics: admin keys
+    when configured, else client keys when configured, else open."""
+
+    def __init__(self, api_keys: Iterable[str], admin_keys: Iterable[str]) -> None:
+        api_keys, admin_keys = list(api_keys), list(admin_keys)
+        self.client_keys = KeyRing([*api_keys, *admin_keys]) if api_keys else None
+        self.admin_keys = KeyRing(admin_keys) if admin_keys else None
+
+    def require_client(self, headers: Mapping[str, str]) -> None:
+        if self.client_keys is not None and not self.client_keys.accepts(bearer(headers)):
+            raise EdgeError(401, "missing or invalid API key", "invalid_api_key", "auth")
+
+    def require_metrics(self, headers: Mapping[str, str]) -> None:
+        ring = self.admin_keys if self.admin_keys is not None else self.client_keys
+        if ring is not None and not ring.accepts(bearer(headers)):
+            kind = "an admin key" if self.admin_keys is not None else "an API key"
+            raise EdgeError(401, f"{kind} is required for /metrics", "invalid_api_key", "auth")
 
 
 # ---- bodies --------------------------------------------------------------------------------------------------
@@ -230,3 +254,63 @@ def feedback(doc: Any) -> Feedback:
         return Feedback.model_validate(doc)
     except ValidationError as e:
         raise EdgeError(400, _describe(e, {}), "invalid_feedback", "bad_field") from None
+
+
+async def read_json(request: Request, limits: Limits) -> Any:
+    """The body as JSON, within `max_body_bytes` and `body_timeout_s`; EdgeError (413/415/408/499/400) otherwise."""
+    check_content_type(request.headers)
+    limit = limits.max_body_bytes
+    cl = (request.headers.get("content-length") or "").lstrip("0") or "0"
+    if cl.isdigit() and (len(cl) > 12 or int(cl) > limit):
+        raise EdgeError(413, f"request body over {limit} bytes", "body_too_large", "too_large")
+    buf = bytearray()
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):  # a trickled body cannot hold a slot
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > limit:
+                    raise EdgeError(413, f"request body over {limit} bytes", "body_too_large", "too_large")
+    except ClientDisconnect:
+        raise EdgeError(499, "the client left before its body was read", "client_gone", "client_gone") from None
+    except TimeoutError:
+        raise EdgeError(408, f"body: not received within {limits.body_timeout_s:g} s", "body_timeout",
+                        "body_timeout") from None
+    return parse_body(bytes(buf))
+
+
+# ---- completion bodies ---------------------------------------------------------------------------------------
+def completion_model(body: Any, chat: bool) -> str:
+    """The requested model name, or EdgeError naming the missing or mistyped field."""
+    if not isinstance(body, dict):
+        raise EdgeError(400, "body: must be a JSON object", "invalid_body", "bad_field")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise EdgeError(400, "model: missing required parameter 'model' (a string)", "missing_model", "bad_field")
+    if chat and (not isinstance(body.get("messages"), list) or not body["messages"]):
+        raise EdgeError(400, "messages: missing required parameter 'messages' (a non-empty list)",
+                        "missing_messages", "bad_field")
+    if not chat and not isinstance(body.get("prompt"), (str, list)):
+        raise EdgeError(400, "prompt: missing required parameter 'prompt' (a string or a list)", "missing_prompt",
+                        "bad_field")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise EdgeError(400, "stream: must be a boolean", "invalid_value", "bad_field")
+    return model
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def prompts(body: dict[str, Any], chat: bool) -> tuple[str, str]:
+    """(task prompt for the router: first user message, whole prompt text for token counting)."""
+    if chat:
+        msgs = [m for m in body["messages"] if isinstance(m, dict)]
+        first = next((_text(m.get("content")) for m in msgs if m.get("role") == "user"), "")
+        return first, "\n".join(_text(m.get("content")) for m in msgs)
+    p = body.get("prompt")
+    text = p if isinstance(p, str) else "\n".join(x for x in p if isinstance(x, str)) if isinstance(p, list) else ""
+    return text, text

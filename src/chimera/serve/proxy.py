@@ -61,11 +61,20 @@ def wants_usage(body: dict[str, Any]) -> bool:
     return isinstance(opts, dict) and opts.get("include_usage") is True
 
 
+def _usage_count(obj: dict[str, Any], key: str) -> int | None:
+    u = obj.get("usage")
+    v = u.get(key) if isinstance(u, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 else None
+
+
 def usage_completion_tokens(obj: dict[str, Any]) -> int | None:
     """`usage.completion_tokens` of a response or chunk, when it carries a sane count."""
-    u = obj.get("usage")
-    v = u.get("completion_tokens") if isinstance(u, dict) else None
-    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 else None
+    return _usage_count(obj, "completion_tokens")
+
+
+def usage_prompt_tokens(obj: dict[str, Any]) -> int:
+    """`usage.prompt_tokens` of a response or chunk when it carries a sane positive count, else 0."""
+    return _usage_count(obj, "prompt_tokens") or 0
 
 
 def _headers(backend: Backend) -> dict[str, str]:

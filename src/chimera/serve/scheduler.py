@@ -1,7 +1,8 @@
-"""The gateway's body for a Policy: the simulator's protocol (submit → next_call while room → progress/complete).
+"""The gateway's side of the admission core (chimera.sched.admission.Admission, which the simulator runs too):
+backends, backpressure, workflow state and retries around it.
 
-Pure with respect to time: every method takes `now`, so the decisions can be replayed and compared with the
-simulator without HTTP. The async side (serve/app.py) calls it from the event loop only.
+Pure with respect to time: every method takes `now`, so a recorded simulator event sequence can be replayed through
+it without HTTP (tests/test_replay.py). The async side (serve/app.py) calls it from the event loop only.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from chimera.sched.admission import Admission, Event, live_refusal
 from chimera.sched.policy import Policy
-from chimera.sched.types import Call, ModelInfo
+from chimera.sched.types import Call, ModelInfo, Prediction
 from chimera.serve.config import Backend
 
 DOWN_S = 5.0  # a backend that just failed is avoided for this long (still used when nothing else has room)
@@ -94,27 +96,45 @@ class Ticket:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class PolicyNotLive(ValueError):
+    """A policy the gateway cannot run (see chimera.sched.admission.live_refusal); the message names it and why."""
+
+
 class Scheduler:
-    """Admission control per model (sum of its backends' max_inflight) in front of one Policy."""
+    """The gateway's side of the admission core: backends (replica choice, health, in-flight per backend),
+    backpressure limits, workflow state and retries. Admission itself — per-model capacity (the sum of its
+    backends' max_inflight), queues, dispatch, progress, completion — is chimera.sched.admission.Admission, the
+    same core the simulator runs."""
 
     def __init__(self, policy: Policy, models: Sequence[ModelInfo], backends: Sequence[Backend],
-                 max_queue: int = 1000, max_queue_per_model: int | None = None) -> None:
+                 max_queue: int = 1000, max_queue_per_model: int | None = None,
+                 record: Callable[[Event], None] | None = None) -> None:
+        refusal = live_refusal(policy)
+        if refusal:
+            raise PolicyNotLive(refusal)
         self.policy = policy
-        policy.bind(list(models))
         self.models = [m.name for m in models]
         self.backends: dict[str, list[BackendState]] = {m: [] for m in self.models}
         for b in backends:
             if b.model not in self.backends:
                 raise ValueError(f"backend {b.name!r} serves {b.model!r}, which is not a bound model")
             self.backends[b.model].append(BackendState(b))
-        self.cap = {m: sum(b.cfg.max_inflight for b in self.backends[m]) for m in self.models}
-        self.inflight = {m: 0 for m in self.models}
+        cap = {m: sum(b.cfg.max_inflight for b in self.backends[m]) for m in self.models}
+        # The hooks are looked up per call, so a test can replace one on the instance.
+        self.core: Admission[BackendState] = Admission(
+            policy, models, place=lambda m, c, now: self._pick_backend(m, c, now),
+            start=lambda c, be, now: self._start(c, be, now), release=lambda c, be, now: self._release(c, be, now),
+            capacity=cap, record=record)
+        self.cap = self.core.capacity
+        self.inflight = self.core.inflight  # per model (the backends' own counts are on BackendState)
         self.max_queue = max_queue
         self.max_queue_per_model = max_queue if max_queue_per_model is None else max_queue_per_model
-        self.waiting_total = 0
         self.workflows = Workflows()
         self._ids = itertools.count()
-        self._placed: dict[int, BackendState] = {}  # call_id -> backend it runs on
+
+    @property
+    def waiting_total(self) -> int:
+        return self.core.waiting_total
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -140,97 +160,69 @@ class Scheduler:
         return (f"{per}; {self.waiting_total} waiting in all (limits: {self.max_queue_per_model} per model, "
                 f"{self.max_queue} in all)")
 
-    # ---- the body-facing protocol (same order of calls as sim.Simulator) ------------------------------------
-    def submit(self, call: Call, now: float, prediction=None) -> str:
+    # ---- the body-facing protocol: the admission core's, with backpressure in front -------------------------
+    def submit(self, call: Call, now: float, prediction: Prediction | None = None) -> str:
         """Route among the open models and enqueue (the policy), then dispatch what fits; QueueFull if none is open."""
         allowed = self.open_models(call.pinned_model)
         if not allowed:
             raise QueueFull(self.backlog_reason(call.pinned_model))
-        model = self.policy.submit(call, now, prediction=prediction, allowed=allowed)
-        self.waiting_total += 1
-        self.dispatch(model, now)
-        return model
+        every = call.pinned_model is None and len(allowed) == len(self.models)
+        return self.core.submit(call, now, prediction, None if every else allowed).model
 
     def dispatch(self, model: str, now: float) -> None:
         """Move calls from the policy's queue to the model's backends while it has room."""
-        while self.inflight[model] < self.cap[model]:
-            call = self.policy.next_call(model, now)
-            if call is None:
-                return
-            self.waiting_total -= 1
-            ticket = call.ctx if isinstance(call.ctx, Ticket) else None
-            if ticket is not None and ticket.cancelled:  # the client left while queued
-                self.policy.on_fail(call, now)
-                continue
-            be = self._pick_backend(model, ticket, now)
-            be.inflight += 1
-            self.inflight[model] += 1
-            self._placed[call.call_id] = be
-            if ticket is not None:
-                ticket.backend = be
-                ticket.tried.add(be.name)
-                if ticket.on_dispatch is not None:
-                    ticket.on_dispatch(ticket)
+        self.core.dispatch(model, now)
 
-    def _pick_backend(self, model: str, ticket: Ticket | None, now: float) -> BackendState:
+    def _pick_backend(self, model: str, call: Call | None, now: float) -> BackendState:
+        """The core's replica-choice hook: an untried, healthy, least-loaded backend with room."""
+        ticket = getattr(call, "ctx", None)
+        ticket = ticket if isinstance(ticket, Ticket) else None
         tried = ticket.tried if ticket is not None else set()
         room = [b for b in self.backends[model] if b.has_room]
         return min(room, key=lambda b: (b.name in tried, b.is_down(now), *b.load_key()))
 
+    def _start(self, call: Call, be: BackendState, now: float) -> None:
+        be.inflight += 1
+        ticket = call.ctx if isinstance(call.ctx, Ticket) else None
+        if ticket is not None:
+            ticket.backend = be
+            ticket.tried.add(be.name)
+            if ticket.on_dispatch is not None:
+                ticket.on_dispatch(ticket)
+
+    def _release(self, call: Call, be: BackendState, now: float) -> None:
+        be.inflight -= 1
+
     def progress(self, call: Call, new_tokens: int, now: float) -> None:
-        self.policy.on_progress(call, new_tokens, now)
+        self.core.progress(call, new_tokens, now)
 
     def complete(self, call: Call, now: float, new_tokens: int = 0) -> None:
-        """The call finished: report the last tokens and completion, free its slot, dispatch the next."""
-        try:
-            if new_tokens:
-                self.policy.on_progress(call, new_tokens, now)
-            self.policy.on_complete(call, now)
-            st = self.workflows.get(call.workflow_id, now)
-            st.generated += call.tokens_seen
-            st.stages += 1
-        except BaseException:
-            self.policy.monitor.remove(call)  # a policy that failed half-way must not keep the call's load
-            raise
-        finally:  # whatever the policy does, the slot is freed
-            self._release(call, now)
+        """The call finished: its tokens and completion reach the policy (and the online learners), its slot is
+        freed and the next call dispatched; the workflow's stage count and tokens so far grow."""
+        self.core.complete(call, now, new_tokens)
+        st = self.workflows.get(call.workflow_id, now)
+        st.generated += call.tokens_seen
+        st.stages += 1
 
     def fail(self, call: Call, now: float, backend_down: bool = False) -> None:
         """The call failed on its backend (or was cancelled after dispatch): free the slot, dispatch the next."""
-        be = self._placed.get(call.call_id)
+        be = self.core.replica(call)
         if backend_down and be is not None:
             be.down_until = now + DOWN_S
             be.failures += 1
-        try:
-            self.policy.on_fail(call, now)
-        except BaseException:
-            self.policy.monitor.remove(call)
-            raise
-        finally:
-            self._release(call, now)
+        self.core.fail(call, now)
 
     def abandon(self, call: Call, now: float, backend_down: bool = False) -> None:
         """The call's life ended without completing, wherever it was: dispatched (free the slot), waiting (take it
         out of the queue) or half-submitted (forget its predicted load). Safe to call more than once."""
-        if call.call_id in self._placed:
+        if self.core.running(call):
             self.fail(call, now, backend_down=backend_down)
-        elif self.policy.withdraw(call, now):
-            self.waiting_total -= 1
+        else:
+            self.core.withdraw(call, now)
 
-    def _release(self, call: Call, now: float) -> None:
-        model = call.model
-        assert model is not None
-        be = self._placed.pop(call.call_id, None)
-        if be is None:
-            return  # never dispatched, or released already: nothing to free
-        be.inflight -= 1
-        self.inflight[model] -= 1
-        self.dispatch(model, now)
-
-    def end_workflow(self, workflow_id: str) -> None:
+    def end_workflow(self, workflow_id: str, now: float = 0.0) -> None:
         self.workflows.pop(workflow_id)
-        self.policy.on_workflow_end(workflow_id)
-
+        self.core.end_workflow(workflow_id, now)
     # ---- retries -------------------------------------------------------------------------------------------
     def retry_target(self, call: Call, now: float, other_models: bool = True) -> str | None:
         """Where a failed call goes next: the same model if it has an untried healthy backend, else (when the

@@ -10,7 +10,7 @@ import numpy as np
 from chimera.engine.profiles import ClusterConfig
 from chimera.predict.artifacts import Predictors
 from chimera.predict.priors import KindAccuracyRouter, OracleConfidence, OracleLength, StageMeanLength
-from chimera.sched.registry import ORACLE_POLICIES, make_policy
+from chimera.sched.registry import PREDICTIONS, make_policy, policy_entry
 from chimera.sched.types import Call
 from chimera.sim.cluster import ModelRuntime, build_runtimes
 from chimera.sim.simulator import Simulator
@@ -127,6 +127,25 @@ def train_calls(prep: Prepared, limit: int = 2000) -> list[Call]:
     return calls
 
 
+def choose_predictors(prep: Prepared, predictions: str | None = None):
+    """(confidence, length, label) for a run's predictor choice: priors, trained, oracle (true scores and lengths),
+    oracle-scores (true scores, predicted lengths) or oracle-lengths (predicted scores, true lengths); "predicted"
+    means trained when the run has trained predictors, else priors. None: trained if given, else priors."""
+    honest = "trained" if prep.trained is not None else "priors"
+    predictions = predictions or honest
+    if predictions not in PREDICTIONS:
+        raise ValueError(f"predictions must be one of {', '.join(PREDICTIONS)}, got {predictions!r}")
+    if predictions == "trained" and prep.trained is None:
+        raise ValueError("predictions 'trained' needs trained predictors (--predictors)")
+    conf, length = prep.trained if predictions == "trained" or (predictions != "priors" and prep.trained) else (
+        prep.router, prep.lengths)
+    if predictions in ("oracle", "oracle-scores"):
+        conf = OracleConfidence(prep.names)
+    if predictions in ("oracle", "oracle-lengths"):
+        length = OracleLength(prep.names)
+    return conf, length, predictions
+
+
 def run_policy(
     prep: Prepared,
     policy: str,
@@ -139,25 +158,25 @@ def run_policy(
     workflows: list | None = None,
     confidence=None,
     length=None,
+    predictions: str | None = None,
     **policy_params,
 ) -> dict:
-    """Simulate one policy on the prepared held-out tasks; returns the summary dict."""
-    if policy in ORACLE_POLICIES:
-        confidence, length = OracleConfidence(prep.names), OracleLength(prep.names)
-    elif prep.trained is not None:
-        confidence, length = confidence or prep.trained[0], length or prep.trained[1]
-    else:
-        confidence = confidence or prep.router
-        length = length or prep.lengths
-    pol = make_policy(policy, confidence=confidence, length=length, lam=lam, **policy_params)
+    """Simulate one policy on the prepared held-out tasks; returns the summary dict.
+
+    `predictions` picks the predictors (see `choose_predictors`; default: the preset's choice, e.g. chimera-oracle's
+    oracle, else trained if given, else priors); explicit `confidence`/`length` replace the honest ones."""
+    predictions = predictions or policy_entry(policy).predictions
+    conf, lens, label = choose_predictors(prep, predictions)
+    if label in ("priors", "trained"):
+        conf, lens = confidence or conf, length or lens
+    pol = make_policy(policy, confidence=conf, length=lens, lam=lam, **policy_params)
     wfs = workflows if workflows is not None else prep.workflows(n_tasks, seed)
     sim = Simulator(prep.runtimes, pol, wfs, rate=rate, agents=agents, seed=seed)
-    pol.prepare(train_calls(prep))
+    sim.admission.prepare(train_calls(prep))
     result = sim.run(progress=progress)
     result["lam"] = getattr(pol, "lam", None)
     result["rate"] = rate
     result["agents"] = agents
     result["skipped_tasks"] = prep.skipped
-    result["predictors"] = "trained" if prep.trained is not None and policy not in ORACLE_POLICIES else (
-        "oracle" if policy in ORACLE_POLICIES else "priors")
+    result["predictors"] = label
     return result

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 
 from chimera.engine.batching import Engine, Seq
+from chimera.sched.admission import Admission, Event
 from chimera.sched.policy import Policy
 from chimera.sched.types import Call
 from chimera.sim.cluster import ModelRuntime
@@ -55,6 +56,7 @@ class Simulator:
         arrivals: Sequence[float] | None = None,
         seed: int = 0,
         tick_steps: int = 16,
+        record: Callable[[Event], None] | None = None,
     ) -> None:
         if (rate is None) == (agents is None) and arrivals is None:
             raise ValueError("give exactly one of rate (open loop) or agents (closed loop)")
@@ -67,7 +69,6 @@ class Simulator:
         self.workflows = list(workflows)
         self.rate, self.agents, self.seed = rate, agents, seed
         self._arrivals = list(arrivals) if arrivals is not None else None
-        policy.bind([r.info for r in self.runtimes])
         key_fn = None
         if policy.preemptive:
             def key_fn(seq: Seq, generated: int, waited: int, now: float, _p=policy) -> float:
@@ -79,12 +80,12 @@ class Simulator:
         }
         self.hosts = SharedHosts([(e, r.spec.host, r.spec.peer_busy_slowdown)
                                   for r in self.runtimes for e in self.engines[r.info.name]])
-        self.max_inflight = {
-            r.info.name: (math.inf if policy.preemptive else r.info.max_inflight) for r in self.runtimes
-        }
-        self.inflight = {r.info.name: 0 for r in self.runtimes}
         self.overhead_s = {r.info.name: r.request_overhead_s for r in self.runtimes}
-        self.sched_s = 0.0  # wall time spent inside the policy (the scheduler's own cost)
+        # The one admission core (chimera.sched.admission); the simulator adds the engines and the virtual clock.
+        self.admission: Admission[Engine] = Admission(policy, [r.info for r in self.runtimes], place=self._place,
+                                                      start=self._start, record=record)
+        self.sched_s = 0.0  # wall time spent inside the scheduler (the admission core and the policy)
+        self._engine_s = 0.0  # wall time spent in the engines while the core dispatched (not the scheduler's)
 
     # ---- event plumbing ----------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload) -> None:
@@ -184,51 +185,48 @@ class Simulator:
             truth=plan,
             ctx=wf,
         )
+        t0, e0 = time.perf_counter(), self._engine_s
+        self.admission.submit(call, now)
+        # wall time in the core and the policy, less the engines' (a dispatch starts engine work through `_start`)
+        self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
+
+    # ---- the core's hooks: replica choice and start -----------------------------------------------------------
+    def _place(self, model: str, call: Call, now: float) -> Engine:
+        engines = self.engines[model]
+        return min(engines, key=lambda e: e.n_running + e.n_waiting) if len(engines) > 1 else engines[0]
+
+    def _start(self, call: Call, eng: Engine, now: float) -> None:
         t0 = time.perf_counter()
-        model = self.policy.submit(call, now)
-        self.sched_s += time.perf_counter() - t0
-        self._dispatch(model, now)
+        wf: Workflow = call.ctx
+        out = wf.plan.output_tokens(call.stage, call.model)
+        rejected = eng.add(Seq(call, call.prompt_tokens, out, key=call.priority), now)
+        for seq in rejected:
+            self._finish_call(seq, now)
+        self._refresh(eng)
+        self._engine_s += time.perf_counter() - t0
 
     def _dispatch(self, model: str, now: float) -> None:
         """Move calls from the gateway queue to the model's replicas while it has room."""
-        engines = self.engines[model]
-        cap = self.max_inflight[model]
-        while self.inflight[model] < cap:
-            t0 = time.perf_counter()
-            call = self.policy.next_call(model, now)
-            self.sched_s += time.perf_counter() - t0
-            if call is None:
-                return
-            wf: Workflow = call.ctx
-            out = wf.plan.output_tokens(call.stage, model)
-            eng = min(engines, key=lambda e: e.n_running + e.n_waiting) if len(engines) > 1 else engines[0]
-            self.inflight[model] += 1
-            rejected = eng.add(Seq(call, call.prompt_tokens, out, key=call.priority), now)
-            for seq in rejected:
-                self._finish_call(seq, now)
-            self._refresh(eng)
+        t0, e0 = time.perf_counter(), self._engine_s
+        self.admission.dispatch(model, now)
+        self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
 
     def _finish_call(self, seq: Seq, now: float) -> None:
         call: Call = seq.call
         wf: Workflow = call.ctx
         model = call.model
         assert model is not None
-        self.inflight[model] -= 1
         started = seq.start_s if seq.start_s is not None else now
         wf.queue_s += started - call.arrival_s
-        t0 = time.perf_counter()
-        if seq.error:
-            self.policy.on_fail(call, now)
-        else:
-            self.policy.on_progress(call, seq.output_tokens, now)
-            self.policy.on_complete(call, now)
-        self.sched_s += time.perf_counter() - t0
         pm = self.per_model[model]
         pm["calls"] += 1
         wf.models.append(model)
         if seq.error:
             wf.failed = seq.error
             self._end(wf, now)
+            t0, e0 = time.perf_counter(), self._engine_s
+            self.admission.fail(call, now)
+            self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
             return
         pm["tokens"] += seq.output_tokens
         wf.outputs.append(seq.output_tokens)
@@ -238,7 +236,9 @@ class Simulator:
             self._push(now + wf.plan.tool_s[stage], _CALL, wf)
         else:
             self._end(wf, now)
-        self._dispatch(model, now)
+        t0, e0 = time.perf_counter(), self._engine_s
+        self.admission.complete(call, now, seq.output_tokens)  # frees the slot, dispatches the next
+        self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
 
     def _end(self, wf: Workflow, now: float) -> None:
         score = 0.0 if wf.failed else wf.plan.score(wf.models)
@@ -246,7 +246,7 @@ class Simulator:
             workflow_id=wf.wid, task_id=wf.plan.task_id, kind=wf.plan.kind, arrival_s=wf.arrival_s, end_s=now,
             score=score, queue_s=wf.queue_s, calls=len(wf.models), models=wf.models, failed=wf.failed,
         ))
-        self.policy.on_workflow_end(wf.wid)
+        self.admission.end_workflow(wf.wid, now)
         if self._progress is not None:
             self._progress(1)
         if self.agents is not None and self._next_wf < len(self.workflows):

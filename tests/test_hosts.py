@@ -67,3 +67,25 @@ def test_speed_returns_when_the_peer_goes_idle() -> None:
 def test_peer_busy_slowdown_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match="peer_busy_slowdown"):
         _cluster(tmp_path, host="box", peer_busy_slowdown=0.5)
+
+
+def test_fewer_running_on_the_peer_steal_proportionally_less() -> None:
+    """Measured with the peer running `peer_busy_batch` requests: one running request there costs a quarter of the
+    extra time at batch 4; a full batch or more costs all of it."""
+    from chimera.sim.hosts import SharedHosts
+
+    cl = cluster_from_dict({"models": [{"profile": "qwen2.5-7b@a6000"}]})
+    perf = StepTimeModel(cl.models[0])
+    a, b = Engine("a", perf), Engine("b", perf)
+    hosts = SharedHosts([(a, "box", 3.0, 4), (b, "box", 1.0, 4)])
+    changed: list[str] = []
+    a.add(Seq(None, 10, 100), 0.0)
+    hosts.update(0.0, lambda e: changed.append(e.name))
+    assert a.slowdown == 1.0 and not changed  # the peer is idle
+    b.add(Seq(None, 10, 100), 0.0)
+    hosts.update(0.0, lambda e: changed.append(e.name))
+    assert a.slowdown == pytest.approx(1.5) and changed == ["a"]  # 1 of 4: 1 + 2 × 1/4
+    for _ in range(5):
+        b.add(Seq(None, 10, 100), 0.0)
+    hosts.update(0.0, lambda e: None)
+    assert a.slowdown == pytest.approx(3.0) and b.slowdown == 1.0  # b's own factor is 1: never slowed

@@ -816,7 +816,8 @@ def profiled_cluster(paths: dict[str, str], cfg: LiveBenchConfig):
     return cluster_from_dict({"models": [
         {"profile_file": str(Path(p).resolve()), "name": n, "max_num_seqs": cfg.max_inflight,
          "max_num_batched_tokens": REAL_MAX_NUM_BATCHED_TOKENS,
-         **({"host": "this-machine", "peer_busy_slowdown": contention[n]["slowdown"]} if n in contention else {})}
+         **({"host": "this-machine", "peer_busy_slowdown": contention[n]["slowdown"],
+             "peer_busy_batch": int(contention[n].get("batch", 1))} if n in contention else {})}
         for n, p in paths.items()]}, source="profiled cluster")
 
 

@@ -47,10 +47,12 @@ class ModelSpec(BaseModel):
     dtype_bytes: int = Field(default=2, ge=1, le=4)
     workload_model: str | None = Field(default=None, min_length=1)
     # Servers that share one machine's CPU (e.g. vLLM CPU servers, or GPU servers whose API processes share
-    # cores): every server with the same `host` slows the others while it is busy, by `peer_busy_slowdown`
-    # (a step-time factor measured by `chimera bench live --engine vllm`, see docs/engine.md).
+    # cores): every server with the same `host` slows the others while it has requests, by `peer_busy_slowdown`
+    # (a step-time factor measured by `chimera bench live --engine vllm` with the peers running
+    # `peer_busy_batch` requests each; fewer running requests on the peers slow it proportionally less).
     host: str | None = Field(default=None, min_length=1)
     peer_busy_slowdown: float = Field(default=1.0, ge=1.0, le=10.0)
+    peer_busy_batch: int = Field(default=1, ge=1)
 
     @model_validator(mode="before")
     @classmethod

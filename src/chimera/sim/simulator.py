@@ -78,7 +78,7 @@ class Simulator:
                           for k in range(r.spec.replicas)]
             for r in self.runtimes
         }
-        self.hosts = SharedHosts([(e, r.spec.host, r.spec.peer_busy_slowdown)
+        self.hosts = SharedHosts([(e, r.spec.host, r.spec.peer_busy_slowdown, r.spec.peer_busy_batch)
                                   for r in self.runtimes for e in self.engines[r.info.name]])
         self.overhead_s = {r.info.name: r.request_overhead_s for r in self.runtimes}
         # The one admission core (chimera.sched.admission); the simulator adds the engines and the virtual clock.

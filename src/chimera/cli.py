@@ -252,6 +252,7 @@ def bench_sim(
 
     Example: chimera bench sim -w source:mmlu-pro-math -c examples/cluster-llama-h100.yaml --out out/mmlu
     """
+    from chimera.bench.frontier import frontier, frontier_markdown
     from chimera.bench.report import frontier_plot, markdown_table
     from chimera.bench.sweep import SweepSpec, check_spec, count_runs, run_sweep
     from chimera.sched.registry import POLICIES
@@ -285,9 +286,10 @@ def bench_sim(
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e).strip("'\""))
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown_table(rows)
+    front = frontier(rows)
+    md = markdown_table(rows) + "\n## Frontier over the λ sweep\n\n" + frontier_markdown(front)
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "results.json").write_text(json.dumps({"runs": rows, "frontier": front}, indent=1))
     png = frontier_plot(rows, out / "frontier.png")
     console.print(md)
     console.print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {png} (all results simulated)")

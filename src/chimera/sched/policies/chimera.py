@@ -31,6 +31,8 @@ class ChimeraPolicy(Policy):
         lam: float = Field(default=0.02, ge=0.0)  # accuracy traded per second of expected latency
         route: bool = True  # False: the fastest model (least expected latency) only
         stjf: bool = True  # False: FCFS queue order
+        job: Literal["workflow", "call"] = "workflow"  # shortest job = the workflow's remaining tokens (STJF), or
+        # this call's predicted tokens (per-call SJF, for comparison)
         load: bool = True  # False: expected latency without the congestion term
         # The congestion term (scorers/expected_latency.py): "throughput" = in-flight predicted tokens / a fixed
         # busy-batch throughput (the paper's); "batch" = the TPOT of the batch the call joins (the model's speed
@@ -86,7 +88,7 @@ class ChimeraPolicy(Policy):
     def key(self, call: Call, now: float) -> float:
         if not self.stjf:
             return call.arrival_s
-        return call.pred_remaining_tokens
+        return call.pred_remaining_tokens if self.job == "workflow" else call.pred_call_tokens
 
 
 # Presets the benchmarks report under their own names (one line each).

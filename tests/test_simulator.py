@@ -91,3 +91,40 @@ def test_oracle_routes_at_least_as_accurately(prep):
 def test_every_policy_runs(prep, policy):
     res = run_policy(prep, policy, rate=1.0, n_tasks=60, seed=0)
     assert res["tasks"] == 60 and res["failed"] == 0
+
+
+def test_hold_caps_admission_at_the_kv_limited_batch():
+    """hold=1 admits at most the batch a replica runs at a typical context (KV-limited, below max_num_seqs); the rest
+    wait at the gateway. Measured, not a win: contexts here are shorter than the typical 1,500 tokens, so the static
+    cap leaves KV unused and queue time grows (docs: BENCHMARKS.md, issue 12 item 4)."""
+    from chimera.sim.simulator import Simulator
+    from chimera.sched.registry import make_policy
+
+    cluster = cluster_from_dict({"models": [{"profile": "qwen2.5-7b@a6000", "name": "qwen2.5-7b",
+                                             "gpu_memory_utilization": 0.42}]})
+    one = prepare(generate(400, seed=1), cluster, seed=1)
+    info = one.runtimes[0].info
+    assert info.batch_limit < one.runtimes[0].perf.max_num_seqs  # KV, not max_num_seqs, bounds the batch
+    sim = Simulator(one.runtimes, make_policy("chimera"), one.workflows(5, 0), rate=1.0, hold=0.5)
+    assert sim.admission.capacity == {"qwen2.5-7b": round(0.5 * info.batch_limit)}
+    rate = 1.3 * capacity_workflows_per_s(one)
+    kw = dict(rate=rate, n_tasks=250, seed=2, lam=0.0, engine_order="fcfs")
+    admit_all = run_policy(one, "chimera", **kw)
+    held = run_policy(one, "chimera", hold=1.0, **kw)
+    assert held["hold"] == 1.0 and held["engine_order"] == "fcfs" and admit_all["hold"] is None
+    assert held["queue_s"]["mean"] > admit_all["queue_s"]["mean"]  # the cap binds
+    with pytest.raises(ValueError, match="engine_order"):
+        run_policy(one, "chimera", engine_order="lifo", **{k: v for k, v in kw.items() if k != "engine_order"})
+    with pytest.raises(ValueError, match="hold"):
+        run_policy(one, "chimera", hold=0.0, **kw)
+
+
+def test_chimera_per_call_job_orders_by_this_call():
+    from chimera.sched.registry import make_policy
+    from chimera.sched.types import Call
+
+    c = Call(call_id=1, workflow_id="w", kind="qa", prompt="x", stage=0, prompt_tokens=5, arrival_s=3.0,
+             workflow_arrival_s=0.0, pred_call_tokens=10.0, pred_remaining_tokens=99.0)
+    assert make_policy("chimera").key(c, 0.0) == 99.0
+    assert make_policy("chimera", job="call").key(c, 0.0) == 10.0
+    assert make_policy("chimera", stjf=False, job="call").key(c, 0.0) == 3.0

@@ -247,11 +247,21 @@ def bench_sim(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     out: Path = typer.Option(Path("out/bench-sim"), "--out", help="Folder for results.md, results.json, frontier.png."),
     predictors: Optional[Path] = typer.Option(None, "--predictors", help="Folder from `chimera train` (default: priors)."),
+    param: list[str] = typer.Option([], "--param", help="POLICY.KEY=VALUE for one policy of the sweep (repeatable), "
+                                    "e.g. chimera.congestion=batch."),
+    length_stat: Optional[str] = typer.Option(None, "--length-stat", help="'mean': read the trained length forest's "
+                                              "predicted mean instead of its median."),
+    engine_order: str = typer.Option("priority", "--engine-order", help="Engines' waiting order: 'priority' (the "
+                                     "call's, as vLLM's priority policy) or 'fcfs' (vLLM's default)."),
+    hold: Optional[float] = typer.Option(None, "--hold", help="Gateway admission cap per model: HOLD × the batch a "
+                                         "replica runs at a typical context (KV-limited) × replicas; calls beyond "
+                                         "it wait at the gateway in the policy's order (default: max_num_seqs)."),
 ) -> None:
     """Sweep policies × load levels × λ; write a markdown table and a latency–accuracy frontier plot.
 
     Example: chimera bench sim -w source:mmlu-pro-math -c examples/cluster-llama-h100.yaml --out out/mmlu
     """
+    from chimera.bench.frontier import frontier, frontier_markdown
     from chimera.bench.report import frontier_plot, markdown_table
     from chimera.bench.sweep import SweepSpec, check_spec, count_runs, run_sweep
     from chimera.sched.registry import POLICIES
@@ -265,7 +275,18 @@ def bench_sim(
         seed=seed,
         ablation_lam=ablation_lam,
         predictions=[p.strip() for p in predictions_.split(",")] if predictions_ else (),
+        length_stat=length_stat,
+        engine_order=engine_order,
+        hold=hold,
     )
+    for pair in param:
+        head, _, rest = pair.partition(".")
+        if not rest or "=" not in rest:
+            _fail(f"--param {pair!r}: expected POLICY.KEY=VALUE")
+        try:
+            spec.params.setdefault(head, {}).update(_param_pairs([rest]))
+        except ValueError as e:
+            _fail(str(e))
     unknown = [p for p in spec.policies if p not in POLICIES]
     if unknown:
         _fail(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
@@ -285,9 +306,10 @@ def bench_sim(
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e).strip("'\""))
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown_table(rows)
+    front = frontier(rows)
+    md = markdown_table(rows) + "\n## Frontier over the λ sweep\n\n" + frontier_markdown(front)
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "results.json").write_text(json.dumps({"runs": rows, "frontier": front}, indent=1))
     png = frontier_plot(rows, out / "frontier.png")
     console.print(md)
     console.print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {png} (all results simulated)")

@@ -24,6 +24,9 @@ class SweepSpec:
     train_frac: float = 0.3
     predictions: Sequence[str] = ()  # extra predictor choices (e.g. oracle-scores) for every λ-taking policy, not presets
     params: dict[str, dict] = field(default_factory=dict)  # policy name -> its parameters (checked before any run)
+    length_stat: str | None = None  # trained length forest read at its median (None) or its mean ("mean")
+    engine_order: str = "priority"  # the engines' waiting order: the call's priority, or "fcfs" (vLLM's default)
+    hold: float | None = None  # gateway admission cap: hold × a replica's KV-limited batch × replicas (None: max_num_seqs)
 
 
 def capacity_workflows_per_s(prep: Prepared) -> float:
@@ -54,7 +57,8 @@ def run_sweep(
 ) -> list[dict]:
     """Every policy at every load (and every λ for policies that take one, see `lams_for`); one row per run."""
     check_spec(spec)
-    prep = prepare(tasks, cluster, seed=spec.seed, train_frac=spec.train_frac, predictors=predictors)
+    prep = prepare(tasks, cluster, seed=spec.seed, train_frac=spec.train_frac, predictors=predictors,
+                   length_stat=spec.length_stat)
     cap = capacity_workflows_per_s(prep)
     rows = []
     wfs = prep.workflows(spec.tasks, spec.seed)
@@ -64,7 +68,8 @@ def run_sweep(
             for choice in (None, *extra_predictions(policy, spec)):
                 for lam in lams_for(policy, spec):
                     res = run_policy(prep, policy, rate=rate, seed=spec.seed, lam=lam, workflows=wfs,
-                                     predictions=choice, **spec.params.get(policy, {}))
+                                     predictions=choice, engine_order=spec.engine_order, hold=spec.hold,
+                                     **spec.params.get(policy, {}))
                     res.update(workload=workload_name, load=load, capacity_wps=cap)
                     if choice is not None:  # its own row label: the policy under that predictor choice
                         res["policy"] = f"{policy}+{choice}"
@@ -88,6 +93,8 @@ def check_spec(spec: SweepSpec) -> None:
             raise ValueError(f"sweep params of {policy!r}: set λ with lams / ablation_lam, not params")
         for lam in lams_for(policy, spec):
             make_policy(policy, lam=lam, **params)
+    if spec.length_stat not in (None, "mean"):
+        raise ValueError(f"length_stat must be 'mean' or unset (the median), got {spec.length_stat!r}")
     bad = [p for p in spec.predictions if p not in PREDICTIONS]
     if bad:
         raise ValueError(f"unknown predictions {bad}; choose from {', '.join(PREDICTIONS)}")

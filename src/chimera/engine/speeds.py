@@ -22,7 +22,19 @@ def speed_summary(spec: ModelSpec, perf: StepTimeModel, size_rank: int, max_infl
     chunk = perf.max_num_batched_tokens
     prefill_tps = chunk / perf.prefill_time(chunk) * spec.replicas
     return ModelInfo(name=spec.name, tokens_per_s=tps, tpot_s=tpot, max_inflight=inflight, size_rank=size_rank,
-                     prefill_tokens_per_s=prefill_tps)
+                     prefill_tokens_per_s=prefill_tps, replicas=spec.replicas, batch_limit=busy,
+                     speed_curve=speed_curve(perf, busy))
+
+
+def speed_curve(perf: StepTimeModel, limit: int) -> tuple[tuple[int, float], ...]:
+    """(batch, TPOT s) at a typical context for batch 1, 2, 4, … up to `limit` (always included): the batch-dependent
+    decode rate a congestion estimate interpolates (step time is smooth in the batch, so powers of two suffice)."""
+    sizes, b = [], 1
+    while b < limit:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max(1, limit))
+    return tuple((n, perf.decode_tpot(n, TYPICAL_CONTEXT)) for n in sizes)
 
 
 def size_ranks(sizes: Sequence[float | None], fallback: Sequence[float]) -> list[int]:

@@ -45,6 +45,14 @@ class ModelInfo:
     max_inflight: int  # calls the gateway lets run on this model at once (all replicas)
     size_rank: int = 0  # 0 = smallest; used by baselines that need a notion of "strong" model
     prefill_tokens_per_s: float = float("inf")  # prompt tokens processed per second (all replicas); long agent contexts
+    # The engine's batch-dependent speed, as plain numbers (the brain never imports the engine model): how many
+    # replicas serve the model, how many sequences one replica runs at once at a typical context (the smaller of
+    # max_num_seqs and its KV room; beyond it calls queue), and its decode speed curve: (batch per replica, seconds
+    # per output token at that batch) at a typical context, batch ascending. Empty / 0: unknown (a model without a
+    # profile); the batch congestion model then falls back to tokens_per_s.
+    replicas: int = 1
+    batch_limit: int = 0
+    speed_curve: tuple[tuple[int, float], ...] = ()
 
 
 class Prediction(NamedTuple):

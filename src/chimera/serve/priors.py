@@ -7,6 +7,8 @@ A fresh deployment has no trained predictors; these priors keep the policy usabl
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from chimera.engine.perf import StepTimeModel
 from chimera.engine.profiles import profile
 from chimera.engine.speeds import size_ranks, speed_summary
@@ -38,5 +40,4 @@ def model_infos(cfg: GatewayConfig) -> list[ModelInfo]:
             tpots.append(float(len(tpots)))  # unknown size: config order
         infos.append(info)
     rank = size_ranks(sizes, tpots)  # unknown sizes: by decode time, as sim/cluster.py ranks them
-    return [ModelInfo(name=m.name, tokens_per_s=m.tokens_per_s, tpot_s=m.tpot_s, max_inflight=m.max_inflight,
-                      size_rank=rank[i], prefill_tokens_per_s=m.prefill_tokens_per_s) for i, m in enumerate(infos)]
+    return [replace(m, size_rank=rank[i]) for i, m in enumerate(infos)]

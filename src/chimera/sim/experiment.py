@@ -81,6 +81,7 @@ def prepare(
     rule: str = "weighted",
     templates: dict[str, WorkflowTemplate] | None = None,
     predictors: Predictors | None = None,
+    length_stat: str | None = None,
 ) -> Prepared:
     """Split, map to the cluster's model names and fit the honest priors; with trained `predictors`, use their
     split and drop any task they were trained on from the simulated set."""
@@ -105,17 +106,18 @@ def prepare(
         make_plans(test[:1], templates, seed, rule))
     prep = Prepared(runtimes, names, train, test, skipped, plans, router, lengths, templates, rule)
     if predictors is not None:
-        prep.trained = trained_adapters(predictors, cluster)
+        prep.trained = trained_adapters(predictors, cluster, length_stat)
     return prep
 
 
-def trained_adapters(predictors: Predictors, cluster: ClusterConfig):
-    """The trained router and forest seen through the cluster's model names (`workload_model` mapping)."""
+def trained_adapters(predictors: Predictors, cluster: ClusterConfig, length_stat: str | None = None):
+    """The trained router and forest seen through the cluster's model names (`workload_model` mapping);
+    `length_stat` "mean" reads the forest's predicted mean length instead of its median (ForestLengths)."""
     from chimera.predict.length import ForestLengths
     from chimera.predict.router import RouterConfidence
 
     mapping = {m.name: (m.workload_model or m.name) for m in cluster.models}
-    return RouterConfidence(predictors.router, mapping), ForestLengths(predictors.length, mapping)
+    return RouterConfidence(predictors.router, mapping), ForestLengths(predictors.length, mapping, quantile=length_stat)
 
 
 def train_calls(prep: Prepared, limit: int = 2000) -> list[Call]:
@@ -159,19 +161,22 @@ def run_policy(
     confidence=None,
     length=None,
     predictions: str | None = None,
+    engine_order: str = "priority",
+    hold: float | None = None,
     **policy_params,
 ) -> dict:
     """Simulate one policy on the prepared held-out tasks; returns the summary dict.
 
     `predictions` picks the predictors (see `choose_predictors`; default: the preset's choice, e.g. chimera-oracle's
-    oracle, else trained if given, else priors); explicit `confidence`/`length` replace the honest ones."""
+    oracle, else trained if given, else priors); explicit `confidence`/`length` replace the honest ones.
+    `engine_order` and `hold` are the Simulator's (the engines' queue order; the gateway's admission cap)."""
     predictions = predictions or policy_entry(policy).predictions
     conf, lens, label = choose_predictors(prep, predictions)
     if label in ("priors", "trained"):
         conf, lens = confidence or conf, length or lens
     pol = make_policy(policy, confidence=conf, length=lens, lam=lam, **policy_params)
     wfs = workflows if workflows is not None else prep.workflows(n_tasks, seed)
-    sim = Simulator(prep.runtimes, pol, wfs, rate=rate, agents=agents, seed=seed)
+    sim = Simulator(prep.runtimes, pol, wfs, rate=rate, agents=agents, seed=seed, engine_order=engine_order, hold=hold)
     sim.admission.prepare(train_calls(prep))
     result = sim.run(progress=progress)
     result["lam"] = getattr(pol, "lam", None)
@@ -179,4 +184,5 @@ def run_policy(
     result["agents"] = agents
     result["skipped_tasks"] = prep.skipped
     result["predictors"] = label
+    result["engine_order"], result["hold"] = engine_order, hold
     return result

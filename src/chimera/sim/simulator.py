@@ -57,7 +57,19 @@ class Simulator:
         seed: int = 0,
         tick_steps: int = 16,
         record: Callable[[Event], None] | None = None,
+        engine_order: str = "priority",
+        hold: float | None = None,
     ) -> None:
+        """`engine_order`: how a replica orders the calls waiting inside it, "priority" (the call's priority, as
+        vLLM's priority scheduling does; the default) or "fcfs" (arrival at the engine, vLLM's default policy).
+        `hold`: admit at most hold × the batch a replica can run at a typical context (ModelInfo.batch_limit, the
+        smaller of max_num_seqs and its KV room) × replicas calls per model; the rest wait at the gateway, in the
+        policy's order (default: the policy's max_inflight, max_num_seqs × replicas)."""
+        if engine_order not in ("priority", "fcfs"):
+            raise ValueError(f"engine_order must be 'priority' or 'fcfs', got {engine_order!r}")
+        if hold is not None and hold <= 0:
+            raise ValueError(f"hold must be > 0, got {hold}")
+        self.engine_order = engine_order
         if (rate is None) == (agents is None) and arrivals is None:
             raise ValueError("give exactly one of rate (open loop) or agents (closed loop)")
         if rate is not None and rate <= 0:
@@ -82,8 +94,12 @@ class Simulator:
                                   for r in self.runtimes for e in self.engines[r.info.name]])
         self.overhead_s = {r.info.name: r.request_overhead_s for r in self.runtimes}
         # The one admission core (chimera.sched.admission); the simulator adds the engines and the virtual clock.
+        capacity = None
+        if hold is not None:
+            capacity = {r.info.name: max(r.info.replicas, round(hold * max(1, r.info.batch_limit) * r.info.replicas))
+                        for r in self.runtimes}
         self.admission: Admission[Engine] = Admission(policy, [r.info for r in self.runtimes], place=self._place,
-                                                      start=self._start, record=record)
+                                                      start=self._start, record=record, capacity=capacity)
         self.sched_s = 0.0  # wall time spent inside the scheduler (the admission core and the policy)
         self._engine_s = 0.0  # wall time spent in the engines while the core dispatched (not the scheduler's)
 
@@ -199,7 +215,8 @@ class Simulator:
         t0 = time.perf_counter()
         wf: Workflow = call.ctx
         out = wf.plan.output_tokens(call.stage, call.model)
-        rejected = eng.add(Seq(call, call.prompt_tokens, out, key=call.priority), now)
+        key = call.priority if self.engine_order == "priority" else now
+        rejected = eng.add(Seq(call, call.prompt_tokens, out, key=key), now)
         for seq in rejected:
             self._finish_call(seq, now)
         self._refresh(eng)

@@ -3,7 +3,7 @@ shortest-total-job-first with aging."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -31,7 +31,15 @@ class ChimeraPolicy(Policy):
         lam: float = Field(default=0.02, ge=0.0)  # accuracy traded per second of expected latency
         route: bool = True  # False: the fastest model (least expected latency) only
         stjf: bool = True  # False: FCFS queue order
+        job: Literal["workflow", "call"] = "workflow"  # shortest job = the workflow's remaining tokens (STJF), or
+        # this call's predicted tokens (per-call SJF, for comparison)
         load: bool = True  # False: expected latency without the congestion term
+        # The congestion term (scorers/expected_latency.py): "throughput" = in-flight predicted tokens / a fixed
+        # busy-batch throughput (the paper's); "batch" = the TPOT of the batch the call joins (the model's speed
+        # curve) + queueing beyond the batch a replica can run; `externality`: weight of the slowdown the call's
+        # joining costs the calls already running ("batch" only).
+        congestion: Literal["throughput", "batch"] = "throughput"
+        externality: float = Field(default=0.0, ge=0.0)
         starve_s: float | None = 30.0
         quantum_s: float = 10.0
         scorers: dict[str, float] = Field(default_factory=dict)  # name -> weight, over the defaults above
@@ -51,7 +59,8 @@ class ChimeraPolicy(Policy):
     def bind(self, models) -> None:
         super().bind(models)
         self._latency = ExpectedLatency()
-        self._latency.congestion = self.load
+        self._latency.congestion = self.congestion if self.load else None
+        self._latency.externality = self.externality
         self._latency.bind(self)
         self._weighted: list[tuple[Any, float]] = []
         for name, w in self.weights().items():
@@ -79,7 +88,7 @@ class ChimeraPolicy(Policy):
     def key(self, call: Call, now: float) -> float:
         if not self.stjf:
             return call.arrival_s
-        return call.pred_remaining_tokens
+        return call.pred_remaining_tokens if self.job == "workflow" else call.pred_call_tokens
 
 
 # Presets the benchmarks report under their own names (one line each).

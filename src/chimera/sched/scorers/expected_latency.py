@@ -7,26 +7,78 @@ import numpy as np
 from chimera.sched.plugin import register_scorer
 from chimera.sched.scorers.base import Scorer
 
+CONGESTION_MODELS = ("throughput", "batch")
+
 
 @register_scorer("expected_latency")
 class ExpectedLatency(Scorer):
-    """In-flight predicted tokens on m / m's throughput (congestion; off when `congestion` is False) + this call's
-    prompt / m's prefill rate + its predicted tokens × m's TPOT (service). A cost: give it a negative weight."""
+    """Expected latency of the call on each model. A cost: give it a negative weight.
 
-    congestion = True
+    `congestion` picks the congestion model (`None` / False: none, service only):
+    - "throughput" (the paper's): in-flight predicted tokens on m / m's busy-batch throughput + this call's prompt /
+      m's prefill rate + its predicted tokens × m's TPOT at a moderate batch.
+    - "batch" (calibrated to the engine's state): the call joins a batch of (in-flight calls + 1) / replicas
+      sequences per replica, capped at the batch a replica can run (`batch_limit`: max_num_seqs or KV room), and
+      decodes at that batch's TPOT (interpolated on the model's `speed_curve`); calls beyond the cap queue until
+      running ones finish (queued calls ahead × their mean remaining predicted tokens / the full batch's throughput);
+      `externality` > 0 adds that share of the slowdown the call's joining causes the calls already running (each
+      of them decodes at the larger batch's TPOT for as long as this call runs). Models without a speed curve
+      (no profile) keep the throughput model.
+    """
+
+    congestion: str | bool | None = "throughput"
+    externality: float = 0.0
 
     def bind(self, policy) -> None:
+        if self.congestion is True:
+            self.congestion = "throughput"
+        if self.congestion and self.congestion not in CONGESTION_MODELS:
+            raise ValueError(f"congestion model must be one of {CONGESTION_MODELS}, got {self.congestion!r}")
+        models = policy.models
         self._names = list(policy.names)
-        self._tps = np.array([m.tokens_per_s for m in policy.models])
-        self._tpot = np.array([m.tpot_s for m in policy.models])
-        self._prefill = np.array([m.prefill_tokens_per_s for m in policy.models])
+        self._tps = np.array([m.tokens_per_s for m in models])
+        self._tpot = np.array([m.tpot_s for m in models])
+        self._prefill = np.array([m.prefill_tokens_per_s for m in models])
+        self._curved = np.array([bool(m.speed_curve) and m.batch_limit > 0 for m in models])
+        self._replicas = np.array([max(1, m.replicas) for m in models], dtype=float)
+        self._limit = np.array([m.batch_limit if c else 1 for m, c in zip(models, self._curved)], dtype=float)
+        self._curves = [(np.array([b for b, _ in m.speed_curve], dtype=float),
+                         np.array([t for _, t in m.speed_curve], dtype=float)) if c else None
+                        for m, c in zip(models, self._curved)]
+        self._tpot_full = np.array([self._at(i, self._limit[i]) for i in range(len(models))])
+
+    def _at(self, i: int, batch: float) -> float:
+        """TPOT of model i at `batch` sequences per replica (linear between the curve's points, clamped)."""
+        curve = self._curves[i]
+        if curve is None:
+            return float(self._tpot[i])
+        return float(np.interp(batch, curve[0], curve[1]))
 
     def seconds(self, call_tok: np.ndarray, prompt_tokens: int, monitor) -> np.ndarray:
-        service = call_tok * self._tpot + prompt_tokens / self._prefill
+        prefill = prompt_tokens / self._prefill
         if not self.congestion:
-            return service
+            return call_tok * self._tpot + prefill
         inflight = np.array([monitor.pred_tokens[n] for n in self._names])
-        return inflight / self._tps + service
+        if self.congestion == "throughput":
+            return inflight / self._tps + call_tok * self._tpot + prefill
+        calls = np.array([monitor.calls[n] for n in self._names], dtype=float)
+        out = inflight / self._tps + call_tok * self._tpot + prefill  # models without a curve
+        slots = self._replicas * self._limit
+        for i in np.flatnonzero(self._curved):
+            n = calls[i]
+            batch = min((n + 1.0) / self._replicas[i], self._limit[i])
+            tpot = self._at(i, batch)
+            ahead = max(0.0, n + 1.0 - slots[i])  # calls that would still wait for a slot, this one included
+            mean_left = inflight[i] / n if n > 0 else 0.0
+            wait = ahead * mean_left * self._tpot_full[i] / slots[i]
+            t = wait + call_tok[i] * tpot + prefill[i]
+            if self.externality and n > 0:
+                running = min(n, slots[i])
+                before = self._at(i, max(1.0, min(n / self._replicas[i], self._limit[i])))
+                others = (running / self._replicas[i]) * max(0.0, tpot - before) * min(call_tok[i], mean_left)
+                t += self.externality * others
+            out[i] = t
+        return out
 
     def score(self, call, now, prediction, allowed, policy) -> np.ndarray:
         return self.seconds(prediction[1], call.prompt_tokens, policy.monitor)

@@ -1,0 +1,209 @@
+"""Prefix caching in the engine model (engine/prefix.py, engine/batching.py) and its simulator plumbing."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+
+import pytest
+
+from chimera.engine.batching import Engine, Seq
+from chimera.engine.prefix import PrefixCache, block_keys
+from chimera.engine.profiles import ClusterError, cluster_from_dict, default_cluster
+from test_engine_batching import FlatModel as _FlatModel
+
+class FlatModel(_FlatModel):
+    """Step time grows with batch, context and prefill tokens."""
+
+    def step_time(self, n_decode, decode_context_tokens, prefill_tokens):
+        return 0.010 + 0.001 * n_decode + 1e-6 * decode_context_tokens + 0.0001 * prefill_tokens
+
+
+def drive(eng: Engine, jobs, streams=None) -> dict:
+    """jobs: (arrival, prompt, out); streams[i]: the prefix of job i (or None). Returns {i: (end, ttft, preempt)}."""
+    ends = {}
+    pending = sorted(range(len(jobs)), key=lambda i: jobs[i][0])
+    k = 0
+    while k < len(pending) or eng.next_event_time() < math.inf:
+        t_arr = jobs[pending[k]][0] if k < len(pending) else math.inf
+        if k < len(pending) and t_arr <= eng.next_event_time():
+            i = pending[k]
+            k += 1
+            prefix = streams[i] if streams is not None else None
+            for s in eng.add(Seq(i, jobs[i][1], jobs[i][2], key=jobs[i][0], prefix=prefix), t_arr):
+                ends[s.call] = s.end_s
+        else:
+            t = eng.next_event_time()
+            for s in eng.advance():
+                ends[s.call] = (t, s.first_token_s, s.preemptions)
+    return ends
+
+
+def _digest(ends: dict) -> str:
+    return hashlib.sha256(repr(sorted(ends.items())).encode()).hexdigest()[:16]
+
+
+def _stream(name: str, prompt: int, out: int) -> tuple:
+    return ((name, "prompt"), prompt), ((name, "out"), out)
+
+
+# ---- block keys and the cache itself -------------------------------------------------------------------------
+def test_block_keys_are_whole_blocks_of_the_shared_stream():
+    a = (("sys", 100), ("task", 300), ("out-a", 50))
+    b = (("sys", 100), ("task", 300), ("out-b", 50))
+    ka, kb = block_keys(a, 1 << 62, 128), block_keys(b, 1 << 62, 128)
+    assert len(ka) == len(kb) == 450 // 128 == 3
+    assert ka[:3] == kb[:3]  # blocks 0..2 end at 128, 256, 384 <= 400: inside the shared part
+    c = (("sys", 100), ("task", 300), ("out-a", 400))
+    kc, kd = block_keys(c, 1 << 62, 128), block_keys((("sys", 100), ("task", 300), ("out-b", 400)), 1 << 62, 128)
+    assert kc[:3] == kd[:3] and kc[3] != kd[3]  # block 3 (384..512) holds different outputs
+    assert block_keys((("x", 99),), 1 << 62, 128) == []  # a partial block is no key
+    assert block_keys((("task", 300), ("sys", 100)), 1 << 62, 128)[0] != ka[0]  # order matters
+
+
+def test_cache_shares_referenced_blocks_and_evicts_least_recently_freed():
+    pc = PrefixCache(16)
+    ka = block_keys((("a", 64),), 1 << 62, 16)
+    kb = block_keys((("b", 64),), 1 << 62, 16)
+    assert pc.admit(ka, 64) == 0 and pc.hold(ka, 0, 4) == 4
+    assert pc.admit(ka, 64) == 3  # at most (64-1)//16 blocks: one token is always computed
+    assert pc.shared == 3 * 16
+    pc.release(ka, 3, 3)
+    pc.release(ka, 4, 4)
+    assert pc.shared == 0 and not pc.refs and len(pc.free) == 4
+    pc.release(kb, 0, 4)  # b's blocks freed later: evicted after a's
+    pc.trim(5 * 16)
+    assert pc.evicted_blocks == 3 and list(pc.free)[0] == ka[0] and all(k in pc.free for k in kb)
+    assert list(pc.free)[:1] == [ka[0]]  # a's tail blocks went first, its head block is left
+
+
+# ---- the engine --------------------------------------------------------------------------------------------
+def test_repeated_prefix_on_the_same_replica_prefills_only_the_uncached_tail():
+    model = FlatModel(budget=2048)
+    eng = Engine("e", model, prefix_block_tokens=128)
+    first = eng.add(Seq("a", 1400, 4, prefix=_stream("p", 1400, 4)), 0.0)
+    assert first == []
+    done = []
+    while eng.next_event_time() < math.inf:
+        done += eng.advance()
+    eng.add(Seq("b", 1400, 4, prefix=((("p", "prompt"), 1400), ("q", 4))), 10.0)
+    while eng.next_event_time() < math.inf:
+        done += eng.advance()
+    a, b = done
+    st = eng.prefix_stats()["prefix_cache"]
+    assert st["queried_tokens"] == 2800 and st["hit_tokens"] == 1280  # 10 whole blocks; the partial 11th is not
+    assert a.first_token_s == pytest.approx(model.step_time(0, 0, 1400))
+    assert b.first_token_s - 10.0 == pytest.approx(model.step_time(0, 0, 120))
+
+
+def test_another_replica_prefills_everything():
+    e1, e2 = Engine("e#0", FlatModel(budget=2048), prefix_block_tokens=128), Engine("e#1", FlatModel(budget=2048),
+                                                                                  prefix_block_tokens=128)
+    e1.add(Seq("a", 1400, 4, prefix=_stream("p", 1400, 4)), 0.0)
+    while e1.next_event_time() < math.inf:
+        e1.advance()
+    e2.add(Seq("b", 1400, 4, prefix=_stream("p", 1400, 4)), 10.0)
+    done = []
+    while e2.next_event_time() < math.inf:
+        done += e2.advance()
+    (b,) = done
+    assert b.first_token_s - 10.0 == pytest.approx(FlatModel().step_time(0, 0, 1400))
+    assert e2.prefix_stats()["prefix_cache"]["hit_tokens"] == 0
+
+
+def test_cached_outputs_are_hit_by_a_longer_prompt_that_carries_them():
+    """An agent's next call: prompt = earlier prompt + its output + new text; the output's full blocks hit too."""
+    eng = Engine("e", FlatModel(budget=4096), prefix_block_tokens=16)
+    s0 = (("sys", 100), (("w", "out", 0), 60))
+    eng.add(Seq(0, 100, 60, prefix=s0), 0.0)
+    while eng.next_event_time() < math.inf:
+        eng.advance()
+    s1 = (("sys", 100), (("w", "out", 0), 60), ("obs", 40), (("w", "out", 1), 5))
+    eng.add(Seq(1, 200, 5, prefix=s1), 100.0)
+    while eng.next_event_time() < math.inf:
+        eng.advance()
+    # 100 + 60 - 1 tokens had KV after the first call: 9 whole blocks of 16 (144 tokens) stay cached
+    assert eng.prefix_cache.hit_tokens == 144
+
+
+def test_cache_off_is_bit_identical_to_the_engine_before_prefix_caching():
+    """Golden digest of this job mix on the engine of commit 7a77d8c (before prefix caching), 44 preemptions."""
+    rng = random.Random(7)
+    jobs = [(rng.uniform(0, 20), rng.randint(50, 1500), rng.randint(1, 300)) for _ in range(300)]
+    eng = Engine("e", FlatModel(kv=6000, max_seqs=16, budget=512))
+    ends = drive(eng, jobs)
+    assert eng.preemptions == 44
+    assert _digest(ends) == "acc3ba6bf96f2c4d"
+    assert eng.prefix_stats() == {}
+
+
+def test_lru_eviction_under_kv_pressure_never_delays_admission():
+    """Unique streams on a small cache: blocks pile up in free KV and are evicted, and every admission, prefill
+    and completion happens exactly when it does without caching."""
+    rng = random.Random(3)
+    jobs = [(i * 0.4 + rng.uniform(0, 0.3), rng.randint(200, 1800), rng.randint(1, 40)) for i in range(200)]
+    streams = [_stream(f"u{i}", p, o) for i, (_, p, o) in enumerate(jobs)]
+    off = Engine("e", FlatModel(kv=4096, max_seqs=8, budget=512))
+    on = Engine("e", FlatModel(kv=4096, max_seqs=8, budget=512), prefix_block_tokens=16)
+    ends_off, ends_on = drive(off, jobs), drive(on, jobs, streams)
+    assert off.preemptions == 0
+    assert ends_on == ends_off
+    pc = on.prefix_cache
+    assert pc.evicted_blocks > 0 and pc.hit_tokens == 0
+    assert pc.free_tokens <= on.cap  # what is left fits in the idle cache
+    assert not pc.refs and pc.shared == 0
+
+
+def test_preempted_sequences_recompute_from_their_own_cached_blocks():
+    rng = random.Random(7)
+    jobs = [(rng.uniform(0, 20), rng.randint(50, 1500), rng.randint(1, 300)) for _ in range(300)]
+    streams = [_stream(f"u{i}", p, o) for i, (_, p, o) in enumerate(jobs)]
+    off = Engine("e", FlatModel(kv=6000, max_seqs=16, budget=512))
+    on = Engine("e", FlatModel(kv=6000, max_seqs=16, budget=512), prefix_block_tokens=16)
+    ends_off, ends_on = drive(off, jobs), drive(on, jobs, streams)
+    assert len(ends_on) == len(jobs) and all(isinstance(v, tuple) for v in ends_on.values())
+    assert on.prefix_cache.hit_tokens > 0  # only recomputation can hit: every stream is unique
+    assert max(v[0] for v in ends_on.values()) <= max(v[0] for v in ends_off.values())
+    assert not on.prefix_cache.refs and on.prefix_cache.shared == 0
+
+
+def test_shared_blocks_of_running_sequences_count_once_in_kv():
+    eng = Engine("e", FlatModel(budget=4096, max_seqs=8), prefix_block_tokens=16)
+    common = ("sys", 320)
+    eng.add(Seq(0, 330, 50, prefix=(common, ("a", 60))), 0.0)
+    eng.advance()  # prefilled: its 20 prompt blocks are cached
+    used0 = eng.kv_used()
+    eng.add(Seq(1, 330, 50, prefix=(common, ("b", 60))), eng.t)
+    eng.advance()
+    assert eng.prefix_cache.shared == 320
+    assert eng.kv_used() - used0 == 330 - 320 + 2  # b's own tail, plus one decode step of each
+    while eng.next_event_time() < math.inf:
+        eng.advance()
+    assert eng.prefix_cache.shared == 0 and not eng.prefix_cache.refs
+
+
+def test_preemptive_engine_with_cache_finishes_everything():
+    rng = random.Random(5)
+    jobs = [(rng.uniform(0, 5), rng.randint(50, 800), rng.randint(1, 200)) for _ in range(80)]
+    streams = [(("sys", 200), (f"u{i}", p - 200), (f"o{i}", o)) for i, (_, p, o) in enumerate(jobs)]
+    eng = Engine("e", FlatModel(kv=5000, max_seqs=8, budget=512), key_fn=lambda s, g, w, now: -g,
+                 prefix_block_tokens=16)
+    ends = drive(eng, jobs, streams)
+    assert len(ends) == len(jobs)
+    assert eng.prefix_cache.hit_tokens > 0 and not eng.prefix_cache.refs and eng.prefix_cache.shared == 0
+
+
+def _cluster(**extra):
+    raw = {"models": [{"profile": "qwen2.5-1.5b@a6000", "name": "qwen2.5-1.5b", "replicas": 2, **extra},
+                      {"profile": "qwen2.5-7b@a6000", "name": "qwen2.5-7b", **extra},
+                      {"profile": "qwen2.5-14b@a6000", "name": "qwen2.5-14b", **extra}]}
+    return cluster_from_dict(raw)
+
+
+def test_spec_fields_are_validated():
+    spec = _cluster(prefix_caching=True, kv_block_tokens=128).models[0]
+    assert spec.prefix_caching and spec.kv_block_tokens == 128
+    assert default_cluster().models[0].prefix_caching is False
+    with pytest.raises(ClusterError, match="kv_block_tokens"):
+        _cluster(kv_block_tokens=0)

@@ -6,12 +6,20 @@ import hashlib
 import math
 import random
 
+import numpy as np
 import pytest
 
 from chimera.engine.batching import Engine, Seq
 from chimera.engine.prefix import PrefixCache, block_keys
 from chimera.engine.profiles import ClusterError, cluster_from_dict, default_cluster
+from chimera.sim.experiment import prepare, run_policy
+from chimera.workload.plan import plan_workflow
+from chimera.workload.synthetic import generate
+from chimera.workload.templates import load_templates, template_for
 from test_engine_batching import FlatModel as _FlatModel
+
+VOLATILE = {"wall_s", "calls_per_wall_s", "scheduler_s", "scheduler_share_of_latency"}
+
 
 class FlatModel(_FlatModel):
     """Step time grows with batch, context and prefill tokens."""
@@ -194,11 +202,106 @@ def test_preemptive_engine_with_cache_finishes_everything():
     assert eng.prefix_cache.hit_tokens > 0 and not eng.prefix_cache.refs and eng.prefix_cache.shared == 0
 
 
+# ---- plans: a stage's stream starts with the earlier stage's --------------------------------------------------
+def test_whole_transcript_stage_streams_extend_the_previous_call():
+    templates = load_templates()
+    task = next(t for t in generate(60, seed=1, kinds=("qa",)))
+    plan = None
+    for k in range(40):  # a multi-stage plan
+        plan = plan_workflow(task, template_for("qa", templates), np.random.default_rng([0, k]))
+        if plan.n_stages >= 3:
+            break
+    assert plan is not None and plan.n_stages >= 3
+    model = plan.models[0]
+    outs: list[int] = []
+    prev = None
+    for s in range(plan.n_stages):
+        out = plan.output_tokens(s, model)
+        st = plan.token_stream(s, outs, "wf-1", out)
+        assert sum(n for _, n in st) == plan.prompt_tokens(s, outs) + out
+        if prev is not None:
+            assert st[:len(prev)] == prev  # the earlier call's prompt and output lead this prompt
+        prev = st
+        outs.append(out)
+    other = plan.token_stream(1, outs[:1], "wf-2", 7)
+    assert other[:3] == prev[:3] and other[3] != prev[3]  # another run shares system + task prompt only
+
+
+def test_windowed_stage_shares_system_and_task_prompt():
+    templates = load_templates()
+    task = next(t for t in generate(60, seed=1, kinds=("code",)))
+    plan = next(p for k in range(40)
+                if (p := plan_workflow(task, template_for("code", templates), np.random.default_rng([0, k]))).n_stages
+                >= 3)
+    outs = [plan.output_tokens(s, plan.models[0]) for s in range(plan.n_stages)]
+    for s in range(plan.n_stages):
+        st = plan.token_stream(s, outs[:s], "w", outs[s])
+        assert sum(n for _, n in st) == plan.prompt_tokens(s, outs[:s]) + outs[s]
+
+
+# ---- the simulator ------------------------------------------------------------------------------------------
 def _cluster(**extra):
     raw = {"models": [{"profile": "qwen2.5-1.5b@a6000", "name": "qwen2.5-1.5b", "replicas": 2, **extra},
                       {"profile": "qwen2.5-7b@a6000", "name": "qwen2.5-7b", **extra},
                       {"profile": "qwen2.5-14b@a6000", "name": "qwen2.5-14b", **extra}]}
     return cluster_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return generate(200, seed=3, kinds=("qa", "math"))
+
+
+def _stable(res: dict) -> dict:
+    return {k: v for k, v in res.items() if k not in VOLATILE}
+
+
+def test_simulator_off_matches_a_spec_without_the_fields(tasks):
+    absent = run_policy(prepare(tasks, _cluster(), seed=3), "chimera", rate=2.0, n_tasks=80, seed=5)
+    off = run_policy(prepare(tasks, _cluster(prefix_caching=False, kv_block_tokens=128), seed=3), "chimera",
+                     rate=2.0, n_tasks=80, seed=5)
+    assert _stable(absent) == _stable(off)
+    assert all("prefix_cache" not in e for e in off["engines"].values())
+
+
+def test_simulator_later_stages_hit_what_the_earlier_stage_left():
+    """One replica, ReAct workflows (each prompt is the whole transcript): every later call hits the whole blocks of
+    the previous call's prompt and output; stage 0 can hit at most the system and task prompt."""
+    cl = cluster_from_dict({"models": [{"profile": "qwen2.5-7b@a6000", "name": "qwen2.5-7b", "prefix_caching": True}]})
+    prep = prepare(generate(200, seed=3, kinds=("qa",)), cl, seed=3)
+    wfs = prep.workflows(60, 5)
+    on = run_policy(prep, "vllm", rate=0.2, workflows=wfs, seed=5)
+    block, carried, first = 16, 0, 0
+    for _, plan, _ in wfs:
+        outs: list[int] = []
+        for s in range(plan.n_stages):
+            p = plan.prompt_tokens(s, outs)
+            if s:
+                kv = plan.prompt_tokens(s - 1, outs[:-1]) + outs[-1] - 1  # the last sampled token has no KV
+                carried += min(kv // block, (p - 1) // block) * block
+            else:
+                first += min(sum(plan._pbase) // block, (p - 1) // block) * block
+            outs.append(plan.output_tokens(s, "qwen2.5-7b"))
+    st = on["engines"]["qwen2.5-7b#0"]["prefix_cache"]
+    assert st["evicted_blocks"] == 0
+    assert carried <= st["hit_tokens"] <= carried + first
+    assert st["hit_rate"] > 0.5
+    off = run_policy(prepare(generate(200, seed=3, kinds=("qa",)), _single(), seed=3), "vllm", rate=0.2,
+                     workflows=wfs, seed=5)
+    assert on["latency_s"]["mean"] < off["latency_s"]["mean"]
+    assert on["per_model"] == off["per_model"] and on["accuracy"] == off["accuracy"]
+
+
+def _single(**extra):
+    return cluster_from_dict({"models": [{"profile": "qwen2.5-7b@a6000", "name": "qwen2.5-7b", **extra}]})
+
+
+def test_simulator_reports_hit_rates_per_replica(tasks):
+    on = run_policy(prepare(tasks, _cluster(prefix_caching=True), seed=3), "chimera", rate=2.0, n_tasks=80, seed=5)
+    stats = {name: e["prefix_cache"] for name, e in on["engines"].items()}
+    assert set(stats) == {"qwen2.5-1.5b#0", "qwen2.5-1.5b#1", "qwen2.5-7b#0", "qwen2.5-14b#0"}
+    assert all(s["block_tokens"] == 16 and 0 <= s["hit_tokens"] <= s["queried_tokens"] for s in stats.values())
+    assert sum(s["hit_tokens"] for s in stats.values()) > 0
 
 
 def test_spec_fields_are_validated():

@@ -73,7 +73,8 @@ class Simulator:
             def key_fn(seq: Seq, generated: int, waited: int, now: float, _p=policy) -> float:
                 return _p.engine_key(seq.call, generated, waited, now)
         self.engines: dict[str, list[Engine]] = {
-            r.info.name: [Engine(f"{r.info.name}#{k}", r.perf, key_fn=key_fn, tick_steps=tick_steps)
+            r.info.name: [Engine(f"{r.info.name}#{k}", r.perf, key_fn=key_fn, tick_steps=tick_steps,
+                                 prefix_block_tokens=r.spec.kv_block_tokens if r.spec.prefix_caching else 0)
                           for k in range(r.spec.replicas)]
             for r in self.runtimes
         }
@@ -151,7 +152,8 @@ class Simulator:
             if self.hosts:
                 self.hosts.update(t, self._refresh)
 
-        per_engine = {e.name: {"preemptions": e.preemptions, "busy_s": round(e.busy_s, 3), "steps": e.steps}
+        per_engine = {e.name: {"preemptions": e.preemptions, "busy_s": round(e.busy_s, 3), "steps": e.steps,
+                               **e.prefix_stats()}
                       for engs in self.engines.values() for e in engs}
         wall = time.perf_counter() - wall0
         calls = sum(r.calls for r in self.records)
@@ -203,7 +205,8 @@ class Simulator:
             out = wf.plan.output_tokens(call.stage, model)
             eng = min(engines, key=lambda e: e.n_running + e.n_waiting) if len(engines) > 1 else engines[0]
             self.inflight[model] += 1
-            rejected = eng.add(Seq(call, call.prompt_tokens, out, key=call.priority), now)
+            stream = None if eng.prefix_cache is None else wf.plan.token_stream(call.stage, wf.outputs, wf.wid, out)
+            rejected = eng.add(Seq(call, call.prompt_tokens, out, key=call.priority, prefix=stream), now)
             for seq in rejected:
                 self._finish_call(seq, now)
             self._refresh(eng)

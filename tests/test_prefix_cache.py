@@ -191,6 +191,44 @@ def test_shared_blocks_of_running_sequences_count_once_in_kv():
     assert eng.prefix_cache.shared == 0 and not eng.prefix_cache.refs
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shared_prefixes_under_kv_pressure_keep_the_books(seed):
+    """Random calls on a few shared system prompts, some repeating an earlier call's prompt + output: after every
+    event the cached free blocks fit beside what the running calls use, and at the end nothing is referenced."""
+    rng = random.Random(seed)
+    eng = Engine("e", FlatModel(kv=8000, max_seqs=12, budget=512), prefix_block_tokens=16)
+    pc = eng.prefix_cache
+    jobs, streams = [], []
+    for i in range(150):
+        if streams and rng.random() < 0.4:  # a follow-up: an earlier call's prompt and output, then new text
+            base = streams[rng.randrange(len(streams))]
+            st = base + ((f"new{i}", rng.randint(1, 200)), (f"o{i}", rng.randint(1, 400)))
+        else:
+            st = ((f"sys{rng.randrange(4)}", rng.randint(100, 400)), (f"u{i}", rng.randint(1, 600)),
+                  (f"o{i}", rng.randint(1, 400)))
+        prompt = sum(n for _, n in st[:-1])
+        if prompt > 3000:
+            st = st[:2] + st[-1:]
+            prompt = sum(n for _, n in st[:-1])
+        jobs.append((i * 0.02 + rng.uniform(0, 0.02), prompt, st[-1][1]))
+        streams.append(st)
+    done = {}
+    k = 0
+    while k < len(jobs) or eng.next_event_time() < math.inf:
+        if k < len(jobs) and jobs[k][0] <= eng.next_event_time():
+            t, p, o = jobs[k]
+            eng.add(Seq(k, p, o, prefix=streams[k]), t)
+            k += 1
+        else:
+            for s in eng.advance():
+                done[s.call] = s
+        assert pc.free_tokens + eng.kv_used() <= eng.cap
+        assert eng.kv_used() >= 0 and pc.shared >= 0
+    assert len(done) == len(jobs) and not any(s.error for s in done.values())
+    assert pc.hit_tokens > 0 and pc.evicted_blocks > 0 and eng.preemptions > 0
+    assert not pc.refs and pc.shared == 0
+
+
 def test_preemptive_engine_with_cache_finishes_everything():
     rng = random.Random(5)
     jobs = [(rng.uniform(0, 5), rng.randint(50, 800), rng.randint(1, 200)) for _ in range(80)]
@@ -310,3 +348,104 @@ def test_spec_fields_are_validated():
     assert default_cluster().models[0].prefix_caching is False
     with pytest.raises(ClusterError, match="kv_block_tokens"):
         _cluster(kv_block_tokens=0)
+
+
+# ---- the real check: a vLLM CPU server against the engine model -------------------------------------------------
+REAL_PROMPT_TOKENS = 1400
+VLLM_BLOCK_TOKENS = 128  # vLLM's CPU build
+
+
+def modelled_repeat(perf, prompt_tokens: int = REAL_PROMPT_TOKENS, block: int = VLLM_BLOCK_TOKENS) -> list[dict]:
+    """The engine model's view of one prompt sent twice to an idle replica (one output token each)."""
+    eng = Engine("m", perf, prefix_block_tokens=block)
+    out = []
+    for k, t in enumerate((0.0, 100.0)):
+        pc = eng.prefix_cache
+        q0, h0 = pc.queried_tokens, pc.hit_tokens
+        eng.add(Seq(k, prompt_tokens, 1, prefix=(("prompt", prompt_tokens), ((k, "out"), 1))), t)
+        done = []
+        while eng.next_event_time() < math.inf:
+            done += eng.advance()
+        out.append({"queries": pc.queried_tokens - q0, "hits": pc.hit_tokens - h0,
+                    "ttft_s": done[0].first_token_s - t})
+    return out
+
+
+def test_modelled_repeat_hits_whole_blocks_of_the_shared_prompt():
+    first, second = modelled_repeat(FlatModel(budget=2048))
+    assert (first["queries"], first["hits"], second["queries"], second["hits"]) == (1400, 0, 1400, 1280)
+    assert second["ttft_s"] < first["ttft_s"]
+
+
+@pytest.mark.vllm
+def test_real_vllm_prefix_cache_matches_the_model(tmp_path):
+    """One real server (CHIMERA_PREFIX_CHECK_MODEL, default `wide`: its prefill dominates TTFT, so the hit shows in
+    time; on `tiny` TTFT is mostly per-request overhead). A warm-up prompt, then one 1,400-token prompt (token ids)
+    twice, one output token each; the prefix-cache counters and the engine's TTFT histogram around each request are
+    compared with the engine model at block size 128 (step times from out/prof/MODEL.yaml, `chimera profile`, when
+    present). `pytest -s` prints the figures (docs/engine.md, "Prefix caching")."""
+    import os
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    from chimera.engine.perf import StepTimeModel
+    from chimera.engine.profiles import load_profile_file
+    from chimera.engines.vllm import DEFAULT_MODELS, ServerSpec, vllm_cluster
+    from chimera.profiling.metrics import parse_prometheus
+    from upstreams import vllm_missing
+
+    missing = vllm_missing()
+    if missing:
+        pytest.skip(f"real vLLM tests skipped: {missing}")
+    model = os.environ.get("CHIMERA_PREFIX_CHECK_MODEL", "wide")
+    rng = random.Random(12)
+    warm, prompt = ([rng.randrange(16, 4000) for _ in range(REAL_PROMPT_TOKENS)] for _ in range(2))
+    names = {"vllm:prefix_cache_queries_total": "queries", "vllm:prefix_cache_hits_total": "hits",
+             "vllm:time_to_first_token_seconds_sum": "ttft_s"}
+    measured = []
+    with vllm_cluster([ServerSpec(model)], workdir=tmp_path, start_timeout_s=300) as cluster:
+        srv = cluster[0]
+
+        def scrape() -> dict:
+            vals = dict.fromkeys(names.values(), 0.0)
+            for n, lab, v in parse_prometheus(httpx.get(srv.url + "/metrics", timeout=30).text):
+                if n in names and lab.get("model_name") in (None, srv.served_model_name):
+                    vals[names[n]] += v
+            return vals
+
+        def ask(ids: list[int]) -> float:
+            t0 = time.perf_counter()
+            r = httpx.post(srv.base_url + "/completions", timeout=120, json={
+                "model": srv.served_model_name, "prompt": ids, "max_tokens": 1, "temperature": 0})
+            r.raise_for_status()
+            assert r.json()["usage"]["prompt_tokens"] == REAL_PROMPT_TOKENS
+            return time.perf_counter() - t0
+
+        ask(warm)
+        for _ in range(2):
+            before = scrape()
+            latency = ask(prompt)
+            after = scrape()
+            measured.append({k: after[k] - before[k] for k in after} | {"latency_s": latency})
+    prof = Path(DEFAULT_MODELS).parent / "prof" / f"{model}.yaml"
+    modelled = None
+    if prof.is_file():
+        spec = load_profile_file(prof)
+        modelled = modelled_repeat(StepTimeModel(spec))
+        for m in modelled:
+            m["latency_s"] = m["ttft_s"] + spec.fitted.request_overhead_s
+    print(f"\nprefix caching, {model}, {REAL_PROMPT_TOKENS}-token prompt twice, block {VLLM_BLOCK_TOKENS}:")
+    for i, m in enumerate(measured):
+        line = (f"  request {i + 1}: measured queries {m['queries']:.0f} hits {m['hits']:.0f} "
+                f"TTFT {1e3 * m['ttft_s']:.1f} ms (client {1e3 * m['latency_s']:.1f} ms)")
+        if modelled:
+            mm = modelled[i]
+            line += (f"; modelled hits {mm['hits']} TTFT {1e3 * mm['ttft_s']:.1f} ms "
+                     f"(client {1e3 * mm['latency_s']:.1f} ms)")
+        print(line)
+    assert [(m["queries"], m["hits"]) for m in measured] == [(1400, 0), (1400, 1280)]
+    if modelled:
+        assert [(m["queries"], m["hits"]) for m in modelled] == [(1400, 0), (1400, 1280)]
+    assert measured[1]["ttft_s"] < measured[0]["ttft_s"]

@@ -95,10 +95,14 @@ def test_repeated_prefix_on_the_same_replica_prefills_only_the_uncached_tail():
     done = []
     while eng.next_event_time() < math.inf:
         done += eng.advance()
+    a = done[0]
+    probe = ((("p", "prompt"), 1400), ("z", 4))
+    assert eng.cached_prompt_tokens(probe, 1400) == 1280 and eng.cached_prompt_tokens(probe, 300) == 256
+    assert eng.prefix_cache.queried_tokens == 1400  # a query counts nothing
     eng.add(Seq("b", 1400, 4, prefix=((("p", "prompt"), 1400), ("q", 4))), 10.0)
     while eng.next_event_time() < math.inf:
         done += eng.advance()
-    a, b = done
+    b = done[1]
     st = eng.prefix_stats()["prefix_cache"]
     assert st["queried_tokens"] == 2800 and st["hit_tokens"] == 1280  # 10 whole blocks; the partial 11th is not
     assert a.first_token_s == pytest.approx(model.step_time(0, 0, 1400))
@@ -118,6 +122,7 @@ def test_another_replica_prefills_everything():
     (b,) = done
     assert b.first_token_s - 10.0 == pytest.approx(FlatModel().step_time(0, 0, 1400))
     assert e2.prefix_stats()["prefix_cache"]["hit_tokens"] == 0
+    assert Engine("off", FlatModel()).cached_prompt_tokens(_stream("p", 1400, 4), 1400) == 0
 
 
 def test_cached_outputs_are_hit_by_a_longer_prompt_that_carries_them():

@@ -276,6 +276,15 @@ class Engine:
         else:
             seq.held = pc.hold(seq.keys, 0, (seq.prompt_tokens + seq.generated - 1) // pc.block)
 
+    def cached_prompt_tokens(self, prefix: Segments, prompt_tokens: int) -> int:
+        """Prompt tokens a call with this stream would find cached here now (0 when caching is off): what staying
+        on this replica saves in prefill."""
+        pc = self.prefix_cache
+        if pc is None or prompt_tokens < 2:
+            return 0
+        n = (prompt_tokens - 1) // pc.block
+        return pc.cached_blocks(block_keys(prefix, n, pc.block), prompt_tokens) * pc.block
+
     def prefix_stats(self) -> dict:
         """Prefix-cache counters for a summary ({} when caching is off)."""
         return {} if self.prefix_cache is None else {"prefix_cache": self.prefix_cache.stats()}

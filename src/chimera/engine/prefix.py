@@ -64,6 +64,14 @@ class PrefixCache:
     def free_tokens(self) -> int:
         return len(self.free) * self.block
 
+    def cached_blocks(self, keys: Sequence[int], tokens: int) -> int:
+        """How many leading blocks a prefill of `tokens` would hit now (a query: nothing changes, nothing counted)."""
+        refs, free = self.refs, self.free
+        n, limit = 0, min(len(keys), (tokens - 1) // self.block)
+        while n < limit and (keys[n] in refs or keys[n] in free):
+            n += 1
+        return n
+
     def admit(self, keys: Sequence[int], tokens: int) -> int:
         """A sequence with `tokens` to compute starts prefill: reference its longest cached run of leading blocks
         (at most (tokens-1)//B blocks: at least one token is computed, as vLLM does) and return the hit tokens."""

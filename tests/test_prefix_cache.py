@@ -383,7 +383,7 @@ def test_modelled_repeat_hits_whole_blocks_of_the_shared_prompt():
 
 
 @pytest.mark.vllm
-def test_real_vllm_prefix_cache_matches_the_model(tmp_path):
+def test_real_vllm_prefix_cache_matches_the_model():
     """One real server (CHIMERA_PREFIX_CHECK_MODEL, default `wide`: its prefill dominates TTFT, so the hit shows in
     time; on `tiny` TTFT is mostly per-request overhead). A warm-up prompt, then one 1,400-token prompt (token ids)
     twice, one output token each; the prefix-cache counters and the engine's TTFT histogram around each request are
@@ -397,7 +397,7 @@ def test_real_vllm_prefix_cache_matches_the_model(tmp_path):
 
     from chimera.engine.perf import StepTimeModel
     from chimera.engine.profiles import load_profile_file
-    from chimera.engines.vllm import DEFAULT_MODELS, ServerSpec, vllm_cluster
+    from chimera.engines.vllm import DEFAULT_MODELS, ROOT, ServerSpec, vllm_cluster
     from chimera.profiling.metrics import parse_prometheus
     from upstreams import vllm_missing
 
@@ -410,7 +410,8 @@ def test_real_vllm_prefix_cache_matches_the_model(tmp_path):
     names = {"vllm:prefix_cache_queries_total": "queries", "vllm:prefix_cache_hits_total": "hits",
              "vllm:time_to_first_token_seconds_sum": "ttft_s"}
     measured = []
-    with vllm_cluster([ServerSpec(model)], workdir=tmp_path, start_timeout_s=300) as cluster:
+    workdir = ROOT / "out" / "test-prefix-cache"  # short: vLLM's socket paths must fit in 107 characters
+    with vllm_cluster([ServerSpec(model)], workdir=workdir, start_timeout_s=300) as cluster:
         srv = cluster[0]
 
         def scrape() -> dict:

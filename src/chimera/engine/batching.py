@@ -3,6 +3,11 @@
 The engine skips ahead between batch changes: while the running set is fixed, every running sequence gains one
 token per step, so the next completion (or the step the KV cache fills) is known in closed form. A segment of
 k identical steps costs O(log n), not O(k·n). Step times come from the roofline model in `engine.perf`.
+
+With `prefix_block_tokens` > 0 the replica caches whole KV blocks of the prompts (and outputs) it has computed,
+as vLLM's automatic prefix caching does (`engine.prefix`): a sequence that carries a `prefix` (its token stream as
+segments) prefills only what follows its longest cached run of leading blocks. Unreferenced cached blocks sit in
+free KV and are evicted LRU at the events where the engine's KV use peaks, so they never delay admission.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import heapq
 import itertools
 import math
 from typing import Any, Callable, Protocol
+
+from chimera.engine.prefix import PrefixCache, Segments, block_keys
 
 WAITING, PREFILL, DECODE, DONE = 0, 1, 2, 3
 
@@ -31,10 +38,11 @@ class Seq:
     __slots__ = (
         "call", "prompt_tokens", "output_tokens", "key", "no", "state", "generated", "kv_prompt",
         "prefill_left", "join_step", "done_step", "start_s", "first_token_s", "end_s", "preemptions",
-        "last_run_step", "error", "swapped",
+        "last_run_step", "error", "swapped", "prefix", "keys", "held",
     )
 
-    def __init__(self, call: Any, prompt_tokens: int, output_tokens: int, key: float = 0.0) -> None:
+    def __init__(self, call: Any, prompt_tokens: int, output_tokens: int, key: float = 0.0,
+                 prefix: Segments | None = None) -> None:
         self.call = call
         self.prompt_tokens = int(prompt_tokens)
         self.output_tokens = max(1, int(output_tokens))
@@ -53,6 +61,9 @@ class Seq:
         self.last_run_step = 0
         self.error: str | None = None
         self.swapped = False
+        self.prefix = prefix  # token stream (prompt, then output) as (identity, tokens) segments, for prefix caching
+        self.keys: list[int] | None = None  # block keys of the stream, computed on first admission
+        self.held = 0  # leading blocks this sequence references in the prefix cache
 
 
 KeyFn = Callable[[Seq, int, int, float], float]  # (seq, generated, waited_steps, now) -> rank, lower runs first
@@ -69,6 +80,7 @@ class Engine:
         tick_steps: int = 16,
         max_segment_steps: int = 512,
         kv_watermark: float = 0.01,
+        prefix_block_tokens: int = 0,
     ) -> None:
         self.name = name
         self.perf = perf
@@ -93,6 +105,7 @@ class Engine:
         self._seg_tau = 0.0
         self._seg_chunks: list[tuple[Seq, int]] | None = None
         self.slowdown = 1.0  # step-time factor from outside the engine (CPU shared with busy peers)
+        self.prefix_cache = PrefixCache(prefix_block_tokens) if prefix_block_tokens > 0 else None
         # statistics
         self.preemptions = 0
         self.tokens_out = 0
@@ -109,7 +122,8 @@ class Engine:
         return len(self.waiting)
 
     def kv_used(self) -> int:
-        return self.kv_base + len(self.decoding) * self.S + self.kv_prefill
+        used = self.kv_base + len(self.decoding) * self.S + self.kv_prefill
+        return used if self.prefix_cache is None else used - self.prefix_cache.shared
 
     def next_event_time(self) -> float:
         return self._seg_end
@@ -173,6 +187,8 @@ class Engine:
         finished: list[Seq] = []
         self.busy_s += k * tau
         self.steps += k
+        if self.prefix_cache is not None:  # KV use peaks at the segment's end: evict cached blocks it needed
+            self.prefix_cache.trim(self.cap - self.kv_used() - len(self.decoding) * k)
         if self._seg_chunks is not None:
             self.S += k
             self._pop_done(end, finished)
@@ -196,17 +212,24 @@ class Engine:
             seq.generated = seq.output_tokens
             self.tokens_out += seq.output_tokens
             seq.state, seq.end_s = DONE, now
+            if self.prefix_cache is not None:
+                self._release_blocks(seq, seq.prompt_tokens + seq.output_tokens - 1)
             finished.append(seq)
 
     def _finish_prefill(self, seq: Seq, now: float, finished: list[Seq]) -> None:
         self.prefilling.remove(seq)
         self.kv_prefill -= seq.kv_prompt
+        pc = self.prefix_cache
+        if pc is not None and seq.keys:
+            seq.held = pc.hold(seq.keys, seq.held, seq.kv_prompt // pc.block)
         seq.generated += 1  # the step that completes the prefill also samples a token
         if seq.first_token_s is None:
             seq.first_token_s = now
         if seq.generated >= seq.output_tokens:
             self.tokens_out += seq.output_tokens
             seq.state, seq.end_s = DONE, now
+            if pc is not None:
+                self._release_blocks(seq, seq.kv_prompt)
             finished.append(seq)
             return
         self._start_decode(seq)
@@ -226,6 +249,45 @@ class Engine:
         seq.generated += self.S - seq.join_step
         seq.last_run_step = self.S
         seq.state = WAITING
+        if self.prefix_cache is not None:
+            self._release_blocks(seq, seq.prompt_tokens + seq.generated - 1)
+
+    # ---- prefix cache ----------------------------------------------------------------------------------------
+    def _release_blocks(self, seq: Seq, computed_tokens: int) -> None:
+        """`seq` leaves the KV cache having computed `computed_tokens` of its stream: its blocks stay cached."""
+        pc = self.prefix_cache
+        assert pc is not None
+        if seq.keys:
+            pc.release(seq.keys, seq.held, computed_tokens // pc.block)
+        seq.held = 0
+
+    def _take_blocks(self, seq: Seq) -> None:
+        """`seq` enters the KV cache: a prefill skips its cached leading blocks; a swapped-in sequence holds its own."""
+        pc = self.prefix_cache
+        assert pc is not None
+        if seq.prefix is None:
+            return
+        if seq.keys is None:
+            seq.keys = block_keys(seq.prefix, 1 << 62, pc.block)
+        if seq.prefill_left > 0:
+            n = pc.admit(seq.keys, seq.kv_prompt)
+            seq.held = n
+            seq.prefill_left -= n * pc.block
+        else:
+            seq.held = pc.hold(seq.keys, 0, (seq.prompt_tokens + seq.generated - 1) // pc.block)
+
+    def cached_prompt_tokens(self, prefix: Segments, prompt_tokens: int) -> int:
+        """Prompt tokens a call with this stream would find cached here now (0 when caching is off): what staying
+        on this replica saves in prefill."""
+        pc = self.prefix_cache
+        if pc is None or prompt_tokens < 2:
+            return 0
+        n = (prompt_tokens - 1) // pc.block
+        return pc.cached_blocks(block_keys(prefix, n, pc.block), prompt_tokens) * pc.block
+
+    def prefix_stats(self) -> dict:
+        """Prefix-cache counters for a summary ({} when caching is off)."""
+        return {} if self.prefix_cache is None else {"prefix_cache": self.prefix_cache.stats()}
 
     # ---- scheduling ------------------------------------------------------------------------------------------
     def _preempt_one(self) -> None:
@@ -242,6 +304,8 @@ class Engine:
         if seq.start_s is None:
             seq.start_s = now
         seq.last_run_step = self.S
+        if self.prefix_cache is not None:
+            self._take_blocks(seq)
         if seq.prefill_left > 0:
             seq.state = PREFILL
             self.prefilling.append(seq)
@@ -327,6 +391,8 @@ class Engine:
         else:
             self._seg_k, self._seg_tau, self._seg_end = 0, 0.0, math.inf
             return []
+        if self.prefix_cache is not None:
+            self.prefix_cache.trim(self.cap - self.kv_used())
         self._seg_end = now + self._seg_k * self._seg_tau
         return []
 

@@ -53,6 +53,12 @@ class ModelSpec(BaseModel):
     host: str | None = Field(default=None, min_length=1)
     peer_busy_slowdown: float = Field(default=1.0, ge=1.0, le=10.0)
     peer_busy_batch: int = Field(default=1, ge=1)
+    # Automatic prefix caching (vLLM's --enable-prefix-caching, on by default in its V1 engine): each replica keeps
+    # the KV blocks of prompts and outputs it computed and a later prompt that starts with them prefills only the
+    # rest, whole blocks of `kv_block_tokens` (vLLM's --block-size: 16 on GPUs, 128 on the CPU build). Off here so
+    # that existing figures stay as they were; see engine/prefix.py and docs/engine.md.
+    prefix_caching: bool = False
+    kv_block_tokens: int = Field(default=16, ge=1, le=4096)
 
     @model_validator(mode="before")
     @classmethod

@@ -86,7 +86,8 @@ class Simulator:
             def key_fn(seq: Seq, generated: int, waited: int, now: float, _p=policy) -> float:
                 return _p.engine_key(seq.call, generated, waited, now)
         self.engines: dict[str, list[Engine]] = {
-            r.info.name: [Engine(f"{r.info.name}#{k}", r.perf, key_fn=key_fn, tick_steps=tick_steps)
+            r.info.name: [Engine(f"{r.info.name}#{k}", r.perf, key_fn=key_fn, tick_steps=tick_steps,
+                                 prefix_block_tokens=r.spec.kv_block_tokens if r.spec.prefix_caching else 0)
                           for k in range(r.spec.replicas)]
             for r in self.runtimes
         }
@@ -168,7 +169,8 @@ class Simulator:
             if self.hosts:
                 self.hosts.update(t, self._refresh)
 
-        per_engine = {e.name: {"preemptions": e.preemptions, "busy_s": round(e.busy_s, 3), "steps": e.steps}
+        per_engine = {e.name: {"preemptions": e.preemptions, "busy_s": round(e.busy_s, 3), "steps": e.steps,
+                               **e.prefix_stats()}
                       for engs in self.engines.values() for e in engs}
         wall = time.perf_counter() - wall0
         calls = sum(r.calls for r in self.records)
@@ -216,7 +218,8 @@ class Simulator:
         wf: Workflow = call.ctx
         out = wf.plan.output_tokens(call.stage, call.model)
         key = call.priority if self.engine_order == "priority" else now
-        rejected = eng.add(Seq(call, call.prompt_tokens, out, key=key), now)
+        stream = None if eng.prefix_cache is None else wf.plan.token_stream(call.stage, wf.outputs, wf.wid, out)
+        rejected = eng.add(Seq(call, call.prompt_tokens, out, key=key, prefix=stream), now)
         for seq in rejected:
             self._finish_call(seq, now)
         self._refresh(eng)

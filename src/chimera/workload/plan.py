@@ -38,12 +38,13 @@ class WorkflowPlan:
     """One task's executable workflow. Stages are 0..n_stages-1; tool_s[i] is the tool time after stage i."""
 
     __slots__ = ("task_id", "kind", "n_stages", "tool_s", "stage_shares", "stage_roles", "observation_tokens",
-                 "rule", "_rule", "_scores", "_totals", "_real", "_cum", "_outs", "_pfixed", "_plo")
+                 "rule", "_rule", "_scores", "_totals", "_real", "_cum", "_outs", "_pfixed", "_plo", "_pbase", "_pfull")
 
     def __init__(self, task_id: str, kind: str, tool_s: tuple[float, ...], stage_shares: tuple[float, ...],
                  cum_shares: tuple[float, ...], stage_roles: tuple[str, ...], observation_tokens: tuple[int, ...],
                  prompt_fixed: tuple[int, ...], prompt_lo: tuple[int, ...], scores: dict[str, float],
-                 totals: dict[str, int], real: dict[str, tuple[int, ...]], rule: QualityRule) -> None:
+                 totals: dict[str, int], real: dict[str, tuple[int, ...]], rule: QualityRule,
+                 prompt_base: tuple[int, int] = (0, 0), prompt_full: tuple[bool, ...] | None = None) -> None:
         self.task_id = task_id
         self.kind = kind
         self.n_stages = len(stage_shares)
@@ -60,6 +61,8 @@ class WorkflowPlan:
         self._outs: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._pfixed = prompt_fixed
         self._plo = prompt_lo
+        self._pbase = prompt_base  # (system prompt, task prompt) tokens every stage's prompt starts with
+        self._pfull = prompt_full  # per stage: the prompt is the whole transcript so far (None: unknown)
 
     def __repr__(self) -> str:
         return (f"WorkflowPlan(task_id={self.task_id!r}, kind={self.kind!r}, n_stages={self.n_stages}, "
@@ -116,6 +119,40 @@ class WorkflowPlan:
             raise ValueError(f"prompt_tokens({stage}) needs the outputs of the {stage} earlier stages, "
                              f"got {len(prev_outputs)}")
         return self._pfixed[stage] + int(sum(prev_outputs[lo:stage]))
+
+    def token_stream(self, stage: int, prev_outputs: Sequence[int], run: object,
+                     output_tokens: int) -> tuple[tuple[object, int], ...]:
+        """The tokens of `stage`'s call as (identity, tokens) segments, prompt then output, for prefix caching
+        (engine/prefix.py). Sums to prompt_tokens(stage, prev_outputs) + output_tokens.
+
+        The system prompt is shared by every task of the kind, the task prompt by every run of the task; outputs
+        belong to the run (`run`, e.g. the workflow id). A whole-transcript stage following another extends that
+        stage's prompt with its output and the new text (observation, instructions), so it starts with the blocks
+        the earlier call left; a windowed stage shares only the system and task prompt."""
+        fixed, lo, full = self._pfixed, self._plo, self._pfull
+        c = stage
+        if full is not None:
+            while c > 0 and full[c] and full[c - 1]:
+                c -= 1
+        sys_t, task_t = self._pbase
+        tid = self.task_id
+        segs: list[tuple[object, int]] = []
+        head = fixed[c] - sys_t - task_t
+        if head >= 0:
+            if sys_t:
+                segs.append(((self.kind, "system"), sys_t))
+            if task_t:
+                segs.append(((tid, "task"), task_t))
+            segs.append(((tid, "fixed", c), head))
+        else:  # a recorded prompt shorter than the base: nothing known to share
+            segs.append(((tid, "prompt", c), fixed[c]))
+        if lo[c] != c:
+            segs.extend(((run, "out", j), int(prev_outputs[j])) for j in range(lo[c], c))
+        for k in range(c + 1, stage + 1):
+            segs.append(((run, "out", k - 1), int(prev_outputs[k - 1])))
+            segs.append(((tid, "fixed", k), fixed[k] - fixed[k - 1]))
+        segs.append(((run, "out", stage), int(output_tokens)))
+        return tuple(segs)
 
     def score(self, stage_models: Sequence[str]) -> float:
         """Task quality when stage i ran on stage_models[i], by this plan's quality rule."""
@@ -200,7 +237,7 @@ def plan_workflow(task: Task, template: WorkflowTemplate, rng: np.random.Generat
 
     task_prompt = task.prompt_tokens if task.prompt_tokens is not None else max(1, len(task.prompt) // CHARS_PER_TOKEN)
     base = task_prompt + template.system_prompt_tokens
-    fixed, lo = [0] * n, [0] * n
+    fixed, lo, full = [0] * n, [0] * n, [False] * n
     role_cum = 0
     obs_prefix = [0] * (n + 1)
     for i in range(n):
@@ -209,7 +246,7 @@ def plan_workflow(task: Task, template: WorkflowTemplate, rng: np.random.Generat
         role_cum += lay.role_prompt[i]
         w = lay.window[i]
         if w is None:  # the whole transcript: every instruction, output and observation so far
-            fixed[i], lo[i] = base + role_cum + obs_prefix[i], 0
+            fixed[i], lo[i], full[i] = base + role_cum + obs_prefix[i], 0, True
         else:
             start = max(0, i - w)
             fixed[i], lo[i] = base + lay.role_prompt[i] + obs_prefix[i] - obs_prefix[start], start
@@ -222,7 +259,7 @@ def plan_workflow(task: Task, template: WorkflowTemplate, rng: np.random.Generat
         task_id=task.id, kind=task.kind, tool_s=tuple(tool_s), stage_shares=lay.shares, cum_shares=lay.cum_shares,
         stage_roles=lay.roles, observation_tokens=tuple(obs), prompt_fixed=tuple(fixed), prompt_lo=tuple(lo),
         scores={m: o.score for m, o in outcomes.items()}, totals={m: o.output_tokens for m, o in outcomes.items()},
-        real=real, rule=rule,
+        real=real, rule=rule, prompt_base=(template.system_prompt_tokens, task_prompt), prompt_full=tuple(full),
     )
 
 

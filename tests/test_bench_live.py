@@ -469,3 +469,17 @@ def test_engine_times_over_a_run_from_the_servers_histograms() -> None:
     d = _metrics_delta(a, b)["tiny"]
     assert d["engine_tpot_ms"] == pytest.approx(3.0) and d["engine_e2e_ms_per_call"] == pytest.approx(200.0)
     assert d["engine_queue_ms_per_call"] == pytest.approx(50.0)
+
+
+def test_real_tables_show_each_servers_counters_and_engine_times() -> None:
+    from types import SimpleNamespace as NS
+
+    from chimera.bench.live import real_tables
+
+    runs = [NS(contender=NS(label="c1"), cpu={"wall_s": 1, "roles": {}}, summary={"length_check": {
+        "prompt_reported_over_planned": 1.0, "short_calls": 0, "calls": 3}},
+        server_metrics={"tiny": {"prompt_tokens": 10, "engine_tpot_ms": 2.5, "engine_e2e_ms_per_call": 80.0},
+                        "wide": {"generation_tokens": 7, "prefix_cache_hit_pct": 15.0}})]
+    md = "\n".join(real_tables(NS(config=NS(real_models=["tiny", "wide"]), runs=runs, engine={})))
+    assert "| c1 | 10 / 0, 0, 0% | 0 / 7, 0, 15% | 1.000 | 0 of 3 |" in md
+    assert "| c1 | 2.50; 0 / 0 / 0 / 80 | 0.00; 0 / 0 / 0 / 0 |" in md

@@ -1234,6 +1234,13 @@ def _cpu_cell(cpu: dict[str, Any] | None, role: str) -> str:
     return f"{r['cpu_s']:.1f} ({100 * (r['cores'] or 0):.0f}%)"
 
 
+def _server_cells(runs, names: Sequence[str], cell: Callable[[dict[str, Any]], str]):
+    """(run, one table cell per server from its vLLM counters over the run) for each run."""
+    for r in runs:
+        sm = r.server_metrics or {}
+        yield r, [cell(sm.get(n, {})) for n in names]
+
+
 def real_tables(b: LiveBench) -> list[str]:
     """Real engine: CPU time per process, what the servers did, and the profiles the simulator ran on."""
     names = list(b.config.real_models)
@@ -1252,13 +1259,9 @@ def real_tables(b: LiveBench) -> list[str]:
               "| contender | " + " | ".join(f"{n}: prompt / output tokens, preemptions, prefix-cache hits"
                                              for n in names) + " | prompt reported / planned | short calls |",
               "|---|" + "---|" * len(names) + "---:|---:|"]
-    for r in b.runs:
-        sm = r.server_metrics or {}
-        cells = []
-        for n in names:
-            d = sm.get(n, {})
-            cells.append(f"{d.get('prompt_tokens', 0):,.0f} / {d.get('generation_tokens', 0):,.0f}, "
-                         f"{d.get('num_preemptions', 0):.0f}, {d.get('prefix_cache_hit_pct', 0):.0f}%")
+    for r, cells in _server_cells(b.runs, names, lambda d: (
+            f"{d.get('prompt_tokens', 0):,.0f} / {d.get('generation_tokens', 0):,.0f}, "
+            f"{d.get('num_preemptions', 0):.0f}, {d.get('prefix_cache_hit_pct', 0):.0f}%")):
         lc = r.summary.get("length_check") or {}
         ratio = lc.get("prompt_reported_over_planned")
         lines.append(f"| {r.contender.label} | " + " | ".join(cells)
@@ -1268,14 +1271,10 @@ def real_tables(b: LiveBench) -> list[str]:
               "the server, prefill, decode, end to end):", "",
               "| contender | " + " | ".join(f"{n}: TPOT ms; queue / prefill / decode / e2e ms per call" for n in names)
               + " |", "|---|" + "---|" * len(names)]
-    for r in b.runs:
-        sm = r.server_metrics or {}
-        cells = []
-        for n in names:
-            d = sm.get(n, {})
-            cells.append(f"{d.get('engine_tpot_ms', 0):.2f}; {d.get('engine_queue_ms_per_call', 0):.0f} / "
-                         f"{d.get('engine_prefill_ms_per_call', 0):.0f} / {d.get('engine_decode_ms_per_call', 0):.0f}"
-                         f" / {d.get('engine_e2e_ms_per_call', 0):.0f}")
+    for r, cells in _server_cells(b.runs, names, lambda d: (
+            f"{d.get('engine_tpot_ms', 0):.2f}; {d.get('engine_queue_ms_per_call', 0):.0f} / "
+            f"{d.get('engine_prefill_ms_per_call', 0):.0f} / {d.get('engine_decode_ms_per_call', 0):.0f}"
+            f" / {d.get('engine_e2e_ms_per_call', 0):.0f}")):
         lines.append(f"| {r.contender.label} | " + " | ".join(cells) + " |")
     summ = (b.engine or {}).get("profiles", {}).get("summary", {})
     if summ:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from chimera.sched.affinity import pick_replica
 from chimera.sched.predictors import ConfidencePredictor, LengthPredictor
 from chimera.sched.decision import Decision
 from chimera.sched.monitor import LoadMonitor
@@ -43,6 +44,10 @@ class Policy:
     # Capabilities the bodies read.
     preemptive: ClassVar[bool] = False  # True: the engine re-ranks waiting *and running* sequences by `engine_key`
     needs_predictions: ClassVar[bool] = False  # True: `submit` uses a Prediction (computed here if not passed in)
+    # Workflow affinity (a policy's params may set these): True makes the bodies fill `Call.cached_tokens` and ask
+    # `pick_replica` where a dispatched call runs; off, they place on the least-loaded replica as before.
+    affinity: bool = False
+    affinity_margin: float = 0.0
 
     def __init__(
         self,
@@ -185,6 +190,12 @@ class Policy:
 
     def waiting(self, model: str) -> int:
         return len(self.queues[model])
+
+    def pick_replica(self, loads: Sequence[float], cached: Sequence[int] | None = None) -> int:
+        """Which replica of the call's model runs it, from each replica's load and the prompt tokens it holds for the
+        call (chimera.sched.affinity): with affinity, the holder unless its load exceeds the least-loaded's by more
+        than `affinity_margin`; without, the least-loaded."""
+        return pick_replica(loads, cached if self.affinity else None, self.affinity_margin)
 
     def on_progress(self, call: Call, new_tokens: int, now: float) -> None:
         call.tokens_seen += new_tokens

@@ -24,6 +24,10 @@ class Call:
     pinned_model: str | None = None
     truth: Any = None  # oracle-only ground truth (the simulator's WorkflowPlan); never read by honest policies
     ctx: Any = None  # the body's own handle (simulator workflow, gateway request); policies ignore it
+    # Workflow affinity: prompt tokens of this call each model already holds in its prefix cache (its best replica),
+    # as the body knows it (the simulator asks its engines, the gateway estimates from where the workflow's last
+    # stage ran); filled only when the policy uses affinity, empty otherwise. A model not named holds none.
+    cached_tokens: dict[str, int] = field(default_factory=dict)
     # Decisions and the inputs behind them, filled by the policy.
     model: str | None = None
     confidences: dict[str, float] = field(default_factory=dict)

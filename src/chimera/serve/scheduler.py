@@ -61,10 +61,16 @@ class WorkflowState:
     arrival_s: float
     generated: int = 0
     stages: int = 0
+    # Where the workflow's context is (workflow affinity): the model and backend that served its last stage, and the
+    # tokens it left there (that call's prompt + output), which the backend's prefix cache is assumed to hold.
+    last_model: str | None = None
+    last_backend: str | None = None
+    context_tokens: int = 0
 
 
 class Workflows:
-    """Recently seen workflows (LRU), so later stages know the workflow's start and tokens generated so far."""
+    """Recently seen workflows (LRU, at most `cap`), so later stages know the workflow's start, tokens generated so far
+    and where its context is cached; the least recently used is forgotten first."""
 
     def __init__(self, cap: int = 100_000) -> None:
         self.cap = cap
@@ -80,8 +86,15 @@ class Workflows:
             self._d.move_to_end(wid)
         return st
 
+    def peek(self, wid: str) -> WorkflowState | None:
+        """The workflow's state if it is known, without creating it or refreshing its place."""
+        return self._d.get(wid)
+
     def pop(self, wid: str) -> WorkflowState | None:
         return self._d.pop(wid, None)
+
+    def __len__(self) -> int:
+        return len(self._d)
 
 
 @dataclass
@@ -167,6 +180,10 @@ class Scheduler:
         if not allowed:
             raise QueueFull(self.backlog_reason(call.pinned_model))
         every = call.pinned_model is None and len(allowed) == len(self.models)
+        if self.policy.affinity:
+            st = self.workflows.peek(call.workflow_id)
+            if st is not None and st.last_model is not None and st.context_tokens > 0:
+                call.cached_tokens = {st.last_model: min(st.context_tokens, call.prompt_tokens)}
         return self.core.submit(call, now, prediction, None if every else allowed).model
 
     def dispatch(self, model: str, now: float) -> None:
@@ -179,7 +196,18 @@ class Scheduler:
         ticket = ticket if isinstance(ticket, Ticket) else None
         tried = ticket.tried if ticket is not None else set()
         room = [b for b in self.backends[model] if b.has_room]
-        return min(room, key=lambda b: (b.name in tried, b.is_down(now), *b.load_key()))
+        best = min(room, key=lambda b: (b.name in tried, b.is_down(now), *b.load_key()))
+        if not self.policy.affinity or len(room) < 2 or call is None:
+            return best
+        st = self.workflows.peek(call.workflow_id)
+        if st is None or st.last_backend is None or st.last_model != model:
+            return best
+        # Workflow affinity: among the backends as good as the best one (untried, healthy), the one holding the
+        # workflow's context, unless its load exceeds the least-loaded one's by more than the policy's margin.
+        ok = [b for b in room if (b.name in tried, b.is_down(now)) == (best.name in tried, best.is_down(now))]
+        ok.sort(key=lambda b: b.load_key())
+        cached = [st.context_tokens if b.name == st.last_backend else 0 for b in ok]
+        return ok[self.policy.pick_replica([b.load_key()[0] for b in ok], cached)]
 
     def _start(self, call: Call, be: BackendState, now: float) -> None:
         be.inflight += 1
@@ -198,11 +226,16 @@ class Scheduler:
 
     def complete(self, call: Call, now: float, new_tokens: int = 0) -> None:
         """The call finished: its tokens and completion reach the policy (and the online learners), its slot is
-        freed and the next call dispatched; the workflow's stage count and tokens so far grow."""
+        freed and the next call dispatched; the workflow's stage count and tokens so far grow, and where its context
+        now is (this call's model and backend, its prompt + output tokens) is remembered."""
+        be = self.core.replica(call)
         self.core.complete(call, now, new_tokens)
         st = self.workflows.get(call.workflow_id, now)
         st.generated += call.tokens_seen
         st.stages += 1
+        if be is not None:
+            st.last_model, st.last_backend = call.model, be.name
+            st.context_tokens = call.prompt_tokens + call.tokens_seen
 
     def fail(self, call: Call, now: float, backend_down: bool = False) -> None:
         """The call failed on its backend (or was cancelled after dispatch): free the slot, dispatch the next."""

@@ -101,6 +101,8 @@ class Simulator:
                         for r in self.runtimes}
         self.admission: Admission[Engine] = Admission(policy, [r.info for r in self.runtimes], place=self._place,
                                                       start=self._start, record=record, capacity=capacity)
+        # Workflow affinity: the policy asks where a call's context is cached (only when engines cache prefixes).
+        self._affinity = policy.affinity and any(r.spec.prefix_caching for r in self.runtimes)
         self.sched_s = 0.0  # wall time spent inside the scheduler (the admission core and the policy)
         self._engine_s = 0.0  # wall time spent in the engines while the core dispatched (not the scheduler's)
 
@@ -203,6 +205,10 @@ class Simulator:
             truth=plan,
             ctx=wf,
         )
+        if self._affinity:  # the prompt tokens each model's best replica holds for this call now
+            stream = plan.token_stream(wf.stage, wf.outputs, wf.wid, 0)
+            call.cached_tokens = {m: max(e.cached_prompt_tokens(stream, call.prompt_tokens) for e in engs)
+                                  for m, engs in self.engines.items()}
         t0, e0 = time.perf_counter(), self._engine_s
         self.admission.submit(call, now)
         # wall time in the core and the policy, less the engines' (a dispatch starts engine work through `_start`)
@@ -211,7 +217,15 @@ class Simulator:
     # ---- the core's hooks: replica choice and start -----------------------------------------------------------
     def _place(self, model: str, call: Call, now: float) -> Engine:
         engines = self.engines[model]
-        return min(engines, key=lambda e: e.n_running + e.n_waiting) if len(engines) > 1 else engines[0]
+        if len(engines) == 1:
+            return engines[0]
+        if not self._affinity:
+            return min(engines, key=lambda e: e.n_running + e.n_waiting)
+        wf: Workflow = call.ctx
+        stream = wf.plan.token_stream(call.stage, wf.outputs, wf.wid, 0)
+        loads = [e.n_running + e.n_waiting for e in engines]
+        cached = [e.cached_prompt_tokens(stream, call.prompt_tokens) for e in engines]
+        return engines[self.policy.pick_replica(loads, cached)]
 
     def _start(self, call: Call, eng: Engine, now: float) -> None:
         t0 = time.perf_counter()

@@ -40,6 +40,14 @@ class ChimeraPolicy(Policy):
         # joining costs the calls already running ("batch" only).
         congestion: Literal["throughput", "batch"] = "throughput"
         externality: float = Field(default=0.0, ge=0.0)
+        # Workflow affinity (docs/policies.md): the prefill term counts only the prompt a model does not hold
+        # (Call.cached_tokens), and a dispatched call goes to the replica holding its context unless that replica's
+        # load (running + waiting calls) exceeds the least-loaded one's by more than `affinity_margin` calls.
+        affinity: bool = False
+        affinity_margin: float = Field(default=4.0, ge=0.0)
+        # The share of the time this call's prefill stalls the calls already on a model (its prompt not cached there
+        # × the calls on it / its prefill rate) added to the expected latency: the cost a switch puts on the batch.
+        prefill_externality: float = Field(default=0.0, ge=0.0)
         starve_s: float | None = 30.0
         quantum_s: float = 10.0
         scorers: dict[str, float] = Field(default_factory=dict)  # name -> weight, over the defaults above
@@ -61,6 +69,8 @@ class ChimeraPolicy(Policy):
         self._latency = ExpectedLatency()
         self._latency.congestion = self.congestion if self.load else None
         self._latency.externality = self.externality
+        self._latency.affinity = self.affinity
+        self._latency.prefill_externality = self.prefill_externality
         self._latency.bind(self)
         self._weighted: list[tuple[Any, float]] = []
         for name, w in self.weights().items():

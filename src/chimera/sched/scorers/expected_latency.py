@@ -24,10 +24,20 @@ class ExpectedLatency(Scorer):
       `externality` > 0 adds that share of the slowdown the call's joining causes the calls already running (each
       of them decodes at the larger batch's TPOT for as long as this call runs). Models without a speed curve
       (no profile) keep the throughput model.
+
+    `affinity` (workflow affinity): the prefill term counts only the prompt tokens model m does not hold already,
+    (prompt − Call.cached_tokens[m]) / m's prefill rate, so staying where the workflow's context is cached saves
+    prefill and moving costs it. Off (the default): the whole prompt everywhere.
+    `prefill_externality` > 0 adds that share of the time the call's prefill stalls the calls already on m: a replica
+    runs a prefill inside its steps, so each of the n/r calls on one of m's r replicas waits prompt left × r / m's
+    prefill rate (all replicas): n × prompt left / prefill rate stall-seconds in all. With affinity this is what makes
+    a switch expensive on a busy model; the call's own prefill alone is small next to its decode.
     """
 
     congestion: str | bool | None = "throughput"
     externality: float = 0.0
+    affinity: bool = False
+    prefill_externality: float = 0.0
 
     def bind(self, policy) -> None:
         if self.congestion is True:
@@ -54,7 +64,14 @@ class ExpectedLatency(Scorer):
             return float(self._tpot[i])
         return float(np.interp(batch, curve[0], curve[1]))
 
-    def seconds(self, call_tok: np.ndarray, prompt_tokens: int, monitor) -> np.ndarray:
+    def prompt_left(self, call) -> int | np.ndarray:
+        """Prompt tokens each model would prefill for `call`: all of them, or (affinity) those not cached there."""
+        if not self.affinity or not call.cached_tokens:
+            return call.prompt_tokens
+        cached = np.array([call.cached_tokens.get(n, 0) for n in self._names], dtype=float)
+        return np.maximum(0.0, call.prompt_tokens - cached)
+
+    def seconds(self, call_tok: np.ndarray, prompt_tokens: int | np.ndarray, monitor) -> np.ndarray:
         prefill = prompt_tokens / self._prefill
         if not self.congestion:
             return call_tok * self._tpot + prefill
@@ -81,4 +98,9 @@ class ExpectedLatency(Scorer):
         return out
 
     def score(self, call, now, prediction, allowed, policy) -> np.ndarray:
-        return self.seconds(prediction[1], call.prompt_tokens, policy.monitor)
+        left = self.prompt_left(call)
+        out = self.seconds(prediction[1], left, policy.monitor)
+        if self.prefill_externality:  # the prefill stalls the calls already on the model's replicas
+            calls = np.array([policy.monitor.calls[n] for n in self._names], dtype=float)
+            out = out + self.prefill_externality * (left / self._prefill) * calls
+        return out

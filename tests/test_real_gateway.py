@@ -188,14 +188,22 @@ def test_a_real_server_killed_mid_run_loses_only_started_streams_and_comes_back(
                     return await h.post("/v1/chat/completions", json={
                         "model": "chimera", "messages": MSG, "max_tokens": 60, "ignore_eos": True})
 
+                started = asyncio.Event()
+
                 async def stream():
                     async with h.stream("POST", "/v1/chat/completions", json={
                             "model": "tiny", "messages": MSG, "max_tokens": 1800, "ignore_eos": True,
                             "stream": True}) as r:
-                        return r.status_code, "".join([line async for line in r.aiter_lines()])
+                        lines = []
+                        async for line in r.aiter_lines():
+                            lines.append(line)
+                            if line.startswith("data: {"):
+                                started.set()
+                        return r.status_code, "".join(lines)
 
-                async def kill():
+                async def kill():  # once the stream has begun (a fixed delay raced a fast stream on a busy machine)
                     await asyncio.sleep(0.3)
+                    await asyncio.wait_for(started.wait(), 60)
                     await asyncio.to_thread(tiny.kill_hard)
 
                 return await asyncio.gather(stream(), *[plain(i) for i in range(8)], kill())

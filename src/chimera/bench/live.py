@@ -342,8 +342,6 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
     pol = make_policy(pol_name, confidence=conf, length=length, lam=c.lam)  # the core feeds RunningLength.learn
     arrivals = poisson_arrivals(rate, len(wfs), cfg.seed, LIVE_STREAM, start_at_zero=True) * cfg.time_scale
     sim = Simulator(runtimes, pol, [(w, p, t.prompt) for w, p, t in wfs], arrivals=list(arrivals), seed=cfg.seed)
-    if hasattr(pol, "prepare"):
-        pol.prepare([])
     s = sim.run()
     ts = cfg.time_scale
     s["latency_s"] = {k: v / ts for k, v in s["latency_s"].items()}

@@ -128,10 +128,6 @@ class Engine:
     def next_event_time(self) -> float:
         return self._seg_end
 
-    @property
-    def busy(self) -> bool:
-        return bool(self.decoding or self.prefilling or self.waiting)
-
     def set_slowdown(self, factor: float, now: float) -> None:
         """Steps from the next step boundary at or after `now` take `factor` × their model time (the step under
         way finishes at the old speed); the caller re-reads `next_event_time()`."""

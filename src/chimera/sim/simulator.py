@@ -209,9 +209,13 @@ class Simulator:
             stream = plan.token_stream(wf.stage, wf.outputs, wf.wid, 0)
             call.cached_tokens = {m: max(e.cached_prompt_tokens(stream, call.prompt_tokens) for e in engs)
                                   for m, engs in self.engines.items()}
+        self._in_core(self.admission.submit, call, now)
+
+    def _in_core(self, step: Callable[..., object], *args: object) -> None:
+        """Run one step of the admission core, adding its wall time less the engines' (a dispatch starts engine
+        work through `_start`) to the scheduler's own cost."""
         t0, e0 = time.perf_counter(), self._engine_s
-        self.admission.submit(call, now)
-        # wall time in the core and the policy, less the engines' (a dispatch starts engine work through `_start`)
+        step(*args)
         self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
 
     # ---- the core's hooks: replica choice and start -----------------------------------------------------------
@@ -241,9 +245,7 @@ class Simulator:
 
     def _dispatch(self, model: str, now: float) -> None:
         """Move calls from the gateway queue to the model's replicas while it has room."""
-        t0, e0 = time.perf_counter(), self._engine_s
-        self.admission.dispatch(model, now)
-        self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
+        self._in_core(self.admission.dispatch, model, now)
 
     def _finish_call(self, seq: Seq, now: float) -> None:
         call: Call = seq.call
@@ -258,9 +260,7 @@ class Simulator:
         if seq.error:
             wf.failed = seq.error
             self._end(wf, now)
-            t0, e0 = time.perf_counter(), self._engine_s
-            self.admission.fail(call, now)
-            self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
+            self._in_core(self.admission.fail, call, now)
             return
         pm["tokens"] += seq.output_tokens
         wf.outputs.append(seq.output_tokens)
@@ -270,9 +270,7 @@ class Simulator:
             self._push(now + wf.plan.tool_s[stage], _CALL, wf)
         else:
             self._end(wf, now)
-        t0, e0 = time.perf_counter(), self._engine_s
-        self.admission.complete(call, now, seq.output_tokens)  # frees the slot, dispatches the next
-        self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
+        self._in_core(self.admission.complete, call, now, seq.output_tokens)  # frees the slot, dispatches the next
 
     def _end(self, wf: Workflow, now: float) -> None:
         score = 0.0 if wf.failed else wf.plan.score(wf.models)

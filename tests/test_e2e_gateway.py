@@ -6,6 +6,7 @@ Every fixture stops what it starts (emulators, the gateway's uvicorn thread).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import contextlib
 import json
@@ -164,6 +165,24 @@ def test_http_errors(stack) -> None:
 
 
 # ---- (c) a backend dies in the middle of a run ------------------------------------------------------------------
+def _kill_when_busy(emus: dict[str, EmulatorServer], at_least: int, within_s: float) -> str:
+    """Fail the first emulator seen holding `at_least` requests in flight; returns its model name."""
+    async def _fail_if_busy(state) -> bool:  # on the emulator's loop: check and kill cannot be split by a finish
+        if len(state.clock.active) < at_least:
+            return False
+        state.fail()
+        return True
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for model, emu in sorted(emus.items(), key=lambda kv: -len(kv[1].state.clock.active)):
+            loop = emu.state.clock._loop
+            if loop is not None and asyncio.run_coroutine_threadsafe(_fail_if_busy(emu.state), loop).result(5):
+                return model
+        time.sleep(0.002)
+    raise AssertionError(f"no backend held {at_least} requests in flight within {within_s} s")
+
+
 def test_backend_killed_mid_run_loses_no_request(tmp_path) -> None:
     n = 30
     threads_before = threading.active_count()
@@ -192,17 +211,13 @@ def test_backend_killed_mid_run_loses_no_request(tmp_path) -> None:
             except openai.APIError as e:  # the SDK raises on the gateway's SSE `error` event
                 return {"i": i, "stream": True, "ok": False, "lost": False, "chunks": len(chunks), "error": str(e)}
 
-        sched = gw.gw.sched
         with cf.ThreadPoolExecutor(n) as pool:
             futs = [pool.submit(one, i) for i in range(n)]
             started.wait()
-            # kill the busiest backend once enough work is in flight (or after 0.5 s at the latest)
-            deadline = time.monotonic() + 0.5
-            while sum(sched.inflight.values()) < 10 and time.monotonic() < deadline:
-                time.sleep(0.002)
-            time.sleep(0.02)  # let streams get going
-            victim_model = max(sched.inflight, key=lambda m: sched.inflight[m])
-            emus[victim_model].kill()
+            # kill a backend once it holds at least two requests in flight; the check and the kill run as one step
+            # on that emulator's own loop, so the kill always hits live work (a timed kill could find it idle
+            # on a loaded CI machine)
+            victim_model = _kill_when_busy(emus, at_least=2, within_s=20)
             results = [f.result(timeout=30) for f in futs]
 
         plain = [r for r in results if not r["stream"]]

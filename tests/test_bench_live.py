@@ -483,3 +483,27 @@ def test_real_tables_show_each_servers_counters_and_engine_times() -> None:
     md = "\n".join(real_tables(NS(config=NS(real_models=["tiny", "wide"]), runs=runs, engine={})))
     assert "| c1 | 10 / 0, 0, 0% | 0 / 7, 0, 15% | 1.000 | 0 of 3 |" in md
     assert "| c1 | 2.50; 0 / 0 / 0 / 80 | 0.00; 0 / 0 / 0 / 0 |" in md
+
+
+def test_live_frontier_reads_the_runs_like_a_sweep() -> None:
+    """bench live's frontier: chimera's λ values against the `chimera vllm` run, LiteLLM's least-busy standing in
+    for least-loaded; in results.json and results.md."""
+    from chimera.bench.live import Contender, ContenderRun, LiveBench, live_frontier, markdown, to_json
+
+    def run(gw: str, strat: str, lam: float | None, lat: float, acc: float) -> ContenderRun:
+        summary = {"latency_s": {"mean": lat, "p50": lat, "p99": 2 * lat}, "accuracy": acc, "failed": 0,
+                   "throughput_tasks_per_s": 1.0, "per_model": {"qwen2.5-7b": {"calls": 3}}}
+        return ContenderRun(Contender(gw, strat, lam), summary)
+
+    b = LiveBench(LiveBenchConfig(tasks=10, load=0.8), 1.0, {}, [
+        run("chimera", "vllm", None, 10.0, 0.50), run("litellm", "least-busy", None, 8.0, 0.50),
+        run("chimera", "chimera", 0.05, 6.0, 0.55), run("chimera", "chimera", 1.0, 4.0, 0.45)])
+    (e,) = live_frontier(b)
+    assert e["family"] == "chimera" and e["load"] == 0.8 and e["runs"] == 2
+    assert e["best_acc_gain_pts"] == pytest.approx(5.0) and e["best_acc_gain_lam"] == 0.05
+    assert e["best_speedup"] == pytest.approx(10 / 6) and e["best_speedup_lam"] == 0.05
+    assert e["fastest_lam"] == 1.0 and e["fastest_vs_least_loaded"] == pytest.approx(2.0)
+    assert to_json(b)["frontier"] == [e]
+    assert "Frontier over the live λ values" in markdown(b) and "1.67×, λ=0.05" in markdown(b)
+    no_base = LiveBench(LiveBenchConfig(tasks=10), 1.0, {}, b.runs[1:])
+    assert live_frontier(no_base) == [] and "Frontier over" not in markdown(no_base)

@@ -1129,11 +1129,27 @@ def resim_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def live_frontier(b: LiveBench) -> list[dict[str, Any]]:
+    """The λ-sweep frontier (bench.frontier) of the live runs: Chimera's contenders as policies, LiteLLM's
+    least-busy standing in for least-loaded where Chimera's own least-loaded did not run; empty without `vllm`."""
+    from chimera.bench.frontier import LEAST_LOADED, frontier
+
+    rows = []
+    for r in b.runs:
+        c = r.contender
+        policy = c.strategy if c.gateway == "chimera" else f"litellm:{c.strategy}"
+        rows.append({"workload": b.config.workload, "load": b.config.load, "policy": policy, "lam": c.lam,
+                     "latency_s": r.summary["latency_s"], "accuracy": r.summary["accuracy"]})
+    if not any(x["policy"] == LEAST_LOADED for x in rows):
+        rows += [{**x, "policy": LEAST_LOADED} for x in rows if x["policy"] == "litellm:least-busy"]
+    return frontier(rows)
+
+
 def to_json(b: LiveBench) -> dict[str, Any]:
     out = {"config": b.config.model_dump(), "rate": b.rate, "label": b.label, "model_mapping": b.mapping,
            "runs": [{"contender": r.contender.label, "live": r.summary, "sim": r.sim, "fidelity_pct": r.fidelity}
                     for r in b.runs],
-           "overhead": b.overhead}
+           "overhead": b.overhead, "frontier": live_frontier(b)}
     if b.engine is not None:
         out["engine"] = b.engine
         for row, r in zip(out["runs"], b.runs):
@@ -1174,6 +1190,12 @@ def markdown(b: LiveBench) -> str:
                              f"{ys['latency_s']['mean'] / xs['latency_s']['mean']:.2f}× | "
                              f"{ys['latency_s']['p99'] / xs['latency_s']['p99']:.2f}× | "
                              f"{100 * (xs['accuracy'] - ys['accuracy']):+.1f} |")
+    front = live_frontier(b)
+    if front:
+        from chimera.bench.frontier import frontier_markdown
+
+        lines += ["", "Frontier over the live λ values (against the `chimera vllm` run; least-loaded: Chimera's own, "
+                  "else LiteLLM's least-busy):", "", frontier_markdown(front).rstrip()]
     fid = [r for r in b.runs if r.sim is not None]
     if fid:
         lines += ["", "Simulator vs live, same workflows and arrival times (fidelity = 100·(1 − |sim − live| / live)):",

@@ -106,3 +106,18 @@ def test_forest_mean_reading_averages_quantiles():
     assert mean == pytest.approx(np.mean(100 * np.square(MEAN_QUANTILES))) and mean > med
     with pytest.raises(ValueError, match="mean"):
         ForestLengths(Forest(), quantile="max")
+
+
+def test_other_clients_calls_count_as_load_of_our_mean_length():
+    """monitor.external (the gateway's scraped engine gauges beyond its own calls) joins the batch and the queue."""
+    p = make_policy("chimera", lam=1.0, congestion="batch")
+    p.bind(models(limit=8))
+    tok = np.array([100.0, 100.0])
+    load(p, "a", 3, 300.0)
+    p.monitor.external["a"] = 4.0
+    assert p.expected_latency(tok)[0] == pytest.approx(100 * 0.014)  # 3 ours + 4 theirs + this one: batch 8
+    p.monitor.external["a"] = 6.0  # 10 in all: two wait for a slot, each with 100 tokens left at the full batch
+    assert p.expected_latency(tok)[0] == pytest.approx(2 * 100 * 0.014 / 8 + 100 * 0.014)
+    load(p, "b", 0, 0.0)
+    p.monitor.external["b"] = 5.0  # none of ours there: theirs count as long as this call; throughput model
+    assert p.expected_latency(tok)[1] == pytest.approx(5 * 100 / 500.0 + 100 * 0.012)

@@ -127,6 +127,49 @@ def test_parse_and_root():
     text = ('# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="m"} 2.0\n'
             '# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name="m"} 0.25\n')
     assert parse_vllm_gauges(text) == {"scraped_waiting": 2.0, "kv_cache_usage": 0.25}
+    bad = ('# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name="m"} NaN\n'
+           '# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="m"} -4\n'
+           '# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name="m"} +Inf\n')
+    assert parse_vllm_gauges(bad) == {}  # a broken exporter's values are dropped, not summed into the load
+
+
+def test_other_clients_calls_on_an_engine_steer_the_policy(tmp_path):
+    """Calls a backend's engine runs beyond the gateway's own (other clients, from the scraped gauges) count as load:
+    least-loaded and chimera's expected latency both move the next call to the other model."""
+    from chimera.sched.types import Call
+    from chimera.serve.health import external_calls
+
+    assert external_calls(None, None, 3) == 0.0  # no gauges: nothing known
+    assert external_calls(10.0, 2.0, 4) == 8.0 and external_calls(1.0, 0.0, 4) == 0.0  # ours in transit: not negative
+    for policy in ({"name": "least-loaded"}, {"name": "chimera", "lam": 100.0}):
+        cfg = gateway_config_from_dict({
+            "policy": policy, "trace_store": str(tmp_path / f"{policy['name']}.sqlite"),
+            "backends": [{"name": f"{m}-0", "model": m, "base_url": "http://127.0.0.1:9/v1", "max_inflight": 8,
+                          "profile": "qwen2.5-7b@a6000"} for m in ("qwen2.5-1.5b", "qwen2.5-7b")]})
+        gw = build_gateway(cfg).state.gateway
+        try:
+            s = gw.sched
+            busy, idle = s.backends["qwen2.5-1.5b"][0], s.backends["qwen2.5-7b"][0]
+
+            def route(i: int) -> str:
+                call = Call(call_id=s.next_id(), workflow_id=f"w{i}", kind="qa", prompt="Why is the sky blue?",
+                            stage=0, prompt_tokens=100, arrival_s=0.0, workflow_arrival_s=0.0)
+                model = s.submit(call, 0.0)
+                s.abandon(call, 0.0)
+                return model
+
+            first = route(0)
+            (s.backends[first][0]).external_calls = 40.0  # its engine is full of someone else's work
+            assert route(1) != first, policy
+            busy.external_calls = idle.external_calls = 0.0
+            s.backends[first][0].healthy = False  # a down backend's last scrape does not count
+            s.backends[first][0].external_calls = 40.0
+            s._note_external(0.0)
+            assert s.policy.monitor.external[first] == 0.0
+        finally:
+            if gw.predict_pool is not None:
+                gw.predict_pool.shutdown()
+            gw.trace.close()
 
 
 # --- backend identity: GET {base_url}/models must list the configured model ---------------------------------

@@ -11,6 +11,10 @@ class LoadMonitor:
     def __init__(self, models: list[str]) -> None:
         self.pred_tokens: dict[str, float] = {m: 0.0 for m in models}
         self.calls: dict[str, int] = {m: 0 for m in models}
+        # Calls on the model's engines that this scheduler did not send (other clients, calls it gave up on that the
+        # engine still runs), as the engines last reported them; the gateway sets it from scraped gauges, the
+        # simulator leaves it at zero (it is every engine's only client).
+        self.external: dict[str, float] = {m: 0.0 for m in models}
         self._owed: dict[int, float] = {}
 
     def add(self, call: Call) -> None:

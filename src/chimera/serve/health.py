@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -78,11 +79,20 @@ def parse_vllm_gauges(text: str) -> dict[str, float]:
             if attr is None:
                 continue
             v = float(s.value)
+            if not math.isfinite(v) or v < 0:  # a broken or hostile exporter must not poison the load figures
+                continue
             if attr == "kv_cache_usage":
                 out[attr] = max(out.get(attr, 0.0), v)
             else:
                 out[attr] = out.get(attr, 0.0) + v
     return out
+
+
+def external_calls(running: float | None, waiting: float | None, ours: int) -> float:
+    """Calls the engine holds beyond the `ours` the gateway has in flight on it (other clients); 0 when unknown."""
+    if running is None and waiting is None:
+        return 0.0
+    return max(0.0, (running or 0.0) + (waiting or 0.0) - ours)
 
 
 def parse_model_ids(body: Any) -> list[str] | None:
@@ -211,3 +221,4 @@ class HealthChecker:
         be.scraped_running = vals.get("scraped_running")
         be.scraped_waiting = vals.get("scraped_waiting")
         be.kv_cache_usage = vals.get("kv_cache_usage")
+        be.external_calls = external_calls(be.scraped_running, be.scraped_waiting, be.inflight)

@@ -38,6 +38,7 @@ class BackendState:
     scraped_running: float | None = None
     scraped_waiting: float | None = None
     kv_cache_usage: float | None = None
+    external_calls: float = 0.0  # running + waiting on the engine beyond the gateway's own in-flight, at the last scrape
 
     @property
     def name(self) -> str:
@@ -180,11 +181,18 @@ class Scheduler:
         if not allowed:
             raise QueueFull(self.backlog_reason(call.pinned_model))
         every = call.pinned_model is None and len(allowed) == len(self.models)
+        self._note_external(now)
         if self.policy.affinity:
             st = self.workflows.peek(call.workflow_id)
             if st is not None and st.last_model is not None and st.context_tokens > 0:
                 call.cached_tokens = {st.last_model: min(st.context_tokens, call.prompt_tokens)}
         return self.core.submit(call, now, prediction, None if every else allowed).model
+
+    def _note_external(self, now: float) -> None:
+        """Other clients' calls on each model's live engines (scraped) into the policy's load monitor."""
+        ext = self.policy.monitor.external
+        for m, bes in self.backends.items():
+            ext[m] = float(sum(b.external_calls for b in bes if not b.is_down(now)))
 
     def dispatch(self, model: str, now: float) -> None:
         """Move calls from the policy's queue to the model's backends while it has room."""

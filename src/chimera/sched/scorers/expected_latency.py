@@ -28,6 +28,9 @@ class ExpectedLatency(Scorer):
     `affinity` (workflow affinity): the prefill term counts only the prompt tokens model m does not hold already,
     (prompt − Call.cached_tokens[m]) / m's prefill rate, so staying where the workflow's context is cached saves
     prefill and moving costs it. Off (the default): the whole prompt everywhere.
+    Calls the engines report beyond this scheduler's own (`monitor.external`: other clients, from the gateway's
+    scraped gauges) count as in-flight calls of the model's mean predicted length (this call's, when none of ours is
+    in flight), in both congestion models.
     `prefill_externality` > 0 adds that share of the time the call's prefill stalls the calls already on m: a replica
     runs a prefill inside its steps, so each of the n/r calls on one of m's r replicas waits prompt left × r / m's
     prefill rate (all replicas): n × prompt left / prefill rate stall-seconds in all. With affinity this is what makes
@@ -76,9 +79,13 @@ class ExpectedLatency(Scorer):
         if not self.congestion:
             return call_tok * self._tpot + prefill
         inflight = np.array([monitor.pred_tokens[n] for n in self._names])
+        calls = np.array([monitor.calls[n] for n in self._names], dtype=float)
+        external = np.array([monitor.external[n] for n in self._names], dtype=float)
+        if external.any():  # other clients' calls, each as long as ours on average
+            per_call = np.where(calls > 0, inflight / np.maximum(calls, 1.0), call_tok)
+            inflight, calls = inflight + external * per_call, calls + external
         if self.congestion == "throughput":
             return inflight / self._tps + call_tok * self._tpot + prefill
-        calls = np.array([monitor.calls[n] for n in self._names], dtype=float)
         out = inflight / self._tps + call_tok * self._tpot + prefill  # models without a curve
         slots = self._replicas * self._limit
         for i in np.flatnonzero(self._curved):

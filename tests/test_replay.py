@@ -173,6 +173,35 @@ def test_core_dispatches_while_a_model_has_room_and_frees_on_every_end():
     assert policy.monitor.calls == {"a": 0, "b": 0}
 
 
+def test_a_failing_place_hook_puts_the_call_back_in_its_queue():
+    """If the body cannot place a call it took from the queue, the call waits again: withdrawable, counted, its
+    predicted load still the monitor's until it is withdrawn (nothing lost, nothing leaked)."""
+    policy = make_policy("vllm")
+    boom = [True]
+
+    def place(m, c, now):
+        if boom[0]:
+            raise RuntimeError("no replica")
+        return f"{m}#0"
+
+    core = Admission(policy, MODELS, place=place)
+    call = Call(call_id=7, workflow_id="w", kind="k", prompt="", stage=0, prompt_tokens=0, arrival_s=0.0,
+                workflow_arrival_s=0.0, pinned_model="a")
+    with pytest.raises(RuntimeError, match="no replica"):
+        core.submit(call, 0.0)
+    assert core.waiting("a") == 1 and core.waiting_total == 1 and core.inflight["a"] == 0
+    boom[0] = False
+    assert core.dispatch("a", 1.0) == 1 and core.running(call) and core.waiting_total == 0
+    core.abandon(call, 2.0)
+    assert core.inflight["a"] == 0 and policy.monitor.calls == {"a": 0, "b": 0}
+    boom[0] = True
+    again = Call(call_id=8, workflow_id="w2", kind="k", prompt="", stage=0, prompt_tokens=0, arrival_s=0.0,
+                 workflow_arrival_s=0.0, pinned_model="a")
+    with pytest.raises(RuntimeError):
+        core.submit(again, 3.0)
+    assert core.withdraw(again, 4.0) and core.waiting_total == 0 and policy.monitor.calls == {"a": 0, "b": 0}
+
+
 def test_gateway_refuses_what_it_cannot_run_by_capability():
     from chimera.serve.config import GatewayConfigError, gateway_config_from_dict
 

@@ -178,7 +178,12 @@ class Admission(Generic[R]):
                 if call is None:
                     break
                 self.waiting_total -= 1
-                replica = self._place(model, call, now)
+                try:
+                    replica = self._place(model, call, now)
+                except BaseException:  # the body's hook failed: the call goes back to its queue, nothing is lost
+                    self.policy.requeue(call)
+                    self.waiting_total += 1
+                    raise
                 self.inflight[model] += 1
                 self._placed[call.call_id] = replica
                 n += 1

@@ -191,6 +191,11 @@ class Policy:
     def waiting(self, model: str) -> int:
         return len(self.queues[model])
 
+    def requeue(self, call: Call) -> None:
+        """Put a call taken by `next_call` back in its model's queue with its priority (the body could not place it)."""
+        assert call.model is not None
+        self.queues[call.model].push(call, call.priority)
+
     def pick_replica(self, loads: Sequence[float], cached: Sequence[int] | None = None) -> int:
         """Which replica of the call's model runs it, from each replica's load and the prompt tokens it holds for the
         call (chimera.sched.affinity): with affinity, the holder unless its load exceeds the least-loaded's by more

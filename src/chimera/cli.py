@@ -578,6 +578,70 @@ def bench_soak(
 
 
 @app.command()
+def tune(
+    workload: str = typer.Option("synthetic", "--workload", "-w", help=WORKLOAD_HELP),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP),
+    predictors: Optional[Path] = typer.Option(None, "--predictors", help="Folder from `chimera train` (default: priors)."),
+    target: str = typer.Option("latency", "--target", help="latency: fastest at accuracy ≥ vllm's; accuracy: most "
+                               "accurate at mean latency ≤ vllm's; fastest: the latency end, accuracy unconstrained."),
+    load: float = typer.Option(0.8, "--load", help="Arrival rate as a fraction of the throughput round-robin (vllm) "
+                               "sustains when saturated (measured)."),
+    lams: str = typer.Option("0.5,2,10,20", "--lams", help="λ values every candidate is tried at."),
+    grid: list[str] = typer.Option([], "--grid", help="KEY=V1,V2,… chimera parameter values to try (repeatable), "
+                                   "e.g. externality=0,1,2."),
+    fixed: list[str] = typer.Option([], "--set", help="KEY=VALUE chimera parameter every candidate has (repeatable), "
+                                    "e.g. affinity=true."),
+    tasks: int = typer.Option(1500, "--tasks", help="Workflows per run, on each half of the held-out tasks."),
+    seed: int = typer.Option(0, "--seed"),
+    length_stat: Optional[str] = typer.Option(None, "--length-stat", help="'mean': read the trained length forest's "
+                                              "predicted mean instead of its median."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    out: Path = typer.Option(Path("out/tune"), "--out", help="Folder for results.md, results.json, policy.yaml."),
+) -> None:
+    """Pick chimera's parameters for a workload on a cluster in the simulator: candidates run on half the held-out
+    tasks, the pick is checked on the other half; writes the pick as a gateway `policy:` block (policy.yaml).
+
+    Example: chimera tune -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --predictors out/predictors/mmlu --set congestion=batch --grid externality=0,1,2 --length-stat mean
+    """
+    from pydantic import ValidationError
+
+    from chimera.bench.tune import TuneSpec, check_spec, count_runs, markdown, policy_yaml, run_tune
+    from chimera.workload.source import load_workload
+
+    try:
+        grid_values = {}
+        for pair in grid:
+            key, sep, values = pair.partition("=")
+            if not sep or not key.strip() or not values.strip():
+                raise ValueError(f"--grid expects KEY=V1,V2,…, got {pair!r}")
+            grid_values[key.strip()] = [_param_pairs([f"v={v}"])["v"] for v in values.split(",")]
+        spec = TuneSpec(target=target, load=load, lams=[float(x) for x in lams.split(",")], grid=grid_values,
+                        fixed=_param_pairs(fixed), tasks=tasks, seed=seed, length_stat=length_stat)
+        check_spec(spec)
+    except ValidationError as e:
+        _fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+    except ValueError as e:
+        _fail(str(e).replace("--param", "--set"))
+    try:
+        cl = _cluster(cluster)
+        trained = _predictors(predictors)
+        ts, _ = load_workload(workload, data_dir=data_dir, seed=seed)
+        with _progress() as prog:
+            bar = prog.add_task(f"tune {workload}", total=count_runs(spec))
+            res = run_tune(workload, ts, cl, spec, predictors=trained, progress=lambda k: prog.advance(bar, k))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e).strip("'\""))
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(res)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "policy.yaml").write_text(policy_yaml(res["policy"]))
+    console.print(md)
+    console.print(policy_yaml(res["policy"]))
+    console.print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'policy.yaml'} (all results simulated)")
+
+
+@app.command()
 def train(
     workload: Optional[list[str]] = typer.Option(None, "--workload", "-w", help=WORKLOAD_HELP + " Repeatable."),
     traces: Optional[list[Path]] = typer.Option(

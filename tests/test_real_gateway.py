@@ -78,7 +78,7 @@ def test_token_counts_are_the_engines_own(servers, tmp_path):
         assert rows(gw, "n")[0]["completion_tokens"] == 12 and rows(gw, "n")[0]["prompt_tokens"] == r.usage.prompt_tokens
 
 
-def _finish_order(gw, long_tokens: int) -> list[str]:
+def _finish_order(gw, long_tokens: int, running_tokens: int) -> list[str]:
     """One long call runs on `tiny` (one sequence at a time), three long ones and then a short one wait in the
     engine; returns the workflow ids in the order they finished."""
     async def run() -> list[str]:
@@ -91,7 +91,7 @@ def _finish_order(gw, long_tokens: int) -> list[str]:
                     "chimera": {"workflow_id": wid, "kind": kind, "stage": 0}})
                 assert r.status_code == 200, r.text
                 done.append(wid)
-            await asyncio.gather(one("running", "long", long_tokens, 0.0),
+            await asyncio.gather(one("running", "long", running_tokens, 0.0),
                                  *[one(f"long-{i}", "long", long_tokens, 0.15 + 0.05 * i) for i in range(3)],
                                  one("short", "short", 4, 0.4))
         return done
@@ -111,10 +111,13 @@ def test_priority_lets_a_short_call_overtake_waiting_ones_on_a_real_server(serve
             for kind, n in (("long", 600), ("short", 4)) * 2:  # the prior learns each kind's length
                 c.chat.completions.create(model="tiny", messages=MSG, max_tokens=n,
                                           extra_body={**IGNORE_EOS, "chimera": {"kind": kind, "stage": 0}})
-            # The order depends on when each call reaches the engine; on 2 shared cores one try in a full suite
-            # saw plain arrival order with forwarding on (it passed alone), so each case gets up to 3 tries.
-            for _ in range(3):
-                orders[forward].append(_finish_order(gw, 600))
+            # The order depends on when each call reaches the engine. While a vLLM CPU server generates, the
+            # processes beside it on this 2-core machine, its own API server included, can go without a CPU for
+            # over a second (measured: a 10 ms sleep overran by up to 1.9 s, and /metrics went unanswered until the
+            # generation ended, in some runs and not others); a call sent meanwhile reaches the engine late. So the
+            # running call lasts ~4 s (the others are sent within 0.4 s) and each case gets up to 4 tries.
+            for _ in range(4):
+                orders[forward].append(_finish_order(gw, 600, 1800))
                 if want[forward](orders[forward][-1]):
                     break
     assert want[True](orders[True][-1]), orders
@@ -150,8 +153,8 @@ def test_logprobs_response_format_and_tools_pass_through_untouched(servers, tmp_
                                                        "json_schema": {"name": "place", "schema": schema}})
         text = r.choices[0].message.content  # the engine's grammar shapes even random weights' noise into JSON
         assert text.lstrip().startswith("{")
-        if r.choices[0].finish_reason == "stop":
-            assert set(json.loads(text)) == {"city"}
+        if r.choices[0].finish_reason == "stop":  # strict=False: the grammar lets raw control characters into strings
+            assert set(json.loads(text, strict=False)) == {"city"}
         tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
             "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}}
         # The wiring, not the content (random weights): `tools` reaches the engine untouched, so a server started

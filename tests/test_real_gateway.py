@@ -98,6 +98,27 @@ def _finish_order(gw, long_tokens: int, running_tokens: int) -> list[str]:
     return asyncio.run(run())
 
 
+def test_forwarded_priority_is_accepted_by_real_servers(servers, tmp_path):
+    """vLLM takes the gateway's `priority` field (an int, clamped to int32) on the priority server and the fcfs one
+    (which ignores it); the ordering it buys is the slow test below."""
+    from chimera.serve.proxy import vllm_priority
+
+    assert vllm_priority(1e30) == 2**31 - 1 and vllm_priority(4.6) == 5
+    backends = [{"name": f"{s.served_model_name}-0", "model": s.served_model_name, "base_url": s.base_url,
+                 "max_inflight": 8, "priority": True} for s in servers]
+    cfg = gateway_config_from_dict({"trace_store": str(tmp_path / "t.sqlite"), "policy": {"name": "sjf"},
+                                    "backends": backends, "health": {"enabled": False}})
+    gw = Served(build_gateway(cfg))
+    try:
+        c = client(gw)
+        for model in ("tiny", "wide"):
+            assert c.chat.completions.create(model=model, messages=MSG, max_tokens=3).choices
+        assert gw.gw.sched.inflight == {"tiny": 0, "wide": 0}
+    finally:
+        gw.stop()
+
+
+@pytest.mark.slow  # `make bench`: the order depends on this shared machine's scheduling (see the comment below)
 def test_priority_lets_a_short_call_overtake_waiting_ones_on_a_real_server(servers, tmp_path):
     """SJF's priority (predicted tokens of the call, learnt online per kind) forwarded to a server running vLLM's
     priority policy: the short call finishes before the long calls that arrived before it; the same gateway

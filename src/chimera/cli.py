@@ -603,6 +603,7 @@ def tune(
 
     Example: chimera tune -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --predictors out/predictors/mmlu --set congestion=batch --grid externality=0,1,2 --length-stat mean
     """
+    import yaml
     from pydantic import ValidationError
 
     from chimera.bench.tune import TuneSpec, check_spec, count_runs, markdown, policy_yaml, run_tune
@@ -614,7 +615,7 @@ def tune(
             key, sep, values = pair.partition("=")
             if not sep or not key.strip() or not values.strip():
                 raise ValueError(f"--grid expects KEY=V1,V2,…, got {pair!r}")
-            grid_values[key.strip()] = [_param_pairs([f"v={v}"])["v"] for v in values.split(",")]
+            grid_values[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]  # as --set reads values
         spec = TuneSpec(target=target, load=load, lams=[float(x) for x in lams.split(",")], grid=grid_values,
                         fixed=_param_pairs(fixed), tasks=tasks, seed=seed, length_stat=length_stat)
         check_spec(spec)

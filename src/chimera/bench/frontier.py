@@ -25,14 +25,26 @@ def _lat(r: dict) -> float:
     return float(r["latency_s"]["mean"])
 
 
+def pick(rows: Sequence[dict], base: dict, target: str) -> dict | None:
+    """The best row for a target against the `vllm` row `base`: "latency", fastest with accuracy ≥ base's;
+    "accuracy", most accurate with mean latency ≤ base's; "fastest", fastest of all (ties: the first row); None when
+    no row qualifies. The frontier figures and `chimera tune` both pick with it."""
+    acc = lambda r: float(r["accuracy"])  # noqa: E731
+    if target == "fastest":
+        return min(rows, key=_lat, default=None)
+    if target == "latency":
+        ok = [r for r in rows if acc(r) >= acc(base) and _lat(r) > 0]
+        return min(ok, key=_lat, default=None)
+    if target == "accuracy":
+        ok = [r for r in rows if _lat(r) <= _lat(base)]
+        return max(ok, key=acc, default=None)
+    raise ValueError(f"target must be latency, accuracy or fastest, got {target!r}")
+
+
 def family_metrics(runs: Sequence[dict], base: dict, least_loaded: dict | None = None) -> dict:
     """The frontier figures of one family of runs against the `vllm` run `base` (and `least_loaded`, if any)."""
     b_lat, b_acc = _lat(base), float(base["accuracy"])
-    at_lat = [r for r in runs if _lat(r) <= b_lat]
-    at_acc = [r for r in runs if float(r["accuracy"]) >= b_acc and _lat(r) > 0]
-    best_acc = max(at_lat, key=lambda r: r["accuracy"], default=None)
-    best_speed = min(at_acc, key=_lat, default=None)
-    fastest = min(runs, key=_lat, default=None)
+    best_acc, best_speed, fastest = (pick(runs, base, t) for t in ("accuracy", "latency", "fastest"))
     out: dict = {
         "runs": len(runs),
         "best_acc_gain_pts": None if best_acc is None else 100 * (float(best_acc["accuracy"]) - b_acc),

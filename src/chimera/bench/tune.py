@@ -14,6 +14,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from chimera.bench.frontier import pick
 from chimera.bench.sweep import capacity_workflows_per_s
 from chimera.engine.profiles import ClusterConfig
 from chimera.sim.experiment import Prepared, prepare, run_policy
@@ -77,27 +78,8 @@ def halves(prep: Prepared) -> tuple[Prepared, Prepared]:
     return dataclasses.replace(prep, test=prep.test[::2]), dataclasses.replace(prep, test=prep.test[1::2])
 
 
-def pick(rows: Sequence[dict], base: dict, target: str) -> dict | None:
-    """The target's best row against the `vllm` row `base`: fastest with accuracy ≥ base's, most accurate with
-    mean latency ≤ base's, or fastest of all (ties: the other metric); None when no row qualifies."""
-    lat = lambda r: float(r["latency_s"]["mean"])  # noqa: E731
-    if target == "fastest":
-        return min(rows, key=lambda r: (lat(r), -r["accuracy"]), default=None)
-    if target == "latency":
-        ok = [r for r in rows if r["accuracy"] >= base["accuracy"]]
-        return min(ok, key=lambda r: (lat(r), -r["accuracy"]), default=None)
-    ok = [r for r in rows if lat(r) <= lat(base)]
-    return max(ok, key=lambda r: (r["accuracy"], -lat(r)), default=None)
-
-
-def _row(prep: Prepared, params: dict[str, Any], policy: str, rate: float, spec: TuneSpec, wfs: list) -> dict:
-    res = run_policy(prep, policy, rate=rate, seed=spec.seed, workflows=wfs, **params)
-    res["params"] = {k: v for k, v in params.items() if k != "lam"}
-    return res
-
-
 def count_runs(spec: TuneSpec) -> int:
-    """Runs `run_tune` makes: baselines and defaults on the tuning half, the candidates, then five checks."""
+    """Runs `run_tune` makes: baselines and defaults on the tuning half, the candidates, then four checks."""
     return len(BASELINES) + len(spec.lams) + len(candidates(spec)) + len(BASELINES) + 2
 
 
@@ -113,7 +95,8 @@ def run_tune(workload_name: str, tasks: Sequence[Task], cluster: ClusterConfig, 
     tune_wfs, check_wfs = tune_prep.workflows(spec.tasks, spec.seed), check_prep.workflows(spec.tasks, spec.seed)
 
     def run(p: Prepared, wfs: list, policy: str, params: dict[str, Any]) -> dict:
-        res = _row(p, params, policy, rate, spec, wfs)
+        res = run_policy(p, policy, rate=rate, seed=spec.seed, workflows=wfs, **params)
+        res["params"] = {k: v for k, v in params.items() if k != "lam"}
         if progress:
             progress(1)
         return res

@@ -79,13 +79,16 @@ class ExpectedLatency(Scorer):
         if not self.congestion:
             return call_tok * self._tpot + prefill
         inflight = np.array([monitor.pred_tokens[n] for n in self._names])
-        calls = np.array([monitor.calls[n] for n in self._names], dtype=float)
-        external = np.array([monitor.external[n] for n in self._names], dtype=float)
-        if external.any():  # other clients' calls, each as long as ours on average
+        calls = None
+        if any(monitor.external.values()):  # other clients' calls (gateway only), each as long as ours on average
+            calls = np.array([monitor.calls[n] for n in self._names], dtype=float)
+            external = np.array([monitor.external[n] for n in self._names], dtype=float)
             per_call = np.where(calls > 0, inflight / np.maximum(calls, 1.0), call_tok)
             inflight, calls = inflight + external * per_call, calls + external
         if self.congestion == "throughput":
             return inflight / self._tps + call_tok * self._tpot + prefill
+        if calls is None:
+            calls = np.array([monitor.calls[n] for n in self._names], dtype=float)
         out = inflight / self._tps + call_tok * self._tpot + prefill  # models without a curve
         slots = self._replicas * self._limit
         for i in np.flatnonzero(self._curved):

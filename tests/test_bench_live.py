@@ -256,6 +256,32 @@ def test_profiled_cluster_sets_the_rate_and_simulates_each_contender(tmp_path) -
         given_profiles(LiveBenchConfig(engine="vllm", profiles=str(tmp_path / "none")))
 
 
+def test_real_engine_twin_caches_prefixes_like_the_real_servers(tmp_path) -> None:
+    """The real servers cache prompt prefixes (vLLM V1's default, 128-token blocks on the CPU build), so the simulated
+    twin does too, and the scaled plans keep what every stage shares (the task prompt, a whole transcript carried
+    on); before, scale_plan dropped both and the twin saw no hits at all."""
+    from chimera.bench.live import profiled_cluster, real_workflows, simulate_same_run, to_served_models
+    from chimera.sim.cluster import build_runtimes
+
+    cfg = LiveBenchConfig(engine="vllm", tasks=40, profiles=str(_profiles(tmp_path / "p")))
+    tasks, _ = to_served_models(generate(40), cfg.real_models, "real")
+    wfs, _ = real_workflows(tasks, cfg)
+    full = next(p for _, p, _ in wfs if p.n_stages > 1 and p._pfull and p._pfull[1])
+    outs = [full.output_tokens(i, "tiny") for i in range(full.n_stages)]
+    first, second = full.token_stream(0, outs, "w", outs[0]), full.token_stream(1, outs, "w", 0)
+    assert second[:len(first)] == first  # stage 1's prompt starts with all of stage 0 (prompt and output)
+    assert all(p._pbase[1] > 0 for _, p, _ in wfs)  # the task prompt leads every stage
+    paths = {m: str(tmp_path / "p" / f"{m}.yaml") for m in cfg.real_models}
+    cl = profiled_cluster(paths, cfg)
+    assert [(m.prefix_caching, m.kv_block_tokens) for m in cl.models] == [(True, 128)] * 2
+    off = profiled_cluster(paths, cfg.model_copy(update={"prefix_caching": False}))
+    assert not any(m.prefix_caching for m in off.models)
+    cap = 0.5 * sum(r.info.max_inflight for r in build_runtimes(cl))
+    s = simulate_same_run(parse_contender("chimera:vllm"), tasks, cfg, 0.02 * cap, cluster=cl, workflows=wfs)
+    hits = sum(e["prefix_cache"]["hit_tokens"] for e in s["engines"].values())
+    assert hits > 0, s["engines"]
+
+
 def test_profile_step_is_the_chimera_profile_cli() -> None:
     """The pluggable profiling step is `chimera profile` with flags that command really has."""
     from pathlib import Path
@@ -479,9 +505,10 @@ def test_real_tables_show_each_servers_counters_and_engine_times() -> None:
     runs = [NS(contender=NS(label="c1"), cpu={"wall_s": 1, "roles": {}}, summary={"length_check": {
         "prompt_reported_over_planned": 1.0, "short_calls": 0, "calls": 3}},
         server_metrics={"tiny": {"prompt_tokens": 10, "engine_tpot_ms": 2.5, "engine_e2e_ms_per_call": 80.0},
-                        "wide": {"generation_tokens": 7, "prefix_cache_hit_pct": 15.0}})]
+                        "wide": {"generation_tokens": 7, "prefix_cache_hit_pct": 15.0}},
+        sim={"engines": {"wide#0": {"prefix_cache": {"queried_tokens": 200, "hit_tokens": 50}}, "tiny#0": {}}})]
     md = "\n".join(real_tables(NS(config=NS(real_models=["tiny", "wide"]), runs=runs, engine={})))
-    assert "| c1 | 10 / 0, 0, 0% | 0 / 7, 0, 15% | 1.000 | 0 of 3 |" in md
+    assert "| c1 | 10 / 0, 0, 0% | 0 / 7, 0, 15% (twin 25%) | 1.000 | 0 of 3 |" in md
     assert "| c1 | 2.50; 0 / 0 / 0 / 80 | 0.00; 0 / 0 / 0 / 0 |" in md
 
 
@@ -507,3 +534,17 @@ def test_live_frontier_reads_the_runs_like_a_sweep() -> None:
     assert "Frontier over the live λ values" in markdown(b) and "1.67×, λ=0.05" in markdown(b)
     no_base = LiveBench(LiveBenchConfig(tasks=10), 1.0, {}, b.runs[1:])
     assert live_frontier(no_base) == [] and "Frontier over" not in markdown(no_base)
+
+
+def test_resim_markdown_sets_the_twins_prefix_hits_beside_the_servers() -> None:
+    """--resimulate shows each server's prefix-cache hit share beside the twin's (from stored counters)."""
+    from chimera.bench.live import fidelity, resim_markdown
+
+    s = {"latency_s": {"mean": 1.0, "p50": 1.0, "p99": 2.0}, "throughput_tasks_per_s": 1.0, "accuracy": 0.5,
+         "engines": {"tiny#0": {"prefix_cache": {"queried_tokens": 1000, "hit_tokens": 80}}}}
+    row = {"contender": "chimera vllm", "sim": s, "live": s, "fidelity_pct": fidelity(s, s),
+           "server_metrics": {"tiny": {"prefix_cache_queries": 400.0, "prefix_cache_hits": 64.0}}}
+    r = {"profiles": {"tiny": "t.yaml"}, "sim_lengths": "online", "capacity_wps": 1.0, "rows": [row],
+         "prefix_caching": True, "servers": ["tiny"]}
+    assert "| chimera vllm | 16% (twin 8%) |" in resim_markdown(r)
+    assert "Prefix-cache hits" not in resim_markdown({**r, "prefix_caching": False})

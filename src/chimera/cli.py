@@ -438,6 +438,7 @@ def bench_live(
     profiles: Optional[Path] = typer.Option(None, "--profiles", help="--engine vllm: a folder with NAME.yaml per server from `chimera profile` (skips measuring)."),
     profile_mode: str = typer.Option("alone", "--profile-mode", help="--engine vllm: alone (one by one, the other idle: with --contention the simulator adds the slowdown while peers are busy), loaded (both servers measured at once, and a finished server keeps getting the run's kind of calls until the other is done) or together (both at once, nothing more)."),
     contention: bool = typer.Option(True, "--contention/--no-contention", help="--engine vllm: measure each server's slowdown while the others are busy (profiles/contention.json) and simulate it; with --resimulate: use a stored one or not."),
+    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching", help="--engine vllm: the simulated servers cache prompt prefixes in 128-token blocks as the real ones do (with --resimulate too); off: full prefill every call."),
     contention_batch: int = typer.Option(4, "--contention-batch", help="--engine vllm: batch of the contention check (calls measured, and kept in flight on each peer)."),
     background_rps: float = typer.Option(1.0, "--background-rps", help="--engine vllm, --profile-mode loaded: calls/s sent to each server whose profile is done."),
     sim_online_lengths: bool = typer.Option(True, "--sim-online-lengths/--sim-plan-lengths", help="--engine vllm: the simulated gateway learns lengths online from a cold start, as the live one (or knows the plans' per-stage means)."),
@@ -464,7 +465,7 @@ def bench_live(
         from chimera.bench.live import resim_markdown, resimulate
 
         try:
-            r = resimulate(out, str(profiles) if profiles else None, sim_online_lengths, contention)
+            r = resimulate(out, str(profiles) if profiles else None, sim_online_lengths, contention, prefix_caching)
         except (ValueError, KeyError, FileNotFoundError) as e:
             _fail(str(e).strip("'\""))
         md = resim_markdown(r)
@@ -488,6 +489,7 @@ def bench_live(
             max_inflight=max_inflight, kv_cache_gib=kv_cache_gib, priority=priority,
             profiles=str(profiles) if profiles else None, profile_mode=profile_mode, background_rps=background_rps,
             sim_online_lengths=sim_online_lengths, contention=contention, contention_batch=contention_batch,
+            prefix_caching=prefix_caching,
             profile_rounds=profile_rounds, profile_concurrency=profile_concurrency,
             models_dir=str(models_dir) if models_dir else None, venv=str(vllm_venv) if vllm_venv else None)
     except ValidationError as e:

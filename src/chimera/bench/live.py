@@ -46,6 +46,7 @@ ENGINES = tuple(LABELS)
 REAL_MODELS = ("tiny", "wide")  # real vLLM servers, weakest-mapped first: tiny <- weakest, wide <- strongest
 REAL_MAX_MODEL_LEN = 2048  # the servers' --max-model-len (../shared/real-engines/README.md)
 REAL_MAX_NUM_BATCHED_TOKENS = 2048  # set explicitly on the servers and in their profiles
+REAL_KV_BLOCK_TOKENS = 128  # the CPU build's KV block (its prefix cache reuses whole blocks; docs/engine.md)
 CONTEXT_MARGIN = 16  # tokens of max_model_len kept free beside each planned call
 MODELS = {"qwen2.5-1.5b": "qwen2.5-1.5b@a6000", "qwen2.5-7b": "qwen2.5-7b@a6000",
           "qwen2.5-14b": "qwen2.5-14b@a6000"}  # served name -> engine profile, smallest first
@@ -133,6 +134,9 @@ class LiveBenchConfig(BaseModel):
     # measure how much each server slows while the others are busy (profiles/contention.json) and simulate it
     contention: bool = True
     contention_batch: int = Field(default=4, ge=1)
+    # the simulated servers cache prompt prefixes in blocks of REAL_KV_BLOCK_TOKENS, as the real ones do (vLLM V1's
+    # default); False: every prefill is charged whole (the simulator before prefix caching)
+    prefix_caching: bool = True
     profile_rounds: int = Field(default=2, ge=1)
     profile_concurrency: str = "1,2,4,8,16,32"
     models_dir: str | None = None  # default: chimera.engines.vllm.DEFAULT_MODELS (out/models)
@@ -416,7 +420,8 @@ def scale_plan(plan, models: Sequence[str], length_scale: float, prompt_scale: f
         stage_shares=plan.stage_shares, cum_shares=plan._cum, stage_roles=plan.stage_roles,
         observation_tokens=tuple(round(o * prompt_scale) for o in plan.observation_tokens),
         prompt_fixed=tuple(fixed), prompt_lo=lo, scores={m: plan._scores[m] for m in models},
-        totals={m: sum(outs) for m in models}, real={m: outs for m in models}, rule=plan.rule)
+        totals={m: sum(outs) for m in models}, real={m: outs for m in models}, rule=plan.rule,
+        prompt_base=tuple(round(prompt_scale * b) for b in plan._pbase), prompt_full=plan._pfull)
 
 
 def real_workflows(tasks: Sequence[Task], cfg: LiveBenchConfig) -> tuple[list[tuple[str, Any, Task]], ScaleReport]:
@@ -814,6 +819,7 @@ def profiled_cluster(paths: dict[str, str], cfg: LiveBenchConfig):
     return cluster_from_dict({"models": [
         {"profile_file": str(Path(p).resolve()), "name": n, "max_num_seqs": cfg.max_inflight,
          "max_num_batched_tokens": REAL_MAX_NUM_BATCHED_TOKENS,
+         "prefix_caching": cfg.prefix_caching, "kv_block_tokens": REAL_KV_BLOCK_TOKENS,
          **({"host": "this-machine", "peer_busy_slowdown": contention[n]["slowdown"],
              "peer_busy_batch": int(contention[n].get("batch", 1))} if n in contention else {})}
         for n, p in paths.items()]}, source="profiled cluster")
@@ -1077,7 +1083,7 @@ def _finish(bench: LiveBench, cfg: LiveBenchConfig, out: Path, uses_litellm: boo
 
 
 def resimulate(out: Path, profiles: str | None = None, sim_online_lengths: bool | None = None,
-               contention: bool | None = None) -> dict[str, Any]:
+               contention: bool | None = None, prefix_caching: bool | None = None) -> dict[str, Any]:
     """The simulator again on the live runs stored in OUT/results.json (engine vllm): same workflows and arrival
     times, the cluster from `profiles` (default: the run's), online or plan lengths; fidelity against the stored
     live results. Nothing is started. Returns {"profiles", "sim_lengths", "rows": [{contender, sim, fidelity_pct}]}."""
@@ -1092,6 +1098,8 @@ def resimulate(out: Path, profiles: str | None = None, sim_online_lengths: bool 
         upd["sim_online_lengths"] = sim_online_lengths
     if contention is not None:
         upd["contention"] = contention
+    if prefix_caching is not None:
+        upd["prefix_caching"] = prefix_caching
     cfg = LiveBenchConfig.model_validate({**res["config"], **upd})
     if cfg.engine != "vllm":
         raise ValueError("resimulate: only for --engine vllm results")
@@ -1105,8 +1113,10 @@ def resimulate(out: Path, profiles: str | None = None, sim_online_lengths: bool 
         c = parse_contender(next(x for x in cfg.contenders if parse_contender(x).label == run["contender"]))
         sim = simulate_same_run(c, tasks, cfg, res["rate"], cluster=cluster, workflows=workflows)
         rows.append({"contender": run["contender"], "sim": sim,
-                     "fidelity_pct": fidelity(sim, run["live"]) if sim is not None else {}, "live": run["live"]})
+                     "fidelity_pct": fidelity(sim, run["live"]) if sim is not None else {}, "live": run["live"],
+                     "server_metrics": run.get("server_metrics") or {}})
     return {"profiles": paths, "sim_lengths": "online" if cfg.sim_online_lengths else "plans",
+            "prefix_caching": cfg.prefix_caching, "servers": list(cfg.real_models),
             "contention": {n: d["slowdown"] for n, d in load_contention(paths).items()} if cfg.contention else {},
             "capacity_wps": capacity_of(build_runtimes(cluster), workflows), "rows": rows}
 
@@ -1126,7 +1136,21 @@ def resim_markdown(r: dict[str, Any]) -> str:
                      f"{a['latency_p50']:.2f} / {b['latency_p50']:.2f} | {a['latency_p99']:.2f} / {b['latency_p99']:.2f} | "
                      f"{a['throughput']:.2f} / {b['throughput']:.2f} | {100 * a['accuracy']:.1f}% / "
                      f"{100 * b['accuracy']:.1f}% | " + " / ".join(f"{f[k]:.0f}%" for k in FIDELITY_METRICS) + " |")
+    names = r.get("servers") or []
+    if r.get("prefix_caching") and names:
+        lines += ["", "Prefix-cache hits, real server (simulated twin), share of prompt tokens:", "",
+                  "| contender | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        lines += [f"| {row['contender']} | " + " | ".join(_hits_cell(_with_hit_pct(
+            (row.get("server_metrics") or {}).get(n, {})), row["sim"], n) for n in names) + " |"
+            for row in r["rows"] if row["sim"] is not None]
     return "\n".join(lines) + "\n"
+
+
+def _with_hit_pct(d: dict[str, Any]) -> dict[str, Any]:
+    """Server counters with `prefix_cache_hit_pct` (stored runs keep it; computed from the counters otherwise)."""
+    if "prefix_cache_hit_pct" in d or not d.get("prefix_cache_queries"):
+        return d
+    return {**d, "prefix_cache_hit_pct": 100.0 * d.get("prefix_cache_hits", 0.0) / d["prefix_cache_queries"]}
 
 
 def live_frontier(b: LiveBench) -> list[dict[str, Any]]:
@@ -1254,6 +1278,21 @@ def _cpu_cell(cpu: dict[str, Any] | None, role: str) -> str:
     return f"{r['cpu_s']:.1f} ({100 * (r['cores'] or 0):.0f}%)"
 
 
+def twin_hit_pct(sim: dict[str, Any] | None, name: str) -> float | None:
+    """The simulated twin's prefix-cache hit rate on server `name` (all its replicas), in %; None: not modelled."""
+    q = h = 0
+    for rep, e in ((sim or {}).get("engines") or {}).items():
+        pc = e.get("prefix_cache")
+        if rep.split("#")[0] == name and pc:
+            q, h = q + pc["queried_tokens"], h + pc["hit_tokens"]
+    return 100.0 * h / q if q else None
+
+
+def _hits_cell(live: dict[str, Any], sim: dict[str, Any] | None, name: str) -> str:
+    twin = twin_hit_pct(sim, name)
+    return f"{live.get('prefix_cache_hit_pct', 0):.0f}%" + (f" (twin {twin:.0f}%)" if twin is not None else "")
+
+
 def _server_cells(runs, names: Sequence[str], cell: Callable[[dict[str, Any]], str]):
     """(run, one table cell per server from its vLLM counters over the run) for each run."""
     for r in runs:
@@ -1276,12 +1315,14 @@ def real_tables(b: LiveBench) -> list[str]:
                      + f" | {_cpu_cell(cpu, 'gateway')} | {_cpu_cell(cpu, 'driver')} | "
                      f"{cpu.get('machine_busy_pct') or 0:.0f}% |")
     lines += ["", "What the servers did over each run (vLLM counters) and whether lengths were as planned:", "",
-              "| contender | " + " | ".join(f"{n}: prompt / output tokens, preemptions, prefix-cache hits"
+              "| contender | " + " | ".join(f"{n}: prompt / output tokens, preemptions, prefix-cache hits (simulated twin)"
                                              for n in names) + " | prompt reported / planned | short calls |",
               "|---|" + "---|" * len(names) + "---:|---:|"]
-    for r, cells in _server_cells(b.runs, names, lambda d: (
-            f"{d.get('prompt_tokens', 0):,.0f} / {d.get('generation_tokens', 0):,.0f}, "
-            f"{d.get('num_preemptions', 0):.0f}, {d.get('prefix_cache_hit_pct', 0):.0f}%")):
+    for r in b.runs:
+        sm = r.server_metrics or {}
+        cells = [f"{d.get('prompt_tokens', 0):,.0f} / {d.get('generation_tokens', 0):,.0f}, "
+                 f"{d.get('num_preemptions', 0):.0f}, {_hits_cell(d, r.sim, n)}" for n, d in ((n, sm.get(n, {}))
+                                                                                     for n in names)]
         lc = r.summary.get("length_check") or {}
         ratio = lc.get("prompt_reported_over_planned")
         lines.append(f"| {r.contender.label} | " + " | ".join(cells)

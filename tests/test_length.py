@@ -223,3 +223,4 @@ def test_forest_ranks_fireact_better_than_stage_mean():
     res = evaluate_length_models({"forest": forest, "mean": base}, rows, rem)
     assert res["forest"]["tau"] > res["mean"]["tau"]
     assert res["forest"]["tau_within_stage"] > res["mean"]["tau_within_stage"]
+

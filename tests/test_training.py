@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -82,3 +83,24 @@ def test_router_falls_back_to_prior_for_an_unknown_cluster_model(trained, recwar
     p = conf.predict_confidence([c, c])
     assert p.shape == (2, 2) and ((p >= 0) & (p <= 1)).all()
     assert sum("never-trained" in str(w.message) for w in recwarn) == 1
+
+
+def test_cli_train_length_target_raw_fits_tokens_not_their_log(tmp_path):
+    """--length-target raw: the forest splits on tokens (its spec says so, and it predicts otherwise than the log
+    forest); an unknown value is refused by name."""
+    wl = tmp_path / "wl.jsonl"
+    write_tasks(generate(120, seed=4), wl)
+    runner = CliRunner()
+    for target in ("raw", "log"):
+        r = runner.invoke(app, ["train", "-w", str(wl), "--out", str(tmp_path / target), "--trees", "10",
+                                "--length-target", target])
+        assert r.exit_code == 0, r.output
+    raw, log = load_predictors(tmp_path / "raw").length, load_predictors(tmp_path / "log").length
+    assert raw.log_target is False and raw.spec()["targets"]["transform"] == "none"
+    assert log.log_target is True
+    from chimera.predict.training import length_rows
+
+    rows, _, _ = length_rows(generate(20, seed=9), 0)
+    assert not np.allclose(raw.predict(rows), log.predict(rows))
+    r = runner.invoke(app, ["train", "-w", str(wl), "--out", str(tmp_path / "x"), "--length-target", "cube"])
+    assert r.exit_code == 2 and "--length-target" in r.output

@@ -654,6 +654,9 @@ def train(
     encoder: str = typer.Option("hashing", "--encoder", help="Router text encoder: hashing (no model) | minilm."),
     train_frac: float = typer.Option(0.7, "--train-frac", help="Share of tasks (split by id) to train on."),
     trees: int = typer.Option(100, "--trees", help="Trees per quantile forest."),
+    length_target: str = typer.Option("log", "--length-target", help="What the length forest splits on: log "
+                                      "(log1p tokens: better ordering) | raw (tokens: an unbiased mean where lengths "
+                                      "are heavy-tailed; docs/predictors.md)."),
     seed: int = typer.Option(0, "--seed"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
 ) -> None:
@@ -666,6 +669,8 @@ def train(
 
     if encoder not in ("hashing", "minilm"):
         _fail(f"--encoder must be hashing or minilm, got {encoder!r}")
+    if length_target not in ("log", "raw"):
+        _fail(f"--length-target must be log or raw, got {length_target!r}")
     if not workload and not traces:
         _fail("give at least one --workload or --traces")
     t0 = time.perf_counter()
@@ -685,6 +690,7 @@ def train(
         with _progress() as prog:
             bar = prog.add_task("training", total=None)
             pred = train_predictors(data, encoder=encoder, train_frac=train_frac, seed=seed, n_estimators=trees,
+                                    log_target=length_target == "log",
                                     progress=lambda m: prog.update(bar, description=m))
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e).strip("'\""))

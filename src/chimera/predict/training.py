@@ -83,6 +83,7 @@ def train_predictors(
     seed: int = 0,
     n_estimators: int = 100,
     progress: Progress | None = None,
+    log_target: bool = True,
 ) -> Predictors:
     """Fit both predictors on the training split and measure them on the held-out split."""
     from chimera.predict.length import WorkflowLengthForest
@@ -97,7 +98,7 @@ def train_predictors(
                [t.kind for t in data.train])
     say("length forest: building per-stage training rows")
     rows, call_t, rem_t = length_rows(data.train, seed)
-    forest = WorkflowLengthForest(n_estimators=n_estimators, random_state=seed)
+    forest = WorkflowLengthForest(n_estimators=n_estimators, random_state=seed, log_target=log_target)
     forest.fit(rows, call_t, rem_t)
     metrics: dict = {"train_tasks": len(data.train), "test_tasks": len(data.test)}
     if data.test:

@@ -301,12 +301,14 @@ def test_profile_step_is_the_chimera_profile_cli() -> None:
     assert args[args.index("--max-num-batched-tokens") + 1] == "2048"
 
 
-def test_server_tokens_pad_prompts_exactly(tmp_path) -> None:
-    """Padding counted in the server's tokenizer (ChatML rendering) hits the plan's prompt length exactly, also when
-    the task text alone is longer (it is cut) and after noise outputs (carried trimmed to their token count)."""
+def test_server_prompts_are_laid_out_as_the_plans_token_stream(tmp_path) -> None:
+    """Real-engine prompts follow the plan's segments in the server's tokens: each stage's prompt is the plan's
+    prompt length, ChatML markers included (taken out of the segments); a whole-transcript stage starts with every token of the stage before it
+    (so the server's prefix cache can reuse it, as the simulator assumes); a windowed stage shares the system and
+    task prompt; two tasks of a kind share the system prompt, not their whole prompts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from chimera.agents.driver import ServerTokens, _server_messages
+    from chimera.agents.driver import ServerTokens, _plan_messages
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -316,17 +318,42 @@ def test_server_tokens_pad_prompts_exactly(tmp_path) -> None:
     tok.train_from_iterator([" the cat sat on the mat and the dog ran"] * 50, trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
     counter = ServerTokens(str(tmp_path / "tokenizer.json"))
-    tasks = generate(12)
-    for wid, plan, task in make_workflows(tasks):
-        outs, toks = [], []
+
+    def ids(msgs):
+        return counter.tok.encode(counter.render(msgs), add_special_tokens=False).ids
+
+    firsts: dict[str, list[tuple[list[int], int]]] = {}
+    seen = {"full": 0, "windowed": 0}
+    totals = [0, 0]
+    for wid, plan, task in make_workflows(generate(16)):
+        outs, toks, prev = [], [], None
         for st in range(plan.n_stages):
-            want = plan.prompt_tokens(st, toks)
-            msgs, have = _server_messages(task, st, outs, toks, plan, want, counter)
-            assert have == want == counter.count(msgs), (wid, st)
-            outs.append("zq" * 40)
+            msgs, have = _plan_messages(task, st, outs, toks, plan, wid, counter)
+            planned = plan.prompt_tokens(st, toks)
+            markers = counter.count([{"role": m["role"], "content": ""} for m in msgs])
+            # the markers come out of the segments (all of them, unless a message is shorter than its markers)
+            assert planned <= have <= planned + markers and have == len(ids(msgs)), (wid, st)
+            totals[0] += have
+            totals[1] += planned
+            now = ids(msgs)
+            if prev is not None and plan._pfull[st] and plan._pfull[st - 1]:
+                assert now[:len(prev)] == prev, (wid, st)  # stage st-1's whole prompt, then its output
+                seen["full"] += 1
+            elif prev is not None:
+                base = sum(plan._pbase)
+                assert now[:base] == prev[:base], (wid, st)
+                seen["windowed"] += 1
+            prev = now
+            outs.append(" cat dog" * 20)
             toks.append(7)
-    assert counter.count([{"role": "user", "content": ""}]) == len(
-        counter.tok.encode("<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n").ids)
+        firsts.setdefault(plan.kind, []).append((prev, plan._pbase[0]))
+    assert seen["full"] and seen["windowed"]
+    assert totals[1] <= totals[0] < 1.02 * totals[1], totals  # the plan's prompt lengths, markers included
+    for kind, got in firsts.items():
+        (a, sys_t), (b, _) = got[0], got[1]
+        common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        # the ChatML header and the kind's system prompt are shared; the task texts part (after a common opening)
+        assert sys_t + 3 <= common < min(len(a), len(b)), (kind, common, sys_t)
 
 
 def test_cpu_time_of_a_process_group() -> None:

@@ -11,21 +11,26 @@ The summary is `chimera.sim.metrics.summarize(...)`, the same JSON as `chimera s
 Queue time is not observable from the client: `queue_s` is reported as 0 (see `queue_s_note`).
 
 For real engines (`chimera bench live --engine vllm`): `extra_body` adds request fields (`ignore_eos: true`, so a
-vLLM server returns exactly `max_tokens`); `tokenizer` (the server's tokenizer.json, ChatML chat template) makes the
-padding count the server's tokens instead of Qwen's, earlier outputs are carried trimmed to the tokens they were
-generated as (decoded noise re-tokenizes ~13% longer), and `max_model_len` caps `max_tokens` so that prompt +
-output fit. The summary then carries `length_check` (planned vs sent prompt tokens, calls shorter than asked).
+vLLM server returns exactly `max_tokens`); with `tokenizer` (the server's tokenizer.json, ChatML chat template) each
+prompt is laid out as the plan's token stream, segment by segment in the server's tokens (`_plan_messages`: the
+kind's system prompt, the task text, each stage's instructions as text that depends only on the segment, earlier
+outputs as assistant messages trimmed to the tokens they were generated as), so the servers' prefix caches see the
+sharing the simulator models, and the prompt is the plan's length, ChatML markers included. `max_model_len` caps
+`max_tokens` so that prompt + output fit. The summary then carries `length_check` (planned vs sent prompt tokens,
+calls shorter than asked).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import httpx
+import numpy as np
 
 from chimera.sim.metrics import WorkflowRecord, summarize
 from chimera.workload.arrivals import LIVE_STREAM, poisson_arrivals
@@ -165,6 +170,7 @@ class ServerTokens:
 
         self.path = str(path)
         self.tok = Tokenizer.from_file(self.path)
+        self._words: list[str] | None = None
 
     @staticmethod
     def render(msgs: list[dict]) -> str:
@@ -174,44 +180,91 @@ class ServerTokens:
     def count(self, msgs: list[dict]) -> int:
         return len(self.tok.encode(self.render(msgs), add_special_tokens=False).ids)
 
+    def markers(self, role: str | None) -> int:
+        """Tokens a message of `role` adds around its content (None: the generation prompt that ends a prompt)."""
+        text = f"{CHATML_OPEN}assistant\n" if role is None else f"{CHATML_OPEN}{role}\n{CHATML_CLOSE}\n"
+        return len(self.tok.encode(text, add_special_tokens=False).ids)
+
     def trim(self, text: str, n: int) -> str:
         """`text` cut to its first n tokens (a decoded random-token output re-tokenizes longer than it was made)."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
         return text if len(ids) <= n else self.tok.decode(ids[:max(0, n)])
 
-    def pad(self, msgs: list[dict], target: int) -> int:
-        """Append filler to the newest message until the prompt is `target` tokens (when it is shorter); returns
-        the prompt's token count. A filler token is one token here too, so one re-count settles it."""
-        base = msgs[-1]["content"]
-        have, k = self.count(msgs), 0
-        for _ in range(3):
-            if have == target or (have > target and k == 0):
-                break
-            k = max(0, k + target - have)
-            msgs[-1]["content"] = base + FILLER * k
-            have = self.count(msgs)
-        return have
+    def words(self) -> list[str]:
+        """Words that are one token each in this vocabulary with a leading space (so any run of them counts exactly
+        one token per word): the filler alphabet of `filler`."""
+        ws = self._words
+        if ws is None:
+            ws = sorted(w for w in (self.tok.decode([i]) for i in sorted(self.tok.get_vocab().values()))
+                        if len(w) > 3 and w[0] == " " and w[1:].isalpha())
+            ws = [w for w in ws if len(self.tok.encode(w + w, add_special_tokens=False).ids) == 2]
+            if not ws:
+                raise ValueError(f"{self.path}: no single-token words to build prompts from")
+            self._words = ws
+        return ws
+
+    def filler(self, key: object, n: int) -> str:
+        """n tokens of text that depend only on `key`: the same segment (a system prompt, a stage's instructions)
+        renders to the same tokens in every prompt that holds it, and different segments do not share a prefix."""
+        if n <= 0:
+            return ""
+        ws = self.words()
+        seed = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
+        idx = np.random.default_rng(seed).integers(0, len(ws), n)
+        return "".join(ws[i] for i in idx)
 
 
-def _server_messages(task: Task, stage: int, outputs: list[str], out_tokens: list[int], plan: WorkflowPlan,
-                     pad_to: int | None, counter: ServerTokens) -> tuple[list[dict], int]:
-    """As `_messages`, counted in the server's tokens: earlier outputs trimmed to the tokens they were generated as,
-    filler up to `pad_to`. Where the text alone is longer than `pad_to` (the task text in a small-vocabulary
-    tokenizer, the chat template's markers), the task text is cut, then the observation notes are emptied: the
-    server prefills the planned length. Returns (messages, prompt tokens as the server will count them)."""
-    carried = [counter.trim(t, n) for t, n in zip(outputs, out_tokens)]
-    msgs = _messages(task, stage, carried, plan, None)
-    if pad_to is None:
-        return msgs, counter.count(msgs)
-    have = counter.count(msgs)
-    if have > pad_to:
-        ids = counter.tok.encode(msgs[0]["content"], add_special_tokens=False).ids
-        msgs[0]["content"] = counter.tok.decode(ids[:max(1, len(ids) - (have - pad_to))])
-        have = counter.count(msgs)
-        if have > pad_to:
-            for m in msgs[2::2]:  # the observation notes between outputs
-                m["content"] = ""
-    return msgs, counter.pad(msgs, pad_to)
+def _plan_messages(task: Task, stage: int, outputs: list[str], out_tokens: list[int], plan: WorkflowPlan, wid: str,
+                   counter: ServerTokens) -> tuple[list[dict], int]:
+    """The stage's prompt laid out as the plan's token stream (`WorkflowPlan.token_stream`, what the simulator's
+    prefix cache models), in the server's tokens: text segments in user messages, earlier outputs as assistant
+    messages (trimmed to the tokens they were generated as). The system prompt is the same text for every task of
+    the kind, the task prompt for every stage of the task, a carried transcript the same as the earlier call's, so
+    the servers' prefix caches see what the plans say they share.
+
+    Each message's ChatML markers are taken out of its own last segments (an output: its tail; what a short output
+    cannot hold, out of the message after it), and the generation prompt out of the first message; a message holds
+    the same segments at every stage that carries it, so the prompt is the plan's length and a carried transcript
+    still renders to the same tokens. Returns (messages, prompt tokens as the server counts them)."""
+    groups: list[tuple[str, list[tuple[tuple, int]]]] = []  # (role, [(identity, tokens)])
+    for ident, n in plan.token_stream(stage, out_tokens, wid, 0)[:-1]:  # the prompt's segments (not the output)
+        if n <= 0:
+            continue
+        role = "assistant" if ident[1] == "out" else "user"
+        if role == "user" and groups and groups[-1][0] == "user":
+            groups[-1][1].append((ident, n))
+        else:
+            groups.append((role, [(ident, n)]))
+    if not groups:
+        groups.append(("user", []))
+    sizes = [[n for _, n in segs] for _, segs in groups]
+
+    def absorb(k: int, take: int) -> int:  # out of message k's last segments; what did not fit
+        for i in range(len(sizes[k]) - 1, -1, -1):
+            cut = min(take, sizes[k][i])
+            sizes[k][i] -= cut
+            take -= cut
+        return take
+
+    left = 0
+    for k, (role, _) in enumerate(groups):  # what a short message cannot hold goes on to the next one
+        left = absorb(k, left + counter.markers(role) + (counter.markers(None) if k == 0 else 0))
+    if left and groups[-1][0] == "assistant":  # trailing short outputs (a windowed stage): out of the first message,
+        absorb(0, left)  # which ends with this stage's own instructions; else (a carried transcript) a few extra tokens
+    msgs = []
+    for (role, segs), ns in zip(groups, sizes):
+        parts = []
+        for (ident, _), n in zip(segs, ns):
+            if ident[1] == "out":  # an earlier stage's output, carried
+                parts.append(counter.trim(outputs[ident[2]], n))
+            elif ident[1] == "task":  # the task's own text, cut or filled to its planned tokens
+                body = counter.trim(" " + (task.prompt or f"Task {task.id}"), n)
+                have = len(counter.tok.encode(body, add_special_tokens=False).ids)
+                parts.append(body + counter.filler((ident, "rest"), n - have))
+            else:
+                parts.append(counter.filler(ident, n))
+        msgs.append({"role": role, "content": "".join(parts)})
+    return msgs, counter.count(msgs)
 
 
 def _reason(e: BaseException, stage: int) -> str:
@@ -234,8 +287,11 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
             want = plan.prompt_tokens(stage, out_tokens) if cfg.pad_prompts else None
             max_tokens = _max_tokens(plan, stage, model)
             sent, capped = None, False
-            if counter is not None:
-                msgs, sent = _server_messages(task, stage, outputs, out_tokens, plan, want, counter)
+            if counter is not None and cfg.pad_prompts:
+                msgs, sent = _plan_messages(task, stage, outputs, out_tokens, plan, wid, counter)
+            elif counter is not None:  # the bare text, counted as the server counts it
+                msgs = _messages(task, stage, [counter.trim(t, n) for t, n in zip(outputs, out_tokens)], plan)
+                sent = counter.count(msgs)
             else:
                 msgs = _messages(task, stage, outputs, plan, want)
             if cfg.max_model_len is not None and sent is not None and sent + max_tokens > cfg.max_model_len:

@@ -570,7 +570,8 @@ def test_resim_markdown_sets_the_twins_prefix_hits_beside_the_servers() -> None:
     s = {"latency_s": {"mean": 1.0, "p50": 1.0, "p99": 2.0}, "throughput_tasks_per_s": 1.0, "accuracy": 0.5,
          "engines": {"tiny#0": {"prefix_cache": {"queried_tokens": 1000, "hit_tokens": 80}}}}
     row = {"contender": "chimera vllm", "sim": s, "live": s, "fidelity_pct": fidelity(s, s),
-           "server_metrics": {"tiny": {"prefix_cache_queries": 400.0, "prefix_cache_hits": 64.0}}}
+           "server_metrics": {"tiny": {"prefix_cache_queries": 400.0, "prefix_cache_hits": 64.0,
+                                       "prefix_cache_hit_pct": 16.0}}}
     r = {"profiles": {"tiny": "t.yaml"}, "sim_lengths": "online", "capacity_wps": 1.0, "rows": [row],
          "prefix_caching": True, "servers": ["tiny"]}
     assert "| chimera vllm | 16% (twin 8%) |" in resim_markdown(r)

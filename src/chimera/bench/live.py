@@ -1140,17 +1140,10 @@ def resim_markdown(r: dict[str, Any]) -> str:
     if r.get("prefix_caching") and names:
         lines += ["", "Prefix-cache hits, real server (simulated twin), share of prompt tokens:", "",
                   "| contender | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        lines += [f"| {row['contender']} | " + " | ".join(_hits_cell(_with_hit_pct(
-            (row.get("server_metrics") or {}).get(n, {})), row["sim"], n) for n in names) + " |"
+        lines += [f"| {row['contender']} | " + " | ".join(
+            _hits_cell((row.get("server_metrics") or {}).get(n, {}), row["sim"], n) for n in names) + " |"
             for row in r["rows"] if row["sim"] is not None]
     return "\n".join(lines) + "\n"
-
-
-def _with_hit_pct(d: dict[str, Any]) -> dict[str, Any]:
-    """Server counters with `prefix_cache_hit_pct` (stored runs keep it; computed from the counters otherwise)."""
-    if "prefix_cache_hit_pct" in d or not d.get("prefix_cache_queries"):
-        return d
-    return {**d, "prefix_cache_hit_pct": 100.0 * d.get("prefix_cache_hits", 0.0) / d["prefix_cache_queries"]}
 
 
 def live_frontier(b: LiveBench) -> list[dict[str, Any]]:
@@ -1293,11 +1286,11 @@ def _hits_cell(live: dict[str, Any], sim: dict[str, Any] | None, name: str) -> s
     return f"{live.get('prefix_cache_hit_pct', 0):.0f}%" + (f" (twin {twin:.0f}%)" if twin is not None else "")
 
 
-def _server_cells(runs, names: Sequence[str], cell: Callable[[dict[str, Any]], str]):
-    """(run, one table cell per server from its vLLM counters over the run) for each run."""
+def _server_cells(runs, names: Sequence[str], cell: Callable[[dict[str, Any], dict[str, Any] | None, str], str]):
+    """(run, one table cell per server from its vLLM counters over the run, its twin and its name) for each run."""
     for r in runs:
         sm = r.server_metrics or {}
-        yield r, [cell(sm.get(n, {})) for n in names]
+        yield r, [cell(sm.get(n, {}), r.sim, n) for n in names]
 
 
 def real_tables(b: LiveBench) -> list[str]:
@@ -1318,11 +1311,9 @@ def real_tables(b: LiveBench) -> list[str]:
               "| contender | " + " | ".join(f"{n}: prompt / output tokens, preemptions, prefix-cache hits (simulated twin)"
                                              for n in names) + " | prompt reported / planned | short calls |",
               "|---|" + "---|" * len(names) + "---:|---:|"]
-    for r in b.runs:
-        sm = r.server_metrics or {}
-        cells = [f"{d.get('prompt_tokens', 0):,.0f} / {d.get('generation_tokens', 0):,.0f}, "
-                 f"{d.get('num_preemptions', 0):.0f}, {_hits_cell(d, r.sim, n)}" for n, d in ((n, sm.get(n, {}))
-                                                                                     for n in names)]
+    for r, cells in _server_cells(b.runs, names, lambda d, sim, n: (
+            f"{d.get('prompt_tokens', 0):,.0f} / {d.get('generation_tokens', 0):,.0f}, "
+            f"{d.get('num_preemptions', 0):.0f}, {_hits_cell(d, sim, n)}")):
         lc = r.summary.get("length_check") or {}
         ratio = lc.get("prompt_reported_over_planned")
         lines.append(f"| {r.contender.label} | " + " | ".join(cells)
@@ -1332,7 +1323,7 @@ def real_tables(b: LiveBench) -> list[str]:
               "the server, prefill, decode, end to end):", "",
               "| contender | " + " | ".join(f"{n}: TPOT ms; queue / prefill / decode / e2e ms per call" for n in names)
               + " |", "|---|" + "---|" * len(names)]
-    for r, cells in _server_cells(b.runs, names, lambda d: (
+    for r, cells in _server_cells(b.runs, names, lambda d, _sim, _n: (
             f"{d.get('engine_tpot_ms', 0):.2f}; {d.get('engine_queue_ms_per_call', 0):.0f} / "
             f"{d.get('engine_prefill_ms_per_call', 0):.0f} / {d.get('engine_decode_ms_per_call', 0):.0f}"
             f" / {d.get('engine_e2e_ms_per_call', 0):.0f}")):

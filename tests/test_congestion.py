@@ -121,3 +121,63 @@ def test_other_clients_calls_count_as_load_of_our_mean_length():
     load(p, "b", 0, 0.0)
     p.monitor.external["b"] = 5.0  # none of ours there: theirs count as long as this call; throughput model
     assert p.expected_latency(tok)[1] == pytest.approx(5 * 100 / 500.0 + 100 * 0.012)
+
+
+def _inflight(p, model, call_id, pred, dispatched):
+    """Admit a call of `pred` predicted tokens to `model` (pinned) and mark it dispatched at `dispatched` (None:
+    still queued)."""
+    from chimera.sched.types import Call, Prediction
+
+    c = Call(call_id=call_id, workflow_id=f"w{call_id}", kind="qa", prompt="x", stage=0, prompt_tokens=0,
+             arrival_s=0.0, workflow_arrival_s=0.0, pinned_model=model)
+    tok = np.full(len(p.names), float(pred))
+    p.admit(c, 0.0, Prediction(np.full(len(p.names), 0.5), tok, tok))
+    c.dispatched_s = dispatched
+    return c
+
+
+def test_overrun_makes_in_flight_tokens_conditional_on_run_time():
+    """overrun: a running call owes its prediction less what its time has produced at the model's TPOT, and past its
+    prediction overrun × what it produced; a queued call owes all of it. Off (the default): the whole prediction."""
+    on = make_policy("chimera", lam=1.0, congestion="batch", overrun=1.0)
+    off = make_policy("chimera", lam=1.0, congestion="batch")
+    for p in (on, off):
+        p.bind(models())
+        _inflight(p, "a", 1, 100.0, dispatched=0.0)    # 10 s at batch 2 (10 ms): 1,000 made, past its 100
+        _inflight(p, "a", 2, 100.0, dispatched=9.5)    # 0.5 s: 50 made, 50 left
+        _inflight(p, "b", 3, 100.0, dispatched=None)   # queued: all 100
+    got = on._latency.owed_tokens(on.monitor, 10.0)
+    assert got[0] == pytest.approx(1.0 * 1000 + 50) and got[1] == pytest.approx(100.0)
+    # model b has no curve: the throughput model reads the conditional tokens too (at its tpot_s)
+    tok = np.array([10.0, 10.0])
+    a_off, b_off = off._latency.score(_probe(), 10.0, (None, tok, tok), None, off)
+    a_on, b_on = on._latency.score(_probe(), 10.0, (None, tok, tok), None, on)
+    assert b_on == pytest.approx(b_off)  # a queued call: the same either way
+    assert a_on == a_off  # batch model without externality: in-flight tokens only matter beyond the batch limit
+    ext = make_policy("chimera", lam=1.0, congestion="throughput", overrun=1.0)
+    ext.bind(models(curve=()))
+    _inflight(ext, "a", 1, 100.0, dispatched=0.0)  # 10 s at 12 ms: 833 made, past its 100
+    assert ext._latency.owed_tokens(ext.monitor, 10.0)[0] == pytest.approx(10.0 / 0.012)
+    assert ext._latency.score(_probe(), 10.0, (None, tok, tok), None, ext)[0] == pytest.approx(
+        (10.0 / 0.012) / 500.0 + 10 * 0.012)
+    ext.on_complete(ext.monitor._on["a"][1], 11.0)
+    assert ext._latency.owed_tokens(ext.monitor, 11.0)[0] == 0.0 and not ext.monitor._on["a"]
+
+
+def test_requeued_call_is_not_running():
+    """A call the body could not place goes back to its queue undispatched (its run time does not count)."""
+    p = make_policy("chimera", lam=1.0, congestion="batch", overrun=1.0)
+    p.bind(models())
+    c = _inflight(p, "a", 1, 100.0, dispatched=None)
+    got = p.next_call("a", 5.0)
+    assert got is c and c.dispatched_s == 5.0
+    p.requeue(c)
+    assert c.dispatched_s is None
+    assert p._latency.owed_tokens(p.monitor, 50.0)[0] == pytest.approx(100.0)
+
+
+def _probe():
+    from chimera.sched.types import Call
+
+    return Call(call_id=99, workflow_id="probe", kind="qa", prompt="x", stage=0, prompt_tokens=0, arrival_s=0.0,
+                workflow_arrival_s=0.0)

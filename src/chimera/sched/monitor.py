@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from chimera.sched.types import Call
 
 
@@ -16,6 +18,7 @@ class LoadMonitor:
         # simulator leaves it at zero (it is every engine's only client).
         self.external: dict[str, float] = {m: 0.0 for m in models}
         self._owed: dict[int, float] = {}
+        self._on: dict[str, dict[int, Call]] = {m: {} for m in models}  # model -> its calls (queued or running)
 
     def add(self, call: Call) -> None:
         m = call.model
@@ -23,6 +26,15 @@ class LoadMonitor:
         self.pred_tokens[m] += call.pred_call_tokens
         self.calls[m] += 1
         self._owed[call.call_id] = call.pred_call_tokens
+        self._on[m][call.call_id] = call
+
+    def owed_and_elapsed(self, model: str, now: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per call of `model`: predicted tokens still owed, and seconds since it was dispatched (0 while queued)."""
+        on = self._on[model]
+        owed = np.fromiter((self._owed[c] for c in on), float, len(on))
+        elapsed = np.fromiter((0.0 if c.dispatched_s is None else max(0.0, now - c.dispatched_s)
+                               for c in on.values()), float, len(on))
+        return owed, elapsed
 
     def progress(self, call: Call, new_tokens: int) -> None:
         """Tokens streamed back reduce what the model still owes (never below zero)."""
@@ -38,5 +50,6 @@ class LoadMonitor:
         if owed is None:
             return
         m = call.model
+        self._on[m].pop(call.call_id, None)  # type: ignore[index]
         self.pred_tokens[m] = max(0.0, self.pred_tokens[m] - owed)  # type: ignore[index]
         self.calls[m] -= 1  # type: ignore[index]

@@ -194,6 +194,7 @@ class Policy:
     def requeue(self, call: Call) -> None:
         """Put a call taken by `next_call` back in its model's queue with its priority (the body could not place it)."""
         assert call.model is not None
+        call.dispatched_s = None
         self.queues[call.model].push(call, call.priority)
 
     def pick_replica(self, loads: Sequence[float], cached: Sequence[int] | None = None) -> int:

@@ -48,6 +48,10 @@ class ChimeraPolicy(Policy):
         # The share of the time this call's prefill stalls the calls already on a model (its prompt not cached there
         # × the calls on it / its prefill rate) added to the expected latency: the cost a switch puts on the batch.
         prefill_externality: float = Field(default=0.0, ge=0.0)
+        # In-flight tokens conditional on each call's run time (scorers/expected_latency.py): a running call owes its
+        # prediction less what its time has produced, and past its prediction `overrun` × what it has produced.
+        # None: every in-flight call owes its whole prediction until it ends (the paper's).
+        overrun: float | None = Field(default=None, ge=0.0)
         starve_s: float | None = 30.0
         quantum_s: float = 10.0
         scorers: dict[str, float] = Field(default_factory=dict)  # name -> weight, over the defaults above
@@ -71,6 +75,7 @@ class ChimeraPolicy(Policy):
         self._latency.externality = self.externality
         self._latency.affinity = self.affinity
         self._latency.prefill_externality = self.prefill_externality
+        self._latency.overrun = self.overrun
         self._latency.bind(self)
         self._weighted: list[tuple[Any, float]] = []
         for name, w in self.weights().items():

@@ -31,6 +31,10 @@ class ExpectedLatency(Scorer):
     Calls the engines report beyond this scheduler's own (`monitor.external`: other clients, from the gateway's
     scraped gauges) count as in-flight calls of the model's mean predicted length (this call's, when none of ours is
     in flight), in both congestion models.
+    `overrun` (None: off) makes the in-flight tokens conditional on how long each call has run: a running call owes
+    its predicted tokens less those its time since dispatch has produced at m's TPOT for its current batch, and once
+    past its prediction `overrun` × the tokens it has produced (where lengths are heavy-tailed, a call that has run
+    long is likely a runaway with as long again to go: the remaining-life rule of a Pareto tail with α = 1 + 1/overrun).
     `prefill_externality` > 0 adds that share of the time the call's prefill stalls the calls already on m: a replica
     runs a prefill inside its steps, so each of the n/r calls on one of m's r replicas waits prompt left × r / m's
     prefill rate (all replicas): n × prompt left / prefill rate stall-seconds in all. With affinity this is what makes
@@ -41,6 +45,7 @@ class ExpectedLatency(Scorer):
     externality: float = 0.0
     affinity: bool = False
     prefill_externality: float = 0.0
+    overrun: float | None = None
 
     def bind(self, policy) -> None:
         if self.congestion is True:
@@ -74,11 +79,27 @@ class ExpectedLatency(Scorer):
         cached = np.array([call.cached_tokens.get(n, 0) for n in self._names], dtype=float)
         return np.maximum(0.0, call.prompt_tokens - cached)
 
-    def seconds(self, call_tok: np.ndarray, prompt_tokens: int | np.ndarray, monitor) -> np.ndarray:
+    def owed_tokens(self, monitor, now: float) -> np.ndarray:
+        """In-flight tokens per model, each call's conditional on its time since dispatch (`overrun`)."""
+        out = np.zeros(len(self._names))
+        for i, n in enumerate(self._names):
+            owed, elapsed = monitor.owed_and_elapsed(n, now)
+            if not len(owed):
+                continue
+            batch = min(max(1.0, len(owed) / self._replicas[i]), self._limit[i])
+            made = elapsed / self._at(i, batch)
+            out[i] = float(np.where(made < owed, owed - made, self.overrun * made).sum())
+        return out
+
+    def seconds(self, call_tok: np.ndarray, prompt_tokens: int | np.ndarray, monitor,
+                now: float | None = None) -> np.ndarray:
         prefill = prompt_tokens / self._prefill
         if not self.congestion:
             return call_tok * self._tpot + prefill
-        inflight = np.array([monitor.pred_tokens[n] for n in self._names])
+        if self.overrun is not None and now is not None:
+            inflight = self.owed_tokens(monitor, now)
+        else:
+            inflight = np.array([monitor.pred_tokens[n] for n in self._names])
         calls = None
         if any(monitor.external.values()):  # other clients' calls (gateway only), each as long as ours on average
             calls = np.array([monitor.calls[n] for n in self._names], dtype=float)
@@ -109,7 +130,7 @@ class ExpectedLatency(Scorer):
 
     def score(self, call, now, prediction, allowed, policy) -> np.ndarray:
         left = self.prompt_left(call)
-        out = self.seconds(prediction[1], left, policy.monitor)
+        out = self.seconds(prediction[1], left, policy.monitor, now)
         if self.prefill_externality:  # the prefill stalls the calls already on the model's replicas
             calls = np.array([policy.monitor.calls[n] for n in self._names], dtype=float)
             out = out + self.prefill_externality * (left / self._prefill) * calls

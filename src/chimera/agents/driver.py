@@ -171,6 +171,7 @@ class ServerTokens:
         self.path = str(path)
         self.tok = Tokenizer.from_file(self.path)
         self._words: list[str] | None = None
+        self._markers: dict[str | None, int] = {}
 
     @staticmethod
     def render(msgs: list[dict]) -> str:
@@ -182,8 +183,11 @@ class ServerTokens:
 
     def markers(self, role: str | None) -> int:
         """Tokens a message of `role` adds around its content (None: the generation prompt that ends a prompt)."""
-        text = f"{CHATML_OPEN}assistant\n" if role is None else f"{CHATML_OPEN}{role}\n{CHATML_CLOSE}\n"
-        return len(self.tok.encode(text, add_special_tokens=False).ids)
+        got = self._markers.get(role)
+        if got is None:
+            text = f"{CHATML_OPEN}assistant\n" if role is None else f"{CHATML_OPEN}{role}\n{CHATML_CLOSE}\n"
+            got = self._markers[role] = len(self.tok.encode(text, add_special_tokens=False).ids)
+        return got
 
     def trim(self, text: str, n: int) -> str:
         """`text` cut to its first n tokens (a decoded random-token output re-tokenizes longer than it was made)."""

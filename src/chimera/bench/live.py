@@ -1077,8 +1077,9 @@ def _finish(bench: LiveBench, cfg: LiveBenchConfig, out: Path, uses_litellm: boo
         bench.overhead = run_benchmark(cfg.overhead_rates, duration=cfg.overhead_duration_s, out=out / "overhead",
                                        policy="chimera",
                                        litellm=cfg.litellm if uses_litellm else None)
-    (out / "results.json").write_text(json.dumps(to_json(bench), indent=1))
-    (out / "results.md").write_text(markdown(bench))
+    front = live_frontier(bench)
+    (out / "results.json").write_text(json.dumps(to_json(bench, front), indent=1))
+    (out / "results.md").write_text(markdown(bench, front))
     plot_frontier(bench, out / "frontier.png")
 
 
@@ -1162,11 +1163,12 @@ def live_frontier(b: LiveBench) -> list[dict[str, Any]]:
     return frontier(rows)
 
 
-def to_json(b: LiveBench) -> dict[str, Any]:
+def to_json(b: LiveBench, front: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """results.json; `front`: the runs' live_frontier when the caller has it already."""
     out = {"config": b.config.model_dump(), "rate": b.rate, "label": b.label, "model_mapping": b.mapping,
            "runs": [{"contender": r.contender.label, "live": r.summary, "sim": r.sim, "fidelity_pct": r.fidelity}
                     for r in b.runs],
-           "overhead": b.overhead, "frontier": live_frontier(b)}
+           "overhead": b.overhead, "frontier": live_frontier(b) if front is None else front}
     if b.engine is not None:
         out["engine"] = b.engine
         for row, r in zip(out["runs"], b.runs):
@@ -1178,7 +1180,7 @@ def _fmt_models(s: dict[str, Any]) -> str:
     return ", ".join(f"{m}:{v['calls']}" for m, v in s["per_model"].items() if v.get("calls"))
 
 
-def markdown(b: LiveBench) -> str:
+def markdown(b: LiveBench, front: list[dict[str, Any]] | None = None) -> str:
     c = b.config
     if b.engine is not None:
         head = real_header(b)
@@ -1207,7 +1209,8 @@ def markdown(b: LiveBench) -> str:
                              f"{ys['latency_s']['mean'] / xs['latency_s']['mean']:.2f}× | "
                              f"{ys['latency_s']['p99'] / xs['latency_s']['p99']:.2f}× | "
                              f"{100 * (xs['accuracy'] - ys['accuracy']):+.1f} |")
-    front = live_frontier(b)
+    if front is None:
+        front = live_frontier(b)
     if front:
         from chimera.bench.frontier import frontier_markdown
 

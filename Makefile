@@ -84,12 +84,12 @@ bench-predictors: $(STAMP)
 	$(BIN)/chimera eval predictors -w source:mmlu-pro-math --strong Meta-Llama-3_1-70B-Instruct --weak Meta-Llama-3_1-8B-Instruct --out out/eval-mmlu
 	$(BIN)/chimera eval predictors -w source:fireact-hotpotqa --strong gpt-3.5-turbo-0613-ft --weak Llama-2-7b-lora --out out/eval-fireact
 	$(BIN)/chimera eval predictors -w source:routellm-gsm8k --out out/eval-gsm8k
-	$(BIN)/chimera bench predict --predictors out/predictors/mmlu -w source:mmlu-pro-math --models Meta-Llama-3_1-8B-Instruct,Mixtral-8x7B-Instruct-v0.1,Meta-Llama-3_1-70B-Instruct
-	$(BIN)/chimera bench predict --predictors out/predictors/fireact -w source:fireact-hotpotqa
+	$(BIN)/chimera bench predict --predictors out/predictors/mmlu -w source:mmlu-pro-math --models Meta-Llama-3_1-8B-Instruct,Mixtral-8x7B-Instruct-v0.1,Meta-Llama-3_1-70B-Instruct --length-stat median
+	$(BIN)/chimera bench predict --predictors out/predictors/fireact -w source:fireact-hotpotqa --length-stat median
 	$(BIN)/chimera train -w source:fireact-hotpotqa --encoder minilm --out out/predictors/fireact-minilm
-	$(BIN)/chimera bench predict --predictors out/predictors/fireact-minilm -w source:fireact-hotpotqa
-	$(BIN)/chimera bench sim -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --predictors out/predictors/mmlu --lams $(LAMS_TRAINED) --ablation-lam 0.05 --out out/bench-mmlu-math-trained
-	$(BIN)/chimera bench sim -w source:fireact-hotpotqa -c examples/cluster-fireact-a100.yaml --predictors out/predictors/fireact --lams $(LAMS_TRAINED) --ablation-lam 0.05 --out out/bench-fireact-trained
+	$(BIN)/chimera bench predict --predictors out/predictors/fireact-minilm -w source:fireact-hotpotqa --length-stat median
+	$(BIN)/chimera bench sim -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --predictors out/predictors/mmlu --length-stat median --lams $(LAMS_TRAINED) --ablation-lam 0.05 --out out/bench-mmlu-math-trained
+	$(BIN)/chimera bench sim -w source:fireact-hotpotqa -c examples/cluster-fireact-a100.yaml --predictors out/predictors/fireact --length-stat median --lams $(LAMS_TRAINED) --ablation-lam 0.05 --out out/bench-fireact-trained
 
 # Live head-to-head behind BENCHMARKS.md: LiteLLM (simple-shuffle, least-busy) vs Chimera on emulated backends,
 # with the simulator's prediction of the same runs (fidelity).

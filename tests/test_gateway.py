@@ -348,6 +348,30 @@ def test_config_errors_name_the_key(tmp_path):
     assert cfg.policy.params == {"starve_s": 5} and cfg.listen.port == 8000 and cfg.limits.max_queue == 1000
 
 
+def test_the_gateway_reads_the_length_forest_at_the_configured_statistic(tmp_path, synthetic_predictors):
+    """Mean by default, as the simulator and `chimera tune` read it; a tuned `length_stat:` block is honoured."""
+    raw = {"trace_store": str(tmp_path / "t.sqlite"), "predictors": str(synthetic_predictors),
+           "backends": [{"name": "a", "model": "qwen2.5-1.5b", "base_url": "http://x/v1"},
+                        {"name": "b", "model": "qwen2.5-14b", "base_url": "http://x/v1"}]}
+    readings = {}
+    for stat in (None, "median", "mean"):
+        cfg = gateway_config_from_dict(raw if stat is None else {**raw, "length_stat": stat})
+        gw = build_gateway(cfg).state.gateway
+        call = Call(call_id=0, workflow_id="w", kind="math", prompt="What is 17*23?", stage=0, prompt_tokens=9,
+                    arrival_s=0.0, workflow_arrival_s=0.0)
+        readings[stat] = (gw.sched.policy.length.quantile, gw.sched.policy.length.predict_lengths([call])[1])
+        gw.predict_pool.shutdown()
+        gw.trace.close()
+    assert readings[None][0] == readings["mean"][0] == "mean" and readings["median"][0] is None
+    assert (readings[None][1] == readings["mean"][1]).all() and (readings["median"][1] != readings["mean"][1]).any()
+    with pytest.raises(GatewayConfigError, match="length_stat"):
+        gateway_config_from_dict({**raw, "length_stat": "p90"})
+    no_forest = {k: v for k, v in raw.items() if k != "predictors"}
+    with pytest.raises(GatewayConfigError, match="length_stat.*predictors"):
+        gateway_config_from_dict({**no_forest, "length_stat": "mean"})
+    assert gateway_config_from_dict(no_forest).length_stat == "mean"  # unset: fine without predictors
+
+
 def test_trained_predictors_are_mapped_by_workload_model(tmp_path, synthetic_predictors):
     raw = {"trace_store": str(tmp_path / "t.sqlite"), "predictors": str(synthetic_predictors),
            "backends": [{"name": "a", "model": "small", "base_url": "http://x/v1", "workload_model": "qwen2.5-1.5b"},

@@ -51,6 +51,12 @@ def test_simulation_with_trained_predictors_never_tests_on_training_tasks(traine
     res = run_policy(prep, "chimera", rate=1.0, n_tasks=60, lam=0.02)
     assert res["tasks"] == 60 and res["predictors"] == "trained"
     assert res["failed"] == 0
+    # the forest is read at its mean unless told otherwise, as the gateway reads it
+    assert prep.trained[1].quantile == "mean"
+    assert prepare(tasks, default_cluster(), predictors=load_predictors(out),
+                   length_stat="median").trained[1].quantile is None
+    with pytest.raises(ValueError, match="length_stat"):
+        prepare(tasks, default_cluster(), predictors=load_predictors(out), length_stat="p90")
 
 
 def test_cli_train_then_simulate_and_bad_artifact_errors(tmp_path):

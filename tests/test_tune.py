@@ -79,6 +79,23 @@ def test_run_tune_checks_its_pick_on_the_other_half_and_writes_a_gateway_policy(
     cfg = gateway_config_from_dict({"policy": policy, "backends": [
         {"name": "a", "model": "m", "base_url": "http://127.0.0.1:9/v1", "profile": "qwen2.5-7b@a6000"}]})
     assert cfg.policy.name == "chimera"  # the written block is a valid gateway policy
+    assert res["length_stat"] is None and "length_stat" not in policy_yaml(res["policy"], res["length_stat"])
+
+
+def test_a_pick_tuned_with_trained_predictors_carries_its_length_reading(synthetic_predictors):
+    """The gateway must read the forest the way the pick was tuned, or it runs another policy than the one tuned."""
+    from chimera.predict.artifacts import load_predictors
+
+    spec = TuneSpec(target="fastest", load=0.5, lams=[1.0], grid={"externality": [0, 1]}, tasks=40,
+                    length_stat="median")
+    res = run_tune("synthetic", generate(240, seed=11), default_cluster(), spec,
+                   predictors=load_predictors(synthetic_predictors))
+    assert res["length_stat"] == "median" and res["check"]["tuned"]["predictors"] == "trained"
+    block = yaml.safe_load(policy_yaml(res["policy"], res["length_stat"]))
+    assert block["length_stat"] == "median"
+    cfg = gateway_config_from_dict({**block, "predictors": str(synthetic_predictors), "backends": [
+        {"name": "a", "model": "qwen2.5-7b", "base_url": "http://127.0.0.1:9/v1"}]})
+    assert cfg.length_stat == "median" and cfg.policy.lam == res["policy"]["lam"]
 
 
 def test_tune_cli_errors_name_the_bad_part(tmp_path):

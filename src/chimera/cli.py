@@ -111,12 +111,15 @@ def simulate(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Public data directory (default ../shared/data)."),
     predictors: Optional[Path] = typer.Option(None, "--predictors", help="Folder from `chimera train`: trained router "
                                               "and length forest (default: honest per-kind/per-stage priors)."),
+    length_stat: str = typer.Option("mean", "--length-stat", help="How the policy reads the trained length "
+                                    "forest: 'mean' (its predicted mean) or 'median'."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary JSON here."),
 ) -> None:
     """Simulate a workload on a cluster under one policy and print a summary (all results are simulated).
 
     Example: chimera simulate --workload synthetic:500 --policy chimera --rate 2 --json out/chimera.json
     """
+    from chimera.predict.length import stat_quantile
     from chimera.sim.experiment import prepare, run_policy
     from chimera.workload.source import load_workload
 
@@ -130,8 +133,9 @@ def simulate(
         params = _param_pairs(param)
         make_policy(policy, lam=lam, **params)  # refuse unknown parameters before any work
         ts, report = load_workload(workload, data_dir=data_dir, seed=seed)
+        stat_quantile(length_stat)
         prep = prepare(ts, _cluster(cluster), seed=seed, train_frac=train_frac, rule=rule,
-                       predictors=_predictors(predictors))
+                       predictors=_predictors(predictors), length_stat=length_stat)
         n = tasks if tasks is not None else len(prep.test)
         with _progress() as prog:
             bar = prog.add_task(f"simulating {policy}", total=n)
@@ -249,8 +253,8 @@ def bench_sim(
     predictors: Optional[Path] = typer.Option(None, "--predictors", help="Folder from `chimera train` (default: priors)."),
     param: list[str] = typer.Option([], "--param", help="POLICY.KEY=VALUE for one policy of the sweep (repeatable), "
                                     "e.g. chimera.congestion=batch."),
-    length_stat: Optional[str] = typer.Option(None, "--length-stat", help="'mean': read the trained length forest's "
-                                              "predicted mean instead of its median."),
+    length_stat: str = typer.Option("mean", "--length-stat", help="How the policy reads the trained length "
+                                    "forest: 'mean' (its predicted mean) or 'median'."),
     engine_order: str = typer.Option("priority", "--engine-order", help="Engines' waiting order: 'priority' (the "
                                      "call's, as vLLM's priority policy) or 'fcfs' (vLLM's default)."),
     hold: Optional[float] = typer.Option(None, "--hold", help="Gateway admission cap per model: HOLD × the batch a "
@@ -349,6 +353,8 @@ def bench_predict(
     workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP + " Request texts to predict for."),
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models (default: the first 3 trained)."),
     batch: int = typer.Option(32, "--batch"),
+    length_stat: str = typer.Option("mean", "--length-stat", help="Read the length forest as the gateway would: "
+                                    "'mean' or 'median'."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
 ) -> None:
     """Router + length prediction cost per request, batched (caches off), on this machine.
@@ -356,16 +362,19 @@ def bench_predict(
     Example: chimera bench predict --predictors out/predictors/mmlu -w source:mmlu-pro-math --batch 32
     """
     from chimera.bench.predict_speed import measure
+    from chimera.predict.length import stat_quantile
     from chimera.workload.source import load_workload
 
     try:
+        stat_quantile(length_stat)
         pred = _predictors(predictors)
         ts, _ = load_workload(workload, data_dir=data_dir)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e).strip("'\""))
     names = [m.strip() for m in models.split(",")] if models else pred.models[:3]
-    res = measure(pred, ts, names, batch=batch)
-    console.print(f"{predictors} ({pred.spec.get('router', {}).get('encoder', '?')} router), batch {batch}, "
+    res = measure(pred, ts, names, batch=batch, length_stat=length_stat)
+    console.print(f"{predictors} ({pred.spec.get('router', {}).get('encoder', '?')} router, length {length_stat}), "
+                  f"batch {batch}, "
                   f"{len(names)} models: router {res['router_ms']:.3f} ms + length {res['length_ms']:.3f} ms = "
                   f"{res['total_ms']:.3f} ms per request (p90 {res['total_p90_ms']:.3f} ms)")
 
@@ -595,15 +604,15 @@ def tune(
                                     "e.g. affinity=true."),
     tasks: int = typer.Option(1500, "--tasks", help="Workflows per run, on each half of the held-out tasks."),
     seed: int = typer.Option(0, "--seed"),
-    length_stat: Optional[str] = typer.Option(None, "--length-stat", help="'mean': read the trained length forest's "
-                                              "predicted mean instead of its median."),
+    length_stat: str = typer.Option("mean", "--length-stat", help="How the policy reads the trained length "
+                                    "forest: 'mean' (its predicted mean) or 'median'."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     out: Path = typer.Option(Path("out/tune"), "--out", help="Folder for results.md, results.json, policy.yaml."),
 ) -> None:
     """Pick chimera's parameters for a workload on a cluster in the simulator: candidates run on half the held-out
     tasks, the pick is checked on the other half; writes the pick as a gateway `policy:` block (policy.yaml).
 
-    Example: chimera tune -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --predictors out/predictors/mmlu --set congestion=batch --grid externality=0,1,2 --length-stat mean
+    Example: chimera tune -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --predictors out/predictors/mmlu --set congestion=batch --grid externality=0,1,2
     """
     import yaml
     from pydantic import ValidationError
@@ -638,9 +647,10 @@ def tune(
     md = markdown(res)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
-    (out / "policy.yaml").write_text(policy_yaml(res["policy"]))
+    block = policy_yaml(res["policy"], res["length_stat"])
+    (out / "policy.yaml").write_text(block)
     console.print(md)
-    console.print(policy_yaml(res["policy"]))
+    console.print(block)
     console.print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'policy.yaml'} (all results simulated)")
 
 

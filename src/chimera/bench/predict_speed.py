@@ -22,15 +22,16 @@ def _calls(tasks: Sequence[Task], n: int) -> list[Call]:
     return out
 
 
-def measure(pred: Predictors, tasks: Sequence[Task], models: Sequence[str], batch: int = 32, batches: int = 20
-            ) -> dict:
-    """Median and p90 milliseconds per request for the router, the length forest and both, caches off."""
-    from chimera.predict.length import ForestLengths
+def measure(pred: Predictors, tasks: Sequence[Task], models: Sequence[str], batch: int = 32, batches: int = 20,
+            length_stat: str = "mean") -> dict:
+    """Median and p90 milliseconds per request for the router, the length forest (read as the gateway reads it,
+    `length_stat`) and both, caches off."""
+    from chimera.predict.length import ForestLengths, stat_quantile
     from chimera.predict.router import RouterConfidence
 
     mapping = {m: m for m in models}
     router = RouterConfidence(pred.router, mapping, cache_size=0)
-    length = ForestLengths(pred.length, mapping, cache_size=0)
+    length = ForestLengths(pred.length, mapping, quantile=stat_quantile(length_stat), cache_size=0)
     calls = _calls(tasks, batch * (batches + 2))
     r_ms, l_ms = [], []
     for b in range(batches + 2):
@@ -45,6 +46,6 @@ def measure(pred: Predictors, tasks: Sequence[Task], models: Sequence[str], batc
             l_ms.append(1000 * (t2 - t1) / batch)
     r, ln = np.array(r_ms), np.array(l_ms)
     both = r + ln
-    return {"batch": batch, "models": len(models),
+    return {"batch": batch, "models": len(models), "length_stat": length_stat,
             "router_ms": float(np.median(r)), "length_ms": float(np.median(ln)),
             "total_ms": float(np.median(both)), "total_p90_ms": float(np.percentile(both, 90))}

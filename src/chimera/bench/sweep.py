@@ -24,7 +24,7 @@ class SweepSpec:
     train_frac: float = 0.3
     predictions: Sequence[str] = ()  # extra predictor choices (e.g. oracle-scores) for every λ-taking policy, not presets
     params: dict[str, dict] = field(default_factory=dict)  # policy name -> its parameters (checked before any run)
-    length_stat: str | None = None  # trained length forest read at its median (None) or its mean ("mean")
+    length_stat: str = "mean"  # the trained length forest read at its mean or its median
     engine_order: str = "priority"  # the engines' waiting order: the call's priority, or "fcfs" (vLLM's default)
     hold: float | None = None  # gateway admission cap: hold × a replica's KV-limited batch × replicas (None: max_num_seqs)
 
@@ -93,8 +93,8 @@ def check_spec(spec: SweepSpec) -> None:
             raise ValueError(f"sweep params of {policy!r}: set λ with lams / ablation_lam, not params")
         for lam in lams_for(policy, spec):
             make_policy(policy, lam=lam, **params)
-    if spec.length_stat not in (None, "mean"):
-        raise ValueError(f"length_stat must be 'mean' or unset (the median), got {spec.length_stat!r}")
+    if spec.length_stat not in ("mean", "median"):
+        raise ValueError(f"length_stat must be 'mean' or 'median' (got {spec.length_stat!r})")
     bad = [p for p in spec.predictions if p not in PREDICTIONS]
     if bad:
         raise ValueError(f"unknown predictions {bad}; choose from {', '.join(PREDICTIONS)}")

@@ -38,7 +38,7 @@ class TuneSpec(BaseModel):
     fixed: dict[str, Any] = Field(default_factory=dict)  # chimera parameters every candidate has
     tasks: int = Field(default=1500, ge=10)  # workflows per run, on each half
     seed: int = 0
-    length_stat: Literal["mean"] | None = None
+    length_stat: Literal["mean", "median"] = "mean"  # how the policy reads the trained length forest
 
     @field_validator("grid")
     @classmethod
@@ -86,7 +86,8 @@ def count_runs(spec: TuneSpec) -> int:
 def run_tune(workload_name: str, tasks: Sequence[Task], cluster: ClusterConfig, spec: TuneSpec, predictors=None,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Search on the tuning half, check on the other; returns {"spec", "rate", "tuning", "check", "pick",
-    "default_pick", "policy"} (rows are `run_policy` summaries with their `params`)."""
+    "default_pick", "policy", "length_stat"} (rows are `run_policy` summaries with their `params`; `length_stat`
+    is the forest reading the pick was made under, None without trained predictors)."""
     check_spec(spec)
     prep = prepare(tasks, cluster, seed=spec.seed, predictors=predictors, length_stat=spec.length_stat)
     cap = capacity_workflows_per_s(prep)
@@ -117,7 +118,8 @@ def run_tune(workload_name: str, tasks: Sequence[Task], cluster: ClusterConfig, 
         r.update(workload=workload_name, load=spec.load, capacity_wps=cap)
     return {"spec": spec.model_dump(), "rate": rate, "tuning": {"baselines": base_tune, "defaults": defaults,
                                                                 "candidates": tried},
-            "check": check, "pick": chosen, "default_pick": default_chosen, "policy": policy}
+            "check": check, "pick": chosen, "default_pick": default_chosen, "policy": policy,
+            "length_stat": spec.length_stat if predictors is not None else None}
 
 
 def _cell(r: dict | None, base: dict | None = None) -> str:
@@ -166,10 +168,12 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def policy_yaml(policy: dict[str, Any] | None) -> str:
-    """The pick as a gateway config's `policy:` block (docs/gateway.md)."""
+def policy_yaml(policy: dict[str, Any] | None, length_stat: str | None = None) -> str:
+    """The pick as a gateway config's `policy:` block; tuned with trained predictors, also the `length_stat:` it
+    was tuned under, so the gateway reads its forest the same way (docs/gateway.md)."""
     import yaml
 
     if policy is None:
         return "# no candidate met the target on the tuning half\n"
-    return yaml.safe_dump({"policy": policy}, sort_keys=False)
+    doc = {"length_stat": length_stat} if length_stat else {}
+    return yaml.safe_dump({**doc, "policy": policy}, sort_keys=False)

@@ -77,7 +77,7 @@ def build_policy(cfg: GatewayConfig, infos) -> Policy:
     if cfg.predictors:
         from chimera.engine.profiles import profile
         from chimera.predict.artifacts import load_predictors
-        from chimera.predict.length import ForestLengths
+        from chimera.predict.length import ForestLengths, stat_quantile
         from chimera.predict.router import RouterConfidence
 
         from chimera.serve.config import GatewayConfigError
@@ -98,7 +98,8 @@ def build_policy(cfg: GatewayConfig, infos) -> Policy:
             raise GatewayConfigError(
                 f"key 'predictors': {cfg.predictors} was trained on {preds.models}; served model(s) {unknown} are "
                 "not among them: set `workload_model` on their backends to one of those names")
-        conf, length = RouterConfidence(preds.router, mapping), ForestLengths(preds.length, mapping)
+        conf = RouterConfidence(preds.router, mapping)
+        length = ForestLengths(preds.length, mapping, quantile=stat_quantile(cfg.length_stat))
     else:
         conf, length = SizePriorConfidence(infos), RunningLength([i.name for i in infos])
     return make_policy(cfg.policy.name, confidence=conf, length=length, lam=cfg.policy.lam, **cfg.policy.params)

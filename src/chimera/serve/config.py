@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from chimera.sched.registry import live_refusal
 from chimera.yamlfile import read_yaml
@@ -89,6 +89,7 @@ class GatewayConfig(_Strict):
     auth: Auth = Field(default_factory=Auth)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     predictors: str | None = None
+    length_stat: Literal["mean", "median"] = "mean"  # how the policy reads the trained length forest
     trace_store: str = "chimera-traces.sqlite"
     backends: list[Backend] = Field(min_length=1)
     limits: Limits = Field(default_factory=Limits)
@@ -102,6 +103,9 @@ class GatewayConfig(_Strict):
             raise ValueError(f"backends: duplicate backend name(s) {dup}")
         if "chimera" in {b.model for b in self.backends}:
             raise ValueError("backends: model name 'chimera' is reserved (it asks the policy to choose)")
+        if "length_stat" in self.model_fields_set and not self.predictors:
+            raise ValueError("length_stat: it says how to read the trained length forest; set `predictors` too "
+                             "(the online priors have no length distribution to read)")
         return self
 
     @property

@@ -81,7 +81,7 @@ def prepare(
     rule: str = "weighted",
     templates: dict[str, WorkflowTemplate] | None = None,
     predictors: Predictors | None = None,
-    length_stat: str | None = None,
+    length_stat: str = "mean",
 ) -> Prepared:
     """Split, map to the cluster's model names and fit the honest priors; with trained `predictors`, use their
     split and drop any task they were trained on from the simulated set."""
@@ -110,14 +110,15 @@ def prepare(
     return prep
 
 
-def trained_adapters(predictors: Predictors, cluster: ClusterConfig, length_stat: str | None = None):
+def trained_adapters(predictors: Predictors, cluster: ClusterConfig, length_stat: str = "mean"):
     """The trained router and forest seen through the cluster's model names (`workload_model` mapping);
-    `length_stat` "mean" reads the forest's predicted mean length instead of its median (ForestLengths)."""
-    from chimera.predict.length import ForestLengths
+    `length_stat` "mean" reads the forest's predicted mean length, "median" its median (ForestLengths)."""
+    from chimera.predict.length import ForestLengths, stat_quantile
     from chimera.predict.router import RouterConfidence
 
     mapping = {m.name: (m.workload_model or m.name) for m in cluster.models}
-    return RouterConfidence(predictors.router, mapping), ForestLengths(predictors.length, mapping, quantile=length_stat)
+    return RouterConfidence(predictors.router, mapping), ForestLengths(predictors.length, mapping,
+                                                                    quantile=stat_quantile(length_stat))
 
 
 def train_calls(prep: Prepared, limit: int = 2000) -> list[Call]:

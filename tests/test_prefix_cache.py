@@ -455,3 +455,53 @@ def test_real_vllm_prefix_cache_matches_the_model():
     if modelled:
         assert [(m["queries"], m["hits"]) for m in modelled] == [(1400, 0), (1400, 1280)]
     assert measured[1]["ttft_s"] < measured[0]["ttft_s"]
+
+
+# ---- the free-context what-if bound (bench sim --free-context) ------------------------------------------------
+def test_new_prompt_tokens_are_what_no_earlier_stage_computed():
+    templates = load_templates()
+    task = next(t for t in generate(60, seed=1, kinds=("qa",)))
+    plan = next(p for k in range(40)
+                if (p := plan_workflow(task, template_for("qa", templates), np.random.default_rng([0, k]))).n_stages
+                >= 3)
+    model = plan.models[0]
+    outs = [plan.output_tokens(s, model) for s in range(plan.n_stages)]
+    assert plan.new_prompt_tokens(0, []) == plan.prompt_tokens(0, [])  # nothing before the first call
+    for s in range(1, plan.n_stages):
+        earlier = plan.token_stream(s - 1, outs[:s - 1], "w", outs[s - 1])
+        # a whole-transcript stage: its prompt is the previous call's stream, then the new text
+        assert plan.new_prompt_tokens(s, outs[:s]) == plan.prompt_tokens(s, outs[:s]) - sum(n for _, n in earlier)
+    code = generate(60, seed=1, kinds=("code",))[0]
+    win = next(p for k in range(40)
+               if (p := plan_workflow(code, template_for("code", templates), np.random.default_rng([0, k]))).n_stages
+               >= 3)
+    wouts = [win.output_tokens(s, win.models[0]) for s in range(win.n_stages)]
+    for s in range(1, win.n_stages):  # a windowed stage: carried outputs and the shared prompts are not new
+        assert 1 <= win.new_prompt_tokens(s, wouts[:s]) <= win.prompt_tokens(s, wouts[:s]) - sum(win._pbase)
+
+
+def test_seq_prefill_tokens_shorten_the_prefill_but_not_the_kv():
+    model = FlatModel(budget=2048)
+    short = Seq("s", 1400, 4, prefill_tokens=120)
+    assert (short.prefill_left, short.kv_prompt) == (120, 1400)
+    assert Seq(0, 10, 5, prefill_tokens=0).prefill_left == 1 and Seq(0, 10, 5, prefill_tokens=99).prefill_left == 10
+    eng = Engine("e", model)
+    eng.add(short, 0.0)
+    assert eng.kv_used() >= 1400  # the whole prompt holds KV
+    done = []
+    while eng.next_event_time() < math.inf:
+        done += eng.advance()
+    assert done[0].first_token_s == pytest.approx(model.step_time(0, 0, 120))  # as a 1,280-token cache hit would
+
+
+def test_free_context_bounds_what_affinity_can_save(tasks):
+    """With every workflow's earlier context free on every replica, prefill can only shrink: mean latency is at or
+    below what caching alone gives."""
+    prep = prepare(generate(200, seed=3, kinds=("qa",)), _cluster(prefix_caching=True), seed=3)
+    wfs = prep.workflows(80, 5)
+    cached = run_policy(prep, "vllm", rate=2.0, workflows=wfs, seed=5)
+    free = run_policy(prep, "vllm", rate=2.0, workflows=wfs, seed=5, free_context=True)
+    assert free["free_context"] is True and cached["free_context"] is False
+    assert free["latency_s"]["mean"] < cached["latency_s"]["mean"]
+    assert {m: v["calls"] for m, v in free["per_model"].items()} == {m: v["calls"] for m, v in
+                                                                     cached["per_model"].items()}  # round-robin

@@ -27,6 +27,7 @@ class SweepSpec:
     length_stat: str = "mean"  # the trained length forest read at its mean or its median
     engine_order: str = "priority"  # the engines' waiting order: the call's priority, or "fcfs" (vLLM's default)
     hold: float | None = None  # gateway admission cap: hold × a replica's KV-limited batch × replicas (None: max_num_seqs)
+    free_context: bool = False  # what-if bound: a workflow's earlier context is free (cached) on every replica
 
 
 def capacity_workflows_per_s(prep: Prepared) -> float:
@@ -69,6 +70,7 @@ def run_sweep(
                 for lam in lams_for(policy, spec):
                     res = run_policy(prep, policy, rate=rate, seed=spec.seed, lam=lam, workflows=wfs,
                                      predictions=choice, engine_order=spec.engine_order, hold=spec.hold,
+                                     free_context=spec.free_context,
                                      **spec.params.get(policy, {}))
                     res.update(workload=workload_name, load=load, capacity_wps=cap)
                     if choice is not None:  # its own row label: the policy under that predictor choice

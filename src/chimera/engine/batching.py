@@ -42,7 +42,7 @@ class Seq:
     )
 
     def __init__(self, call: Any, prompt_tokens: int, output_tokens: int, key: float = 0.0,
-                 prefix: Segments | None = None) -> None:
+                 prefix: Segments | None = None, prefill_tokens: int | None = None) -> None:
         self.call = call
         self.prompt_tokens = int(prompt_tokens)
         self.output_tokens = max(1, int(output_tokens))
@@ -51,7 +51,9 @@ class Seq:
         self.state = WAITING
         self.generated = 0
         self.kv_prompt = self.prompt_tokens  # tokens to (re)compute before decoding resumes
-        self.prefill_left = self.prompt_tokens
+        # fewer than the prompt only in a what-if where part of it is taken as cached (a preemption recomputes all)
+        self.prefill_left = self.prompt_tokens if prefill_tokens is None else max(1, min(self.prompt_tokens,
+                                                                                         int(prefill_tokens)))
         self.join_step = 0
         self.done_step = 0
         self.start_s: float | None = None

@@ -164,20 +164,23 @@ def run_policy(
     predictions: str | None = None,
     engine_order: str = "priority",
     hold: float | None = None,
+    free_context: bool = False,
     **policy_params,
 ) -> dict:
     """Simulate one policy on the prepared held-out tasks; returns the summary dict.
 
     `predictions` picks the predictors (see `choose_predictors`; default: the preset's choice, e.g. chimera-oracle's
     oracle, else trained if given, else priors); explicit `confidence`/`length` replace the honest ones.
-    `engine_order` and `hold` are the Simulator's (the engines' queue order; the gateway's admission cap)."""
+    `engine_order`, `hold` and `free_context` are the Simulator's (the engines' queue order; the gateway's
+    admission cap; the what-if where a workflow's earlier context is free on every replica)."""
     predictions = predictions or policy_entry(policy).predictions
     conf, lens, label = choose_predictors(prep, predictions)
     if label in ("priors", "trained"):
         conf, lens = confidence or conf, length or lens
     pol = make_policy(policy, confidence=conf, length=lens, lam=lam, **policy_params)
     wfs = workflows if workflows is not None else prep.workflows(n_tasks, seed)
-    sim = Simulator(prep.runtimes, pol, wfs, rate=rate, agents=agents, seed=seed, engine_order=engine_order, hold=hold)
+    sim = Simulator(prep.runtimes, pol, wfs, rate=rate, agents=agents, seed=seed, engine_order=engine_order, hold=hold,
+                    free_context=free_context)
     sim.admission.prepare(train_calls(prep))
     result = sim.run(progress=progress)
     result["lam"] = getattr(pol, "lam", None)
@@ -185,5 +188,5 @@ def run_policy(
     result["agents"] = agents
     result["skipped_tasks"] = prep.skipped
     result["predictors"] = label
-    result["engine_order"], result["hold"] = engine_order, hold
+    result["engine_order"], result["hold"], result["free_context"] = engine_order, hold, free_context
     return result

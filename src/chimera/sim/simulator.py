@@ -59,17 +59,21 @@ class Simulator:
         record: Callable[[Event], None] | None = None,
         engine_order: str = "priority",
         hold: float | None = None,
+        free_context: bool = False,
     ) -> None:
         """`engine_order`: how a replica orders the calls waiting inside it, "priority" (the call's priority, as
         vLLM's priority scheduling does; the default) or "fcfs" (arrival at the engine, vLLM's default policy).
         `hold`: admit at most hold × the batch a replica can run at a typical context (ModelInfo.batch_limit, the
         smaller of max_num_seqs and its KV room) × replicas calls per model; the rest wait at the gateway, in the
-        policy's order (default: the policy's max_inflight, max_num_seqs × replicas)."""
+        policy's order (default: the policy's max_inflight, max_num_seqs × replicas).
+        `free_context` (a what-if bound): a call after its workflow's first prefills only its newest text, as if its
+        workflow's earlier context were cached on every replica of every model; no placement can save more prefill."""
         if engine_order not in ("priority", "fcfs"):
             raise ValueError(f"engine_order must be 'priority' or 'fcfs', got {engine_order!r}")
         if hold is not None and hold <= 0:
             raise ValueError(f"hold must be > 0, got {hold}")
         self.engine_order = engine_order
+        self.free_context = free_context
         if (rate is None) == (agents is None) and arrivals is None:
             raise ValueError("give exactly one of rate (open loop) or agents (closed loop)")
         if rate is not None and rate <= 0:
@@ -236,8 +240,13 @@ class Simulator:
         wf: Workflow = call.ctx
         out = wf.plan.output_tokens(call.stage, call.model)
         key = call.priority if self.engine_order == "priority" else now
-        stream = None if eng.prefix_cache is None else wf.plan.token_stream(call.stage, wf.outputs, wf.wid, out)
-        rejected = eng.add(Seq(call, call.prompt_tokens, out, key=key, prefix=stream), now)
+        if self.free_context and call.stage > 0:  # nothing to look up: the context is taken as cached
+            seq = Seq(call, call.prompt_tokens, out, key=key,
+                      prefill_tokens=wf.plan.new_prompt_tokens(call.stage, wf.outputs))
+        else:
+            stream = None if eng.prefix_cache is None else wf.plan.token_stream(call.stage, wf.outputs, wf.wid, out)
+            seq = Seq(call, call.prompt_tokens, out, key=key, prefix=stream)
+        rejected = eng.add(seq, now)
         for seq in rejected:
             self._finish_call(seq, now)
         self._refresh(eng)

@@ -154,6 +154,15 @@ class WorkflowPlan:
         segs.append(((run, "out", stage), int(output_tokens)))
         return tuple(segs)
 
+    def new_prompt_tokens(self, stage: int, prev_outputs: Sequence[int]) -> int:
+        """Tokens of `stage`'s prompt that no earlier stage of the run computed (its newest text, >= 1): what it
+        would prefill if everything its workflow computed before were cached wherever it runs (a what-if bound)."""
+        seen: set[object] = set()
+        for j in range(stage):
+            seen.update(sid for sid, _ in self.token_stream(j, prev_outputs, None, int(prev_outputs[j])))
+        prompt = self.token_stream(stage, prev_outputs, None, 0)[:-1]
+        return max(1, sum(n for sid, n in prompt if sid not in seen))
+
     def score(self, stage_models: Sequence[str]) -> float:
         """Task quality when stage i ran on stage_models[i], by this plan's quality rule."""
         if len(stage_models) != self.n_stages:

@@ -246,15 +246,17 @@ def test_preemptive_engine_with_cache_finishes_everything():
 
 
 # ---- plans: a stage's stream starts with the earlier stage's --------------------------------------------------
+def _multi_stage_plan(kind: str):
+    """A plan of the first generated task of `kind` with at least three stages (qa: whole transcript; code:
+    windowed)."""
+    task = generate(60, seed=1, kinds=(kind,))[0]
+    template = template_for(kind, load_templates())
+    return next(p for k in range(40)
+                if (p := plan_workflow(task, template, np.random.default_rng([0, k]))).n_stages >= 3)
+
+
 def test_whole_transcript_stage_streams_extend_the_previous_call():
-    templates = load_templates()
-    task = next(t for t in generate(60, seed=1, kinds=("qa",)))
-    plan = None
-    for k in range(40):  # a multi-stage plan
-        plan = plan_workflow(task, template_for("qa", templates), np.random.default_rng([0, k]))
-        if plan.n_stages >= 3:
-            break
-    assert plan is not None and plan.n_stages >= 3
+    plan = _multi_stage_plan("qa")
     model = plan.models[0]
     outs: list[int] = []
     prev = None
@@ -271,11 +273,7 @@ def test_whole_transcript_stage_streams_extend_the_previous_call():
 
 
 def test_windowed_stage_shares_system_and_task_prompt():
-    templates = load_templates()
-    task = next(t for t in generate(60, seed=1, kinds=("code",)))
-    plan = next(p for k in range(40)
-                if (p := plan_workflow(task, template_for("code", templates), np.random.default_rng([0, k]))).n_stages
-                >= 3)
+    plan = _multi_stage_plan("code")
     outs = [plan.output_tokens(s, plan.models[0]) for s in range(plan.n_stages)]
     for s in range(plan.n_stages):
         st = plan.token_stream(s, outs[:s], "w", outs[s])
@@ -459,11 +457,7 @@ def test_real_vllm_prefix_cache_matches_the_model():
 
 # ---- the free-context what-if bound (bench sim --free-context) ------------------------------------------------
 def test_new_prompt_tokens_are_what_no_earlier_stage_computed():
-    templates = load_templates()
-    task = next(t for t in generate(60, seed=1, kinds=("qa",)))
-    plan = next(p for k in range(40)
-                if (p := plan_workflow(task, template_for("qa", templates), np.random.default_rng([0, k]))).n_stages
-                >= 3)
+    plan = _multi_stage_plan("qa")
     model = plan.models[0]
     outs = [plan.output_tokens(s, model) for s in range(plan.n_stages)]
     assert plan.new_prompt_tokens(0, []) == plan.prompt_tokens(0, [])  # nothing before the first call
@@ -471,10 +465,7 @@ def test_new_prompt_tokens_are_what_no_earlier_stage_computed():
         earlier = plan.token_stream(s - 1, outs[:s - 1], "w", outs[s - 1])
         # a whole-transcript stage: its prompt is the previous call's stream, then the new text
         assert plan.new_prompt_tokens(s, outs[:s]) == plan.prompt_tokens(s, outs[:s]) - sum(n for _, n in earlier)
-    code = generate(60, seed=1, kinds=("code",))[0]
-    win = next(p for k in range(40)
-               if (p := plan_workflow(code, template_for("code", templates), np.random.default_rng([0, k]))).n_stages
-               >= 3)
+    win = _multi_stage_plan("code")
     wouts = [win.output_tokens(s, win.models[0]) for s in range(win.n_stages)]
     for s in range(1, win.n_stages):  # a windowed stage: carried outputs and the shared prompts are not new
         assert 1 <= win.new_prompt_tokens(s, wouts[:s]) <= win.prompt_tokens(s, wouts[:s]) - sum(win._pbase)

@@ -15,14 +15,14 @@ from chimera.sched.types import Call
 
 Quantiles = float | Sequence[float] | None
 LengthStat = Literal["mean", "median"]
-# The policy reads the forest's predicted mean by default: expected latency is a sum of lengths, and where lengths are
-# heavy-tailed the median under-counts a model's work (MMLU-Pro math, 3 seeds: 0.80-0.84x least-loaded's speed at
-# the latency end with the median, 1.03-1.06x with the mean; BENCHMARKS.md "The forest's mean as the default").
-DEFAULT_LENGTH_STAT: LengthStat = "mean"
 
 
 def stat_quantile(stat: LengthStat) -> str | None:
-    """ForestLengths' `quantile` for a length statistic: "mean", or None (the forest's own quantile, the median)."""
+    """ForestLengths' `quantile` for a length statistic: "mean", or None (the forest's own quantile, the median).
+
+    The simulator, `chimera tune` and the gateway default to "mean": expected latency is a sum of lengths, and where
+    lengths are heavy-tailed the median under-counts a model's work (BENCHMARKS.md, "the forest's mean as the
+    default reading")."""
     if stat not in ("mean", "median"):
         raise ValueError(f"length_stat must be 'mean' or 'median' (got {stat!r})")
     return "mean" if stat == "mean" else None

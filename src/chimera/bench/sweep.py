@@ -83,6 +83,7 @@ def run_sweep(
 
 def check_spec(spec: SweepSpec) -> None:
     """Refuse unknown policies, parameters and predictor choices before anything runs (errors name the key)."""
+    from chimera.predict.length import stat_quantile
     from chimera.sched.registry import PREDICTIONS, make_policy
 
     stray = [p for p in spec.params if p not in spec.policies]
@@ -95,8 +96,7 @@ def check_spec(spec: SweepSpec) -> None:
             raise ValueError(f"sweep params of {policy!r}: set λ with lams / ablation_lam, not params")
         for lam in lams_for(policy, spec):
             make_policy(policy, lam=lam, **params)
-    if spec.length_stat not in ("mean", "median"):
-        raise ValueError(f"length_stat must be 'mean' or 'median' (got {spec.length_stat!r})")
+    stat_quantile(spec.length_stat)  # 'mean' or 'median'
     bad = [p for p in spec.predictions if p not in PREDICTIONS]
     if bad:
         raise ValueError(f"unknown predictions {bad}; choose from {', '.join(PREDICTIONS)}")

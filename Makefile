@@ -39,9 +39,9 @@ $(VLLM_STAMP): $(VLLM_LOCK)
 	    && $(VLLM_VENV)/bin/pip install -q --no-deps -r $(VLLM_LOCK); then touch $(VLLM_STAMP); \
 	else echo "warning: could not build $(VLLM_VENV) from $(VLLM_LOCK); tests marked vllm will skip" >&2; fi
 
-$(MODELS_STAMP): $(VLLM_STAMP) src/chimera/engines/models.py
+$(MODELS_STAMP): $(VLLM_STAMP) src/chimera/backends/random_models.py
 	@if [ -f $(VLLM_STAMP) ]; then \
-	    PYTHONPATH=src $(VLLM_VENV)/bin/python -m chimera.engines.models --out $(MODELS_DIR) && touch $(MODELS_STAMP); \
+	    PYTHONPATH=src $(VLLM_VENV)/bin/python -m chimera.backends.random_models --out $(MODELS_DIR) && touch $(MODELS_STAMP); \
 	else echo "warning: no $(VLLM_VENV): random-weight models not built; tests marked vllm will skip" >&2; fi
 
 vllm-venv: $(VLLM_STAMP)

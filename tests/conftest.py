@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def synthetic_predictors(tmp_path_factory):
     """A small trained predictor folder (router + length forest) on the synthetic workload's three Qwen models."""
-    from chimera.predict.training import gather, train_predictors
+    from chimera.train.predictors import gather, train_predictors
     from chimera.workload.synthetic import generate
 
     data = gather([("synthetic", generate(240, seed=11))], train_frac=0.7)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chimera.engine.profiles import cluster_from_dict
+from chimera.perfmodel.profiles import cluster_from_dict
 from chimera.sched.affinity import pick_replica
 from chimera.sched.registry import make_policy
 from chimera.sched.types import Call, ModelInfo

@@ -14,7 +14,7 @@ from chimera.cli import app
 from chimera.emulate import EmulatorServer
 from chimera.serve import build_gateway
 from chimera.serve.config import gateway_config_from_dict
-from chimera.threaded import serve_in_thread
+from chimera.util.threaded import serve_in_thread
 from chimera.workload.schema import load_tasks, write_tasks
 from chimera.workload.synthetic import generate
 

@@ -20,7 +20,7 @@ from chimera.bench.live import (
 )
 from chimera.cli import app
 from chimera.emulate import EmulatorServer
-from chimera.threaded import serve_in_thread
+from chimera.util.threaded import serve_in_thread
 from chimera.workload.schema import Outcome, Task
 from chimera.workload.synthetic import generate
 from upstreams import fake_upstream, vllm_missing

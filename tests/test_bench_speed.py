@@ -7,7 +7,7 @@ import time
 import pytest
 
 from chimera.bench.sweep import capacity_workflows_per_s
-from chimera.engine.profiles import default_cluster
+from chimera.perfmodel.profiles import default_cluster
 from chimera.sim.experiment import prepare, run_policy
 from chimera.workload.synthetic import generate
 

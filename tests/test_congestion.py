@@ -4,9 +4,9 @@ forest's mean-length reading."""
 import numpy as np
 import pytest
 
-from chimera.engine.perf import StepTimeModel
-from chimera.engine.profiles import profile
-from chimera.engine.speeds import speed_curve, speed_summary
+from chimera.perfmodel.perf import StepTimeModel
+from chimera.perfmodel.profiles import profile
+from chimera.perfmodel.speeds import speed_curve, speed_summary
 from chimera.sched.registry import make_policy
 from chimera.sched.types import ModelInfo
 

@@ -12,9 +12,9 @@ import openai
 import pytest
 
 from chimera.emulate import EmulatorServer, running_emulator
-from chimera.engine.batching import Engine, Seq
-from chimera.engine.perf import StepTimeModel
-from chimera.engine.profiles import profile
+from chimera.perfmodel.batching import Engine, Seq
+from chimera.perfmodel.perf import StepTimeModel
+from chimera.perfmodel.profiles import profile
 from chimera.workload.schema import Outcome, StageOutcome, Task
 from chimera.workload.tokens import count_tokens
 
@@ -215,7 +215,7 @@ def test_no_threads_leak() -> None:
 
 def test_cancel_seq_keeps_engine_consistent() -> None:
     from chimera.emulate.clock import cancel_seq
-    from chimera.engine.batching import DECODE, DONE, PREFILL
+    from chimera.perfmodel.batching import DECODE, DONE, PREFILL
 
     spec = profile(PROFILE).model_copy(update={"max_num_seqs": 1})
     eng = Engine("c", StepTimeModel(spec), max_segment_steps=4)

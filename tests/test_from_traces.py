@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from chimera.cli import app
 from chimera.predict.artifacts import load_predictors
-from chimera.predict.from_traces import TraceStoreError, tasks_from_traces
+from chimera.train.from_traces import TraceStoreError, tasks_from_traces
 from chimera.serve.trace import CALL_COLUMNS, TraceStore
 
 N_WF = 120  # enough for a router head per model (SemanticRouter.min_labels = 30 training rows)

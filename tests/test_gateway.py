@@ -15,7 +15,7 @@ from chimera.sched.registry import make_policy
 from chimera.sched.types import Call
 from chimera.serve import build_gateway, load_gateway_config
 from chimera.serve.config import GatewayConfigError, gateway_config_from_dict
-from chimera.threaded import free_port
+from chimera.util.threaded import free_port
 from upstreams import Served, fake_upstream
 
 CLIENT_KEY, ADMIN_KEY = "client-key", "admin-key"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chimera.engine.batching import Engine, Seq
-from chimera.engine.perf import StepTimeModel
-from chimera.engine.profiles import ClusterError, cluster_from_dict
+from chimera.perfmodel.batching import Engine, Seq
+from chimera.perfmodel.perf import StepTimeModel
+from chimera.perfmodel.profiles import ClusterError, cluster_from_dict
 from chimera.sched.registry import make_policy
 from chimera.sim.experiment import prepare
 from chimera.sim.simulator import Simulator

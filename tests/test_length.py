@@ -12,8 +12,8 @@ from sklearn.base import clone
 
 from chimera.sched.predictors import LengthPredictor
 from chimera.predict.length import ForestLengths, WorkflowLengthForest
-from chimera.predict.length_baselines import PairwiseRanker, StageMeanBaseline
-from chimera.predict.length_eval import evaluate_length_models, grouped_tau, kendall_tau
+from chimera.train.length_baselines import PairwiseRanker, StageMeanBaseline
+from chimera.train.length_eval import evaluate_length_models, grouped_tau, kendall_tau
 from chimera.predict.length_features import LengthFeaturizer, LengthRow, examples_from_plans, rows_from_calls
 from chimera.sched.types import Call
 from chimera.workload import synthetic

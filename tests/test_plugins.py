@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from chimera.bench.sweep import SweepSpec, check_spec, count_runs, extra_predictions, lams_for
-from chimera.engine.profiles import default_cluster
+from chimera.perfmodel.profiles import default_cluster
 from chimera.predict.priors import OracleConfidence, OracleLength
 from chimera.sched.plugin import PolicyParamsError, register_policy, register_scorer, POLICY_REGISTRY, SCORER_REGISTRY
 from chimera.sched.policy import Policy, PolicyParams

@@ -1,4 +1,4 @@
-"""Prefix caching in the engine model (engine/prefix.py, engine/batching.py) and its simulator plumbing."""
+"""Prefix caching in the engine model (perfmodel/prefix.py, perfmodel/batching.py) and its simulator plumbing."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import random
 import numpy as np
 import pytest
 
-from chimera.engine.batching import Engine, Seq
-from chimera.engine.prefix import PrefixCache, block_keys
-from chimera.engine.profiles import ClusterError, cluster_from_dict, default_cluster
+from chimera.perfmodel.batching import Engine, Seq
+from chimera.perfmodel.prefix import PrefixCache, block_keys
+from chimera.perfmodel.profiles import ClusterError, cluster_from_dict, default_cluster
 from chimera.sim.experiment import prepare, run_policy
 from chimera.workload.plan import plan_workflow
 from chimera.workload.synthetic import generate
@@ -386,16 +386,16 @@ def test_real_vllm_prefix_cache_matches_the_model():
     time; on `tiny` TTFT is mostly per-request overhead). A warm-up prompt, then one 1,400-token prompt (token ids)
     twice, one output token each; the prefix-cache counters and the engine's TTFT histogram around each request are
     compared with the engine model at block size 128 (step times from out/prof/MODEL.yaml, `chimera profile`, when
-    present). `pytest -s` prints the figures (docs/engine.md, "Prefix caching")."""
+    present). `pytest -s` prints the figures (docs/perfmodel.md, "Prefix caching")."""
     import os
     import time
     from pathlib import Path
 
     import httpx
 
-    from chimera.engine.perf import StepTimeModel
-    from chimera.engine.profiles import load_profile_file
-    from chimera.engines.vllm import DEFAULT_MODELS, ROOT, ServerSpec, vllm_cluster
+    from chimera.perfmodel.perf import StepTimeModel
+    from chimera.perfmodel.profiles import load_profile_file
+    from chimera.backends.vllm_cpu import DEFAULT_MODELS, ROOT, ServerSpec, vllm_cluster
     from chimera.profiling.metrics import parse_prometheus
     from upstreams import vllm_missing
 

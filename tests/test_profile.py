@@ -15,9 +15,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from chimera.procs import chimera_cmd, spawned
+from chimera.util.procs import chimera_cmd, spawned
 from chimera.cli import app
-from chimera.engine.fit import (
+from chimera.profiling.fit import (
     DecodePoint,
     PrefillPoint,
     SeqTrace,
@@ -29,8 +29,8 @@ from chimera.engine.fit import (
     poorly_fitted,
     with_engine_tpot,
 )
-from chimera.engine.perf import StepTimeModel
-from chimera.engine.profiles import (
+from chimera.perfmodel.perf import StepTimeModel
+from chimera.perfmodel.profiles import (
     ClusterError,
     FittedModelSpec,
     cluster_from_dict,
@@ -40,7 +40,7 @@ from chimera.engine.profiles import (
 )
 from chimera.profiling.client import ProfileConfig, Profiler
 from chimera.profiling.metrics import engine_tpot, read_scrape
-from chimera.threaded import free_port
+from chimera.util.threaded import free_port
 from chimera.sim.cluster import build_runtimes
 
 EMU_PROFILE = "qwen2.5-7b@a6000"

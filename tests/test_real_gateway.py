@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from chimera.engines.vllm import ROOT, ServerSpec, vllm_cluster
+from chimera.backends.vllm_cpu import ROOT, ServerSpec, vllm_cluster
 from chimera.serve import build_gateway
 from chimera.serve.config import gateway_config_from_dict
 from upstreams import Served, vllm_missing

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chimera.engines.vllm import (ROOT, EngineSetupError, ServerSpec, VLLMServer, gateway_yaml_text, group_members,
+from chimera.backends.vllm_cpu import (ROOT, EngineSetupError, ServerSpec, VLLMServer, gateway_yaml_text, group_members,
                                   model_dir, release_shm, shm_files, stop_group, vllm_cluster, vllm_python)
 from upstreams import vllm_missing
 
@@ -136,7 +136,7 @@ def _fake_setup(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_server_command_env_and_gateway_yaml(tmp_path):
     from chimera.serve.config import gateway_config_from_dict
-    from chimera.yamlfile import read_yaml
+    from chimera.util.yamlfile import read_yaml
 
     venv, models = _fake_setup(tmp_path)
     work = tmp_path / "work"

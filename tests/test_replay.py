@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chimera.engine.profiles import cluster_from_dict
+from chimera.perfmodel.profiles import cluster_from_dict
 from chimera.predict.priors import RunningLength
 from chimera.sched.admission import (Admission, Completed, Dispatched, Failed, Progressed, Submitted, Withdrawn,
                                      WorkflowEnded)

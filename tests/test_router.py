@@ -16,8 +16,8 @@ from chimera.sched.predictors import ConfidencePredictor
 from chimera.predict.encoders import HashingEncoder, MiniLMEncoder, make_encoder
 from chimera.predict.priors import KindAccuracyRouter
 from chimera.predict.router import RouterConfidence, SemanticRouter, tasks_to_arrays
-from chimera.predict.router_baselines import KnnRouter, MatrixFactorizationRouter, PriorRouter, RandomRouter
-from chimera.predict.router_eval import (
+from chimera.train.router_baselines import KnnRouter, MatrixFactorizationRouter, PriorRouter, RandomRouter
+from chimera.train.router_eval import (
     area_under_routing_curve,
     ece,
     evaluate_routers,

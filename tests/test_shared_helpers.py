@@ -10,10 +10,10 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from chimera.engine.speeds import size_ranks
+from chimera.perfmodel.speeds import size_ranks
 from chimera.predict.priors import KindAccuracyRouter, kind_accuracy
-from chimera.predict.router_baselines import PriorRouter
-from chimera.threaded import ThreadedServer, serve_in_thread
+from chimera.train.router_baselines import PriorRouter
+from chimera.util.threaded import ThreadedServer, serve_in_thread
 from chimera.workload.arrivals import LIVE_STREAM, SIM_STREAM, poisson_arrivals
 from chimera.workload.synthetic import generate
 from chimera.workload.workflows import repeat_ids

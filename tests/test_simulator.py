@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chimera.bench.sweep import capacity_workflows_per_s
-from chimera.engine.profiles import cluster_from_dict, default_cluster
+from chimera.perfmodel.profiles import cluster_from_dict, default_cluster
 from chimera.sim.experiment import prepare, run_policy
 from chimera.workload.synthetic import generate
 

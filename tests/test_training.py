@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from chimera.cli import app
-from chimera.engine.profiles import default_cluster
+from chimera.perfmodel.profiles import default_cluster
 from chimera.predict.artifacts import load_predictors
-from chimera.predict.training import gather, train_predictors
+from chimera.train.predictors import gather, train_predictors
 from chimera.sim.experiment import prepare, run_policy
 from chimera.workload.schema import write_tasks
 from chimera.workload.synthetic import generate
@@ -104,7 +104,7 @@ def test_cli_train_length_target_raw_fits_tokens_not_their_log(tmp_path):
     raw, log = load_predictors(tmp_path / "raw").length, load_predictors(tmp_path / "log").length
     assert raw.log_target is False and raw.spec()["targets"]["transform"] == "none"
     assert log.log_target is True
-    from chimera.predict.training import length_rows
+    from chimera.train.predictors import length_rows
 
     rows, _, _ = length_rows(generate(20, seed=9), 0)
     assert not np.allclose(raw.predict(rows), log.predict(rows))

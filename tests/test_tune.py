@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from chimera.bench.tune import TuneSpec, candidates, check_spec, count_runs, halves, pick, policy_yaml, run_tune
 from chimera.cli import app
-from chimera.engine.profiles import default_cluster
+from chimera.perfmodel.profiles import default_cluster
 from chimera.serve.config import gateway_config_from_dict
 from chimera.sim.experiment import prepare
 from chimera.workload.synthetic import generate

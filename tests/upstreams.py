@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from chimera.threaded import ThreadedServer
+from chimera.util.threaded import ThreadedServer
 
 
 class Served(ThreadedServer):
@@ -30,7 +30,7 @@ class Served(ThreadedServer):
 
 def vllm_missing() -> str | None:
     """Why the real vLLM CPU servers cannot run here (no `.venv-vllm`, a model not built), or None when they can."""
-    from chimera.engines.vllm import DEFAULT_MODELS, DEFAULT_VENV, EngineSetupError, model_dir, vllm_python
+    from chimera.backends.vllm_cpu import DEFAULT_MODELS, DEFAULT_VENV, EngineSetupError, model_dir, vllm_python
 
     try:
         vllm_python(DEFAULT_VENV)

@@ -39,7 +39,7 @@ def _fail(msg: str) -> None:
 
 
 def _cluster(path: Optional[Path]):
-    from chimera.engine.profiles import default_cluster, load_cluster
+    from chimera.perfmodel.profiles import default_cluster, load_cluster
 
     return load_cluster(path) if path else default_cluster()
 
@@ -475,7 +475,7 @@ def bench_live(
 
     from chimera.bench.litellm_proxy import LiteLLMMissing
     from chimera.bench.live import DEFAULT_CONTENDERS, LiveBenchConfig, run_live_bench
-    from chimera.engines.vllm import EngineSetupError
+    from chimera.backends.vllm_cpu import EngineSetupError
 
     if resim:
         from chimera.bench.live import resim_markdown, resimulate
@@ -682,7 +682,7 @@ def train(
     Example: chimera train -w source:mmlu-pro-math --out out/predictors/mmlu --encoder minilm
     Learning loop: chimera train --traces out/gateway/trace.sqlite --out out/predictors/live
     """
-    from chimera.predict.training import gather, train_predictors
+    from chimera.train.predictors import gather, train_predictors
 
     if encoder not in ("hashing", "minilm"):
         _fail(f"--encoder must be hashing or minilm, got {encoder!r}")
@@ -694,7 +694,7 @@ def train(
     try:
         sets = _workloads(list(workload or []), data_dir, seed)
         if traces:
-            from chimera.predict.from_traces import tasks_from_traces
+            from chimera.train.from_traces import tasks_from_traces
 
             for tp in traces:
                 tasks, st = tasks_from_traces(tp)
@@ -716,11 +716,11 @@ def train(
     console.print(f"trained on {m['train_tasks']} tasks, evaluated on {m['test_tasks']} held-out tasks "
                   f"({len(pred.models)} models) in {time.perf_counter() - t0:.1f} s")
     if "router" in m:
-        from chimera.predict.router_eval import to_markdown
+        from chimera.train.router_eval import to_markdown
 
         console.print(to_markdown(m["router"]))
     if "length" in m:
-        from chimera.predict.length_eval import format_table
+        from chimera.train.length_eval import format_table
 
         console.print(format_table(m["length"]))
     console.print(f"wrote {out}")
@@ -742,10 +742,10 @@ def eval_predictors(
 
     Example: chimera eval predictors -w source:fireact-hotpotqa --out out/eval-fireact
     """
-    from chimera.predict.evaluate import evaluate_predictors, routing_curve_plot
-    from chimera.predict.length_eval import format_table
-    from chimera.predict.router_eval import to_markdown
-    from chimera.predict.training import gather
+    from chimera.train.evaluate import evaluate_predictors, routing_curve_plot
+    from chimera.train.length_eval import format_table
+    from chimera.train.router_eval import to_markdown
+    from chimera.train.predictors import gather
 
     t0 = time.perf_counter()
     try:
@@ -757,7 +757,7 @@ def eval_predictors(
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e).strip("'\""))
     out.mkdir(parents=True, exist_ok=True)
-    from chimera.predict.training import _jsonable
+    from chimera.train.predictors import _jsonable
 
     md = (f"{', '.join(data.workloads)}: {res['train_tasks']} training / {res['test_tasks']} held-out tasks\n\n"
           f"### Router\n\n{to_markdown(res['router'])}\n\n### Remaining workflow tokens\n\n"
@@ -789,7 +789,7 @@ def serve(
 
 @app.command()
 def emulate(
-    profile: str = typer.Option(..., "--profile", help="Engine profile MODEL@GPU (see src/chimera/engine/catalogue.yaml)."),
+    profile: str = typer.Option(..., "--profile", help="Engine profile MODEL@GPU (see src/chimera/perfmodel/catalogue.yaml)."),
     served_model_name: str = typer.Option(..., "--served-model-name", help="Model name clients send."),
     port: int = typer.Option(8001, "--port"),
     host: str = typer.Option("127.0.0.1", "--host"),
@@ -882,9 +882,9 @@ def profile_cmd(
     Check it later: chimera profile --base-url http://127.0.0.1:8000 --model my-model --check out/my-model.yaml
     """
     import yaml
-    from chimera.engine.fit import poorly_fitted
-    from chimera.engine.profiles import ClusterError
-    from chimera.engine.profiles import profile as load_profile
+    from chimera.profiling.fit import poorly_fitted
+    from chimera.perfmodel.profiles import ClusterError
+    from chimera.perfmodel.profiles import profile as load_profile
     from chimera.profiling import MeasureError, ProfileConfig, measure
     from chimera.profiling.document import check_rows
 
@@ -951,7 +951,7 @@ def _profile_write(meas, out, json_out, name, gpu, max_num_seqs, max_num_batched
     """Fit, print the table, write the profile (and JSON)."""
     from pydantic import ValidationError as PydanticValidationError
 
-    from chimera.engine.profiles import ClusterError
+    from chimera.perfmodel.profiles import ClusterError
     from chimera.profiling import build_profile, write_profile
 
     try:
@@ -1132,7 +1132,7 @@ def engines_build_models(
 
     Example: chimera engines build-models --out out/models
     """
-    from chimera.engines.vllm import EngineSetupError, build_models
+    from chimera.backends.vllm_cpu import EngineSetupError, build_models
 
     try:
         rc = build_models(out, _names(models), force=force, venv=venv)
@@ -1159,7 +1159,7 @@ def engines_up(
 
     Example: chimera engines up --models tiny,wide --priority   (then: chimera serve --config out/engines/gateway.yaml)
     """
-    from chimera.engines.vllm import EngineSetupError, ServerSpec, vllm_cluster, wait_until_signalled
+    from chimera.backends.vllm_cpu import EngineSetupError, ServerSpec, vllm_cluster, wait_until_signalled
 
     specs = [ServerSpec(m, priority=priority) for m in _names(models)]
     err.print(f"starting {len(specs)} vLLM server(s) ({', '.join(s.name for s in specs)}); ~40-120 s ...")
@@ -1204,8 +1204,8 @@ def engines_speed(
 
     Example: chimera engines speed --models tiny,wide --levels 1,8,32 --rounds 3
     """
-    from chimera.engines import speed
-    from chimera.engines.vllm import EngineSetupError, ServerSpec, vllm_cluster
+    from chimera.backends import speed
+    from chimera.backends.vllm_cpu import EngineSetupError, ServerSpec, vllm_cluster
 
     try:
         with vllm_cluster([ServerSpec(m) for m in _names(models)], workdir=out, models_dir=models_dir,

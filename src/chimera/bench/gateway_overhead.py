@@ -38,8 +38,8 @@ from typing import Any
 
 import httpx
 
-from chimera.procs import Spawned, spawned, wait_ready
-from chimera.threaded import free_port
+from chimera.util.procs import Spawned, spawned, wait_ready
+from chimera.util.threaded import free_port
 
 BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
 _REPLY = json.dumps({

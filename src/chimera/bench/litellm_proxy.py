@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from chimera.procs import Spawned, spawned
-from chimera.threaded import free_port
+from chimera.util.procs import Spawned, spawned
+from chimera.util.threaded import free_port
 
 LITELLM_VERSION = "1.102.4"  # pinned in the Makefile's .venv-litellm; the newest that resolves on this index
 STRATEGIES = ("simple-shuffle", "least-busy")

@@ -8,7 +8,7 @@ driver's interpreter. Live run against emulated backends (engine model), not rea
 Fidelity: the simulator replays the same workflows at the same arrival times (scaled back by the time scale) under
 the policy the gateway ran, and its latencies, throughput and accuracy are set beside the live ones.
 
-`engine="vllm"` (`--engine vllm`): the backends are real vLLM CPU servers instead (chimera.engines.vllm: `tiny` and
+`engine="vllm"` (`--engine vllm`): the backends are real vLLM CPU servers instead (chimera.backends.vllm_cpu: `tiny` and
 `wide`, random-weight models, one core each), fresh per contender, in real time (time scale 1). Both servers are
 profiled once at the start (`chimera profile`, or PROFILE.yaml files given with `profiles`), and the simulator's
 prediction of each run uses the cluster built from those profiles. Lengths are model-independent (the client sets
@@ -32,8 +32,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from chimera.bench.litellm_proxy import GROUP, STRATEGIES, litellm_config, litellm_proxy
-from chimera.procs import Spawned, chimera_cmd, spawned, wait_ready
-from chimera.threaded import free_port
+from chimera.util.procs import Spawned, chimera_cmd, spawned, wait_ready
+from chimera.util.threaded import free_port
 from chimera.workload.arrivals import LIVE_STREAM, poisson_arrivals
 from chimera.workload.schema import Task
 
@@ -46,7 +46,7 @@ ENGINES = tuple(LABELS)
 REAL_MODELS = ("tiny", "wide")  # real vLLM servers, weakest-mapped first: tiny <- weakest, wide <- strongest
 REAL_MAX_MODEL_LEN = 2048  # the servers' --max-model-len (../shared/real-engines/README.md)
 REAL_MAX_NUM_BATCHED_TOKENS = 2048  # set explicitly on the servers and in their profiles
-REAL_KV_BLOCK_TOKENS = 128  # the CPU build's KV block (its prefix cache reuses whole blocks; docs/engine.md)
+REAL_KV_BLOCK_TOKENS = 128  # the CPU build's KV block (its prefix cache reuses whole blocks; docs/perfmodel.md)
 CONTEXT_MARGIN = 16  # tokens of max_model_len kept free beside each planned call
 MODELS = {"qwen2.5-1.5b": "qwen2.5-1.5b@a6000", "qwen2.5-7b": "qwen2.5-7b@a6000",
           "qwen2.5-14b": "qwen2.5-14b@a6000"}  # served name -> engine profile, smallest first
@@ -139,7 +139,7 @@ class LiveBenchConfig(BaseModel):
     prefix_caching: bool = True
     profile_rounds: int = Field(default=2, ge=1)
     profile_concurrency: str = "1,2,4,8,16,32"
-    models_dir: str | None = None  # default: chimera.engines.vllm.DEFAULT_MODELS (out/models)
+    models_dir: str | None = None  # default: chimera.backends.vllm_cpu.DEFAULT_MODELS (out/models)
     venv: str | None = None  # default: .venv-vllm
 
     @model_validator(mode="before")
@@ -231,7 +231,7 @@ def arrival_rate(tasks: Sequence[Task], load: float, time_scale: float) -> float
     """Live workflows/s: `load` × the simulated saturated throughput of round-robin on the same cluster, sped up by
     the time scale (emulators and tool sleeps both run `time_scale`× faster than real time)."""
     from chimera.bench.sweep import capacity_workflows_per_s
-    from chimera.engine.profiles import default_cluster
+    from chimera.perfmodel.profiles import default_cluster
     from chimera.sim.experiment import prepare
 
     return load * capacity_workflows_per_s(prepare(tasks, default_cluster())) * time_scale
@@ -257,7 +257,7 @@ def emulated_cluster(workload_file: Path, time_scale: float, seed: int, workdir:
 @contextlib.contextmanager
 def chimera_gateway(c: Contender, emus: dict[str, Spawned], workdir: Path):
     """`chimera serve` in front of the emulators (admission per backend = the engine's batch slots)."""
-    from chimera.engine.profiles import profile
+    from chimera.perfmodel.profiles import profile
 
     port = free_port()
     pol: dict[str, Any] = {"name": c.strategy}
@@ -325,7 +325,7 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
     emulated A6000 cluster) and `workflows` (default: the plans built from `tasks`) are what the real engine uses:
     the cluster built from the measured profiles and the length-scaled plans."""
     from chimera.agents.driver import make_workflows
-    from chimera.engine.profiles import default_cluster
+    from chimera.perfmodel.profiles import default_cluster
     from chimera.predict.priors import RunningLength, SizePriorConfidence, StageMeanLength
     from chimera.sched.registry import make_policy
     from chimera.sim.cluster import build_runtimes
@@ -459,7 +459,7 @@ def capacity_of(runtimes, workflows: Sequence[tuple[str, Any, Task]]) -> float:
 
 def real_server_specs(cfg: LiveBenchConfig) -> list:
     """The servers every contender (and the profiling) gets: one model and one core each."""
-    from chimera.engines.vllm import ServerSpec
+    from chimera.backends.vllm_cpu import ServerSpec
 
     return [ServerSpec(m, priority=cfg.priority, max_num_seqs=cfg.max_inflight, kv_cache_gib=cfg.kv_cache_gib,
                        max_model_len=REAL_MAX_MODEL_LEN,
@@ -473,10 +473,10 @@ IPC_PATH_MAX = 107  # bytes of a unix socket path (sockaddr_un.sun_path): vLLM's
 def server_workdir(workdir: Path, names: Sequence[str]) -> Path:
     """Where the servers keep their state (temp dirs, ZMQ sockets, caches, logs): `workdir/srv`, unless a socket
     path there would pass the unix limit (deep or non-ASCII folders, e.g. pytest's): then a short folder under
-    chimera.engines.vllm.DEFAULT_WORKDIR (out/engines/live-HASH), never /tmp."""
+    chimera.backends.vllm_cpu.DEFAULT_WORKDIR (out/engines/live-HASH), never /tmp."""
     import hashlib
 
-    from chimera.engines.vllm import DEFAULT_WORKDIR
+    from chimera.backends.vllm_cpu import DEFAULT_WORKDIR
 
     wd = (Path(workdir) / "srv").resolve()
     longest = max(len(os.fsencode(f"/servers/{i}-{n}/rpc/")) for i, n in enumerate(names)) + 36  # + a uuid4
@@ -496,14 +496,14 @@ def _cluster_kwargs(cfg: LiveBenchConfig) -> dict[str, Any]:
 
 def check_real_setup(cfg: LiveBenchConfig) -> dict[str, Path]:
     """Fail before anything starts: the vLLM venv and every model folder exist. Returns {name: model folder}."""
-    from chimera.engines.vllm import DEFAULT_MODELS, DEFAULT_VENV, model_dir, vllm_python
+    from chimera.backends.vllm_cpu import DEFAULT_MODELS, DEFAULT_VENV, model_dir, vllm_python
 
     vllm_python(Path(cfg.venv) if cfg.venv else DEFAULT_VENV)
     return {m: model_dir(m, Path(cfg.models_dir) if cfg.models_dir else DEFAULT_MODELS) for m in cfg.real_models}
 
 
 def params_b(model_folder: Path) -> float | None:
-    """Parameters (billions) of a model built by chimera.engines.models (ranks model sizes for the policies)."""
+    """Parameters (billions) of a model built by chimera.backends.random_models (ranks model sizes for the policies)."""
     try:
         return json.loads((model_folder / "chimera-model.json").read_text())["parameters"] / 1e9
     except (OSError, ValueError, KeyError, TypeError):
@@ -521,7 +521,7 @@ def server_tokenizer(folders: dict[str, Path], out: Path, venv: str | None = Non
     Falls back to the folder's tokenizer.json (noted) where the export fails. Returns (path, how)."""
     import subprocess
 
-    from chimera.engines.vllm import DEFAULT_VENV, vllm_python
+    from chimera.backends.vllm_cpu import DEFAULT_VENV, vllm_python
 
     py = vllm_python(Path(venv) if venv else DEFAULT_VENV)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
@@ -565,7 +565,7 @@ def profile_command(server, out: Path, cfg: LiveBenchConfig, size_b: float | Non
 
     Replace this (or pass `profiles`) to plug in another way of measuring; what the benchmark needs is a profile
     file per server that a cluster file can load as `profile_file:`."""
-    from chimera.procs import chimera_cmd
+    from chimera.util.procs import chimera_cmd
 
     cmd = chimera_cmd("profile", "--base-url", server.base_url, "--model", server.served_model_name,
                       "--out", str(out), "--json", str(out.with_suffix(".json")),
@@ -737,7 +737,7 @@ def profile_real_servers(cfg: LiveBenchConfig, folders: dict[str, Path], out: Pa
     done gets the run's kind of calls (`BackgroundLoad`, `background_rps`) until every profile is done, so the
     slow server is not measured beside an idle one; "alone": one by one — then stopped.
     Returns {"paths": {name: PROFILE.yaml}, "seconds": {...}, "startup_s": {...}, "mode": ...}."""
-    from chimera.engines.vllm import vllm_cluster
+    from chimera.backends.vllm_cpu import vllm_cluster
 
     out.mkdir(parents=True, exist_ok=True)
     if on_stage is not None:
@@ -771,7 +771,7 @@ def profile_real_servers(cfg: LiveBenchConfig, folders: dict[str, Path], out: Pa
 
 def measure_peer_slowdown(cl, cfg: LiveBenchConfig, workflows: Sequence[tuple[str, Any, Task]]
                           ) -> dict[str, dict[str, Any]]:
-    """How much each server slows while the others are busy (they share the machine's cores; docs/engine.md):
+    """How much each server slows while the others are busy (they share the machine's cores; docs/perfmodel.md):
     its TPOT at batch `contention_batch` with the others idle, then with the others kept busy by the run's kind of
     calls (closed loop, `contention_batch` in flight each), as the engine itself measures it (vLLM's inter-token
     latency). The ratio is the simulator's `peer_busy_slowdown` for that server."""
@@ -813,7 +813,7 @@ def given_profiles(cfg: LiveBenchConfig) -> dict[str, Any]:
 
 def profiled_cluster(paths: dict[str, str], cfg: LiveBenchConfig):
     """The simulated cluster: one model per profile file, batch limit and token budget as the servers run them."""
-    from chimera.engine.profiles import cluster_from_dict
+    from chimera.perfmodel.profiles import cluster_from_dict
 
     contention = load_contention(paths) if cfg.contention else {}
     return cluster_from_dict({"models": [
@@ -841,7 +841,7 @@ def profile_summary(paths: dict[str, str], cfg: LiveBenchConfig) -> dict[str, di
     """Per profile: the fitted coefficients, the fit's RMS error and what the fit predicts at batch 1 and 32."""
     import yaml
 
-    from chimera.engine.perf import StepTimeModel
+    from chimera.perfmodel.perf import StepTimeModel
 
     cl = profiled_cluster(paths, cfg)
     out = {}
@@ -903,7 +903,7 @@ def _metrics_delta(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]
 def real_chimera_gateway(c: Contender, servers, profiles: dict[str, str], cfg: LiveBenchConfig, workdir: Path):
     """`chimera serve` in front of real vLLM servers: speeds from their measured profiles, `priority: true` where
     the server runs the priority policy, admission per backend = the server's max_num_seqs."""
-    from chimera.procs import chimera_cmd, spawned
+    from chimera.util.procs import chimera_cmd, spawned
 
     port = free_port()
     pol: dict[str, Any] = {"name": c.strategy}
@@ -935,7 +935,7 @@ def run_real_contender(c: Contender, tasks: Sequence[Task], workflows: Sequence[
     the servers' counters over the agents' run."""
     from chimera.agents.driver import AgentConfig, run_agents
     from chimera.bench.proc_cpu import cpu_delta, snapshot
-    from chimera.engines.vllm import vllm_cluster
+    from chimera.backends.vllm_cpu import vllm_cluster
 
     workdir.mkdir(parents=True, exist_ok=True)
     with vllm_cluster(real_server_specs(cfg), workdir=server_workdir(workdir, cfg.real_models),

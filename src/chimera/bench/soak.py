@@ -51,8 +51,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from chimera.bench.gateway_overhead import _pct, cpu_seconds
 from chimera.bench.live import MODELS, emulated_cluster
-from chimera.procs import Spawned, chimera_cmd, spawned
-from chimera.threaded import free_port
+from chimera.util.procs import Spawned, chimera_cmd, spawned
+from chimera.util.threaded import free_port
 
 LABEL = "live, emulated backends (engine model), not real GPUs"
 HELD_MODEL = "qwen2.5-1.5b"  # the model whose backend is paused in the reject phase
@@ -129,7 +129,7 @@ def alive(pid: int) -> bool:
 
 def train_synthetic(dest: Path, n_tasks: int, trees: int, seed: int = 0) -> Path:
     """`chimera train -w synthetic:N --out DEST --trees T` (hashing encoder), as a function."""
-    from chimera.predict.training import gather, train_predictors
+    from chimera.train.predictors import gather, train_predictors
     from chimera.workload.source import load_workload
 
     tasks, _ = load_workload(f"synthetic:{n_tasks}", seed=seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from chimera.engine.profiles import ClusterConfig
+from chimera.perfmodel.profiles import ClusterConfig
 from chimera.sched.registry import POLICIES, policy_entry
 from chimera.sim.experiment import Prepared, prepare, run_policy
 from chimera.workload.schema import Task

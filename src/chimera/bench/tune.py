@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chimera.bench.frontier import pick
 from chimera.bench.sweep import capacity_workflows_per_s
-from chimera.engine.profiles import ClusterConfig
+from chimera.perfmodel.profiles import ClusterConfig
 from chimera.sim.experiment import Prepared, prepare, run_policy
 from chimera.workload.schema import Task
 

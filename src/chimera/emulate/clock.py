@@ -12,7 +12,7 @@ import heapq
 import math
 from typing import Callable
 
-from chimera.engine.batching import DECODE, DONE, PREFILL, WAITING, Engine, Seq
+from chimera.perfmodel.batching import DECODE, DONE, PREFILL, WAITING, Engine, Seq
 
 
 class Handle:

@@ -10,7 +10,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from chimera.emulate.server import EmulatorState, build_emulator_app
-from chimera.threaded import ThreadedServer
+from chimera.util.threaded import ThreadedServer
 
 
 def serve_emulator(host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **kwargs: Any) -> None:

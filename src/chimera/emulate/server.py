@@ -22,9 +22,9 @@ from starlette.types import Receive, Scope, Send
 
 from chimera.emulate.clock import EngineClock, Handle
 from chimera.emulate.lengths import WorkloadLengths, plausible_length, token_pieces
-from chimera.engine.batching import Engine, Seq
-from chimera.engine.perf import StepTimeModel
-from chimera.engine.profiles import profile as get_profile
+from chimera.perfmodel.batching import Engine, Seq
+from chimera.perfmodel.perf import StepTimeModel
+from chimera.perfmodel.profiles import profile as get_profile
 from chimera.workload.schema import Task
 from chimera.workload.tokens import count_tokens
 

@@ -1,6 +1,6 @@
 """`chimera profile`: measure a running OpenAI-compatible server and fit the engine model to it.
 
-`client` measures (async httpx), `chimera.engine.fit` fits (pure), `document` writes the profile YAML that a
+`client` measures (async httpx), `chimera.profiling.fit` fits (pure), `document` writes the profile YAML that a
 cluster file's `profile_file:` entry (and `chimera emulate --profile FILE.yaml`) loads. See docs/profile.md.
 """
 

@@ -11,7 +11,7 @@ What it sends (every prompt starts with a random nonce, so no prefix cache can s
 
 Times are what the client sees (`time.perf_counter` when the bytes arrive). The client is kept cheap because it
 shares the cores with the server: SSE events are split and matched as bytes; JSON is parsed only for errors.
-Reduction to engine terms is in `chimera.engine.fit` (pure).
+Reduction to engine terms is in `chimera.profiling.fit` (pure).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import httpx
 
-from chimera.engine.fit import (
+from chimera.profiling.fit import (
     DecodePoint,
     PrefillPoint,
     SeqTrace,

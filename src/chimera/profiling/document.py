@@ -8,9 +8,9 @@ from typing import Any
 
 import yaml
 
-from chimera.engine.fit import FitRow, StepFit, fit_rows, fit_step_model, poorly_fitted
-from chimera.engine.perf import StepTimeModel
-from chimera.engine.profiles import MIN_KV_TOKENS, PROFILE_FORMAT, FittedModelSpec, ModelSpec, profile_from_dict
+from chimera.profiling.fit import FitRow, StepFit, fit_rows, fit_step_model, poorly_fitted
+from chimera.perfmodel.perf import StepTimeModel
+from chimera.perfmodel.profiles import MIN_KV_TOKENS, PROFILE_FORMAT, FittedModelSpec, ModelSpec, profile_from_dict
 from chimera.profiling.client import Measurements
 
 _DEFAULTS = ModelSpec.model_fields

@@ -75,7 +75,7 @@ class _ClientGone(Exception):
 def build_policy(cfg: GatewayConfig, infos) -> Policy:
     """The configured policy with trained predictors (`predictors: DIR`) or the online priors."""
     if cfg.predictors:
-        from chimera.engine.profiles import profile
+        from chimera.perfmodel.profiles import profile
         from chimera.predict.artifacts import load_predictors
         from chimera.predict.length import ForestLengths, stat_quantile
         from chimera.predict.router import RouterConfidence

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from chimera.sched.registry import live_refusal
-from chimera.yamlfile import read_yaml
+from chimera.util.yamlfile import read_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 

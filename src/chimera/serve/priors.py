@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from chimera.engine.perf import StepTimeModel
-from chimera.engine.profiles import profile
-from chimera.engine.speeds import size_ranks, speed_summary
+from chimera.perfmodel.perf import StepTimeModel
+from chimera.perfmodel.profiles import profile
+from chimera.perfmodel.speeds import size_ranks, speed_summary
 from chimera.predict.priors import RunningLength, SizePriorConfidence  # noqa: F401 - app.py imports them from here
 from chimera.sched.types import ModelInfo
 from chimera.serve.config import GatewayConfig

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chimera.engine.perf import StepTimeModel
-from chimera.engine.profiles import ClusterConfig, ModelSpec
-from chimera.engine.speeds import size_ranks, speed_summary
+from chimera.perfmodel.perf import StepTimeModel
+from chimera.perfmodel.profiles import ClusterConfig, ModelSpec
+from chimera.perfmodel.speeds import size_ranks, speed_summary
 from chimera.sched.types import ModelInfo
 
 

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from chimera.engine.profiles import ClusterConfig
+from chimera.perfmodel.profiles import ClusterConfig
 from chimera.predict.artifacts import Predictors
 from chimera.predict.priors import KindAccuracyRouter, OracleConfidence, OracleLength, StageMeanLength
 from chimera.sched.registry import PREDICTIONS, make_policy, policy_entry

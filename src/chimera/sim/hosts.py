@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable, Sequence
 
-from chimera.engine.batching import Engine
+from chimera.perfmodel.batching import Engine
 
 
 class SharedHosts:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 
-from chimera.engine.batching import Engine, Seq
+from chimera.perfmodel.batching import Engine, Seq
 from chimera.sched.admission import Admission, Event
 from chimera.sched.policy import Policy
 from chimera.sched.types import Call

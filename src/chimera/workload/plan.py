@@ -123,7 +123,7 @@ class WorkflowPlan:
     def token_stream(self, stage: int, prev_outputs: Sequence[int], run: object,
                      output_tokens: int) -> tuple[tuple[object, int], ...]:
         """The tokens of `stage`'s call as (identity, tokens) segments, prompt then output, for prefix caching
-        (engine/prefix.py). Sums to prompt_tokens(stage, prev_outputs) + output_tokens.
+        (perfmodel/prefix.py). Sums to prompt_tokens(stage, prev_outputs) + output_tokens.
 
         The system prompt is shared by every task of the kind, the task prompt by every run of the task; outputs
         belong to the run (`run`, e.g. the workflow id). A whole-transcript stage following another extends that

@@ -1,4 +1,4 @@
-"""Step time of one vLLM-like replica: a roofline over weights, GEMM FLOPs and KV reads, calibrated in docs/engine.md.
+"""Step time of one vLLM-like replica: a roofline over weights, GEMM FLOPs and KV reads, calibrated in docs/perfmodel.md.
 
     t = fixed + smoothmax(weights / BW_eff, FLOPs / (peak × MFU)) + KV bytes read / BW_eff + all-reduce
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from chimera.engine.profiles import ModelSpec
+from chimera.perfmodel.profiles import ModelSpec
 
 
 class StepTimeModel:

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from chimera.predict.training import TrainingData, length_rows, score_matrix, strong_weak  # noqa: E402
+from chimera.train.predictors import TrainingData, length_rows, score_matrix, strong_weak  # noqa: E402
 
 Progress = Callable[[str], None]
 
@@ -25,11 +25,11 @@ def evaluate_predictors(
 ) -> dict:
     """Fit every router and length model on the training split; measure all on the held-out split."""
     from chimera.predict.length import WorkflowLengthForest
-    from chimera.predict.length_baselines import PairwiseRanker, StageMeanBaseline
-    from chimera.predict.length_eval import evaluate_length_models
+    from chimera.train.length_baselines import PairwiseRanker, StageMeanBaseline
+    from chimera.train.length_eval import evaluate_length_models
     from chimera.predict.router import SemanticRouter
-    from chimera.predict.router_baselines import KnnRouter, MatrixFactorizationRouter, PriorRouter, RandomRouter
-    from chimera.predict.router_eval import evaluate_routers
+    from chimera.train.router_baselines import KnnRouter, MatrixFactorizationRouter, PriorRouter, RandomRouter
+    from chimera.train.router_eval import evaluate_routers
 
     say = progress or (lambda _m: None)
     train_scores = score_matrix(data.train, data.models)

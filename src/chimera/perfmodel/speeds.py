@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from chimera.engine.perf import StepTimeModel
-from chimera.engine.profiles import ModelSpec
+from chimera.perfmodel.perf import StepTimeModel
+from chimera.perfmodel.profiles import ModelSpec
 from chimera.sched.types import ModelInfo
 
 TYPICAL_CONTEXT = 1500  # tokens of KV per running sequence when estimating a busy batch's speed

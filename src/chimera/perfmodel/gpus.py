@@ -1,4 +1,4 @@
-"""GPU datasheet figures plus the few constants fitted to published vLLM measurements (see docs/engine.md)."""
+"""GPU datasheet figures plus the few constants fitted to published vLLM measurements (see docs/perfmodel.md)."""
 
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from chimera.procs import Spawned, wait_ready
-from chimera.threaded import free_port
+from chimera.util.procs import Spawned, wait_ready
+from chimera.util.threaded import free_port
 
 
 def project_root() -> Path:
@@ -66,7 +66,7 @@ def model_dir(model: str, models_dir: Path = DEFAULT_MODELS) -> Path:
 
 
 def serve_dtype(path: Path) -> str:
-    """The dtype a model built by `chimera.engines.models` is meant to be served in (bfloat16 otherwise)."""
+    """The dtype a model built by `chimera.backends.random_models` is meant to be served in (bfloat16 otherwise)."""
     try:
         return json.loads((Path(path) / "chimera-model.json").read_text())["recipe"]["serve_dtype"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -78,7 +78,7 @@ def build_models(out: Path | None = None, names: Sequence[str] | None = None, fo
     """Build the random-weight models with the vLLM venv's interpreter (its torch/transformers write the files
     vLLM reads); output goes to this process's stdout/stderr. Returns the builder's exit code."""
     py = vllm_python(venv or DEFAULT_VENV)
-    cmd = [str(py), "-m", "chimera.engines.models", "--out", str(out or DEFAULT_MODELS)]
+    cmd = [str(py), "-m", "chimera.backends.random_models", "--out", str(out or DEFAULT_MODELS)]
     if names:
         cmd += ["--models", ",".join(names)]
     if force:

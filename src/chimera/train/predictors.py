@@ -87,9 +87,9 @@ def train_predictors(
 ) -> Predictors:
     """Fit both predictors on the training split and measure them on the held-out split."""
     from chimera.predict.length import WorkflowLengthForest
-    from chimera.predict.length_eval import evaluate_length_models
+    from chimera.train.length_eval import evaluate_length_models
     from chimera.predict.router import SemanticRouter
-    from chimera.predict.router_eval import evaluate_routers
+    from chimera.train.router_eval import evaluate_routers
 
     say = progress or (lambda _msg: None)
     say(f"router: encoding {len(data.train)} training tasks with the {encoder} encoder")

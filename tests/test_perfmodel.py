@@ -1,6 +1,6 @@
 """Engine performance model: calibration against published vLLM measurements, memory figures, cluster loading.
 
-Run `python tests/test_engine_perf.py` to print the calibration table (it is copied into docs/engine.md).
+Run `python tests/test_engine_perf.py` to print the calibration table (it is copied into docs/perfmodel.md).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Callable
 
 import pytest
 
-from chimera.engine.gpus import GPUS
-from chimera.engine.perf import StepTimeModel
-from chimera.engine.profiles import (
+from chimera.perfmodel.gpus import GPUS
+from chimera.perfmodel.perf import StepTimeModel
+from chimera.perfmodel.profiles import (
     ClusterConfig,
     ClusterError,
     ModelSpec,
@@ -320,14 +320,14 @@ def test_default_cluster_and_examples() -> None:
     assert all(m.gpu == "a6000" for m in default_cluster().models)
     qwen = ROOT / "examples" / "cluster-qwen-a6000.yaml"
     assert load_cluster(qwen) == default_cluster()
-    assert (ROOT / "src" / "chimera" / "engine" / "default_cluster.yaml").read_text() == qwen.read_text()
+    assert (ROOT / "src" / "chimera" / "perfmodel" / "default_cluster.yaml").read_text() == qwen.read_text()
     llama = load_cluster(ROOT / "examples" / "cluster-llama-h100.yaml")
     assert isinstance(llama, ClusterConfig)
     assert [m.name for m in llama.models] == ["llama-3.1-8b", "mixtral-8x7b", "llama-3.1-70b"]
 
 
 def calibration_table() -> str:
-    """Markdown table of every calibration point (copied into docs/engine.md)."""
+    """Markdown table of every calibration point (copied into docs/perfmodel.md)."""
     rows = ["| point | published | predicted | error | role | assumption |", "|---|---:|---:|---:|---|---|"]
     for p in POINTS:
         status = f"{p.role}; xfail" if p.xfail else p.role

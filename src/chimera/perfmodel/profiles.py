@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from chimera.engine.gpus import GPUS, GPU
-from chimera.yamlfile import read_yaml
+from chimera.perfmodel.gpus import GPUS, GPU
+from chimera.util.yamlfile import read_yaml
 
 GIB = 1 << 30
 FIXED_RESERVE_BYTES = 1 * GIB  # per GPU: CUDA context, cuBLAS/NCCL workspaces, CUDA-graph pool
@@ -56,7 +56,7 @@ class ModelSpec(BaseModel):
     # Automatic prefix caching (vLLM's --enable-prefix-caching, on by default in its V1 engine): each replica keeps
     # the KV blocks of prompts and outputs it computed and a later prompt that starts with them prefills only the
     # rest, whole blocks of `kv_block_tokens` (vLLM's --block-size: 16 on GPUs, 128 on the CPU build). Off here so
-    # that existing figures stay as they were; see engine/prefix.py and docs/engine.md.
+    # that existing figures stay as they were; see perfmodel/prefix.py and docs/perfmodel.md.
     prefix_caching: bool = False
     kv_block_tokens: int = Field(default=16, ge=1, le=4096)
 
@@ -154,7 +154,7 @@ class ModelSpec(BaseModel):
 
 
 class FittedStep(BaseModel):
-    """Step-time coefficients fitted to a measured server (`chimera profile`, engine/fit.py), in seconds:
+    """Step-time coefficients fitted to a measured server (`chimera profile`, profiling/fit.py), in seconds:
 
         t(n_decode, C, P) = fixed + hypot(weights, per_token × (n_decode + P)) + per_seq × n_decode^e
                             + per_context_token × C
@@ -257,7 +257,7 @@ class ClusterConfig(BaseModel):
 
 # ---- catalogue -------------------------------------------------------------------------------------------------
 def _read_package_yaml(filename: str) -> Any:
-    return yaml.safe_load(resources.files("chimera.engine").joinpath(filename).read_text(encoding="utf-8"))
+    return yaml.safe_load(resources.files("chimera.perfmodel").joinpath(filename).read_text(encoding="utf-8"))
 
 
 @lru_cache(maxsize=1)
@@ -292,7 +292,7 @@ def profile(name: str) -> ModelSpec:
 
 def default_cluster() -> ClusterConfig:
     """The packaged default: Qwen2.5 1.5B/7B/14B, one A6000 each (the paper's testbed)."""
-    return cluster_from_dict(_read_package_yaml("default_cluster.yaml"), source="chimera/engine/default_cluster.yaml")
+    return cluster_from_dict(_read_package_yaml("default_cluster.yaml"), source="chimera/perfmodel/default_cluster.yaml")
 
 
 # ---- profile files (`chimera profile`) -------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import itertools
 import math
 from typing import Any, Callable, Protocol
 
-from chimera.engine.prefix import PrefixCache, Segments, block_keys
+from chimera.perfmodel.prefix import PrefixCache, Segments, block_keys
 
 WAITING, PREFILL, DECODE, DONE = 0, 1, 2, 3
 

@@ -2,7 +2,7 @@
 
 Run under the vLLM venv's interpreter, so the saved config and tokenizer match the transformers vLLM loads them with:
 
-    .venv-vllm/bin/python -m chimera.engines.models --out out/models
+    .venv-vllm/bin/python -m chimera.backends.random_models --out out/models
 
 This module imports only the standard library, torch, transformers and tokenizers (what `.venv-vllm` has): it must
 not import the rest of chimera. Each model is a `Qwen2Config` with random weights (seeded) and a byte-level BPE
@@ -160,8 +160,8 @@ def build_all(out: Path, names: list[str] | None = None, force: bool = False) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m chimera.engines.models", description=__doc__.split("\n\n")[0],
-                                 epilog="Example: .venv-vllm/bin/python -m chimera.engines.models --out out/models")
+    ap = argparse.ArgumentParser(prog="python -m chimera.backends.random_models", description=__doc__.split("\n\n")[0],
+                                 epilog="Example: .venv-vllm/bin/python -m chimera.backends.random_models --out out/models")
     ap.add_argument("--out", type=Path, default=Path("out/models"), help="Folder for one sub-folder per model.")
     ap.add_argument("--models", default=",".join(RECIPES), help=f"Comma-separated recipes ({', '.join(RECIPES)}).")
     ap.add_argument("--force", action="store_true", help="Rebuild folders that are already up to date.")

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from chimera.engine.batching import Engine, Seq
+from chimera.perfmodel.batching import Engine, Seq
 
 
 class FlatModel:

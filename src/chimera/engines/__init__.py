@@ -1,4 +1,0 @@
-"""Real inference engines (vLLM CPU build) beside the emulator: model building, local clusters.
-
-Imports nothing at package level: `chimera.engines.models` runs under the vLLM venv, without chimera's deps.
-"""

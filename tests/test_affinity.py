@@ -11,7 +11,8 @@ from chimera.sched.affinity import pick_replica
 from chimera.sched.registry import make_policy
 from chimera.sched.types import Call, ModelInfo
 from chimera.serve.config import Backend
-from chimera.serve.scheduler import Scheduler, Workflows
+from chimera.serve.pool import BackendPool
+from chimera.serve.workflows import Workflows
 from chimera.sim.experiment import prepare, run_policy
 from chimera.sim.simulator import Simulator
 from test_prefix_cache import _stable, tasks  # noqa: F401  (the module's fixture)
@@ -149,14 +150,14 @@ def test_simulator_places_on_the_replica_holding_the_context(tasks):
 
 
 # ---- the gateway ----------------------------------------------------------------------------------------------
-def _gateway(affinity: bool, margin: float = 4.0) -> Scheduler:
+def _gateway(affinity: bool, margin: float = 4.0) -> BackendPool:
     policy = make_policy("chimera", affinity=affinity, affinity_margin=margin)
     backends = [Backend(name=f"a-{k}", model="a", base_url="http://unused", max_inflight=8) for k in range(2)]
     backends.append(Backend(name="b-0", model="b", base_url="http://unused", max_inflight=8))
-    return Scheduler(policy, TWIN, backends)
+    return BackendPool(policy, TWIN, backends)
 
 
-def _serve_stage(s: Scheduler, i: int, wid: str, stage: int, prompt: int, out: int, pinned: str | None = None):
+def _serve_stage(s: BackendPool, i: int, wid: str, stage: int, prompt: int, out: int, pinned: str | None = None):
     call = _call(i, wid=wid, stage=stage, prompt=prompt, pinned_model=pinned)
     s.submit(call, float(i))
     be = s.core.replica(call)

@@ -251,7 +251,7 @@ def test_backend_killed_mid_run_loses_no_request(tmp_path) -> None:
         # the kill actually hit work in flight (otherwise the test proved nothing)
         assert killed_rows, "the victim had no work in flight when it was killed"
         assert retried or any(not r["ok"] for r in results)
-        assert gw.gw.sched.waiting_total == 0 and not any(gw.gw.sched.inflight.values())
+        assert gw.gw.pool.waiting_total == 0 and not any(gw.gw.pool.inflight.values())
     deadline = time.monotonic() + 5  # everything started here is stopped: no thread outlives the test
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.05)

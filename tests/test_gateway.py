@@ -167,7 +167,7 @@ def test_burst_respects_max_inflight_and_leaks_nothing(tmp_path):
         rs = asyncio.run(fire())
         assert [r.status_code for r in rs] == [200] * 60
         assert apps[0].state.live["max"] <= 2 and apps[1].state.live["max"] <= 3
-        s = app.state.gateway.sched
+        s = app.state.gateway.pool
         assert s.inflight == {"a": 0, "b": 0} and s.waiting_total == 0
         rows = app.state.gateway.trace.query("SELECT status, count(*) AS n FROM calls GROUP BY status")
         assert rows == [{"status": "ok", "n": 60}]
@@ -214,9 +214,9 @@ def test_client_disconnect_frees_the_slot(tmp_path):
                           json={"model": "slow", "messages": MSG, "stream": True}) as r:
                 next(r.iter_lines())
         deadline = time.time() + 5
-        while app.state.gateway.sched.inflight["slow"] and time.time() < deadline:
+        while app.state.gateway.pool.inflight["slow"] and time.time() < deadline:
             time.sleep(0.02)
-        assert app.state.gateway.sched.inflight["slow"] == 0
+        assert app.state.gateway.pool.inflight["slow"] == 0
         rows = app.state.gateway.trace.query("SELECT status FROM calls")
         assert [r["status"] for r in rows] == ["cancelled"]
     finally:
@@ -286,7 +286,7 @@ def test_midstream_failure_ends_with_an_sse_error(tmp_path):
         assert "error" in events[-1] and events[-1]["error"]["type"] == "server_error"
         [row] = app.state.gateway.trace.query("SELECT status, completion_tokens FROM calls")
         assert row == {"status": "error", "completion_tokens": 2}
-        assert app.state.gateway.sched.inflight["flaky"] == 0
+        assert app.state.gateway.pool.inflight["flaky"] == 0
     finally:
         gw.stop()
         up.stop()
@@ -304,9 +304,9 @@ def test_non_streaming_client_that_leaves_is_cancelled(tmp_path):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(gw.url + "/v1/chat/completions", json={"model": "slow", "messages": MSG}, timeout=0.5)
         deadline = time.time() + 2
-        while app.state.gateway.sched.inflight["slow"] and time.time() < deadline:
+        while app.state.gateway.pool.inflight["slow"] and time.time() < deadline:
             time.sleep(0.02)
-        assert app.state.gateway.sched.inflight["slow"] == 0
+        assert app.state.gateway.pool.inflight["slow"] == 0
         [row] = app.state.gateway.trace.query("SELECT status FROM calls")
         assert row["status"] == "cancelled"
     finally:
@@ -359,7 +359,7 @@ def test_the_gateway_reads_the_length_forest_at_the_configured_statistic(tmp_pat
         gw = build_gateway(cfg).state.gateway
         call = Call(call_id=0, workflow_id="w", kind="math", prompt="What is 17*23?", stage=0, prompt_tokens=9,
                     arrival_s=0.0, workflow_arrival_s=0.0)
-        readings[stat] = (gw.sched.policy.length.quantile, gw.sched.policy.length.predict_lengths([call])[1])
+        readings[stat] = (gw.pool.policy.length.quantile, gw.pool.policy.length.predict_lengths([call])[1])
         gw.predict_pool.shutdown()
         gw.trace.close()
     assert readings[None][0] == readings["mean"][0] == "mean" and readings["median"][0] is None
@@ -382,14 +382,14 @@ def test_trained_predictors_are_mapped_by_workload_model(tmp_path, synthetic_pre
     gw = build_gateway(gateway_config_from_dict(raw)).state.gateway
     call = Call(call_id=0, workflow_id="w", kind="math", prompt="What is 17*23?", stage=0, prompt_tokens=9,
                 arrival_s=0.0, workflow_arrival_s=0.0)
-    assert gw.sched.submit(call, 0.0) in ("small", "large")  # computed inside submit
+    assert gw.pool.submit(call, 0.0) in ("small", "large")  # computed inside submit
     assert set(call.confidences) == {"small", "large"} and call.pred_call_tokens > 0
     # The gateway's path: the Prediction computed on the prediction thread is passed in as a value.
     again = Call(call_id=1, workflow_id="w2", kind="math", prompt="What is 17*23?", stage=0, prompt_tokens=9,
                  arrival_s=0.0, workflow_arrival_s=0.0)
-    prediction = asyncio.run(gw._predict(again))
+    prediction = asyncio.run(gw.director._predict(again))
     assert prediction is not None
-    gw.sched.submit(again, 0.0, prediction)
+    gw.pool.submit(again, 0.0, prediction)
     assert again.confidences == call.confidences and again.pred_call_tokens == call.pred_call_tokens
     gw.predict_pool.shutdown()
     gw.trace.close()

@@ -18,8 +18,10 @@ from starlette.routing import Route
 from chimera.emulate import EmulatorServer
 from chimera.serve import build_gateway
 from chimera.serve.config import Backend, Health, gateway_config_from_dict
-from chimera.serve.health import HealthChecker, backend_root, parse_model_ids, parse_vllm_gauges
-from chimera.serve.scheduler import BackendState
+from chimera.backends.kinds.vllm import parse_vllm_gauges
+from chimera.sched.types import Call
+from chimera.serve.health import HealthChecker, backend_root, parse_model_ids
+from chimera.serve.pool import BackendState
 from upstreams import Served
 
 MODEL, PROFILE = "qwen2.5-1.5b", "qwen2.5-1.5b@a6000"
@@ -64,7 +66,7 @@ def test_unhealthy_backend_is_avoided_and_recovers(tmp_path):
         b = stack.enter_context(EmulatorServer(profile=PROFILE, served_model_name=MODEL, time_scale=50.0))
         gw = Served(build_gateway(_cfg(tmp_path, {"a": a.base_url, "b": b.base_url})))
         stack.callback(gw.stop)
-        bes = {be.name: be for be in gw.gw.sched.backends[MODEL]}
+        bes = {be.name: be for be in gw.gw.pool.backends[MODEL]}
 
         # both probed and scraped: the vLLM gauges show up on the gateway's own /metrics
         _wait(lambda: all(be.kv_cache_usage is not None for be in bes.values()))
@@ -104,18 +106,20 @@ def test_unhealthy_backend_is_avoided_and_recovers(tmp_path):
 def test_replica_choice_uses_scraped_load(tmp_path):
     gw = build_gateway(_cfg(tmp_path, {"a": "http://127.0.0.1:9/v1", "b": "http://127.0.0.1:9/v1"})).state.gateway
     try:
-        s = gw.sched
+        s = gw.pool
         a, b = s.backends[MODEL]
-        assert s._pick_backend(MODEL, None, 0.0) is a  # no scrape data: the old order (fewest in-flight, first)
+        call = Call(call_id=0, workflow_id="w", kind="qa", prompt="p", stage=0, prompt_tokens=1, arrival_s=0.0,
+                    workflow_arrival_s=0.0)
+        assert s._place(MODEL, call, 0.0) is a  # no scrape data: the old order (fewest in-flight, first)
         a.scraped_waiting = 3.0
-        assert s._pick_backend(MODEL, None, 0.0) is b  # in-flight + backend-reported waiting
+        assert s._place(MODEL, call, 0.0) is b  # in-flight + backend-reported waiting
         b.inflight = 3
         a.kv_cache_usage, b.kv_cache_usage = 0.9, 0.2
-        assert s._pick_backend(MODEL, None, 0.0) is b  # tie on load: lower KV-cache usage
+        assert s._place(MODEL, call, 0.0) is b  # tie on load: lower KV-cache usage
         b.healthy = False
-        assert s._pick_backend(MODEL, None, 0.0) is a  # up before load
+        assert s._place(MODEL, call, 0.0) is a  # up before load
         a.healthy = False
-        assert s._pick_backend(MODEL, None, 0.0) is b  # all down: still served by the least loaded
+        assert s._place(MODEL, call, 0.0) is b  # all down: still served by the least loaded
     finally:
         gw.trace.close()
 
@@ -126,7 +130,7 @@ def test_parse_and_root():
     assert parse_vllm_gauges("# HELP x y\n# TYPE x gauge\nx 1.0\n") == {}  # a non-vLLM server: nothing
     text = ('# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="m"} 2.0\n'
             '# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name="m"} 0.25\n')
-    assert parse_vllm_gauges(text) == {"scraped_waiting": 2.0, "kv_cache_usage": 0.25}
+    assert parse_vllm_gauges(text) == {"waiting": 2.0, "kv_cache_usage": 0.25}
     bad = ('# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name="m"} NaN\n'
            '# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="m"} -4\n'
            '# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name="m"} +Inf\n')
@@ -148,7 +152,7 @@ def test_other_clients_calls_on_an_engine_steer_the_policy(tmp_path):
                           "profile": "qwen2.5-7b@a6000"} for m in ("qwen2.5-1.5b", "qwen2.5-7b")]})
         gw = build_gateway(cfg).state.gateway
         try:
-            s = gw.sched
+            s = gw.pool
             busy, idle = s.backends["qwen2.5-1.5b"][0], s.backends["qwen2.5-7b"][0]
 
             def route(i: int) -> str:
@@ -241,7 +245,7 @@ def test_gateway_avoids_backend_serving_another_model(tmp_path, caplog):
         b = stack.enter_context(EmulatorServer(profile=PROFILE, served_model_name=FOREIGN, time_scale=50.0))
         gw = Served(build_gateway(_cfg(tmp_path, {"b": b.base_url, "a": a.base_url})))
         stack.callback(gw.stop)
-        bes = {be.name: be for be in gw.gw.sched.backends[MODEL]}
+        bes = {be.name: be for be in gw.gw.pool.backends[MODEL]}
         _wait(lambda: not bes["b"].healthy, timeout=3.0)
         assert bes["a"].healthy and bes["a"].down_reason is None
         assert FOREIGN in bes["b"].down_reason and MODEL in bes["b"].down_reason

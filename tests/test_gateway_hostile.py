@@ -13,6 +13,7 @@ import pytest
 
 from chimera.sched.types import Call
 from chimera.serve import app as app_module
+from chimera.serve import director as director_module
 from chimera.serve import relay as relay_module
 from chimera.serve import build_gateway
 from chimera.serve.config import gateway_config_from_dict
@@ -50,12 +51,12 @@ def chat(url: str, body: dict | bytes | None = None, headers: dict | None = None
 
 def assert_nothing_held(url: str, gw) -> None:
     """No slot, queue entry, predicted load or waiting count left behind, in the scheduler and on /health."""
-    s = gw.sched
+    s = gw.pool
     assert s.inflight == {m: 0 for m in s.models} and s.waiting_total == 0
     assert all(len(q) == 0 for q in gw.policy.queues.values())
     assert all(v == pytest.approx(0.0, abs=1e-6) for v in gw.policy.monitor.pred_tokens.values())
     assert all(v == 0 for v in gw.policy.monitor.calls.values())
-    assert s.core.n_running() == 0
+    assert s.core.n_running() == 0 and s.holds_nothing()
     h = httpx.get(url + "/health", timeout=2).json()
     assert h["waiting"] == 0 and h["active"] == 0 and set(h["inflight"].values()) == {0}
 
@@ -239,13 +240,13 @@ def test_f5_per_model_queue_cap_refuses_only_that_model(tmp_path):
 
 def test_f5_f7_a_429_is_decided_before_tokenising_or_predicting(tmp_path, monkeypatch, synthetic_predictors):
     counted = {"tokenise": 0, "predict": 0}
-    real_count = app_module._count_tokens
+    real_count = director_module.count_tokens
 
     def count_tokens(text):
         counted["tokenise"] += 1
         return real_count(text)
 
-    monkeypatch.setattr(app_module, "_count_tokens", count_tokens)
+    monkeypatch.setattr(director_module, "count_tokens", count_tokens)
     backends = [{"name": "s0", "model": "qwen2.5-7b", "max_inflight": 1, "delay": 1.5}]
     with gateway(tmp_path, backends, predictors=str(synthetic_predictors), limits={"max_queue": 0}) as (url, gw):
         predict = gw.policy.predict
@@ -296,16 +297,16 @@ def _raise(*_a, **_k):
     raise RuntimeError("injected fault")
 
 
-STEPS = {  # step -> (what to patch on the gateway, or on the app module)
-    "tokenise": lambda gw, mp: mp.setattr(app_module, "_count_tokens", _raise),
+STEPS = {  # step -> (what to patch on the gateway, or on a module of the call's life)
+    "tokenise": lambda gw, mp: mp.setattr(director_module, "count_tokens", _raise),
     "route": lambda gw, mp: mp.setattr(gw.policy, "choose", _raise),
     "enqueue": lambda gw, mp: mp.setattr(gw.policy.queues["m"], "push", _raise),
-    "dispatch": lambda gw, mp: mp.setattr(gw.sched, "_pick_backend", _raise),
-    "upstream_body": lambda gw, mp: mp.setattr(app_module, "upstream_body", _raise),
-    "open_upstream": lambda gw, mp: mp.setattr(app_module, "open_upstream", _raise),
-    "response": lambda gw, mp: (mp.setattr(app_module, "rewrite_model", _raise),
+    "dispatch": lambda gw, mp: mp.setattr(gw.pool.core, "_place", _raise),
+    "upstream_body": lambda gw, mp: mp.setattr(gw.pool.backends["m"][0].kind, "request_body", _raise),
+    "open_upstream": lambda gw, mp: mp.setattr(director_module, "open_upstream", _raise),
+    "response": lambda gw, mp: (mp.setattr(director_module, "rewrite_model", _raise),
                                 mp.setattr(relay_module, "rewrite_model", _raise)),
-    "progress": lambda gw, mp: mp.setattr(gw.sched, "progress", _raise),
+    "progress": lambda gw, mp: mp.setattr(gw.pool, "progress", _raise),
     "policy_complete": lambda gw, mp: mp.setattr(gw.policy, "on_complete", _raise),
     "trace": lambda gw, mp: mp.setattr(gw.trace, "log_call", _raise),
 }

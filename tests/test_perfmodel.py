@@ -1,6 +1,6 @@
 """Engine performance model: calibration against published vLLM measurements, memory figures, cluster loading.
 
-Run `python tests/test_engine_perf.py` to print the calibration table (it is copied into docs/perfmodel.md).
+Run `python tests/test_perfmodel.py` to print the calibration table (it is copied into docs/perfmodel.md).
 """
 
 from __future__ import annotations

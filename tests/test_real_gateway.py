@@ -101,7 +101,7 @@ def _finish_order(gw, long_tokens: int, running_tokens: int) -> list[str]:
 def test_forwarded_priority_is_accepted_by_real_servers(servers, tmp_path):
     """vLLM takes the gateway's `priority` field (an int, clamped to int32) on the priority server and the fcfs one
     (which ignores it); the ordering it buys is the slow test below."""
-    from chimera.serve.proxy import vllm_priority
+    from chimera.backends.kinds.vllm import vllm_priority
 
     assert vllm_priority(1e30) == 2**31 - 1 and vllm_priority(4.6) == 5
     backends = [{"name": f"{s.served_model_name}-0", "model": s.served_model_name, "base_url": s.base_url,
@@ -113,7 +113,7 @@ def test_forwarded_priority_is_accepted_by_real_servers(servers, tmp_path):
         c = client(gw)
         for model in ("tiny", "wide"):
             assert c.chat.completions.create(model=model, messages=MSG, max_tokens=3).choices
-        assert gw.gw.sched.inflight == {"tiny": 0, "wide": 0}
+        assert gw.gw.pool.inflight == {"tiny": 0, "wide": 0}
     finally:
         gw.stop()
 
@@ -156,7 +156,7 @@ def test_engine_errors_pass_through_and_free_the_slot(servers, tmp_path):
                                       max_tokens=4)
         with pytest.raises(openai.BadRequestError):  # streaming too: the engine's 400 before any event
             c.chat.completions.create(model="tiny", messages=MSG, max_tokens=5000, stream=True)
-        assert gw.gw.sched.inflight == {"tiny": 0, "wide": 0} and gw.gw.sched.waiting_total == 0
+        assert gw.gw.pool.inflight == {"tiny": 0, "wide": 0} and gw.gw.pool.waiting_total == 0
         assert c.chat.completions.create(model="wide", messages=MSG, max_tokens=3).choices
 
 
@@ -190,7 +190,7 @@ def test_logprobs_response_format_and_tools_pass_through_untouched(servers, tmp_
 def test_real_metric_names_are_scraped_for_the_replica_choice(servers, tmp_path):
     with gateway(servers, tmp_path) as gw:
         deadline = time.monotonic() + 10
-        bes = [b for bs in gw.gw.sched.backends.values() for b in bs]
+        bes = [b for bs in gw.gw.pool.backends.values() for b in bs]
         while time.monotonic() < deadline and any(b.kv_cache_usage is None for b in bes):
             time.sleep(0.2)
         for b in bes:
@@ -234,10 +234,10 @@ def test_a_real_server_killed_mid_run_loses_only_started_streams_and_comes_back(
         (status, text), *plain, _ = asyncio.run(run())
         assert [r.status_code for r in plain] == [200] * 8
         assert status == 200 and '"error"' in text and text.rstrip().endswith("[DONE]")
-        assert gw.gw.sched.inflight == {"tiny": 0, "wide": 0}
+        assert gw.gw.pool.inflight == {"tiny": 0, "wide": 0}
         tiny.start()
         deadline = time.monotonic() + 30
-        be = gw.gw.sched.backends["tiny"][0]
+        be = gw.gw.pool.backends["tiny"][0]
         while time.monotonic() < deadline and not be.healthy:
             time.sleep(0.2)
         assert be.healthy

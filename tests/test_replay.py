@@ -15,7 +15,7 @@ from chimera.sched.admission import (Admission, Completed, Dispatched, Failed, P
 from chimera.sched.registry import POLICIES, make_policy, policy_entry
 from chimera.sched.types import Call, ModelInfo
 from chimera.serve.config import Backend
-from chimera.serve.scheduler import PolicyNotLive, Scheduler
+from chimera.serve.pool import BackendPool as Scheduler, PolicyNotLive
 from chimera.sim.experiment import choose_predictors, prepare, train_calls
 from chimera.sim.simulator import Simulator
 from chimera.workload.synthetic import generate

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from chimera.backends.kinds import BackendKind, make_backend_kind
 from chimera.sched.registry import live_refusal
 from chimera.util.yamlfile import read_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -52,17 +53,33 @@ class PolicyConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-class Backend(_Strict):
-    """One OpenAI-compatible server; several backends with the same `model` are replicas."""
+class Backend(BaseModel):
+    """One OpenAI-compatible server; several backends with the same `model` are replicas. `kind` says how the gateway
+    talks to it (chimera.backends.kinds: `vllm`, the default, or `openai`); any other key is a parameter of that kind
+    (vllm: `priority`), checked against the kind's Params so a typo fails here, naming the kind and the key."""
 
+    model_config = ConfigDict(extra="allow")
     name: str = Field(min_length=1)
     model: str = Field(min_length=1)
     base_url: str = Field(min_length=1)
     api_key: str | None = None
     max_inflight: int = Field(default=64, ge=1)
-    priority: bool = False
     profile: str | None = None
     workload_model: str | None = None  # the name trained predictors know this model by (default: profile's, or `model`)
+    kind: str = "vllm"
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "Backend":
+        self.make_kind()  # BackendKindError (a ValueError) names an unknown kind or parameter
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The kind's parameters (every key that is not a Backend field)."""
+        return dict(self.model_extra or {})
+
+    def make_kind(self) -> BackendKind:
+        return make_backend_kind(self.kind, **self.params)
 
 
 class Limits(_Strict):

@@ -1,8 +1,8 @@
-"""Backend health checks, backend identity checks and vLLM /metrics scraping, in the background of a gateway.
+"""Backend health checks, backend identity checks and load-gauge scraping, in the background of a gateway.
 
 Every `health.interval_s` each backend gets, concurrently, `GET {root}/health` and `GET {base_url}/models` (the
 OpenAI list endpoint; root is `base_url` without its trailing `/v1`), then (when `scrape_metrics` and the backend
-is up) `GET {root}/metrics`. Every probe sends the backend's `api_key` as a Bearer token when one is set and is
+is up and its kind exports load gauges: chimera.backends.kinds, e.g. vLLM) `GET {root}/metrics`. Every probe sends the backend's `api_key` as a Bearer token when one is set and is
 bounded by `health.timeout_s`.
 
 Liveness (/health): a connection error, a timeout or a 5xx marks the backend down (BackendState.healthy = False:
@@ -32,7 +32,7 @@ so that the first calls already avoid dead or foreign backends); `start()` then 
 first round waits out the rest of the interval after that round instead of probing again at once. Rounds never
 overlap (a lock), and a round cancelled by the caller's timeout leaves each backend either updated or untouched.
 
-Scraped vLLM gauges refine the choice between replicas (Scheduler._pick_backend); a server without them (other
+Scraped gauges refine the choice between replicas (BackendPool._place); a server without them (other
 OpenAI-compatible servers) leaves the values at None, which is the old behaviour.
 """
 
@@ -41,51 +41,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from chimera.serve.config import Health
 
 if TYPE_CHECKING:
-    from chimera.serve.scheduler import BackendState
+    from chimera.serve.pool import BackendState
 
 log = logging.getLogger("chimera.serve.health")
-
-GAUGES = {  # vLLM metric name -> BackendState attribute
-    "vllm:num_requests_running": "scraped_running",
-    "vllm:num_requests_waiting": "scraped_waiting",
-    "vllm:kv_cache_usage_perc": "kv_cache_usage",
-    "vllm:gpu_cache_usage_perc": "kv_cache_usage",  # the older vLLM name (v0)
-}
-
 
 def backend_root(base_url: str) -> str:
     """`http://h:8000/v1` -> `http://h:8000` (the server's own routes live at the root)."""
     root = base_url.rstrip("/")
     return root[: -len("/v1")] if root.endswith("/v1") else root
-
-
-def parse_vllm_gauges(text: str) -> dict[str, float]:
-    """The known vLLM gauges in a Prometheus text page; absent ones are left out. Counts are summed over label
-    sets (several engines), KV-cache usage is the highest fraction seen."""
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            attr = GAUGES.get(s.name)
-            if attr is None:
-                continue
-            v = float(s.value)
-            if not math.isfinite(v) or v < 0:  # a broken or hostile exporter must not poison the load figures
-                continue
-            if attr == "kv_cache_usage":
-                out[attr] = max(out.get(attr, 0.0), v)
-            else:
-                out[attr] = out.get(attr, 0.0) + v
-    return out
 
 
 def external_calls(running: float | None, waiting: float | None, ours: int) -> float:
@@ -211,14 +182,14 @@ class HealthChecker:
                 log.warning("backend %s marked down (%s)", be.name, why)
         self._verdict[be.name] = key
         be.healthy, be.down_reason = up, reason
-        if not up or not self.cfg.scrape_metrics:
+        if not up or not self.cfg.scrape_metrics or be.kind.metrics_path is None:
             return
         try:
-            r = await self.client.get(f"{root}/metrics", headers=headers, timeout=self.cfg.timeout_s)
-            vals = parse_vllm_gauges(r.text) if r.status_code == 200 else {}
+            r = await self.client.get(f"{root}{be.kind.metrics_path}", headers=headers, timeout=self.cfg.timeout_s)
+            vals = be.kind.load_gauges(r.text) if r.status_code == 200 else {}
         except (httpx.HTTPError, ValueError):
             vals = {}
-        be.scraped_running = vals.get("scraped_running")
-        be.scraped_waiting = vals.get("scraped_waiting")
+        be.scraped_running = vals.get("running")
+        be.scraped_waiting = vals.get("waiting")
         be.kv_cache_usage = vals.get("kv_cache_usage")
         be.external_calls = external_calls(be.scraped_running, be.scraped_waiting, be.inflight)

@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from chimera.serve.scheduler import Scheduler
+    from chimera.serve.pool import BackendPool
     from chimera.serve.trace import TraceStore
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -18,7 +18,7 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
 class _Live(Collector):
     """Queue depth, in-flight calls and predicted tokens, decisions: exact values straight from the scheduler."""
 
-    def __init__(self, sched: "Scheduler") -> None:
+    def __init__(self, sched: "BackendPool") -> None:
         self.sched = sched
 
     def collect(self) -> Iterator[Metric]:
@@ -77,7 +77,7 @@ class _Trace(Collector):
 class GatewayMetrics:
     """One registry per gateway (several gateways can live in one process, e.g. in tests)."""
 
-    def __init__(self, sched: "Scheduler", trace: "TraceStore | None" = None) -> None:
+    def __init__(self, sched: "BackendPool", trace: "TraceStore | None" = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_Live(sched))
         if trace is not None:

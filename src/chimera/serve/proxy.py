@@ -1,4 +1,5 @@
-"""Forwarding to OpenAI-compatible backends over one shared httpx client: open, classify faults, relay SSE.
+"""Forwarding to OpenAI-compatible backends over one shared httpx client: open a call, classify its faults, and
+stream the answer back while watching for the client leaving.
 
 A fault before any byte reached the client is retryable (the caller re-schedules the call elsewhere);
 a fault after streaming started ends the stream with an SSE error event.
@@ -6,7 +7,6 @@ a fault after streaming started ends the stream with an SSE error event.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -16,8 +16,6 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from chimera.serve.config import Backend
-
-INT32 = 2**31 - 1
 
 
 class UpstreamError(Exception):
@@ -36,45 +34,13 @@ class UpstreamReply:
     lines: AsyncIterator[str] | None = None
     first: list[str] | None = None
 
-
-def vllm_priority(priority: float) -> int:
-    """vLLM's `priority` is an int, lower first: the policy's key rounded and clamped (order kept)."""
-    return int(max(-INT32, min(INT32, round(priority))))
-
-
-def upstream_body(body: dict[str, Any], backend: Backend, priority: float) -> dict[str, Any]:
-    """The request as the backend should see it: its model name, `priority` only where it is understood, and, when
-    streaming, the engine's own token count at the end (`stream_options.include_usage`; see `wants_usage`)."""
-    out = {k: v for k, v in body.items() if k not in ("chimera", "priority")}
-    out["model"] = backend.model
-    if backend.priority:
-        out["priority"] = vllm_priority(priority)
-    if out.get("stream") is True:
-        opts = out.get("stream_options") if isinstance(out.get("stream_options"), dict) else {}
-        out["stream_options"] = {**opts, "include_usage": True}
-    return out
-
-
-def wants_usage(body: dict[str, Any]) -> bool:
-    """The client asked for the usage chunk itself; if not, the relay hides the one the gateway asked for."""
-    opts = body.get("stream_options")
-    return isinstance(opts, dict) and opts.get("include_usage") is True
-
-
-def _usage_count(obj: dict[str, Any], key: str) -> int | None:
-    u = obj.get("usage")
-    v = u.get(key) if isinstance(u, dict) else None
-    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 else None
-
-
-def usage_completion_tokens(obj: dict[str, Any]) -> int | None:
-    """`usage.completion_tokens` of a response or chunk, when it carries a sane count."""
-    return _usage_count(obj, "completion_tokens")
-
-
-def usage_prompt_tokens(obj: dict[str, Any]) -> int:
-    """`usage.prompt_tokens` of a response or chunk when it carries a sane positive count, else 0."""
-    return _usage_count(obj, "prompt_tokens") or 0
+    async def iter_lines(self) -> AsyncIterator[str]:
+        """Every line of a streamed answer, the ones already read first."""
+        for line in self.first or ():
+            yield line
+        if self.lines is not None:
+            async for line in self.lines:
+                yield line
 
 
 def _headers(backend: Backend) -> dict[str, str]:
@@ -142,41 +108,6 @@ async def _read_quietly(resp: httpx.Response) -> str:
         return ""
     finally:
         await resp.aclose()
-
-
-def rewrite_model(obj: dict[str, Any], model: str) -> dict[str, Any]:
-    """Every response names the model that served it, whatever the backend calls itself."""
-    if isinstance(obj, dict) and "model" in obj:
-        obj["model"] = model
-    return obj
-
-
-def parse_sse(line: str) -> tuple[str, dict[str, Any] | None]:
-    """('data', obj) for a JSON data line, ('done', None) for [DONE], ('other', None) otherwise."""
-    if not line.startswith("data:"):
-        return "other", None
-    payload = line[5:].strip()
-    if payload == "[DONE]":
-        return "done", None
-    try:
-        return "data", json.loads(payload)
-    except json.JSONDecodeError:
-        return "other", None
-
-
-def count_content_tokens(obj: dict[str, Any]) -> int:
-    """One streamed chunk with text ≈ one token (vLLM sends one token per chunk by default)."""
-    n = 0
-    for ch in obj.get("choices") or ():
-        delta = ch.get("delta") or {}
-        if delta.get("content") or ch.get("text") or delta.get("reasoning_content"):
-            n += 1
-    return n
-
-
-def sse_error(message: str, code: str = "upstream_error") -> bytes:
-    err = {"error": {"message": message, "type": "server_error", "code": code}}
-    return f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
 
 
 class DisconnectAwareStream(StreamingResponse):

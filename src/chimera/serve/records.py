@@ -1,14 +1,16 @@
-"""The trace writer: one trace row, metrics and a JSON log line for every call whose life ended."""
+"""The trace writer: one trace row, metrics and a JSON log line for every attempt whose life ended."""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from chimera.sched.types import Call
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.trace import TraceStore
+
+if TYPE_CHECKING:
+    from chimera.serve.call import CallContext
 
 log = logging.getLogger("chimera.serve")
 
@@ -21,18 +23,20 @@ class CallRecorder:
                  wall: Callable[[float | None], float | None]) -> None:
         self.trace, self.metrics, self.run_id, self.policy_name, self.wall = trace, metrics, run_id, policy_name, wall
 
-    def record(self, call: Call, backend: str | None, status: str, err: str | None, now: float,
-                completion_tokens: int | None, first_token_at: float | None) -> None:
-        """Trace row, metrics and a log line; never raises (a lost row is counted by the trace store)."""
+    def record(self, ctx: "CallContext", now: float) -> None:
+        """Trace row, metrics and a log line for the attempt `ctx` holds; never raises (a lost row is counted by the
+        trace store)."""
+        call = ctx.call
+        status = ctx.outcome.value if ctx.outcome is not None else "error"
         try:
             row = {
                 "workflow_id": call.workflow_id, "stage": call.stage, "call_id": f"{self.run_id}-{call.call_id}",
-                "model": call.model, "backend": backend, "prompt_tokens": call.prompt_tokens,
-                "completion_tokens": completion_tokens, "queued_at": self.wall(call.arrival_s),
-                "dispatched_at": self.wall(call.dispatched_s), "first_token_at": self.wall(first_token_at),
-                "ended_at": self.wall(now), "status": status, "error": err, "confidences": call.confidences,
-                "pred_call_tokens": call.pred_call_tokens, "pred_remaining_tokens": call.pred_remaining_tokens,
-                "policy": self.policy_name, "kind": call.kind,
+                "model": call.model, "backend": ctx.backend.name if ctx.backend else None,
+                "prompt_tokens": call.prompt_tokens, "completion_tokens": ctx.completion_tokens,
+                "queued_at": self.wall(call.arrival_s), "dispatched_at": self.wall(call.dispatched_s),
+                "first_token_at": self.wall(ctx.first_token_at), "ended_at": self.wall(now), "status": status,
+                "error": ctx.error, "confidences": call.confidences, "pred_call_tokens": call.pred_call_tokens,
+                "pred_remaining_tokens": call.pred_remaining_tokens, "policy": self.policy_name, "kind": call.kind,
             }
             self.trace.log_call({**row, "prompt": call.prompt})  # the router's prompt text: trace only, not the log
             self.metrics.requests.labels(call.model or "", status).inc()

@@ -1,95 +1,104 @@
-"""The stream relay: one upstream SSE stream passed through to the client.
-
-The relay names the chosen model in every chunk, reports token progress to the scheduler, hides the usage chunk the
-gateway asked for unless the client did, and ends the call's life exactly once through the gateway's `settle`.
-`gw` is the Gateway (serve/app.py): `settle`, `now`, `metrics`, `sched`.
-"""
+"""What a client sees of a backend's answer: the served model named in it, the usage chunk the gateway asked for
+hidden unless the client asked too, token counts read on the way. Pure (no I/O, no clock): the call's life
+(serve/director.py) feeds it lines and reports what it returns."""
 
 from __future__ import annotations
 
 import json
-import logging
-from typing import Any, AsyncIterator
-
-import anyio
-import httpx
-
-from chimera.sched.types import Call
-from chimera.serve.proxy import (
-    UpstreamReply, count_content_tokens, parse_sse, rewrite_model, sse_error, usage_completion_tokens,
-    usage_prompt_tokens,
-)
-
-log = logging.getLogger("chimera.serve")
+from typing import Any, NamedTuple
 
 
-class StreamRelay:
-    """Pass one SSE stream through, naming the chosen model and reporting token progress to the policy.
+class Relayed(NamedTuple):
+    """One upstream SSE line as relayed: the bytes for the client (None: nothing), content chunks in it, the end."""
 
-    The call is settled before `[DONE]` is forwarded, so a client that saw the end also sees the trace row; a
-    broken stream is settled in `run`, a client that left (or a stream that never started) in `closed`.
-    """
+    data: bytes | None
+    tokens: int
+    done: bool
 
-    def __init__(self, gw: Any, call: Call, backend: str, reply: UpstreamReply, show_usage: bool) -> None:
-        self.gw, self.call, self.backend, self.reply = gw, call, backend, reply
+
+class SseRelay:
+    """One upstream SSE stream passed through: every chunk names `model`; the engine's own token counts (its usage
+    chunk) are kept in `usage_tokens` / `prompt_tokens`; streamed content chunks are counted in `tokens`."""
+
+    def __init__(self, model: str, show_usage: bool) -> None:
+        self.model = model
         self.show_usage = show_usage  # the client asked for the usage chunk (the gateway always does, upstream)
-        self.tokens, self.usage_tokens, self.first_at = 0, None, None
+        self.tokens = 0
+        self.usage_tokens: int | None = None
+        self.prompt_tokens = 0
 
-    def settle(self, status: str, err: str | None = None) -> None:
-        total = self.usage_tokens if self.usage_tokens is not None else self.tokens
-        self.gw.settle(self.call, status, err, backend=self.backend, backend_down=status == "error",
-                        new_tokens=max(0, (self.usage_tokens or 0) - self.tokens), completion_tokens=total,
-                        first_token_at=self.first_at)
+    def feed(self, line: str) -> Relayed:
+        kind, obj = parse_sse(line)
+        if kind != "data" or not isinstance(obj, dict):
+            return Relayed((line + "\n").encode(), 0, kind == "done")
+        rewrite_model(obj, self.model)
+        n = count_content_tokens(obj)
+        self.tokens += n
+        used = usage_completion_tokens(obj)
+        if used is not None:
+            self.usage_tokens = used  # the engine's own count: it settles the call's tokens
+            self.prompt_tokens = usage_prompt_tokens(obj) or self.prompt_tokens
+        if not self.show_usage:
+            if "usage" in obj and not obj.get("choices"):
+                return Relayed(None, n, False)  # the usage-only chunk the gateway asked for, not the client
+            obj.pop("usage", None)
+        return Relayed(f"data: {json.dumps(obj)}\n".encode(), n, False)
 
-    def closed(self) -> None:
-        self.settle("cancelled", "client left")  # a no-op unless the stream did not end on its own
 
-    async def _lines(self) -> AsyncIterator[str]:
-        for line in self.reply.first or ():
-            yield line
-        async for line in self.reply.lines:  # type: ignore[union-attr]
-            yield line
+def wants_usage(body: dict[str, Any]) -> bool:
+    """The client asked for the usage chunk itself; if not, the relay hides the one the gateway asked for."""
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and opts.get("include_usage") is True
 
-    async def run(self) -> AsyncIterator[bytes]:
-        gw, call = self.gw, self.call
-        try:
-            async for line in self._lines():
-                kind, obj = parse_sse(line)
-                if kind == "data" and isinstance(obj, dict):
-                    rewrite_model(obj, call.model)  # type: ignore[arg-type]
-                    n = count_content_tokens(obj)
-                    if n:
-                        now = gw.now()
-                        if self.first_at is None:
-                            self.first_at = now
-                            gw.metrics.ttft.labels(call.model).observe(now - call.arrival_s)
-                        self.tokens += n
-                        gw.sched.progress(call, n, now)
-                    used = usage_completion_tokens(obj)
-                    if used is not None:
-                        self.usage_tokens = used  # the engine's own count: it settles the call's tokens
-                        if usage_prompt_tokens(obj):
-                            call.prompt_tokens = usage_prompt_tokens(obj)
-                    if not self.show_usage:
-                        if "usage" in obj and not obj.get("choices"):
-                            continue  # the usage-only chunk the gateway asked for, not the client
-                        obj.pop("usage", None)
-                    yield f"data: {json.dumps(obj)}\n".encode()
-                else:
-                    if kind == "done":
-                        self.settle("ok")
-                    yield (line + "\n").encode()
-            self.settle("ok")
-        except httpx.HTTPError as e:
-            err = f"stream broke after {self.tokens} tokens: {type(e).__name__}: {e}"
-            self.settle("error", err)
-            yield sse_error(err)
-        except Exception as e:
-            gw.metrics.internal_errors.labels("relay").inc()
-            log.exception("stream relay failed")
-            self.settle("error", f"gateway error in the relay: {type(e).__name__}")
-            yield sse_error("internal gateway error (logged)", "internal_error")
-        finally:
-            self.closed()  # bookkeeping first: no await needed
-            with anyio.CancelScope(shield=True):
-                await self.reply.response.aclose()
+
+def _usage_count(obj: dict[str, Any], key: str) -> int | None:
+    u = obj.get("usage")
+    v = u.get(key) if isinstance(u, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 else None
+
+
+def usage_completion_tokens(obj: dict[str, Any]) -> int | None:
+    """`usage.completion_tokens` of a response or chunk, when it carries a sane count."""
+    return _usage_count(obj, "completion_tokens")
+
+
+def usage_prompt_tokens(obj: dict[str, Any]) -> int:
+    """`usage.prompt_tokens` of a response or chunk when it carries a sane positive count, else 0."""
+    return _usage_count(obj, "prompt_tokens") or 0
+
+
+def rewrite_model(obj: dict[str, Any], model: str) -> dict[str, Any]:
+    """Every response names the model that served it, whatever the backend calls itself."""
+    if isinstance(obj, dict) and "model" in obj:
+        obj["model"] = model
+    return obj
+
+
+def parse_sse(line: str) -> tuple[str, dict[str, Any] | None]:
+    """('data', obj) for a JSON data line, ('done', None) for [DONE], ('other', None) otherwise."""
+    if not line.startswith("data:"):
+        return "other", None
+    payload = line[5:].strip()
+    if payload == "[DONE]":
+        return "done", None
+    try:
+        return "data", json.loads(payload)
+    except json.JSONDecodeError:
+        return "other", None
+
+
+def count_content_tokens(obj: dict[str, Any]) -> int:
+    """One streamed chunk with text ≈ one token (vLLM sends one token per chunk by default)."""
+    n = 0
+    for ch in obj.get("choices") or ():
+        delta = ch.get("delta") or {}
+        if delta.get("content") or ch.get("text") or delta.get("reasoning_content"):
+            n += 1
+    return n
+
+
+def sse_error(message: str, code: str = "upstream_error") -> bytes:
+    err = {"error": {"message": message, "type": "server_error", "code": code}}
+    return f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
+
+

@@ -1,9 +1,5 @@
-"""What the gateway knows before training: model speeds from profiles; its cold-start predictors (confidence by
-model size, lengths learnt online) live with the other priors in chimera.predict.priors.
-
-A fresh deployment has no trained predictors; these priors keep the policy usable and are replaced by
-`predictors: DIR` (a `chimera train` folder) once traces exist.
-"""
+"""What the brain is told of each served model (ModelInfo): its speed from its backends' `profile` (or defaults), its
+capacity (the sum of its backends' max_inflight) and its size rank."""
 
 from __future__ import annotations
 
@@ -12,7 +8,6 @@ from dataclasses import replace
 from chimera.perfmodel.perf import StepTimeModel
 from chimera.perfmodel.profiles import profile
 from chimera.perfmodel.speeds import size_ranks, speed_summary
-from chimera.predict.priors import RunningLength, SizePriorConfidence  # noqa: F401 - app.py imports them from here
 from chimera.sched.types import ModelInfo
 from chimera.serve.config import GatewayConfig
 

@@ -1,27 +1,34 @@
-"""The gateway's side of the admission core (chimera.sched.admission.Admission, which the simulator runs too):
-backends, backpressure, workflow state and retries around it.
+"""The gateway's backend pool around the admission core (chimera.sched.admission.Admission, which the simulator runs
+too): backends and replica choice, backpressure, workflow state and retry targets.
 
 Pure with respect to time: every method takes `now`, so a recorded simulator event sequence can be replayed through
-it without HTTP (tests/test_replay.py). The async side (serve/app.py) calls it from the event loop only.
+it without HTTP (tests/test_replay.py). The call's life (serve/director.py) drives it from the event loop only; a
+dispatched call's backend comes back as the result of the future it handed to `submit`, not through a callback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Collection, Sequence
 
+from chimera.backends.kinds import BackendKind
 from chimera.sched.admission import Admission, Event, live_refusal
 from chimera.sched.policy import Policy
 from chimera.sched.types import Call, ModelInfo, Prediction
 from chimera.serve.config import Backend
+from chimera.serve.workflows import Workflows
 
 DOWN_S = 5.0  # a backend that just failed is avoided for this long (still used when nothing else has room)
 
 
 class QueueFull(Exception):
     """No model the call may go to can take it now (no free slot, its queue or the gateway's at the cap)."""
+
+
+class PolicyNotLive(ValueError):
+    """A policy the gateway cannot run (see chimera.sched.admission.live_refusal); the message names it and why."""
 
 
 @dataclass
@@ -39,6 +46,10 @@ class BackendState:
     scraped_waiting: float | None = None
     kv_cache_usage: float | None = None
     external_calls: float = 0.0  # running + waiting on the engine beyond the gateway's own in-flight, at the last scrape
+    kind: BackendKind = field(init=False)  # how the gateway talks to it (the config's `kind` and its parameters)
+
+    def __post_init__(self) -> None:
+        self.kind = self.cfg.make_kind()
 
     @property
     def name(self) -> str:
@@ -58,63 +69,14 @@ class BackendState:
 
 
 @dataclass
-class WorkflowState:
-    arrival_s: float
-    generated: int = 0
-    stages: int = 0
-    # Where the workflow's context is (workflow affinity): the model and backend that served its last stage, and the
-    # tokens it left there (that call's prompt + output), which the backend's prefix cache is assumed to hold.
-    last_model: str | None = None
-    last_backend: str | None = None
-    context_tokens: int = 0
+class _Pending:
+    """What the pool holds for a submitted call until it is dispatched: who waits for its backend, what to avoid."""
+
+    waiter: asyncio.Future | None
+    avoid: Collection[str]
 
 
-class Workflows:
-    """Recently seen workflows (LRU, at most `cap`), so later stages know the workflow's start, tokens generated so far
-    and where its context is cached; the least recently used is forgotten first."""
-
-    def __init__(self, cap: int = 100_000) -> None:
-        self.cap = cap
-        self._d: OrderedDict[str, WorkflowState] = OrderedDict()
-
-    def get(self, wid: str, now: float) -> WorkflowState:
-        st = self._d.get(wid)
-        if st is None:
-            st = self._d[wid] = WorkflowState(arrival_s=now)
-            if len(self._d) > self.cap:
-                self._d.popitem(last=False)
-        else:
-            self._d.move_to_end(wid)
-        return st
-
-    def peek(self, wid: str) -> WorkflowState | None:
-        """The workflow's state if it is known, without creating it or refreshing its place."""
-        return self._d.get(wid)
-
-    def pop(self, wid: str) -> WorkflowState | None:
-        return self._d.pop(wid, None)
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-
-@dataclass
-class Ticket:
-    """The gateway's handle on a call (Call.ctx): where it went and whether the client is still there."""
-
-    backend: BackendState | None = None
-    cancelled: bool = False
-    tried: set[str] = field(default_factory=set)
-    on_dispatch: Callable[["Ticket"], None] | None = None
-    settled: bool = False  # the call's life ended (completed, failed or cancelled) and everything it held is freed
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class PolicyNotLive(ValueError):
-    """A policy the gateway cannot run (see chimera.sched.admission.live_refusal); the message names it and why."""
-
-
-class Scheduler:
+class BackendPool:
     """The gateway's side of the admission core: backends (replica choice, health, in-flight per backend),
     backpressure limits, workflow state and retries. Admission itself — per-model capacity (the sum of its
     backends' max_inflight), queues, dispatch, progress, completion — is chimera.sched.admission.Admission, the
@@ -134,27 +96,33 @@ class Scheduler:
                 raise ValueError(f"backend {b.name!r} serves {b.model!r}, which is not a bound model")
             self.backends[b.model].append(BackendState(b))
         cap = {m: sum(b.cfg.max_inflight for b in self.backends[m]) for m in self.models}
-        # The hooks are looked up per call, so a test can replace one on the instance.
-        self.core: Admission[BackendState] = Admission(
-            policy, models, place=lambda m, c, now: self._pick_backend(m, c, now),
-            start=lambda c, be, now: self._start(c, be, now), release=lambda c, be, now: self._release(c, be, now),
-            capacity=cap, record=record)
+        self.core: Admission[BackendState] = Admission(policy, models, place=self._place, start=self._start,
+                                                       release=self._release, capacity=cap, record=record)
         self.cap = self.core.capacity
         self.inflight = self.core.inflight  # per model (the backends' own counts are on BackendState)
         self.max_queue = max_queue
         self.max_queue_per_model = max_queue if max_queue_per_model is None else max_queue_per_model
         self.workflows = Workflows()
+        self._pending: dict[int, _Pending] = {}  # call_id -> its waiter and the backends to avoid, until dispatch
         self._ids = itertools.count()
 
     @property
     def waiting_total(self) -> int:
         return self.core.waiting_total
 
+    @property
+    def all_backends(self) -> list[BackendState]:
+        return [be for bes in self.backends.values() for be in bes]
+
     def next_id(self) -> int:
         return next(self._ids)
 
     def waiting(self, model: str) -> int:
         return self.policy.waiting(model)
+
+    def holds_nothing(self) -> bool:
+        """No call queued, running or awaiting dispatch (what a drain, and a leak check, wait for)."""
+        return not (self.waiting_total or any(self.inflight.values()) or self._pending)
 
     # ---- backpressure -------------------------------------------------------------------------------------
     def accepts(self, model: str) -> bool:
@@ -174,9 +142,15 @@ class Scheduler:
         return (f"{per}; {self.waiting_total} waiting in all (limits: {self.max_queue_per_model} per model, "
                 f"{self.max_queue} in all)")
 
+    def retry_after_s(self) -> int:
+        """Seconds a refused client should wait: roughly the time to drain the queue at the current service rate."""
+        return max(1, min(60, round(self.waiting_total / (sum(self.cap.values()) or 1))))
+
     # ---- the body-facing protocol: the admission core's, with backpressure in front -------------------------
-    def submit(self, call: Call, now: float, prediction: Prediction | None = None) -> str:
-        """Route among the open models and enqueue (the policy), then dispatch what fits; QueueFull if none is open."""
+    def submit(self, call: Call, now: float, prediction: Prediction | None = None, *,
+               waiter: asyncio.Future | None = None, avoid: Collection[str] = ()) -> str:
+        """Route among the open models and enqueue (the policy), then dispatch what fits; QueueFull if none is open.
+        `waiter` gets the BackendState when the call is dispatched; `avoid` names backends it already failed on."""
         allowed = self.open_models(call.pinned_model)
         if not allowed:
             raise QueueFull(self.backlog_reason(call.pinned_model))
@@ -186,7 +160,13 @@ class Scheduler:
             st = self.workflows.peek(call.workflow_id)
             if st is not None and st.last_model is not None and st.context_tokens > 0:
                 call.cached_tokens = {st.last_model: min(st.context_tokens, call.prompt_tokens)}
-        return self.core.submit(call, now, prediction, None if every else allowed).model
+        if waiter is not None or avoid:
+            self._pending[call.call_id] = _Pending(waiter, avoid)
+        try:
+            return self.core.submit(call, now, prediction, None if every else allowed).model
+        except BaseException:
+            self._pending.pop(call.call_id, None)
+            raise
 
     def _note_external(self, now: float) -> None:
         """Other clients' calls on each model's live engines (scraped) into the policy's load monitor."""
@@ -197,37 +177,6 @@ class Scheduler:
     def dispatch(self, model: str, now: float) -> None:
         """Move calls from the policy's queue to the model's backends while it has room."""
         self.core.dispatch(model, now)
-
-    def _pick_backend(self, model: str, call: Call | None, now: float) -> BackendState:
-        """The core's replica-choice hook: an untried, healthy, least-loaded backend with room."""
-        ticket = getattr(call, "ctx", None)
-        ticket = ticket if isinstance(ticket, Ticket) else None
-        tried = ticket.tried if ticket is not None else set()
-        room = [b for b in self.backends[model] if b.has_room]
-        best = min(room, key=lambda b: (b.name in tried, b.is_down(now), *b.load_key()))
-        if not self.policy.affinity or len(room) < 2 or call is None:
-            return best
-        st = self.workflows.peek(call.workflow_id)
-        if st is None or st.last_backend is None or st.last_model != model:
-            return best
-        # Workflow affinity: among the backends as good as the best one (untried, healthy), the one holding the
-        # workflow's context, unless its load exceeds the least-loaded one's by more than the policy's margin.
-        ok = [b for b in room if (b.name in tried, b.is_down(now)) == (best.name in tried, best.is_down(now))]
-        ok.sort(key=lambda b: b.load_key())
-        cached = [st.context_tokens if b.name == st.last_backend else 0 for b in ok]
-        return ok[self.policy.pick_replica([b.load_key()[0] for b in ok], cached)]
-
-    def _start(self, call: Call, be: BackendState, now: float) -> None:
-        be.inflight += 1
-        ticket = call.ctx if isinstance(call.ctx, Ticket) else None
-        if ticket is not None:
-            ticket.backend = be
-            ticket.tried.add(be.name)
-            if ticket.on_dispatch is not None:
-                ticket.on_dispatch(ticket)
-
-    def _release(self, call: Call, be: BackendState, now: float) -> None:
-        be.inflight -= 1
 
     def progress(self, call: Call, new_tokens: int, now: float) -> None:
         self.core.progress(call, new_tokens, now)
@@ -247,30 +196,55 @@ class Scheduler:
 
     def fail(self, call: Call, now: float, backend_down: bool = False) -> None:
         """The call failed on its backend (or was cancelled after dispatch): free the slot, dispatch the next."""
+        self.abandon(call, now, backend_down)
+
+    def abandon(self, call: Call, now: float, backend_down: bool = False) -> None:
+        """The call's life ended without completing, wherever it was (the core frees or withdraws it); with
+        `backend_down`, the backend it ran on is avoided for DOWN_S. Safe to call more than once."""
+        self._pending.pop(call.call_id, None)
         be = self.core.replica(call)
         if backend_down and be is not None:
             be.down_until = now + DOWN_S
             be.failures += 1
-        self.core.fail(call, now)
-
-    def abandon(self, call: Call, now: float, backend_down: bool = False) -> None:
-        """The call's life ended without completing, wherever it was: dispatched (free the slot), waiting (take it
-        out of the queue) or half-submitted (forget its predicted load). Safe to call more than once."""
-        if self.core.running(call):
-            self.fail(call, now, backend_down=backend_down)
-        else:
-            self.core.withdraw(call, now)
+        self.core.abandon(call, now)
 
     def end_workflow(self, workflow_id: str, now: float = 0.0) -> None:
         self.workflows.pop(workflow_id)
         self.core.end_workflow(workflow_id, now)
+
+    # ---- the core's hooks: replica choice, start, release ------------------------------------------------------
+    def _place(self, model: str, call: Call, now: float) -> BackendState:
+        """An untried, healthy, least-loaded backend with room; with workflow affinity, the one holding the
+        workflow's context unless it is busier than the least-loaded by more than the policy's margin."""
+        pending = self._pending.get(call.call_id)
+        avoid = pending.avoid if pending is not None else ()
+        room = [b for b in self.backends[model] if b.has_room]
+        best = min(room, key=lambda b: (b.name in avoid, b.is_down(now), *b.load_key()))
+        if not self.policy.affinity or len(room) < 2:
+            return best
+        st = self.workflows.peek(call.workflow_id)
+        if st is None or st.last_backend is None or st.last_model != model:
+            return best
+        ok = [b for b in room if (b.name in avoid, b.is_down(now)) == (best.name in avoid, best.is_down(now))]
+        ok.sort(key=lambda b: b.load_key())
+        cached = [st.context_tokens if b.name == st.last_backend else 0 for b in ok]
+        return ok[self.policy.pick_replica([b.load_key()[0] for b in ok], cached)]
+
+    def _start(self, call: Call, be: BackendState, now: float) -> None:
+        be.inflight += 1
+        pending = self._pending.pop(call.call_id, None)
+        if pending is not None and pending.waiter is not None and not pending.waiter.done():
+            pending.waiter.set_result(be)
+
+    def _release(self, call: Call, be: BackendState, now: float) -> None:
+        be.inflight -= 1
+
     # ---- retries -------------------------------------------------------------------------------------------
-    def retry_target(self, call: Call, now: float, other_models: bool = True) -> str | None:
+    def retry_target(self, call: Call, now: float, tried: Collection[str] = (),
+                     other_models: bool = True) -> str | None:
         """Where a failed call goes next: the same model if it has an untried healthy backend, else (when the
         client let the policy choose) the other model with the highest confidence the policy recorded
         (ties: least busy); None if nothing is left."""
-        ticket = call.ctx if isinstance(call.ctx, Ticket) else None
-        tried = ticket.tried if ticket is not None else set()
 
         def usable(m: str) -> bool:
             return any(b.name not in tried and not b.is_down(now) for b in self.backends[m])

@@ -1,0 +1,286 @@
+"""A call's life, in one place: identity → backpressure → predict → submit → await dispatch → upstream → relay →
+settle(outcome), exactly once per attempt, on every path (completion, upstream fault, client gone, timeout,
+exception). Settling frees the attempt's slot, queue entry and predicted load and writes its trace row.
+
+The endpoints (serve/app.py) hand a request that passed the edge to `Director.run`; nothing here calls back up into
+them. The backend pool resolves a future when the core dispatches the call; the stream relay (serve/relay.py) is a
+pure transform whose results are reported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+from concurrent.futures import Executor
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import anyio
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from chimera.sched.policy import Policy
+from chimera.sched.types import Call, Prediction
+from chimera.serve import edge
+from chimera.serve.call import CallContext, Outcome, Phase
+from chimera.serve.config import Limits
+from chimera.serve.edge import EdgeError
+from chimera.serve.metrics import GatewayMetrics
+from chimera.serve.pool import BackendPool, BackendState, QueueFull
+from chimera.serve.proxy import DisconnectAwareStream, UpstreamError, UpstreamReply, open_upstream
+from chimera.serve.records import CallRecorder
+from chimera.serve.relay import (SseRelay, rewrite_model, sse_error, usage_completion_tokens, usage_prompt_tokens,
+                                 wants_usage)
+
+log = logging.getLogger("chimera.serve")
+MAX_ATTEMPTS = 3  # the first try and up to 2 retries
+CHAT = "/v1/chat/completions"
+T = TypeVar("T")
+
+
+def error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI-style error body, so SDKs raise their usual exception types."""
+    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status, headers=headers)
+
+
+class ClientGone(Exception):
+    """The client disconnected while the call waited."""
+
+
+def count_tokens(text: str) -> int:
+    """Prompt tokens for the policy; a rough estimate when the vocabulary cannot be loaded beats failing the call."""
+    try:
+        from chimera.workload.tokens import count_tokens as count
+
+        return count(text)
+    except Exception:
+        return max(1, len(text) // 4)
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+class Director:
+    """Runs every call's life against one backend pool; owns no HTTP routes and no lifespan."""
+
+    def __init__(self, pool: BackendPool, policy: Policy, limits: Limits, metrics: GatewayMetrics,
+                 recorder: CallRecorder, now: Callable[[], float], run_id: str,
+                 predict_pool: Executor | None = None) -> None:
+        self.pool, self.policy, self.limits, self.metrics, self.recorder = pool, policy, limits, metrics, recorder
+        self.now, self.run_id, self.predict_pool = now, run_id, predict_pool
+        self.client: httpx.AsyncClient | None = None  # the shared upstream client, opened by the lifespan
+        self._wf_ids = itertools.count()
+
+    # ---- before any work -----------------------------------------------------------------------------------
+    def backpressure(self, pinned: str | None) -> None:
+        """EdgeError(429) when no model the call may go to can take it: decided before tokenising or predicting."""
+        if not self.pool.open_models(pinned):
+            raise EdgeError(429, f"gateway queue is full: {self.pool.backlog_reason(pinned)}", "queue_full",
+                            "queue_full", {"Retry-After": str(self.pool.retry_after_s())})
+
+    async def open(self, path: str, body: dict[str, Any], hints: edge.WorkflowHints,
+                   pinned: str | None) -> CallContext:
+        """The call's context: its workflow (the client's hint, else a new one), stage, prompt and its tokens."""
+        now = self.now()
+        wid = hints.workflow_id or f"wf-{self.run_id}-{next(self._wf_ids)}"
+        wf = self.pool.workflows.get(wid, now)
+        chat = path == CHAT
+        prompt, full = edge.prompts(body, chat=chat)
+        call = Call(call_id=self.pool.next_id(), workflow_id=wid, kind=hints.kind or "chat", prompt=prompt,
+                    stage=hints.stage if hints.stage is not None else wf.stages,
+                    prompt_tokens=await asyncio.to_thread(count_tokens, full), arrival_s=now,
+                    workflow_arrival_s=wf.arrival_s, generated_so_far=wf.generated, pinned_model=pinned)
+        return CallContext(path=path, body=body, stream=bool(body.get("stream")), show_usage=wants_usage(body),
+                           client_pinned=pinned is not None, call=call)
+
+    # ---- the life ------------------------------------------------------------------------------------------
+    async def run(self, request: Request, ctx: CallContext) -> Response:
+        """Attempts until one answers the client; an upstream fault before any byte reached it is retried on the
+        target the pool names (another replica, or another model when the policy chose)."""
+        last_err = "no backend available"
+        while True:
+            try:
+                response = await self._attempt(request, ctx)
+            except asyncio.CancelledError:  # the server is tearing the request down
+                self.settle(ctx, Outcome.CANCELLED, "request task cancelled")
+                raise
+            except BaseException as e:
+                self.settle(ctx, Outcome.ERROR, f"gateway error: {type(e).__name__}")
+                raise
+            if response is not None:
+                return response
+            last_err = ctx.error or last_err
+            failed = ctx.call
+            target = self.pool.retry_target(failed, self.now(), ctx.tried, other_models=not ctx.client_pinned)
+            if target is None or ctx.attempts >= MAX_ATTEMPTS:
+                return error(502, f"all attempts failed; last error: {last_err}", "server_error",
+                             "upstream_unavailable")
+            self.metrics.retries.labels(failed.model).inc()
+            log.warning(json.dumps({"event": "retry", "workflow_id": failed.workflow_id,
+                                    "from": ctx.backend.name if ctx.backend else None, "to_model": target,
+                                    "error": ctx.error}))
+            ctx.retry(self._next_attempt(failed, target))
+
+    def _next_attempt(self, failed: Call, target: str) -> Call:
+        """The retry's Call: what the client asked, pinned to `target`, keeping the original arrival."""
+        return Call(call_id=self.pool.next_id(), workflow_id=failed.workflow_id, kind=failed.kind,
+                    prompt=failed.prompt, stage=failed.stage, prompt_tokens=failed.prompt_tokens,
+                    arrival_s=failed.arrival_s, workflow_arrival_s=failed.workflow_arrival_s,
+                    generated_so_far=failed.generated_so_far, pinned_model=target)
+
+    async def _attempt(self, request: Request, ctx: CallContext) -> Response | None:
+        """One try on one backend: the client's Response, or None after a retryable upstream fault (settled)."""
+        call, timeout = ctx.call, self.limits.request_timeout_s
+        dispatched: asyncio.Future[BackendState] = asyncio.get_running_loop().create_future()
+        try:
+            self.pool.submit(call, self.now(), await self._predict(call), waiter=dispatched, avoid=ctx.tried)
+        except QueueFull as e:  # the open models filled up while this call was being predicted
+            self.settle(ctx, Outcome.REJECTED, "queue full", record=False)
+            self.metrics.rejected.labels(ctx.path, "queue_full").inc()
+            return error(429, f"gateway queue is full: {e}", "rate_limit_error", "queue_full",
+                         headers={"Retry-After": str(self.pool.retry_after_s())})
+        ctx.phase = Phase.QUEUED
+        try:
+            be = await self._race(request, dispatched, max(0.001, timeout - (self.now() - call.arrival_s)))
+        except (ClientGone, TimeoutError) as e:
+            return self._gave_up(ctx, e, "queued too long", "timed out waiting for a backend", "queue_timeout")
+        ctx.phase, ctx.backend = Phase.DISPATCHED, be
+        ctx.tried.add(be.name)
+        self.metrics.queue_wait.labels(call.model).observe(max(0.0, self.now() - call.arrival_s))
+        body = be.kind.request_body(ctx.body, be.cfg.model, call.priority)
+        try:
+            reply = await self._race(request, open_upstream(self.client, be.cfg, ctx.path, body, ctx.stream, timeout),
+                                     timeout)
+        except UpstreamError as e:
+            self.settle(ctx, Outcome.ERROR, str(e), backend_down=True)
+            return None
+        except (ClientGone, TimeoutError) as e:
+            return self._gave_up(ctx, e, "upstream timeout", "backend timed out", "upstream_timeout")
+        if ctx.stream and reply.response.status_code < 400:
+            ctx.phase, ctx.relayed = Phase.STREAMING, True
+            return DisconnectAwareStream(self._relay(ctx, reply), media_type="text/event-stream",
+                                         on_close=lambda: self.settle(ctx, Outcome.CANCELLED, "client left"),
+                                         headers={"cache-control": "no-cache", **self._headers(ctx)})
+        try:
+            return self._answer(ctx, reply)
+        finally:
+            await reply.response.aclose()
+
+    async def _predict(self, call: Call) -> Prediction | None:
+        if self.predict_pool is None:
+            return None  # priors: cheap, computed inside `submit`
+        return await asyncio.get_running_loop().run_in_executor(self.predict_pool, self.policy.predict, call)
+
+    def _gave_up(self, ctx: CallContext, e: Exception, why: str, message: str, code: str) -> Response:
+        """The client left (499) or time ran out (504) while the call waited."""
+        if isinstance(e, ClientGone):
+            self.settle(ctx, Outcome.CANCELLED)
+            return Response(status_code=499)
+        self.settle(ctx, Outcome.TIMEOUT, why)
+        return error(504, message, "server_error", code)
+
+    async def _race(self, request: Request, aw: Awaitable[T], timeout: float) -> T:
+        """Await `aw` unless the client leaves (raise ClientGone) or time runs out (TimeoutError)."""
+        task = asyncio.ensure_future(aw)
+        watcher = asyncio.ensure_future(_until_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        if watcher in done:
+            raise ClientGone()
+        raise TimeoutError()
+
+    def _headers(self, ctx: CallContext) -> dict[str, str]:
+        return {"x-chimera-model": ctx.call.model or "", "x-chimera-backend": ctx.backend.name if ctx.backend else ""}
+
+    # ---- the answer ----------------------------------------------------------------------------------------
+    def _answer(self, ctx: CallContext, reply: UpstreamReply) -> Response:
+        """A whole (not streamed) answer: relayed naming the served model, or the backend's error (settled)."""
+        resp, backend = reply.response, ctx.backend.name if ctx.backend else "?"
+        try:
+            data = resp.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            data = None
+        if resp.status_code >= 400 or not isinstance(data, dict):
+            msg = f"backend {backend} answered HTTP {resp.status_code}"
+            self.settle(ctx, Outcome.ERROR, msg)
+            if isinstance(data, dict) and "error" in data:
+                return JSONResponse(data, resp.status_code if resp.status_code >= 400 else 502)
+            return error(resp.status_code if resp.status_code >= 400 else 502, msg, "server_error", "bad_upstream")
+        rewrite_model(data, ctx.call.model or "")
+        ctx.usage_tokens = usage_completion_tokens(data) or 0
+        if usage_prompt_tokens(data):
+            ctx.call.prompt_tokens = usage_prompt_tokens(data)
+        self.settle(ctx, Outcome.OK)
+        return JSONResponse(data, headers=self._headers(ctx))
+
+    async def _relay(self, ctx: CallContext, reply: UpstreamReply) -> AsyncIterator[bytes]:
+        """The stream, passed through: progress reported as chunks come, settled before `[DONE]` is forwarded (a
+        client that saw the end also sees the trace row); a broken stream ends with an SSE error event."""
+        call = ctx.call
+        relay = SseRelay(call.model or "", ctx.show_usage)
+        try:
+            async for line in reply.iter_lines():
+                out = relay.feed(line)
+                if out.tokens:
+                    now = self.now()
+                    if ctx.first_token_at is None:
+                        ctx.first_token_at = now
+                        self.metrics.ttft.labels(call.model).observe(now - call.arrival_s)
+                    ctx.tokens = relay.tokens
+                    self.pool.progress(call, out.tokens, now)
+                if out.done or relay.usage_tokens is not None:
+                    ctx.usage_tokens = relay.usage_tokens
+                    call.prompt_tokens = relay.prompt_tokens or call.prompt_tokens
+                if out.done:
+                    self.settle(ctx, Outcome.OK)
+                if out.data is not None:
+                    yield out.data
+            self.settle(ctx, Outcome.OK)
+        except httpx.HTTPError as e:
+            err = f"stream broke after {ctx.tokens} tokens: {type(e).__name__}: {e}"
+            self.settle(ctx, Outcome.ERROR, err, backend_down=True)
+            yield sse_error(err)
+        except Exception as e:
+            self.metrics.internal_errors.labels("relay").inc()
+            log.exception("stream relay failed")
+            self.settle(ctx, Outcome.ERROR, f"gateway error in the relay: {type(e).__name__}", backend_down=True)
+            yield sse_error("internal gateway error (logged)", "internal_error")
+        finally:
+            self.settle(ctx, Outcome.CANCELLED, "client left")  # a no-op unless the stream did not end on its own
+            with anyio.CancelScope(shield=True):
+                await reply.response.aclose()
+
+    # ---- the one end of an attempt -------------------------------------------------------------------------
+    def settle(self, ctx: CallContext, outcome: Outcome, err: str | None = None, *, backend_down: bool = False,
+               record: bool = True) -> None:
+        """End the attempt once: free its slot, queue entry and predicted load, learn, and trace it."""
+        if ctx.settled:
+            return
+        ctx.phase, ctx.outcome, ctx.error = Phase.ENDED, outcome, err
+        now = self.now()
+        try:
+            if outcome is Outcome.OK:
+                self.pool.complete(ctx.call, now, ctx.unreported_tokens)  # the core feeds the online learners
+            else:
+                self.pool.abandon(ctx.call, now, backend_down=backend_down)
+        finally:
+            if record:
+                self.recorder.record(ctx, now)

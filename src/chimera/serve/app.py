@@ -30,6 +30,7 @@ from starlette.routing import Route
 from chimera.sched.policy import Policy
 from chimera.sched.registry import make_policy
 from chimera.serve import edge
+from chimera.serve.clock import GatewayClock
 from chimera.serve.config import GatewayConfig, load_gateway_config
 from chimera.serve.director import CHAT, Director, count_tokens, error
 from chimera.serve.edge import EdgeError
@@ -101,24 +102,12 @@ class Gateway:
         self.auth = edge.Auth(cfg.auth.api_keys, cfg.auth.admin_keys)
         self.health_checker: HealthChecker | None = None
         self.run_id = uuid.uuid4().hex[:8]
-        self._t0: float | None = None
-        self._wall0 = time.time()
-        recorder = CallRecorder(self.trace, self.metrics, self.run_id, self.policy.name, self.wall)
-        self.director = Director(self.pool, self.policy, cfg.limits, self.metrics, recorder, self.now, self.run_id,
+        self.clock = GatewayClock()
+        recorder = CallRecorder(self.trace, self.metrics, self.run_id, self.policy.name, self.clock)
+        self.director = Director(self.pool, self.policy, cfg.limits, self.metrics, recorder, self.clock, self.run_id,
                                  self.predict_pool)
         self.active = 0
         self.draining = False
-
-    # ---- clock ---------------------------------------------------------------------------------------------
-    def now(self) -> float:
-        """Seconds since the gateway started, on the loop's monotonic clock (the policy's `now`)."""
-        t = asyncio.get_running_loop().time()
-        if self._t0 is None:
-            self._t0 = t
-        return t - self._t0
-
-    def wall(self, now: float | None) -> float | None:
-        return None if now is None else self._wall0 + now
 
     def busy(self) -> bool:
         """Anything still owed to a client: requests being read or scheduled, calls queued or running."""
@@ -127,8 +116,7 @@ class Gateway:
     # ---- lifespan ------------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        self.now()
-        self._wall0 = time.time()
+        self.clock.start()
         # Idle upstream connections are dropped after 2 s, before the server's own keep-alive timeout (uvicorn's and
         # vLLM's: 5 s); at equal timeouts a call could be sent on a connection the server is closing (ReadError).
         client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=200,
@@ -210,7 +198,7 @@ class Gateway:
         except EdgeError as e:
             return self._refuse(FEEDBACK, e)
         self.trace.log_feedback(fb.workflow_id, fb.score)
-        self.pool.end_workflow(fb.workflow_id, self.now())
+        self.pool.end_workflow(fb.workflow_id, self.clock.now())
         return JSONResponse({"ok": True, "workflow_id": fb.workflow_id, "score": fb.score})
 
     async def chat(self, request: Request) -> Response:

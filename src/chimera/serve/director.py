@@ -15,7 +15,7 @@ import itertools
 import json
 import logging
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import anyio
 import httpx
@@ -24,10 +24,10 @@ from starlette.responses import JSONResponse, Response
 
 from chimera.sched.policy import Policy
 from chimera.sched.types import Call, Prediction
-from chimera.serve import edge
 from chimera.serve.call import CallContext, Outcome, Phase
+from chimera.serve.clock import GatewayClock
 from chimera.serve.config import Limits
-from chimera.serve.edge import EdgeError
+from chimera.serve.edge import EdgeError, WorkflowHints, prompts
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.pool import BackendPool, BackendState, QueueFull
 from chimera.serve.proxy import DisconnectAwareStream, UpstreamError, UpstreamReply, open_upstream
@@ -72,10 +72,10 @@ class Director:
     """Runs every call's life against one backend pool; owns no HTTP routes and no lifespan."""
 
     def __init__(self, pool: BackendPool, policy: Policy, limits: Limits, metrics: GatewayMetrics,
-                 recorder: CallRecorder, now: Callable[[], float], run_id: str,
+                 recorder: CallRecorder, clock: GatewayClock, run_id: str,
                  predict_pool: Executor | None = None) -> None:
         self.pool, self.policy, self.limits, self.metrics, self.recorder = pool, policy, limits, metrics, recorder
-        self.now, self.run_id, self.predict_pool = now, run_id, predict_pool
+        self.now, self.run_id, self.predict_pool = clock.now, run_id, predict_pool
         self.client: httpx.AsyncClient | None = None  # the shared upstream client, opened by the lifespan
         self._wf_ids = itertools.count()
 
@@ -86,14 +86,14 @@ class Director:
             raise EdgeError(429, f"gateway queue is full: {self.pool.backlog_reason(pinned)}", "queue_full",
                             "queue_full", {"Retry-After": str(self.pool.retry_after_s())})
 
-    async def open(self, path: str, body: dict[str, Any], hints: edge.WorkflowHints,
+    async def open(self, path: str, body: dict[str, Any], hints: WorkflowHints,
                    pinned: str | None) -> CallContext:
         """The call's context: its workflow (the client's hint, else a new one), stage, prompt and its tokens."""
         now = self.now()
         wid = hints.workflow_id or f"wf-{self.run_id}-{next(self._wf_ids)}"
         wf = self.pool.workflows.get(wid, now)
         chat = path == CHAT
-        prompt, full = edge.prompts(body, chat=chat)
+        prompt, full = prompts(body, chat=chat)
         call = Call(call_id=self.pool.next_id(), workflow_id=wid, kind=hints.kind or "chat", prompt=prompt,
                     stage=hints.stage if hints.stage is not None else wf.stages,
                     prompt_tokens=await asyncio.to_thread(count_tokens, full), arrival_s=now,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
+from chimera.serve.clock import GatewayClock
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.trace import TraceStore
 
@@ -20,8 +21,9 @@ class CallRecorder:
     the trace store (rows that `chimera train --traces` learns from), Prometheus metrics and the log."""
 
     def __init__(self, trace: TraceStore, metrics: GatewayMetrics, run_id: str, policy_name: str,
-                 wall: Callable[[float | None], float | None]) -> None:
-        self.trace, self.metrics, self.run_id, self.policy_name, self.wall = trace, metrics, run_id, policy_name, wall
+                 clock: GatewayClock) -> None:
+        self.trace, self.metrics, self.run_id, self.policy_name = trace, metrics, run_id, policy_name
+        self.wall = clock.wall
 
     def record(self, ctx: "CallContext", now: float) -> None:
         """Trace row, metrics and a log line for the attempt `ctx` holds; never raises (a lost row is counted by the

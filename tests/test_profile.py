@@ -329,3 +329,41 @@ def test_profile_an_emulator_end_to_end(emulator: str, tmp_path: Path) -> None:
                             "chimera", "--rate", "1", "--tasks", "40"])
     assert r.exit_code == 0, _plain(r.output)
     assert "emu-7b:" in _plain(r.output)
+
+
+def test_refit_and_check_a_written_profile(emulator: str, tmp_path: Path) -> None:
+    """--refit fits a profile's stored measurements again without the server (its name and machine kept unless
+    given); --check measures afresh against a profile and writes nothing."""
+    small = ["--concurrency", "1,4", "--decode-tokens", "24", "--rounds", "1", "--prefill-lengths", "16,256",
+             "--long-concurrency", "1"]
+    first = tmp_path / "first.yaml"
+    r = runner.invoke(app, ["profile", "--base-url", emulator, "--model", "emu-7b", "--out", str(first), "--gpu",
+                            "a6000-emu", "--params-b", "7", *small])
+    assert r.exit_code == 0, _plain(r.output)
+    doc = yaml.safe_load(first.read_text())
+
+    again = tmp_path / "again.yaml"
+    r = runner.invoke(app, ["profile", "--refit", str(first), "--out", str(again), "--json", str(tmp_path / "a.json")])
+    assert r.exit_code == 0, _plain(r.output)
+    assert f"(refit of {first}): measured vs fitted" in " ".join(_plain(r.output).split())
+    redo = yaml.safe_load(again.read_text())
+    assert (redo["name"], redo["gpu"], redo["params_b"]) == ("emu-7b", "a6000-emu", 7.0)
+    for key, value in doc["fitted"].items():  # the stored measurements are rounded to 6 digits: the fit barely moves
+        assert redo["fitted"][key] == (pytest.approx(value, rel=1e-3) if isinstance(value, float) else value), key
+    record = yaml.safe_load((tmp_path / "a.json").read_text())
+    assert set(record) == {"measurements", "fit", "fitted"} and record["fitted"] == redo["fitted"]
+
+    r = runner.invoke(app, ["profile", "--refit", str(first), "--out", str(again), "--name", "other", "--gpu", "h100"])
+    assert r.exit_code == 0, _plain(r.output)
+    assert (yaml.safe_load(again.read_text())["name"], yaml.safe_load(again.read_text())["gpu"]) == ("other", "h100")
+    (tmp_path / "bare.yaml").write_text("name: x\n")
+    r = runner.invoke(app, ["profile", "--refit", str(tmp_path / "bare.yaml"), "--out", str(tmp_path / "x.yaml")])
+    assert r.exit_code == 2 and "bare.yaml: no measurements to refit ('measurements')" in _plain(r.output)
+    assert not (tmp_path / "x.yaml").exists()
+
+    before = sorted(tmp_path.iterdir())
+    r = runner.invoke(app, ["profile", "--base-url", emulator, "--model", "emu-7b", "--check", str(first), *small])
+    assert r.exit_code == 0, _plain(r.output)
+    text = " ".join(_plain(r.output).split())
+    assert f"measured now vs {first}" in text and "s of measuring" in text and "TPOT c=4" in text
+    assert sorted(tmp_path.iterdir()) == before

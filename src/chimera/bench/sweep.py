@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 from chimera.perfmodel.profiles import ClusterConfig
 from chimera.sched.registry import POLICIES, policy_entry
@@ -28,6 +29,27 @@ class SweepSpec:
     engine_order: str = "priority"  # the engines' waiting order: the call's priority, or "fcfs" (vLLM's default)
     hold: float | None = None  # gateway admission cap: hold × a replica's KV-limited batch × replicas (None: max_num_seqs)
     free_context: bool = False  # what-if bound: a workflow's earlier context is free (cached) on every replica
+
+
+def policy_params(pairs: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """POLICY.KEY=VALUE strings (`--param`) → {policy: {key: value}}, values read as YAML scalars."""
+    from chimera.util.keyvalue import parse_pairs
+
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        head, _, rest = pair.partition(".")
+        if not rest or "=" not in rest:
+            raise ValueError(f"--param {pair!r}: expected POLICY.KEY=VALUE")
+        out.setdefault(head, {}).update(parse_pairs([rest]))
+    return out
+
+
+def build_spec(policies: Sequence[str] | None = None, params: Iterable[str] = (), **fields: Any) -> SweepSpec:
+    """A checked spec from command-line values: every policy when none are named, `params` as POLICY.KEY=VALUE
+    strings; a bad pair, policy, parameter or predictor choice fails here, naming it, before anything runs."""
+    spec = SweepSpec(policies=list(policies) if policies else list(POLICIES), params=policy_params(params), **fields)
+    check_spec(spec)
+    return spec
 
 
 def capacity_workflows_per_s(prep: Prepared) -> float:
@@ -86,6 +108,9 @@ def check_spec(spec: SweepSpec) -> None:
     from chimera.predict.length import stat_quantile
     from chimera.sched.registry import PREDICTIONS, make_policy
 
+    unknown = [p for p in spec.policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
     stray = [p for p in spec.params if p not in spec.policies]
     if stray:
         raise ValueError(f"sweep params for policies not in the sweep: {stray}")
@@ -120,3 +145,22 @@ def lams_for(policy: str, spec: SweepSpec) -> Sequence[float | None]:
 def count_runs(spec: SweepSpec) -> int:
     per_load = sum(len(lams_for(p, spec)) * (1 + len(extra_predictions(p, spec))) for p in spec.policies)
     return per_load * len(spec.loads)
+
+
+def write_results(rows: list[dict], out: Path, free_context: bool = False) -> tuple[str, Path]:
+    """results.md (the runs, then the frontier over the λ sweep), results.json and frontier.png in `out`;
+    returns the markdown and the plot's path."""
+    import json
+
+    from chimera.bench.frontier import frontier, frontier_markdown
+    from chimera.bench.report import frontier_plot, markdown_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    front = frontier(rows)
+    md = markdown_table(rows) + "\n## Frontier over the λ sweep\n\n" + frontier_markdown(front)
+    if free_context:
+        md = ("**What-if bound (`--free-context`):** every stage after a workflow's first prefills only its newest "
+              "text, as if its workflow's earlier context were cached on every replica.\n\n" + md)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"runs": rows, "frontier": front}, indent=1))
+    return md, frontier_plot(rows, out / "frontier.png")

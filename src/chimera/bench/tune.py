@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Callable, Literal, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -69,6 +70,16 @@ def check_spec(spec: TuneSpec) -> None:
         raise ValueError("fixed: set λ with lams, not fixed.lam")
     for params in candidates(spec) + [{"lam": lam} for lam in spec.lams]:
         make_policy(POLICY, **params)
+
+
+def build_spec(grid: Iterable[str] = (), fixed: Iterable[str] = (), **fields: Any) -> TuneSpec:
+    """A checked spec from command-line values: `grid` as KEY=V1,V2,… (`--grid`) and `fixed` as KEY=VALUE (`--set`)
+    strings; a bad pair, key or value fails here, naming it, before anything runs."""
+    from chimera.util.keyvalue import parse_pairs, parse_value_lists
+
+    spec = TuneSpec(grid=parse_value_lists(grid, "--grid"), fixed=parse_pairs(fixed, "--set"), **fields)
+    check_spec(spec)
+    return spec
 
 
 def halves(prep: Prepared) -> tuple[Prepared, Prepared]:
@@ -177,3 +188,17 @@ def policy_yaml(policy: dict[str, Any] | None, length_stat: str | None = None) -
         return "# no candidate met the target on the tuning half\n"
     doc = {"length_stat": length_stat} if length_stat else {}
     return yaml.safe_dump({**doc, "policy": policy}, sort_keys=False)
+
+
+def write_results(res: dict[str, Any], out: Path) -> tuple[str, str]:
+    """results.md, results.json and policy.yaml (the pick as a gateway `policy:` block) in `out`; returns the
+    markdown and the block."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(res)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    block = policy_yaml(res["policy"], res["length_stat"])
+    (out / "policy.yaml").write_text(block)
+    return md, block

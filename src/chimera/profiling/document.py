@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ import yaml
 from chimera.profiling.fit import FitRow, StepFit, fit_rows, fit_step_model, poorly_fitted
 from chimera.perfmodel.perf import StepTimeModel
 from chimera.perfmodel.profiles import MIN_KV_TOKENS, PROFILE_FORMAT, FittedModelSpec, ModelSpec, profile_from_dict
-from chimera.profiling.client import Measurements
+from chimera.profiling.client import MeasureError, Measurements, measurements_from_dict
 
 _DEFAULTS = ModelSpec.model_fields
 
@@ -33,6 +35,32 @@ class ProfileResult:
     @property
     def poor(self) -> list[FitRow]:
         return poorly_fitted(self.rows)
+
+
+@dataclass(frozen=True)
+class ProfileOverrides:
+    """What is known of the server beyond its measurements (the command's flags); None: measured or defaulted."""
+
+    name: str | None = None
+    gpu: str = "measured"
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    kv_capacity_tokens: int | None = None
+    params_b: float | None = None
+
+    def filled_from(self, stored: dict[str, Any]) -> ProfileOverrides:
+        """These, blanks taken from a stored profile document (a refit keeps its name, machine and limits; the KV
+        capacity comes from the stored measurements unless given)."""
+        return dataclasses.replace(
+            self, name=self.name or stored.get("name"),
+            gpu=self.gpu if self.gpu != "measured" else stored.get("gpu", self.gpu),
+            max_num_seqs=self.max_num_seqs or stored.get("max_num_seqs"),
+            max_num_batched_tokens=self.max_num_batched_tokens or stored.get("max_num_batched_tokens"),
+            params_b=self.params_b or stored.get("params_b"))
+
+
+class ProfileBuildError(ValueError):
+    """Measurements no valid profile can be built from; the message says why."""
 
 
 def build_profile(
@@ -144,9 +172,44 @@ HEADER = """\
 """
 
 
-def write_profile(result: ProfileResult, path: str | Path) -> Path:
+def write_profile(result: ProfileResult, path: str | Path, json_path: str | Path | None = None) -> Path:
+    """The profile YAML at `path`; with `json_path`, also its measurements, fit report and fitted values as JSON."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(HEADER + yaml.safe_dump(result.document, sort_keys=False, allow_unicode=True, width=120),
                  encoding="utf-8")
+    if json_path is not None:
+        j = Path(json_path)
+        j.parent.mkdir(parents=True, exist_ok=True)
+        doc = result.document
+        j.write_text(json.dumps({"measurements": doc["measurements"], "fit": doc["fit_report"],
+                                 "fitted": doc["fitted"]}, indent=1))
     return p
+
+
+def fit_and_write(meas: Measurements, out: str | Path, overrides: ProfileOverrides = ProfileOverrides(),
+                  json_out: str | Path | None = None) -> tuple[ProfileResult, Path]:
+    """Fit `meas`, validate the profile as a cluster file would load it, write it (and the JSON record)."""
+    try:
+        res = build_profile(meas, **dataclasses.asdict(overrides))
+    except ValueError as e:  # ClusterError and pydantic's ValidationError among them
+        raise ProfileBuildError(f"could not build a profile from the measurements: {e}") from None
+    return res, write_profile(res, out, json_out)
+
+
+def stored_measurements(path: str | Path) -> tuple[Measurements, dict[str, Any]]:
+    """The measurements kept in a profile YAML (to fit again without the server) and the whole document."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        meas = measurements_from_dict(raw["measurements"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, MeasureError) as e:
+        raise MeasureError(f"{path}: no measurements to refit ({e})") from None
+    return meas, raw
+
+
+def fit_formula(fit: StepFit) -> str:
+    """The fitted step-time model in one line (ms, µs, ns) with its RMS error over the measured points."""
+    return (f"fit: t = {1e3 * fit.fixed_s:.4g} ms + hypot({1e3 * fit.weights_s:.4g} ms, "
+            f"{1e6 * fit.per_token_s:.4g} µs × tokens) + {1e6 * fit.per_seq_s:.4g} µs × decoding "
+            f"seqs^{fit.per_seq_exponent:.2f} + {1e9 * fit.per_context_token_s:.4g} ns × KV tokens; request overhead "
+            f"{1e3 * fit.request_overhead_s:.3g} ms; RMS error {100 * fit.rms_rel_error:.1f}%")

@@ -90,3 +90,27 @@ def routing_curve_plot(result: dict, out: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def evaluation_markdown(result: dict) -> str:
+    """The report of `evaluate_predictors`: the split, then the router table and the remaining-tokens table."""
+    from chimera.train.length_eval import format_table
+    from chimera.train.router_eval import to_markdown
+
+    return (f"{', '.join(result['workloads'])}: {result['train_tasks']} training / {result['test_tasks']} held-out "
+            f"tasks\n\n### Router\n\n{to_markdown(result['router'])}\n\n### Remaining workflow tokens\n\n"
+            f"{format_table(result['length'])}\n")
+
+
+def write_evaluation(result: dict, out: str | Path) -> tuple[str, Path]:
+    """results.md, results.json and routing.png in `out`; returns the markdown and the plot's path."""
+    import json
+
+    from chimera.util.jsonable import jsonable
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = evaluation_markdown(result)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(jsonable(result), indent=1))
+    return md, routing_curve_plot(result, out / "routing.png")

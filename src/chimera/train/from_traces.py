@@ -136,3 +136,11 @@ def tasks_from_traces(db_path: str | Path) -> tuple[list[Task], dict[str, Any]]:
     stats["tasks"] = len(tasks)
     stats["tasks_per_model"] = dict(sorted(per_model.items()))
     return tasks, stats
+
+
+def describe_stats(path: str | Path, st: dict[str, Any]) -> str:
+    """One line on what a trace store gave (`tasks_from_traces`'s counts): tasks made, workflows skipped and why."""
+    return (f"{path}: {st['tasks']} tasks from {st['workflows']} traced workflows "
+            f"(skipped: {st['skipped_no_feedback']} without feedback, {st['skipped_no_ok_calls']} "
+            f"without a successful call, {st['skipped_bad_score']} with a bad score; "
+            f"{st['mixed_models']} mixed-model, {st['missing_prompt']} without prompt text)")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from chimera.predict.artifacts import Predictors
+from chimera.util.jsonable import jsonable
 from chimera.workload.schema import Task
 from chimera.workload.templates import load_templates
 from chimera.workload.workflows import make_plans, split_tasks
@@ -23,6 +25,27 @@ class TrainingData:
     test: list[Task]
     models: list[str]
     workloads: list[str]
+
+
+def load_training_sets(
+    workloads: Sequence[str],
+    traces: Sequence[str | Path] = (),
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    on_traces: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> list[tuple[str, list[Task]]]:
+    """(name, tasks) of every workload spec, then of every gateway trace store ('traces:PATH'); `on_traces` hears
+    each store's counts (`tasks_from_traces`) as it is read."""
+    from chimera.train.from_traces import tasks_from_traces
+    from chimera.workload.source import load_workload
+
+    sets = [(w, load_workload(w, data_dir=data_dir, seed=seed)[0]) for w in workloads]
+    for tp in traces:
+        tasks, stats = tasks_from_traces(tp)
+        if on_traces is not None:
+            on_traces(Path(tp), stats)
+        sets.append(("traces:" + str(tp), tasks))
+    return sets
 
 
 def gather(workloads: Sequence[tuple[str, Sequence[Task]]], train_frac: float) -> TrainingData:
@@ -113,7 +136,7 @@ def train_predictors(
         metrics["length"] = evaluate_length_models({"forest": forest}, trows, trem)
     return Predictors(
         router=router, length=forest, models=data.models, train_frac=train_frac,
-        train_ids=[t.id for t in data.train], workloads=data.workloads, metrics=_jsonable(metrics),
+        train_ids=[t.id for t in data.train], workloads=data.workloads, metrics=jsonable(metrics),
         spec={"router": {"encoder": encoder, **_params(router)}, "length": _params(forest)},
     )
 
@@ -121,14 +144,3 @@ def train_predictors(
 def _params(est) -> dict:
     return {k: v for k, v in est.get_params(deep=False).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return obj

@@ -1,4 +1,5 @@
-"""The gateway's per-model wait queue: lowest key first, with aging so nothing starves."""
+"""The per-model wait queue both bodies run (through the admission core): lowest key first, with aging so nothing
+starves."""
 
 from __future__ import annotations
 

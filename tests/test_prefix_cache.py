@@ -16,7 +16,7 @@ from chimera.sim.experiment import prepare, run_policy
 from chimera.workload.plan import plan_workflow
 from chimera.workload.synthetic import generate
 from chimera.workload.templates import load_templates, template_for
-from test_engine_batching import FlatModel as _FlatModel
+from test_perfmodel_batching import FlatModel as _FlatModel
 
 VOLATILE = {"wall_s", "calls_per_wall_s", "scheduler_s", "scheduler_share_of_latency"}
 

@@ -133,12 +133,12 @@ def test_simulator_places_on_the_replica_holding_the_context(tasks):
     wf = Wf()
     wf.wid, wf.plan, wf.outputs = wid, plan, [40]
     call = _call(wid=wid, stage=1, prompt=plan.prompt_tokens(1, [40]) if plan.n_stages > 1 else 300)
-    call.ctx = wf
     placed = {}
     for margin in (0.0, 4.0):
         pol = make_policy("chimera", confidence=prep.router, length=prep.lengths, affinity=True,
                           affinity_margin=margin)
         sim = Simulator(prep.runtimes, pol, [], rate=1.0)
+        sim._workflow_of[call.call_id] = wf  # the simulator's own table of its calls' workflows
         for loads in ((2, 2), (2, 5), (2, 7)):
             sim.engines["qwen2.5-1.5b"] = [_FakeEngine("r0", loads[0], 0), _FakeEngine("r1", loads[1], 200)]
             placed[margin, loads] = sim._place("qwen2.5-1.5b", call, 0.0).name

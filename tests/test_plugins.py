@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from chimera.bench.sweep import SweepSpec, check_spec, count_runs, extra_predictions, lams_for
 from chimera.perfmodel.profiles import default_cluster
-from chimera.predict.priors import OracleConfidence, OracleLength
+from chimera.predict.oracle import OracleConfidence, OracleLength
 from chimera.sched.plugin import PolicyParamsError, register_policy, register_scorer, POLICY_REGISTRY, SCORER_REGISTRY
 from chimera.sched.policy import Policy, PolicyParams
 from chimera.sched.registry import POLICIES, live_refusal, make_policy, takes_param

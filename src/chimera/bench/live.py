@@ -326,8 +326,8 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
     the cluster built from the measured profiles and the length-scaled plans."""
     from chimera.agents.driver import make_workflows
     from chimera.perfmodel.profiles import default_cluster
-    from chimera.predict.priors import RunningLength, SizePriorConfidence, StageMeanLength
-    from chimera.sched.registry import make_policy
+    from chimera.predict.assembly import PolicySpec, PredictorsSpec, build_policy
+    from chimera.predict.context import AssemblyContext
     from chimera.sim.cluster import build_runtimes
     from chimera.sim.simulator import Simulator
 
@@ -336,14 +336,12 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
         return None
     wfs = list(workflows) if workflows is not None else make_workflows(tasks, cfg.tasks, cfg.seed)
     runtimes = build_runtimes(cluster if cluster is not None else default_cluster())
-    names = [r.info.name for r in runtimes]
-    conf = SizePriorConfidence([r.info for r in runtimes])
     online = cfg.engine == "vllm" and cfg.sim_online_lengths
-    if online:  # as the live gateway: running means per (kind, stage, model), from a cold start (256 tokens)
-        length: Any = RunningLength(names)
-    else:
-        length = StageMeanLength(names).fit([p for _, p, _ in wfs])
-    pol = make_policy(pol_name, confidence=conf, length=length, lam=c.lam)  # the core feeds RunningLength.learn
+    # As the live gateway: running means per (kind, stage, model) from a cold start (the core feeds their `learn`);
+    # else per-stage means of the run's own plans (what those running means converge to).
+    ctx = AssemblyContext(models=[r.info for r in runtimes], train_plans=[p for _, p, _ in wfs])
+    preds = PredictorsSpec(confidence="size-prior", length="running-mean" if online else "stage-mean")
+    pol = build_policy(PolicySpec(name=pol_name, lam=c.lam, predictors=preds), ctx)
     arrivals = poisson_arrivals(rate, len(wfs), cfg.seed, LIVE_STREAM, start_at_zero=True) * cfg.time_scale
     sim = Simulator(runtimes, pol, [(w, p, t.prompt) for w, p, t in wfs], arrivals=list(arrivals), seed=cfg.seed)
     s = sim.run()

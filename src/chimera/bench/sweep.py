@@ -105,8 +105,9 @@ def run_sweep(
 
 def check_spec(spec: SweepSpec) -> None:
     """Refuse unknown policies, parameters and predictor choices before anything runs (errors name the key)."""
+    from chimera.predict.assembly import PREDICTION_CHOICES, check_predictions
     from chimera.predict.length import stat_quantile
-    from chimera.sched.registry import PREDICTIONS, make_policy
+    from chimera.sched.registry import make_policy
 
     unknown = [p for p in spec.policies if p not in POLICIES]
     if unknown:
@@ -122,9 +123,15 @@ def check_spec(spec: SweepSpec) -> None:
         for lam in lams_for(policy, spec):
             make_policy(policy, lam=lam, **params)
     stat_quantile(spec.length_stat)  # 'mean' or 'median'
-    bad = [p for p in spec.predictions if p not in PREDICTIONS]
+    bad = []
+    for choice in spec.predictions:
+        try:
+            check_predictions(choice)
+        except ValueError:
+            bad.append(choice)
     if bad:
-        raise ValueError(f"unknown predictions {bad}; choose from {', '.join(PREDICTIONS)}")
+        raise ValueError(f"unknown predictions {bad}; choose from {', '.join(PREDICTION_CHOICES)}, or CONFIDENCE/LENGTH "
+                         "of registered predictors")
 
 
 def extra_predictions(policy: str, spec: SweepSpec) -> Sequence[str]:

@@ -1,5 +1,6 @@
 """Honest predictors without learning from text: per-kind accuracy and per-stage mean lengths from a training split;
-for a gateway with no training data yet, confidence by model size and lengths learnt online from completions."""
+for a gateway with no training data yet, confidence by model size and lengths learnt online from completions.
+(The factories that build them by name: chimera/predict/plugins/.)"""
 
 from __future__ import annotations
 
@@ -103,28 +104,6 @@ class StageMeanLength:
     def predict_lengths(self, calls: Sequence[Call]) -> tuple[np.ndarray, np.ndarray]:
         pairs = [self._lookup(c.kind, c.stage) for c in calls]
         return np.vstack([p[0] for p in pairs]), np.vstack([p[1] for p in pairs])
-
-
-class OracleConfidence:
-    """True per-model task score, read from the simulator's ground truth (an upper bound, not deployable)."""
-
-    def __init__(self, models: Sequence[str]) -> None:
-        self.models_ = list(models)
-
-    def predict_confidence(self, calls: Sequence[Call]) -> np.ndarray:
-        return np.vstack([[c.truth.score((m,) * c.truth.n_stages) for m in self.models_] for c in calls])
-
-
-class OracleLength:
-    """True output tokens of this call and of the rest of the workflow, per model."""
-
-    def __init__(self, models: Sequence[str]) -> None:
-        self.models_ = list(models)
-
-    def predict_lengths(self, calls: Sequence[Call]) -> tuple[np.ndarray, np.ndarray]:
-        call = np.array([[c.truth.output_tokens(c.stage, m) for m in self.models_] for c in calls], dtype=float)
-        rem = np.array([[c.truth.remaining_tokens(c.stage, m) for m in self.models_] for c in calls], dtype=float)
-        return call, rem
 
 
 class SizePriorConfidence:

@@ -30,7 +30,7 @@ from chimera.sched.types import Call, ModelInfo, Prediction
 R = TypeVar("R")  # the body's replica handle
 _ABSENT: Any = object()
 
-# The fields of a Call a body sets at submit time (what a replay needs to rebuild it; not `truth` nor `ctx`).
+# The fields of a Call a body sets at submit time (what a replay needs to rebuild it; not `ctx`).
 CALL_FIELDS = ("call_id", "workflow_id", "kind", "prompt", "stage", "prompt_tokens", "arrival_s",
                "workflow_arrival_s", "generated_so_far", "pinned_model", "cached_tokens")
 

@@ -1,6 +1,9 @@
-"""Congestion per model, measured as in-flight *predicted* tokens (queued + running), as in the paper."""
+"""Congestion per model, measured as in-flight *predicted* tokens (queued + running), as in the paper, and the calls
+the engines report beyond this scheduler's own."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
@@ -27,6 +30,23 @@ class LoadMonitor:
         self.calls[m] += 1
         self._owed[call.call_id] = call.pred_call_tokens
         self._on[m][call.call_id] = call
+
+    def inflight_tokens(self, names: Sequence[str], inflight: np.ndarray, typical_tokens: np.ndarray) -> np.ndarray:
+        """Per model of `names`: the in-flight predicted tokens of our calls (`inflight`, as the caller reckons them)
+        plus those of the calls the engines run beyond ours (`external`), each as long as our mean call on that
+        model, or `typical_tokens` where none of ours is in flight."""
+        if not any(self.external.values()):
+            return inflight
+        calls = np.array([self.calls[n] for n in names], dtype=float)
+        per_call = np.where(calls > 0, inflight / np.maximum(calls, 1.0), typical_tokens)
+        return inflight + np.array([self.external[n] for n in names], dtype=float) * per_call
+
+    def inflight_calls(self, names: Sequence[str]) -> np.ndarray:
+        """Per model of `names`: calls in flight, ours (queued or running) and those the engines run beyond ours."""
+        calls = np.array([self.calls[n] for n in names], dtype=float)
+        if any(self.external.values()):
+            calls = calls + np.array([self.external[n] for n in names], dtype=float)
+        return calls
 
     def owed_and_elapsed(self, model: str, now: float) -> tuple[np.ndarray, np.ndarray]:
         """Per call of `model`: predicted tokens still owed, and seconds since it was dispatched (0 while queued)."""

@@ -2,7 +2,9 @@
 
 A policy class declares `Params` (a pydantic model that refuses unknown keys) and its capabilities as class
 attributes; `@register_policy("name")` makes it buildable by name. A preset is a registered name for a policy
-with fixed parameters and, optionally, a predictor choice (how the benchmarks keep their row labels).
+with fixed parameters and, optionally, a predictor choice (how the benchmarks keep their row labels): an opaque label
+the brain stores and does not read; the predictor layer (chimera.predict.assembly) resolves and validates it.
+The same Registry holds other plugins (the predictor factories of chimera.predict.registry).
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ from pydantic import BaseModel, ValidationError
 
 T = TypeVar("T", bound=type)
 
-PREDICTIONS = ("priors", "trained", "oracle", "oracle-scores", "oracle-lengths")  # predictor choices of a run
-
 
 class PolicyParamsError(ValueError):
     """Parameters a policy does not take or cannot use; the message names the policy and the key."""
 
 
-def parse_params(model: type[BaseModel], params: Mapping[str, Any], policy: str) -> BaseModel:
-    """Validate `params` against a policy's Params model; errors name the policy and the offending key."""
+def parse_params(model: type[BaseModel], params: Mapping[str, Any], name: str, kind: str = "policy",
+                 error: type[ValueError] = PolicyParamsError) -> BaseModel:
+    """Validate `params` against a plugin's Params model; errors (`error`) name the plugin (`kind` and name) and the
+    offending key."""
     try:
         return model.model_validate(dict(params))
     except ValidationError as e:
@@ -31,15 +33,16 @@ def parse_params(model: type[BaseModel], params: Mapping[str, Any], policy: str)
         for err in e.errors():
             key = ".".join(str(x) for x in err["loc"]) or "<params>"
             if err["type"] == "extra_forbidden":
-                parts.append(f"policy {policy!r} has no parameter {key!r} (it takes: {takes})")
+                parts.append(f"{kind} {name!r} has no parameter {key!r} (it takes: {takes})")
             else:
-                parts.append(f"policy {policy!r} parameter {key!r}: {err['msg'].removeprefix('Value error, ')}")
-        raise PolicyParamsError("; ".join(parts)) from None
+                parts.append(f"{kind} {name!r} parameter {key!r}: {err['msg'].removeprefix('Value error, ')}")
+        raise error("; ".join(parts)) from None
 
 
 @dataclass(frozen=True)
 class PolicyEntry:
-    """A registered name: the policy class, preset parameters, and the preset's predictor choice (None: the run's)."""
+    """A registered name: the plugin class, preset parameters, and the preset's predictor choice (None: the run's;
+    a label for the predictor layer, not read here)."""
 
     name: str
     cls: type
@@ -71,10 +74,9 @@ class Registry:
         return deco
 
     def preset(self, name: str, base: str, predictions: str | None = None, **params: Any) -> PolicyEntry:
-        """Register `name` as `base` with fixed parameters (checked now) and an optional predictor choice."""
+        """Register `name` as `base` with fixed parameters (checked now) and an optional predictor choice (a label the
+        predictor layer resolves: chimera.predict.assembly)."""
         entry = self.get(base)
-        if predictions is not None and predictions not in PREDICTIONS:
-            raise ValueError(f"preset {name!r}: predictions must be one of {PREDICTIONS}, got {predictions!r}")
         parse_params(entry.cls.Params, params, name)
         return self._add(PolicyEntry(name, entry.cls, dict(params), predictions))
 

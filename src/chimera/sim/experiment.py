@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from chimera.perfmodel.profiles import ClusterConfig
 from chimera.predict.artifacts import Predictors
-from chimera.predict.priors import KindAccuracyRouter, OracleConfidence, OracleLength, StageMeanLength
-from chimera.sched.registry import PREDICTIONS, make_policy, policy_entry
+from chimera.predict.assembly import PolicySpec, PredictorsSpec, build_policy, build_predictors, resolve_predictions
+from chimera.predict.context import AssemblyContext
+from chimera.predict.priors import KindAccuracyRouter, StageMeanLength
+from chimera.sched.registry import make_policy, policy_entry
 from chimera.sched.types import Call
 from chimera.sim.cluster import ModelRuntime, build_runtimes
 from chimera.sim.simulator import Simulator
@@ -24,9 +26,14 @@ class ClusterWorkloadMismatch(ValueError):
     """The cluster asks for models the workload has no outcomes for."""
 
 
+def workload_names(cluster: ClusterConfig) -> dict[str, str]:
+    """Cluster model name -> the name the workload (and trained predictors) know it by (`workload_model`)."""
+    return {m.name: (m.workload_model or m.name) for m in cluster.models}
+
+
 def to_cluster_namespace(tasks: Sequence[Task], cluster: ClusterConfig) -> tuple[list[Task], int]:
     """Re-key each task's outcomes by the cluster's model names (via `workload_model`); count tasks skipped."""
-    mapping = {m.name: (m.workload_model or m.name) for m in cluster.models}
+    mapping = workload_names(cluster)
     out: list[Task] = []
     skipped = 0
     for t in tasks:
@@ -49,7 +56,8 @@ def to_cluster_namespace(tasks: Sequence[Task], cluster: ClusterConfig) -> tuple
 
 @dataclass
 class Prepared:
-    """Everything that does not depend on the policy, built once and shared by a sweep."""
+    """Everything that does not depend on the policy, built once and shared by a sweep: the split, the cluster, and
+    the assembly context the predictors are built from (fitted ones once, shared by every run)."""
 
     runtimes: list[ModelRuntime]
     names: list[str]
@@ -57,11 +65,35 @@ class Prepared:
     test: list[Task]
     skipped: int
     train_plans: list[WorkflowPlan]
-    router: KindAccuracyRouter
-    lengths: StageMeanLength
     templates: dict[str, WorkflowTemplate]
     rule: str
-    trained: tuple | None = None  # (confidence, length) adapters of trained predictors, when given
+    context: AssemblyContext
+    length_stat: str = "mean"  # how the trained length forest is read
+    # Ground truth: workflow id -> plan, of the training tasks and of every workflow `workflows` built (the oracle
+    # predictors read it; a run reads its own workflows', see `run_policy`).
+    truth: dict[str, WorkflowPlan] = field(default_factory=dict)
+
+    @property
+    def router(self) -> KindAccuracyRouter:
+        """The per-kind accuracy prior fit on the training split (the `priors` confidence)."""
+        return self.predictors_for("priors")[0]  # type: ignore[return-value]
+
+    @property
+    def lengths(self) -> StageMeanLength:
+        """The per-stage mean lengths fit on the training plans (the `priors` lengths)."""
+        return self.predictors_for("priors")[1]  # type: ignore[return-value]
+
+    @property
+    def trained(self) -> tuple[Any, Any] | None:
+        """(confidence, length) of the trained predictors seen through the cluster's model names, when given."""
+        return None if self.context.trained is None else self.predictors_for("trained")
+
+    def predictors_for(self, predictions: str | PredictorsSpec | None = None) -> tuple[Any, Any]:
+        """(confidence, length) of a predictor choice (see `choose_predictors`), built for this preparation."""
+        return choose_predictors(self, predictions)[:2]
+
+    def train_truth(self) -> dict[str, WorkflowPlan]:
+        return {t.id: p for t, p in zip(self.train, self.train_plans)}
 
     def workflows(self, n: int | None, seed: int) -> list[tuple[str, WorkflowPlan, str]]:
         """n workflows from the test tasks; beyond one pass, tasks are drawn again under new workflow ids."""
@@ -69,6 +101,7 @@ class Prepared:
         pairs = repeat_ids(self.test, [t.id for t in self.test], n, shuffle=np.random.default_rng([seed, 1]))
         for k, (wid, t) in enumerate(pairs):
             plan = plan_workflow(t, template_for(t.kind, self.templates), np.random.default_rng([seed, k]), self.rule)
+            self.truth[wid] = plan
             out.append((wid, plan, t.prompt))
         return out
 
@@ -101,24 +134,16 @@ def prepare(
     names = [r.info.name for r in runtimes]
     fit_on = train if train else test[:0]
     plans = make_plans(fit_on, templates, seed + 10_000, rule) if fit_on else []
-    router = KindAccuracyRouter(names).fit(fit_on)
-    lengths = StageMeanLength(names).fit(plans) if plans else StageMeanLength(names).fit(
-        make_plans(test[:1], templates, seed, rule))
-    prep = Prepared(runtimes, names, train, test, skipped, plans, router, lengths, templates, rule)
+    context = AssemblyContext(models=[r.info for r in runtimes], workload_model=workload_names(cluster),
+                              trained=predictors, train_tasks=fit_on,
+                              train_plans=plans or make_plans(test[:1], templates, seed, rule))
+    prep = Prepared(runtimes, names, train, test, skipped, plans, templates, rule, context, length_stat)
+    prep.truth.update(prep.train_truth())
+    context.truth = prep.truth
+    prep.predictors_for("priors")  # fit now, once for every run
     if predictors is not None:
-        prep.trained = trained_adapters(predictors, cluster, length_stat)
+        prep.predictors_for("trained")  # and a folder trained on other models fails here
     return prep
-
-
-def trained_adapters(predictors: Predictors, cluster: ClusterConfig, length_stat: str = "mean"):
-    """The trained router and forest seen through the cluster's model names (`workload_model` mapping);
-    `length_stat` "mean" reads the forest's predicted mean length, "median" its median (ForestLengths)."""
-    from chimera.predict.length import ForestLengths, stat_quantile
-    from chimera.predict.router import RouterConfidence
-
-    mapping = {m.name: (m.workload_model or m.name) for m in cluster.models}
-    return RouterConfidence(predictors.router, mapping), ForestLengths(predictors.length, mapping,
-                                                                    quantile=stat_quantile(length_stat))
 
 
 def train_calls(prep: Prepared, limit: int = 2000) -> list[Call]:
@@ -126,27 +151,19 @@ def train_calls(prep: Prepared, limit: int = 2000) -> list[Call]:
     calls = []
     for i, (t, p) in enumerate(zip(prep.train[:limit], prep.train_plans[:limit])):
         calls.append(Call(call_id=-1 - i, workflow_id=t.id, kind=t.kind, prompt=t.prompt, stage=0,
-                          prompt_tokens=p.prompt_tokens(0, []), arrival_s=0.0, workflow_arrival_s=0.0, truth=p))
+                          prompt_tokens=p.prompt_tokens(0, []), arrival_s=0.0, workflow_arrival_s=0.0))
     return calls
 
 
-def choose_predictors(prep: Prepared, predictions: str | None = None):
-    """(confidence, length, label) for a run's predictor choice: priors, trained, oracle (true scores and lengths),
-    oracle-scores (true scores, predicted lengths) or oracle-lengths (predicted scores, true lengths); "predicted"
-    means trained when the run has trained predictors, else priors. None: trained if given, else priors."""
-    honest = "trained" if prep.trained is not None else "priors"
-    predictions = predictions or honest
-    if predictions not in PREDICTIONS:
-        raise ValueError(f"predictions must be one of {', '.join(PREDICTIONS)}, got {predictions!r}")
-    if predictions == "trained" and prep.trained is None:
-        raise ValueError("predictions 'trained' needs trained predictors (--predictors)")
-    conf, length = prep.trained if predictions == "trained" or (predictions != "priors" and prep.trained) else (
-        prep.router, prep.lengths)
-    if predictions in ("oracle", "oracle-scores"):
-        conf = OracleConfidence(prep.names)
-    if predictions in ("oracle", "oracle-lengths"):
-        length = OracleLength(prep.names)
-    return conf, length, predictions
+def choose_predictors(prep: Prepared, predictions: str | PredictorsSpec | None = None, truth=None):
+    """(confidence, length, label) for a run's predictor choice: a named set (priors, trained, oracle: true scores
+    and lengths, oracle-scores, oracle-lengths; chimera.predict.assembly.PREDICTOR_SETS), CONFIDENCE/LENGTH of
+    registered predictors, or a PredictorsSpec. None: trained if given, else priors. Oracles read `truth`
+    (workflow id -> plan; default: every workflow `prep.workflows` has built)."""
+    spec, label = resolve_predictions(predictions, prep.context.trained is not None, prep.length_stat)
+    ctx = prep.context if truth is None else replace(prep.context, truth=truth)
+    conf, length = build_predictors(spec, ctx)
+    return conf, length, label
 
 
 def run_policy(
@@ -161,7 +178,7 @@ def run_policy(
     workflows: list | None = None,
     confidence=None,
     length=None,
-    predictions: str | None = None,
+    predictions: str | PredictorsSpec | None = None,
     engine_order: str = "priority",
     hold: float | None = None,
     free_context: bool = False,
@@ -173,12 +190,17 @@ def run_policy(
     oracle, else trained if given, else priors); explicit `confidence`/`length` replace the honest ones.
     `engine_order`, `hold` and `free_context` are the Simulator's (the engines' queue order; the gateway's
     admission cap; the what-if where a workflow's earlier context is free on every replica)."""
-    predictions = predictions or policy_entry(policy).predictions
-    conf, lens, label = choose_predictors(prep, predictions)
-    if label in ("priors", "trained"):
-        conf, lens = confidence or conf, length or lens
-    pol = make_policy(policy, confidence=conf, length=lens, lam=lam, **policy_params)
+    spec, label = resolve_predictions(predictions or policy_entry(policy).predictions,
+                                      prep.context.trained is not None, prep.length_stat)
     wfs = workflows if workflows is not None else prep.workflows(n_tasks, seed)
+    ctx = prep.context
+    if spec.needs_truth:  # the oracle reads exactly the workflows it runs (and the training tasks)
+        ctx = replace(ctx, truth={**prep.train_truth(), **{wid: plan for wid, plan, _ in wfs}})
+    if label in ("priors", "trained") and (confidence is not None or length is not None):
+        conf, lens = build_predictors(spec, ctx)
+        pol = make_policy(policy, confidence=confidence or conf, length=length or lens, lam=lam, **policy_params)
+    else:
+        pol = build_policy(PolicySpec(name=policy, lam=lam, params=policy_params, predictors=spec), ctx)
     sim = Simulator(prep.runtimes, pol, wfs, rate=rate, agents=agents, seed=seed, engine_order=engine_order, hold=hold,
                     free_context=free_context)
     sim.admission.prepare(train_calls(prep))

@@ -107,6 +107,7 @@ class Simulator:
                                                       start=self._start, record=record, capacity=capacity)
         # Workflow affinity: the policy asks where a call's context is cached (only when engines cache prefixes).
         self._affinity = policy.affinity and any(r.spec.prefix_caching for r in self.runtimes)
+        self._workflow_of: dict[int, Workflow] = {}  # call_id -> its workflow, while the call is in the core
         self.sched_s = 0.0  # wall time spent inside the scheduler (the admission core and the policy)
         self._engine_s = 0.0  # wall time spent in the engines while the core dispatched (not the scheduler's)
 
@@ -128,6 +129,7 @@ class Simulator:
         self._seq = itertools.count()
         self._engine_time: dict[str, float] = {}
         self._call_ids = itertools.count()
+        self._workflow_of = {}
         self.records: list[WorkflowRecord] = []
         self.per_model = {r.info.name: {"calls": 0, "tokens": 0} for r in self.runtimes}
         self._progress = progress
@@ -206,9 +208,8 @@ class Simulator:
             arrival_s=now,
             workflow_arrival_s=wf.arrival_s,
             generated_so_far=sum(wf.outputs),
-            truth=plan,
-            ctx=wf,
         )
+        self._workflow_of[call.call_id] = wf
         if self._affinity:  # the prompt tokens each model's best replica holds for this call now
             stream = plan.token_stream(wf.stage, wf.outputs, wf.wid, 0)
             call.cached_tokens = {m: max(e.cached_prompt_tokens(stream, call.prompt_tokens) for e in engs)
@@ -229,7 +230,7 @@ class Simulator:
             return engines[0]
         if not self._affinity:
             return min(engines, key=lambda e: e.n_running + e.n_waiting)
-        wf: Workflow = call.ctx
+        wf = self._workflow_of[call.call_id]
         stream = wf.plan.token_stream(call.stage, wf.outputs, wf.wid, 0)
         loads = [e.n_running + e.n_waiting for e in engines]
         cached = [e.cached_prompt_tokens(stream, call.prompt_tokens) for e in engines]
@@ -237,7 +238,7 @@ class Simulator:
 
     def _start(self, call: Call, eng: Engine, now: float) -> None:
         t0 = time.perf_counter()
-        wf: Workflow = call.ctx
+        wf = self._workflow_of[call.call_id]
         out = wf.plan.output_tokens(call.stage, call.model)
         key = call.priority if self.engine_order == "priority" else now
         if self.free_context and call.stage > 0:  # nothing to look up: the context is taken as cached
@@ -258,7 +259,7 @@ class Simulator:
 
     def _finish_call(self, seq: Seq, now: float) -> None:
         call: Call = seq.call
-        wf: Workflow = call.ctx
+        wf = self._workflow_of.pop(call.call_id)
         model = call.model
         assert model is not None
         started = seq.start_s if seq.start_s is not None else now

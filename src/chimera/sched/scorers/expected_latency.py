@@ -28,9 +28,9 @@ class ExpectedLatency(Scorer):
     `affinity` (workflow affinity): the prefill term counts only the prompt tokens model m does not hold already,
     (prompt − Call.cached_tokens[m]) / m's prefill rate, so staying where the workflow's context is cached saves
     prefill and moving costs it. Off (the default): the whole prompt everywhere.
-    Calls the engines report beyond this scheduler's own (`monitor.external`: other clients, from the gateway's
-    scraped gauges) count as in-flight calls of the model's mean predicted length (this call's, when none of ours is
-    in flight), in both congestion models.
+    The load on each model is the monitor's (`LoadMonitor.inflight_tokens`, `inflight_calls`): it counts the calls the engines run beyond this
+    scheduler's own as in-flight calls of the model's mean predicted length (this call's, when none of ours is in
+    flight), in both congestion models.
     `overrun` (None: off) makes the in-flight tokens conditional on how long each call has run: a running call owes
     its predicted tokens less those its time since dispatch has produced at m's TPOT for its current batch, and once
     past its prediction `overrun` × the tokens it has produced (where lengths are heavy-tailed, a call that has run
@@ -100,16 +100,10 @@ class ExpectedLatency(Scorer):
             inflight = self.owed_tokens(monitor, now)
         else:
             inflight = np.array([monitor.pred_tokens[n] for n in self._names])
-        calls = None
-        if any(monitor.external.values()):  # other clients' calls (gateway only), each as long as ours on average
-            calls = np.array([monitor.calls[n] for n in self._names], dtype=float)
-            external = np.array([monitor.external[n] for n in self._names], dtype=float)
-            per_call = np.where(calls > 0, inflight / np.maximum(calls, 1.0), call_tok)
-            inflight, calls = inflight + external * per_call, calls + external
+        inflight = monitor.inflight_tokens(self._names, inflight, call_tok)
         if self.congestion == "throughput":
             return inflight / self._tps + call_tok * self._tpot + prefill
-        if calls is None:
-            calls = np.array([monitor.calls[n] for n in self._names], dtype=float)
+        calls = monitor.inflight_calls(self._names)
         out = inflight / self._tps + call_tok * self._tpot + prefill  # models without a curve
         slots = self._replicas * self._limit
         for i in np.flatnonzero(self._curved):

@@ -12,7 +12,8 @@ from chimera.perfmodel.profiles import default_cluster
 from chimera.predict.oracle import OracleConfidence, OracleLength
 from chimera.sched.plugin import PolicyParamsError, register_policy, register_scorer, POLICY_REGISTRY, SCORER_REGISTRY
 from chimera.sched.policy import Policy, PolicyParams
-from chimera.sched.registry import POLICIES, live_refusal, make_policy, takes_param
+from chimera.sched.registry import POLICIES, make_policy, takes_param
+from chimera.serve.refusals import live_refusal
 from chimera.sched.scorers.base import Scorer
 from chimera.sched.types import Call, ModelInfo
 from chimera.serve.config import GatewayConfigError, gateway_config_from_dict

@@ -11,10 +11,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from chimera.perfmodel.profiles import default_cluster, profile
+from chimera.perfmodel.profiles import default_cluster
 from chimera.predict.assembly import (
-    PREDICTOR_SETS, PolicySpec, PredictorConfigError, PredictorsSpec, build_policy, gateway_policy, live_refusal,
-    predictions_need_truth, resolve_predictions,
+    PREDICTOR_SETS, PolicySpec, PredictorsSpec, build_policy, predictions_need_truth, resolve_predictions,
 )
 from chimera.predict.context import AssemblyContext, MissingInput
 from chimera.predict.oracle import OracleConfidence, OracleLength
@@ -22,7 +21,6 @@ from chimera.predict.priors import KindAccuracyRouter, RunningLength, SizePriorC
 from chimera.predict.registry import (
     CONFIDENCE_REGISTRY, LENGTH_REGISTRY, PredictorParamsError, confidence_factory, length_factory,
 )
-from chimera.sched import registry as sched_registry
 from chimera.sched.registry import POLICIES, policy_entry
 from chimera.sched.types import Call
 from chimera.sim.experiment import choose_predictors, prepare, run_policy
@@ -146,11 +144,12 @@ def test_named_sets_resolve_in_one_table(prep):
 
 
 @pytest.mark.parametrize("name", POLICIES)
-def test_every_presets_choice_is_a_known_set_and_the_gateway_refusal_is_unchanged(name):
+def test_every_presets_choice_is_a_known_set_and_the_gateway_refuses_ground_truth(name):
+    from chimera.serve.refusals import live_refusal
+
     entry = policy_entry(name)
     if entry.predictions is not None:
         resolve_predictions(entry.predictions, trained=True)
-    assert live_refusal(name) == sched_registry.live_refusal(name)
     assert (live_refusal(name) is not None and "ground truth" in live_refusal(name)) == (
         entry.predictions is not None and predictions_need_truth(entry.predictions))
 
@@ -166,51 +165,35 @@ def test_the_oracle_reads_the_truth_of_exactly_the_workflows_a_run_runs(prep):
 
 
 # ---- the gateway's policy, built by the same assembly ----------------------------------------------------------
-def _workload_names(cfg) -> dict[str, tuple]:
-    """What the gateway passes as `workload_model`: a backend's explicit name, else its profile's, then its own."""
-    out = {}
-    for m in cfg.models:
-        bes = [b for b in cfg.backends if b.model == m]
-        explicit = next((b.workload_model for b in bes if b.workload_model), None)
-        prof = next((b.profile for b in bes if b.profile), None)
-        out[m] = (explicit,) if explicit else (profile(prof).workload_model if prof else None, m)
-    return out
-
-
-def _gateway_policy(cfg, infos):
-    return gateway_policy(cfg.policy.name, cfg.policy.lam, cfg.policy.params, infos, cfg.predictors,
-                          _workload_names(cfg), cfg.length_stat)
-
-
-def test_gateway_policy_builds_what_the_gateway_builds_today(tmp_path, synthetic_predictors):
-    from chimera.serve.app import build_policy as serve_build_policy
+def test_the_gateway_builds_its_policy_through_the_assembly(tmp_path, synthetic_predictors):
+    """Cold start: size prior + running means; `predictors:` the trained router and forest, each served model read
+    under its backend's explicit workload_model, else its profile's, else its own name; a folder that cannot serve
+    the models fails at load, naming the key."""
+    from chimera.predict.length import ForestLengths
+    from chimera.predict.router import RouterConfidence
+    from chimera.serve.app import build_policy
     from chimera.serve.config import GatewayConfigError, gateway_config_from_dict
-    from chimera.serve.priors import model_infos
+    from chimera.serve.model_infos import model_infos, workload_names
 
     backends = [{"name": "a", "model": "small", "base_url": "http://x", "profile": "qwen2.5-1.5b@a6000"},
                 {"name": "b", "model": "qwen2.5-14b", "base_url": "http://x"},
                 {"name": "c", "model": "big", "base_url": "http://x", "workload_model": "qwen2.5-7b"}]
-    calls = [Call(call_id=i, workflow_id=f"w{i}", kind="math", prompt=f"What is {i}*23?", stage=i % 3,
-                  prompt_tokens=9, arrival_s=0.0, workflow_arrival_s=0.0) for i in range(4)]
-    for extra in ({}, {"predictors": str(synthetic_predictors)},
-                  {"predictors": str(synthetic_predictors), "length_stat": "median",
-                   "policy": {"name": "chimera", "lam": 0.2, "starve_s": 3.0}}):
-        cfg = gateway_config_from_dict({"backends": backends, **extra})
-        infos = model_infos(cfg)
-        ours, theirs = _gateway_policy(cfg, infos), serve_build_policy(cfg, infos)
-        assert (ours.name, ours.lam, ours.starve_s) == (theirs.name, theirs.lam, theirs.starve_s)
-        assert type(ours.confidence) is type(theirs.confidence) and type(ours.length) is type(theirs.length)
-        assert np.array_equal(ours.confidence.predict_confidence(calls), theirs.confidence.predict_confidence(calls))
-        assert all(np.array_equal(a, b) for a, b in zip(ours.length.predict_lengths(calls),
-                                                        theirs.length.predict_lengths(calls)))
-        if not extra:
-            assert isinstance(ours.confidence, SizePriorConfidence) and isinstance(ours.length, RunningLength)
-    for bad in ({"predictors": str(tmp_path / "none")},
-                {"predictors": str(synthetic_predictors),
-                 "backends": [{**backends[0], "profile": None, "workload_model": "gpt-4"}, backends[1]]}):
+    cold = gateway_config_from_dict({"backends": backends})
+    pol = build_policy(cold, model_infos(cold))
+    assert isinstance(pol.confidence, SizePriorConfidence) and isinstance(pol.length, RunningLength)
+    trained = gateway_config_from_dict({"backends": backends, "predictors": str(synthetic_predictors),
+                                        "length_stat": "median", "policy": {"name": "chimera", "lam": 0.2}})
+    assert workload_names(trained) == {"small": ("qwen2.5-1.5b", "small"), "qwen2.5-14b": (None, "qwen2.5-14b"),
+                                       "big": ("qwen2.5-7b",)}
+    pol = build_policy(trained, model_infos(trained))
+    assert isinstance(pol.confidence, RouterConfidence) and isinstance(pol.length, ForestLengths)
+    assert pol.confidence.mapping == {"small": "qwen2.5-1.5b", "qwen2.5-14b": "qwen2.5-14b", "big": "qwen2.5-7b"}
+    assert pol.length.quantile is None and pol.lam == 0.2  # the median: the forest's own quantile
+    for bad, says in (({"predictors": str(tmp_path / "none")}, "key 'predictors': "),
+                      ({"predictors": str(synthetic_predictors),
+                        "backends": [{**backends[0], "profile": None, "workload_model": "gpt-4"}, backends[1]]},
+                       "served model(s) ['small'] are not among them")):
         cfg = gateway_config_from_dict({"backends": backends, **bad})
-        with pytest.raises(GatewayConfigError) as theirs_err:
-            serve_build_policy(cfg, model_infos(cfg))
-        with pytest.raises(PredictorConfigError) as ours_err:
-            _gateway_policy(cfg, model_infos(cfg))
-        assert str(ours_err.value) == str(theirs_err.value) and "key 'predictors'" in str(ours_err.value)
+        with pytest.raises(GatewayConfigError, match="key 'predictors'") as e:
+            build_policy(cfg, model_infos(cfg))
+        assert says in str(e.value)

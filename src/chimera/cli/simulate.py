@@ -73,7 +73,8 @@ def policies() -> None:
 
     Example: chimera policies
     """
-    from chimera.sched.registry import POLICIES, live_refusal, policy_entry
+    from chimera.sched.registry import POLICIES, policy_entry
+    from chimera.serve.refusals import live_refusal
 
     for p in POLICIES:
         e = policy_entry(p)

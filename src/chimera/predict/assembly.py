@@ -18,7 +18,7 @@ from chimera.predict.context import AssemblyContext
 from chimera.predict.registry import CONFIDENCE_REGISTRY, LENGTH_REGISTRY, confidence_factory, length_factory
 from chimera.sched.policy import Policy
 from chimera.sched.predictors import ConfidencePredictor, LengthPredictor
-from chimera.sched.registry import capability_refusal, make_policy, policy_entry
+from chimera.sched.registry import make_policy, policy_entry
 from chimera.sched.types import ModelInfo
 
 HONEST = "honest"  # in a set: the run's honest choice (trained predictors when it has them, else the priors)
@@ -174,13 +174,3 @@ def gateway_policy(name: str, lam: float | None, params: Mapping[str, Any], mode
     spec = PolicySpec(name=name, lam=lam, params=dict(params),
                       predictors=gateway_predictors(bool(predictors_dir), length_stat))
     return build_policy(spec, ctx)
-
-
-def live_refusal(name: str, lam: float | None = None, **params: Any) -> str | None:
-    """Why the gateway cannot run policy `name` with these parameters (None: it can): a preset whose predictor
-    choice reads ground truth; then what the built policy's capabilities rule out (in-engine preemption,
-    a calibration it was not given)."""
-    entry = policy_entry(name)
-    if entry.predictions is not None and predictions_need_truth(entry.predictions):
-        return f"policy {name!r} uses {entry.predictions} predictions (ground truth), which only the simulator has"
-    return capability_refusal(name, lam=lam, **params)

@@ -13,8 +13,8 @@ a call's tokens only then; the gateway's stream relay reports chunks as they com
 call ends (they are forwarded with the completion), so the congestion term moves the same way in both.
 
 Preemptive policies rank running work inside the engine (`Policy.engine_key`): admission lets every call through
-(capacity unlimited) and the engine ranks them. Only the simulator's engine can do that; the gateway refuses them
-(`live_refusal`).
+(capacity unlimited) and the engine ranks them. Only the simulator's engine can do that; a body without in-engine
+control reads the capability (`Policy.preemptive`) and refuses them.
 """
 
 from __future__ import annotations
@@ -77,20 +77,6 @@ class WorkflowEnded(NamedTuple):
 
 
 Event = Union[Submitted, Dispatched, Progressed, Completed, Failed, Withdrawn, WorkflowEnded]
-
-
-def live_refusal(policy: Policy) -> str | None:
-    """Why a body without in-engine control (the gateway) cannot run `policy`, from its capabilities; None: it can.
-    A preemptive policy re-ranks *running* sequences inside the engine, which an OpenAI-compatible backend does not
-    expose; a policy that must be calibrated on training calls (`prepare`) needs them, and the gateway has none."""
-    if policy.preemptive:
-        return (f"policy {policy.name!r} needs in-engine preemption (it re-ranks running sequences), which the gateway "
-                "cannot do through an OpenAI-compatible backend; run it in the simulator (chimera simulate)")
-    missing = policy.needs_calibration()
-    if missing:
-        return (f"policy {policy.name!r} calibrates {missing!r} on training calls, which the gateway does not have; "
-                f"set {missing!r} in the policy config")
-    return None
 
 
 class Admission(Generic[R]):

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import chimera.sched.policies  # noqa: F401  (registers the built-in policies and presets)
-from chimera.sched.admission import live_refusal as policy_live_refusal
 from chimera.sched.predictors import ConfidencePredictor, LengthPredictor
 from chimera.sched.plugin import POLICY_REGISTRY, PolicyEntry, PolicyParamsError
 from chimera.sched.policy import Policy
 
 POLICIES: tuple[str, ...] = POLICY_REGISTRY.names()
 
-__all__ = ["POLICIES", "POLICY_REGISTRY", "PolicyParamsError", "capability_refusal", "live_refusal", "make_policy",
+__all__ = ["POLICIES", "POLICY_REGISTRY", "PolicyParamsError", "make_policy",
            "policy_entry", "takes_param"]
 
 
@@ -24,24 +23,6 @@ def policy_entry(name: str) -> PolicyEntry:
 def takes_param(name: str, key: str) -> bool:
     """Whether policy `name` has parameter `key` (e.g. 'lam'): ask this, never test the name."""
     return policy_entry(name).takes(key)
-
-
-def live_refusal(name: str, lam: float | None = None, **params: Any) -> str | None:
-    """Why the gateway cannot run policy `name` with these parameters (None: it can). Kept for the gateway's config
-    until it asks chimera.predict.assembly.live_refusal, which reads what a preset's predictor choice needs from the
-    predictor registry; here a preset that fixes its predictor choice is refused (the gateway builds its predictors
-    from its own configuration; today's only such preset, chimera-oracle, reads ground truth), with the same wording.
-    The rest follows from the built policy's capabilities (chimera.sched.admission.live_refusal)."""
-    entry = policy_entry(name)
-    if entry.predictions is not None:
-        return f"policy {name!r} uses {entry.predictions} predictions (ground truth), which only the simulator has"
-    return capability_refusal(name, lam=lam, **params)
-
-
-def capability_refusal(name: str, lam: float | None = None, **params: Any) -> str | None:
-    """Why a body without in-engine control cannot run policy `name` as built with these parameters (None: it can);
-    unknown names and parameters raise (see chimera.sched.admission.live_refusal)."""
-    return policy_live_refusal(make_policy(name, lam=lam, **params))
 
 
 def make_policy(

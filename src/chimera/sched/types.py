@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,7 +22,6 @@ class Call:
     workflow_arrival_s: float
     generated_so_far: int = 0  # output tokens of earlier stages of this workflow
     pinned_model: str | None = None
-    ctx: Any = None  # the gateway's handle on the call (its Ticket) until the gateway keeps its own; policies ignore it
     # Workflow affinity: prompt tokens of this call each model already holds in its prefix cache (its best replica),
     # as the body knows it (the simulator asks its engines, the gateway estimates from where the workflow's last
     # stage ran); filled only when the policy uses affinity, empty otherwise. A model not named holds none.

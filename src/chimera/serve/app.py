@@ -28,15 +28,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from chimera.sched.policy import Policy
-from chimera.sched.registry import make_policy
+from chimera.sched.types import ModelInfo
+from chimera.predict.assembly import PredictorConfigError, gateway_policy
 from chimera.serve import edge
 from chimera.serve.clock import GatewayClock
-from chimera.serve.config import GatewayConfig, load_gateway_config
+from chimera.serve.config import GatewayConfig, GatewayConfigError, load_gateway_config
 from chimera.serve.director import CHAT, Director, count_tokens, error
 from chimera.serve.edge import EdgeError
 from chimera.serve.health import HealthChecker
 from chimera.serve.metrics import GatewayMetrics
-from chimera.serve.model_infos import model_infos
+from chimera.serve.model_infos import model_infos, workload_names
 from chimera.serve.openapi import openapi_document
 from chimera.serve.pool import BackendPool
 from chimera.serve.records import CallRecorder
@@ -49,39 +50,14 @@ UPSTREAM_LOGGERS = ("httpx", "httpcore")  # one INFO line per upstream call and 
 _ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 503: "server_error"}
 
 
-def build_policy(cfg: GatewayConfig, infos) -> Policy:
-    """The configured policy with trained predictors (`predictors: DIR`) or the online priors."""
-    if cfg.predictors:
-        from chimera.perfmodel.profiles import profile
-        from chimera.predict.artifacts import load_predictors
-        from chimera.predict.length import ForestLengths, stat_quantile
-        from chimera.predict.router import RouterConfidence
-
-        from chimera.serve.config import GatewayConfigError
-
-        try:
-            preds = load_predictors(cfg.predictors)
-        except ValueError as e:
-            raise GatewayConfigError(f"key 'predictors': {e}") from None
-        mapping = {}
-        for m in cfg.models:
-            bes = [b for b in cfg.backends if b.model == m]
-            explicit = next((b.workload_model for b in bes if b.workload_model), None)
-            prof = next((b.profile for b in bes if b.profile), None)
-            wl = profile(prof).workload_model if prof else None
-            mapping[m] = explicit or (wl if wl in preds.models else m)
-        unknown = sorted(m for m, w in mapping.items() if w not in preds.models)
-        if unknown:
-            raise GatewayConfigError(
-                f"key 'predictors': {cfg.predictors} was trained on {preds.models}; served model(s) {unknown} are "
-                "not among them: set `workload_model` on their backends to one of those names")
-        conf = RouterConfidence(preds.router, mapping)
-        length = ForestLengths(preds.length, mapping, quantile=stat_quantile(cfg.length_stat))
-    else:
-        from chimera.predict.priors import RunningLength, SizePriorConfidence
-
-        conf, length = SizePriorConfidence(infos), RunningLength([i.name for i in infos])
-    return make_policy(cfg.policy.name, confidence=conf, length=length, lam=cfg.policy.lam, **cfg.policy.params)
+def build_policy(cfg: GatewayConfig, infos: list[ModelInfo]) -> Policy:
+    """The configured policy with its predictors, built by the one assembly (chimera.predict.assembly): trained ones
+    from `predictors: DIR`, else the cold-start priors (confidence by model size, lengths learnt online)."""
+    try:
+        return gateway_policy(cfg.policy.name, cfg.policy.lam, cfg.policy.params, infos, cfg.predictors,
+                              workload_names(cfg), cfg.length_stat)
+    except PredictorConfigError as e:
+        raise GatewayConfigError(str(e)) from None
 
 
 class Gateway:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from chimera.backends.kinds import BackendKind, make_backend_kind
-from chimera.sched.registry import live_refusal
+from chimera.serve.refusals import live_refusal
 from chimera.util.yamlfile import read_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 

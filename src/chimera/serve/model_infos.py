@@ -1,5 +1,6 @@
-"""What the brain is told of each served model (ModelInfo): its speed from its backends' `profile` (or defaults), its
-capacity (the sum of its backends' max_inflight) and its size rank."""
+"""What the brain and the predictors are told of each served model: its speed from its backends' `profile` (or
+defaults), its capacity (the sum of its backends' max_inflight), its size rank, and the names trained predictors may
+know it by."""
 
 from __future__ import annotations
 
@@ -36,3 +37,16 @@ def model_infos(cfg: GatewayConfig) -> list[ModelInfo]:
         infos.append(info)
     rank = size_ranks(sizes, tpots)  # unknown sizes: by decode time, as sim/cluster.py ranks them
     return [replace(m, size_rank=rank[i]) for i, m in enumerate(infos)]
+
+
+def workload_names(cfg: GatewayConfig) -> dict[str, tuple[str | None, ...]]:
+    """The names trained predictors may know each served model by, in order: a backend's explicit `workload_model`
+    alone, else its profile's workload model, then the served name itself."""
+    out: dict[str, tuple[str | None, ...]] = {}
+    for m in cfg.models:
+        bes = [b for b in cfg.backends if b.model == m]
+        explicit = next((b.workload_model for b in bes if b.workload_model), None)
+        prof = next((b.profile for b in bes if b.profile), None)
+        out[m] = (explicit,) if explicit else (profile(prof).workload_model if prof else None, m)
+    return out
+

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection, Sequence
 
 from chimera.backends.kinds import BackendKind
-from chimera.sched.admission import Admission, Event, live_refusal
+from chimera.sched.admission import Admission, Event
 from chimera.sched.policy import Policy
 from chimera.sched.types import Call, ModelInfo, Prediction
 from chimera.serve.config import Backend
+from chimera.serve.refusals import policy_refusal
 from chimera.serve.workflows import Workflows
 
 DOWN_S = 5.0  # a backend that just failed is avoided for this long (still used when nothing else has room)
@@ -28,7 +29,7 @@ class QueueFull(Exception):
 
 
 class PolicyNotLive(ValueError):
-    """A policy the gateway cannot run (see chimera.sched.admission.live_refusal); the message names it and why."""
+    """A policy the gateway cannot run (serve/refusals.py); the message names it and why."""
 
 
 @dataclass
@@ -85,7 +86,7 @@ class BackendPool:
     def __init__(self, policy: Policy, models: Sequence[ModelInfo], backends: Sequence[Backend],
                  max_queue: int = 1000, max_queue_per_model: int | None = None,
                  record: Callable[[Event], None] | None = None) -> None:
-        refusal = live_refusal(policy)
+        refusal = policy_refusal(policy)
         if refusal:
             raise PolicyNotLive(refusal)
         self.policy = policy

@@ -38,7 +38,7 @@ def toy_kind(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.import_module("toy_kind")
     yield "toy"
-    BACKEND_KINDS.pop("toy", None)
+    BACKEND_KINDS.unregister("toy")
     sys.modules.pop("toy_kind", None)
 
 

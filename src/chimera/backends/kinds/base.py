@@ -3,15 +3,15 @@ reads the server's load gauges; its parameters are typed and checked when the ga
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping, TypeVar
+from typing import Any, ClassVar, Mapping
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-T = TypeVar("T", bound=type)
+from chimera.sched.plugin import Registry, parse_params
 
 
 class BackendKindError(ValueError):
-    """An unknown kind or a parameter the kind does not take; the message names the kind and the key."""
+    """A parameter the kind does not take or cannot use; the message names the kind and the key."""
 
 
 class BackendKind:
@@ -25,19 +25,7 @@ class BackendKind:
         model_config = ConfigDict(extra="forbid", frozen=True)
 
     def __init__(self, **params: Any) -> None:
-        try:
-            self.params = self.Params.model_validate(params)
-        except ValidationError as e:
-            takes = ", ".join(self.Params.model_fields) or "none"
-            parts = []
-            for err in e.errors():
-                key = ".".join(str(x) for x in err["loc"]) or "<params>"
-                if err["type"] == "extra_forbidden":
-                    parts.append(f"backend kind {self.name!r} has no parameter {key!r} (it takes: {takes})")
-                else:
-                    parts.append(f"backend kind {self.name!r} parameter {key!r}: "
-                                 f"{err['msg'].removeprefix('Value error, ')}")
-            raise BackendKindError("; ".join(parts)) from None
+        self.params: Any = parse_params(self.Params, params, self.name, kind="backend kind", error=BackendKindError)
 
     def request_body(self, body: Mapping[str, Any], model: str, priority: float) -> dict[str, Any]:
         """The request as the server should see it. `priority` is the policy's queue key (lower first)."""
@@ -54,23 +42,10 @@ class BackendKind:
         return {}
 
 
-BACKEND_KINDS: dict[str, type[BackendKind]] = {}
-
-
-def register_backend_kind(name: str) -> Callable[[T], T]:
-    """Class decorator: `@register_backend_kind("name")` makes the kind usable as `kind: name` in a gateway config."""
-    def deco(cls: T) -> T:
-        if name in BACKEND_KINDS and BACKEND_KINDS[name] is not cls:
-            raise ValueError(f"backend kind {name!r} is registered twice")
-        BACKEND_KINDS[name] = cls  # type: ignore[assignment]
-        cls.name = name  # type: ignore[attr-defined]
-        return cls
-    return deco
+BACKEND_KINDS = Registry("backend kind")
+register_backend_kind = BACKEND_KINDS.register  # class decorator: `@register_backend_kind("name")`
 
 
 def make_backend_kind(name: str, **params: Any) -> BackendKind:
-    """The kind `name` with its parameters checked (BackendKindError names an unknown kind or key)."""
-    cls = BACKEND_KINDS.get(name)
-    if cls is None:
-        raise BackendKindError(f"unknown backend kind {name!r}; choose one of: {', '.join(BACKEND_KINDS)}")
-    return cls(**params)
+    """The kind `name` with its parameters checked (ValueError names an unknown kind, BackendKindError a bad key)."""
+    return BACKEND_KINDS.get(name).cls(**params)

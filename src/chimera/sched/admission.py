@@ -124,6 +124,10 @@ class Admission(Generic[R]):
     def has_room(self, model: str) -> bool:
         return self.inflight[model] < self.capacity[model]
 
+    def can_dispatch(self, model: str) -> bool:
+        """`dispatch(model)` would start a call now: the model has room and a call waits for it."""
+        return self.inflight[model] < self.capacity[model] and self.policy.waiting(model) > 0
+
     def replica(self, call: Call) -> R | None:
         """Where the call runs (None: not dispatched, or ended)."""
         return self._placed.get(call.call_id)

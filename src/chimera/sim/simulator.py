@@ -95,6 +95,7 @@ class Simulator:
                           for k in range(r.spec.replicas)]
             for r in self.runtimes
         }
+        self._model_of = {e.name: m for m, engs in self.engines.items() for e in engs}
         self.hosts = SharedHosts([(e, r.spec.host, r.spec.peer_busy_slowdown, r.spec.peer_busy_batch)
                                   for r in self.runtimes for e in self.engines[r.info.name]])
         self.overhead_s = {r.info.name: r.request_overhead_s for r in self.runtimes}
@@ -164,7 +165,9 @@ class Simulator:
                     else:
                         self._finish_call(seq, t)
                 self._refresh(eng)
-                self._dispatch(eng.name.rsplit("#", 1)[0], t)
+                model = self._model_of[eng.name]
+                if self.admission.can_dispatch(model):  # an engine step alone frees no admission slot: rarely true
+                    self._dispatch(model, t)
             elif kind == _ANSWERED:
                 self._finish_call(payload, t)
             elif kind == _WF_START:

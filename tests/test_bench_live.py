@@ -13,11 +13,11 @@ from chimera.bench.litellm_proxy import LiteLLMMissing, find_litellm, litellm_co
 from chimera.bench.live import (
     Contender,
     LiveBenchConfig,
-    fidelity,
     parse_contender,
     run_live_bench,
     to_emulated_models,
 )
+from chimera.bench.live.twin import fidelity
 from chimera.cli import app
 from chimera.emulate import EmulatorServer
 from chimera.util.threaded import serve_in_thread
@@ -202,7 +202,7 @@ def test_real_engine_config_rules() -> None:
 
 
 def test_three_workload_models_map_weakest_and_strongest_onto_two_servers() -> None:
-    from chimera.bench.live import to_served_models
+    from chimera.bench.live.workload import to_served_models
 
     tasks, mapping = to_served_models(generate(30), ["tiny", "wide"], "real")
     assert mapping == {"tiny": "qwen2.5-1.5b", "wide": "qwen2.5-14b"}  # by mean score, not by name
@@ -212,7 +212,7 @@ def test_three_workload_models_map_weakest_and_strongest_onto_two_servers() -> N
 
 
 def test_scaled_plans_are_model_independent_and_fit_the_context() -> None:
-    from chimera.bench.live import real_workflows, to_served_models
+    from chimera.bench.live.workload import real_workflows, to_served_models
 
     tasks, _ = to_served_models(generate(40), ["tiny", "wide"], "real")
     base = make_workflows(tasks, 40)
@@ -229,7 +229,7 @@ def test_scaled_plans_are_model_independent_and_fit_the_context() -> None:
         assert p.tool_s == (0.0,) * p.n_stages and p.score(["tiny"] * p.n_stages) == q.score(["tiny"] * q.n_stages)
     assert rep.calls == sum(p.n_stages for _, p, _ in {w[1]: w for w in wfs}.values()) or rep.calls > 0
     # a call that cannot fit is cut to fit
-    from chimera.bench.live import scale_plan
+    from chimera.bench.live.workload import scale_plan
 
     long = scale_plan(base[0][1], ["tiny", "wide"], 40.0, 40.0, 1.0, 2048)
     lo = [long.output_tokens(i, "tiny") for i in range(long.n_stages)]
@@ -237,8 +237,9 @@ def test_scaled_plans_are_model_independent_and_fit_the_context() -> None:
 
 
 def test_profiled_cluster_sets_the_rate_and_simulates_each_contender(tmp_path) -> None:
-    from chimera.bench.live import (capacity_of, given_profiles, profiled_cluster, real_workflows,
-                                    simulate_same_run, to_served_models)
+    from chimera.bench.live.profiles import given_profiles
+    from chimera.bench.live.twin import capacity_of, profiled_cluster, simulate_same_run
+    from chimera.bench.live.workload import real_workflows, to_served_models
     from chimera.sim.cluster import build_runtimes
 
     cfg = LiveBenchConfig(engine="vllm", tasks=30, profiles=str(_profiles(tmp_path / "p")))
@@ -260,7 +261,8 @@ def test_real_engine_twin_caches_prefixes_like_the_real_servers(tmp_path) -> Non
     """The real servers cache prompt prefixes (vLLM V1's default, 128-token blocks on the CPU build), so the simulated
     twin does too, and the scaled plans keep what every stage shares (the task prompt, a whole transcript carried
     on); before, scale_plan dropped both and the twin saw no hits at all."""
-    from chimera.bench.live import profiled_cluster, real_workflows, simulate_same_run, to_served_models
+    from chimera.bench.live.twin import profiled_cluster, simulate_same_run
+    from chimera.bench.live.workload import real_workflows, to_served_models
     from chimera.sim.cluster import build_runtimes
 
     cfg = LiveBenchConfig(engine="vllm", tasks=40, profiles=str(_profiles(tmp_path / "p")))
@@ -287,7 +289,7 @@ def test_profile_step_is_the_chimera_profile_cli() -> None:
     from pathlib import Path
     from types import SimpleNamespace
 
-    from chimera.bench.live import profile_command
+    from chimera.bench.live.profiles import profile_command
 
     srv = SimpleNamespace(base_url="http://127.0.0.1:1/v1", served_model_name="wide", core=1)
     cmd = profile_command(srv, Path("out/p/wide.yaml"), LiveBenchConfig(engine="vllm"), 0.123)
@@ -425,7 +427,7 @@ def test_bench_live_on_real_vllm_servers(tmp_path) -> None:
 
 
 def test_loaded_profiling_keeps_finished_servers_busy(tmp_path) -> None:
-    """Profile mode "loaded": `_run_all` reports each profile as it finishes, and `BackgroundLoad` then sends that
+    """Profile mode "loaded": `run_commands` reports each profile as it finishes, and `BackgroundLoad` then sends that
     server run-like calls (ignore_eos, the plan's output length) until stopped."""
     import sys
     import time
@@ -435,7 +437,8 @@ def test_loaded_profiling_keeps_finished_servers_busy(tmp_path) -> None:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from chimera.bench.live import BackgroundLoad, _run_all, real_workflows, to_served_models
+    from chimera.bench.live.profiles import BackgroundLoad, run_commands
+    from chimera.bench.live.workload import real_workflows, to_served_models
 
     seen = []
 
@@ -457,7 +460,7 @@ def test_loaded_profiling_keeps_finished_servers_busy(tmp_path) -> None:
                 bg.add(SimpleNamespace(served_model_name="tiny", base_url=url + "/v1"))
 
         t0 = time.monotonic()
-        took = _run_all(cmds, {n: tmp_path / f"{n}.log" for n in cmds}, True, on_done=done)
+        took = run_commands(cmds, {n: tmp_path / f"{n}.log" for n in cmds}, True, on_done=done)
         stats = bg.stop()
     assert order == ["fast", "slow"] and set(took) == {"fast", "slow"} and time.monotonic() - t0 < 10
     assert stats["sent"] >= 10 and stats["errors"] == 0, stats
@@ -474,7 +477,8 @@ def test_closed_loop_background_keeps_a_fixed_number_in_flight() -> None:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from chimera.bench.live import BackgroundLoad, real_workflows, to_served_models
+    from chimera.bench.live.profiles import BackgroundLoad
+    from chimera.bench.live.workload import real_workflows, to_served_models
 
     state = {"now": 0, "peak": 0, "done": 0}
 
@@ -497,7 +501,8 @@ def test_closed_loop_background_keeps_a_fixed_number_in_flight() -> None:
 
 
 def test_contention_measured_beside_the_profiles_reaches_the_simulated_cluster(tmp_path) -> None:
-    from chimera.bench.live import CONTENTION_FILE, profiled_cluster
+    from chimera.bench.live.config import CONTENTION_FILE
+    from chimera.bench.live.twin import profiled_cluster
 
     folder = _profiles(tmp_path / "profiles")
     paths = {n: str(folder / f"{n}.yaml") for n in ("tiny", "wide")}
@@ -511,7 +516,7 @@ def test_contention_measured_beside_the_profiles_reaches_the_simulated_cluster(t
 
 
 def test_engine_times_over_a_run_from_the_servers_histograms() -> None:
-    from chimera.bench.live import _metrics_delta
+    from chimera.bench.live.servers import metrics_delta
 
     a = {"tiny": {"vllm:inter_token_latency_seconds_sum": 1.0, "vllm:inter_token_latency_seconds_count": 100.0,
                   "vllm:e2e_request_latency_seconds_sum": 2.0, "vllm:e2e_request_latency_seconds_count": 10.0,
@@ -519,7 +524,7 @@ def test_engine_times_over_a_run_from_the_servers_histograms() -> None:
     b = {"tiny": {"vllm:inter_token_latency_seconds_sum": 1.6, "vllm:inter_token_latency_seconds_count": 300.0,
                   "vllm:e2e_request_latency_seconds_sum": 4.0, "vllm:e2e_request_latency_seconds_count": 20.0,
                   "vllm:request_queue_time_seconds_sum": 0.5}}
-    d = _metrics_delta(a, b)["tiny"]
+    d = metrics_delta(a, b)["tiny"]
     assert d["engine_tpot_ms"] == pytest.approx(3.0) and d["engine_e2e_ms_per_call"] == pytest.approx(200.0)
     assert d["engine_queue_ms_per_call"] == pytest.approx(50.0)
 
@@ -527,7 +532,7 @@ def test_engine_times_over_a_run_from_the_servers_histograms() -> None:
 def test_real_tables_show_each_servers_counters_and_engine_times() -> None:
     from types import SimpleNamespace as NS
 
-    from chimera.bench.live import real_tables
+    from chimera.bench.live.report import real_tables
 
     runs = [NS(contender=NS(label="c1"), cpu={"wall_s": 1, "roles": {}}, summary={"length_check": {
         "prompt_reported_over_planned": 1.0, "short_calls": 0, "calls": 3}},
@@ -542,7 +547,8 @@ def test_real_tables_show_each_servers_counters_and_engine_times() -> None:
 def test_live_frontier_reads_the_runs_like_a_sweep() -> None:
     """bench live's frontier: chimera's λ values against the `chimera vllm` run, LiteLLM's least-busy standing in
     for least-loaded; in results.json and results.md."""
-    from chimera.bench.live import Contender, ContenderRun, LiveBench, live_frontier, markdown, to_json
+    from chimera.bench.live import Contender, ContenderRun, LiveBench
+    from chimera.bench.live.report import live_frontier, markdown, to_json
 
     def run(gw: str, strat: str, lam: float | None, lat: float, acc: float) -> ContenderRun:
         summary = {"latency_s": {"mean": lat, "p50": lat, "p99": 2 * lat}, "accuracy": acc, "failed": 0,
@@ -565,7 +571,7 @@ def test_live_frontier_reads_the_runs_like_a_sweep() -> None:
 
 def test_resim_markdown_sets_the_twins_prefix_hits_beside_the_servers() -> None:
     """--resimulate shows each server's prefix-cache hit share beside the twin's (from stored counters)."""
-    from chimera.bench.live import fidelity, resim_markdown
+    from chimera.bench.live import resim_markdown
 
     s = {"latency_s": {"mean": 1.0, "p50": 1.0, "p99": 2.0}, "throughput_tasks_per_s": 1.0, "accuracy": 0.5,
          "engines": {"tiny#0": {"prefix_cache": {"queried_tokens": 1000, "hit_tokens": 80}}}}

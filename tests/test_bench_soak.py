@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from chimera.bench.soak import CLASSES, SoakConfig, alive, command_line, run_soak
 from chimera.cli import app
+from chimera.serve.config import load_gateway_config
 
 
 def test_config_validation_and_command_line() -> None:
@@ -63,7 +64,7 @@ def test_soak_tiny(tmp_path) -> None:
     assert md.startswith("`chimera bench soak --minutes 0.1")
     assert "live, emulated backends" in md and "| reject |" in md
     assert (tmp_path / "predictors" / "manifest.json").exists()
-    assert json.loads((tmp_path / "gateway.yaml").read_text())["predictors"] == str(tmp_path / "predictors")
+    assert load_gateway_config(tmp_path / "gateway.yaml").predictors == str(tmp_path / "predictors")
     assert len(res["pids"]) == 4
     assert not [name for name, pid in res["pids"].items() if alive(pid)]
 

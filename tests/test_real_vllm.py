@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chimera.backends.vllm_cpu import (ROOT, EngineSetupError, ServerSpec, VLLMServer, gateway_yaml_text, group_members,
-                                  model_dir, release_shm, shm_files, stop_group, vllm_cluster, vllm_python)
+from chimera.backends.vllm_cpu import (ROOT, EngineSetupError, ServerSpec, VLLMCluster, VLLMServer, group_members,
+                                      model_dir, release_shm, shm_files, stop_group, vllm_cluster, vllm_python)
 from upstreams import vllm_missing
 
 vllm = pytest.mark.vllm
@@ -135,8 +135,8 @@ def _fake_setup(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_server_command_env_and_gateway_yaml(tmp_path):
-    from chimera.serve.config import gateway_config_from_dict
-    from chimera.util.yamlfile import read_yaml
+    from chimera.serve.config import (backends_for_cluster, build_gateway_config, load_gateway_config,
+                                      write_gateway_config)
 
     venv, models = _fake_setup(tmp_path)
     work = tmp_path / "work"
@@ -155,9 +155,9 @@ def test_server_command_env_and_gateway_yaml(tmp_path):
         assert env[key].startswith(str(servers[1].state_dir) + "/") and Path(env[key]).is_dir()
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == env["VLLM_NO_USAGE_STATS"] == "1"
-    yaml_path = tmp_path / "gateway.yaml"
-    yaml_path.write_text(gateway_yaml_text(servers, port=9000))
-    cfg = gateway_config_from_dict(read_yaml(yaml_path, ValueError, "gateway config"), str(yaml_path))
+    # what a gateway in front needs (`chimera engines up` writes it): served names, base URLs, priority
+    built = build_gateway_config(backends_for_cluster(VLLMCluster(servers, work).served()), port=9000)
+    cfg = load_gateway_config(write_gateway_config(built, tmp_path / "gateway.yaml"))
     assert [(b.model, b.base_url, b.priority) for b in cfg.backends] == [
         ("tiny", servers[0].base_url, False), ("wide", "http://127.0.0.1:8123/v1", True)]
     assert cfg.listen.port == 9000
@@ -248,10 +248,10 @@ def test_servers_are_pinned_and_keep_temp_files_in_out(cluster):
 
 @vllm
 def test_gateway_yaml_points_at_the_servers(cluster):
-    from chimera.serve.config import load_gateway_config
+    from chimera.serve.config import backends_for_cluster, build_gateway_config
 
     cl = cluster["cluster"]
-    cfg = load_gateway_config(cl.gateway_yaml)
+    cfg = build_gateway_config(backends_for_cluster(cl.served()))
     assert {b.model: b.base_url for b in cfg.backends} == {s.served_model_name: s.base_url for s in cl}
     assert {b.model: b.priority for b in cfg.backends} == {"tiny": False, "wide": True}
 

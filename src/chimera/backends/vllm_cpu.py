@@ -2,7 +2,7 @@
 
     with vllm_cluster([ServerSpec("tiny"), ServerSpec("wide", priority=True)], workdir=Path("out/engines")) as c:
         c[0].base_url          # http://127.0.0.1:PORT/v1
-        c.gateway_yaml         # out/engines/gateway.yaml: `chimera serve --config` it
+        c.served()             # [{"model", "base_url", "priority"}]: what a gateway config needs
         c[1].restart(hard=True)  # SIGKILL its whole process group, start it again, wait for /health
 
 Each server is `.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server` (`vllm serve` does not work in the CPU
@@ -366,12 +366,11 @@ class VLLMServer:
 
 
 class VLLMCluster(Sequence[VLLMServer]):
-    """The running servers (indexable, iterable) and the gateway YAML written for them."""
+    """The running servers (indexable, iterable)."""
 
-    def __init__(self, servers: list[VLLMServer], workdir: Path, gateway_yaml: Path) -> None:
+    def __init__(self, servers: list[VLLMServer], workdir: Path) -> None:
         self.servers = servers
         self.workdir = workdir
-        self.gateway_yaml = gateway_yaml
 
     def __getitem__(self, i):  # type: ignore[override]
         return self.servers[i]
@@ -385,30 +384,19 @@ class VLLMCluster(Sequence[VLLMServer]):
                 return s
         raise KeyError(f"no server named {name!r}; have {[s.served_model_name for s in self.servers]}")
 
-
-def gateway_yaml_text(servers: Sequence[VLLMServer], port: int = 8000, policy: str = "chimera", lam: float = 0.02,
-                      trace_store: str = "out/engines/trace.sqlite", max_inflight: int = 32) -> str:
-    """A `chimera serve` config for the servers: one backend each, `priority: true` where it runs that policy."""
-    lines = ["# Written by `chimera engines up` for real vLLM CPU servers (random-weight models, one core each).",
-             "# Start the gateway in front of them: chimera serve --config THIS_FILE",
-             f"listen: {{host: 127.0.0.1, port: {port}}}",
-             f"policy: {{name: {policy}, lam: {lam:g}}}",
-             f"trace_store: {trace_store}",
-             "backends:"]
-    for s in servers:
-        lines.append(f"  - {{name: {s.served_model_name}-{s.index}, model: {s.served_model_name}, "
-                     f"base_url: \"{s.base_url}\", max_inflight: {max_inflight}, "
-                     f"priority: {'true' if s.spec.priority else 'false'}}}")
-    return "\n".join(lines) + "\n"
+    def served(self) -> list[dict]:
+        """Per server what a gateway in front needs: its served model name, base URL and whether it runs vLLM's
+        priority scheduling (the gateway then forwards `priority`); chimera.serve.config builds the config."""
+        return [{"model": s.served_model_name, "base_url": s.base_url, "priority": bool(s.spec.priority)}
+                for s in self.servers]
 
 
 @contextlib.contextmanager
 def vllm_cluster(specs: Sequence[ServerSpec], workdir: Path | None = None, models_dir: Path | None = None,
-                 venv: Path | None = None, start_timeout_s: float = 300.0, gateway_port: int = 8000,
-                 gateway_policy: str = "chimera", max_inflight: int = 32,
+                 venv: Path | None = None, start_timeout_s: float = 300.0,
                  die_with_parent: bool = True) -> Iterator[VLLMCluster]:
-    """Start the servers in parallel, wait for each /health, write `workdir/gateway.yaml`, yield the cluster; stop
-    every server (its whole process group) on exit, also when start-up fails or the block raises."""
+    """Start the servers in parallel, wait for each /health, yield the cluster; stop every server (its whole process
+    group) on exit, also when start-up fails or the block raises."""
     if not specs:
         raise ValueError("vllm_cluster needs at least one ServerSpec")
     names = [s.name for s in specs]
@@ -424,10 +412,7 @@ def vllm_cluster(specs: Sequence[ServerSpec], workdir: Path | None = None, model
             s.start(wait=False)
         for s in servers:
             s.wait_ready()
-        gw = workdir / "gateway.yaml"
-        gw.write_text(gateway_yaml_text(servers, port=gateway_port, policy=gateway_policy, max_inflight=max_inflight,
-                                        trace_store=str(workdir / "trace.sqlite")))
-        yield VLLMCluster(servers, workdir, gw)
+        yield VLLMCluster(servers, workdir)
     finally:
         errors = []
         for s in servers:

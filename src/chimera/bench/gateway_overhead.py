@@ -38,6 +38,10 @@ from typing import Any
 
 import httpx
 
+from chimera.bench.gateway_process import FACTORY, gateway_process, uvicorn_cmd
+from chimera.bench.loadgen import LIMITS, Answer, LoadGen, Request, percentile, poisson_gap
+from chimera.bench.proc_cpu import cpu_seconds
+from chimera.serve.config import backends_for_cluster, build_gateway_config
 from chimera.util.procs import Spawned, spawned, wait_ready
 from chimera.util.threaded import free_port
 
@@ -100,17 +104,9 @@ def proxy_app():
 
 
 # ---- processes --------------------------------------------------------------------------------------------------
-def _uvicorn_cmd(target: str, port: int, profile_to: Path | None = None) -> list[str]:
-    py = [sys.executable]
-    if profile_to is not None:
-        py += ["-m", "cProfile", "-o", str(profile_to)]
-    return py + ["-m", "uvicorn", target, "--factory", "--host", "127.0.0.1", "--port", str(port),
-                 "--log-level", "warning", "--no-access-log"]
-
-
 @contextlib.contextmanager
 def running_stack(workdir: Path, policy: str = "chimera", profile_gateway: bool = False, baseline: bool = False,
-                  gateway_target: str = "chimera.serve.app:app_from_env", litellm: str | Path | None = None):
+                  gateway_target: str = FACTORY, litellm: str | Path | None = None):
     """Backend and gateway (and, with `baseline`, the bare proxy; with `litellm`, LiteLLM's proxy routing to the
     same backend), each in its own subprocess (stopped with SIGINT, so cProfile writes its file);
     yields ({target: url}, {process: pid})."""
@@ -118,34 +114,28 @@ def running_stack(workdir: Path, policy: str = "chimera", profile_gateway: bool 
     src = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": src + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
     with contextlib.ExitStack() as stack:
-        def start(name: str, target: str, extra_env: dict | None = None, prof: Path | None = None) -> Spawned:
+        def start(name: str, target: str, extra_env: dict | None = None) -> Spawned:
             port = free_port()
-            return stack.enter_context(spawned(name, _uvicorn_cmd(target, port, prof), port, "/health",
+            return stack.enter_context(spawned(name, uvicorn_cmd(target, port), port, "/health",
                                                workdir / f"{name}.log", env=dict(env, **(extra_env or {})),
                                                timeout_s=30, wait=False))
 
         b = start("backend", "chimera.bench.gateway_overhead:backend_app")
-        trace = workdir / "bench-traces.sqlite"
-        cfg = {
-            "policy": {"name": policy},
-            "trace_store": str(trace),
-            "backends": [{"name": "bench-0", "model": "bench-model", "base_url": b.url + "/v1",
-                          "max_inflight": 10_000}],
-            "limits": {"max_queue": 100_000, "request_timeout_s": 60},
-        }
-        cfg_path = workdir / "gateway.yaml"
-        cfg_path.write_text(json.dumps(cfg))  # JSON is YAML
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(trace) + suffix).unlink(missing_ok=True)
-        procs = [b, start("gateway", gateway_target, {"CHIMERA_GATEWAY_CONFIG": str(cfg_path)},
-                          workdir / "gateway.prof" if profile_gateway else None)]
+        cfg = build_gateway_config(
+            backends_for_cluster([{"model": "bench-model", "base_url": b.url + "/v1", "max_inflight": 10_000}]),
+            policy=policy, port=free_port(), trace_store=workdir / "bench-traces.sqlite",
+            limits={"max_queue": 100_000, "request_timeout_s": 60})
+        gw = stack.enter_context(gateway_process(cfg, workdir, factory=gateway_target, env=env, timeout_s=30,
+                                                 profile_to=workdir / "gateway.prof" if profile_gateway else None,
+                                                 wait=False))
+        procs = {"backend": b, "gateway": gw}
         if baseline:
-            procs.append(start("proxy", "chimera.bench.gateway_overhead:proxy_app",
-                               {"CHIMERA_BENCH_UPSTREAM": b.url + "/v1"}))
-        for p in procs:
+            procs["proxy"] = start("proxy", "chimera.bench.gateway_overhead:proxy_app",
+                                   {"CHIMERA_BENCH_UPSTREAM": b.url + "/v1"})
+        for p in procs.values():
             wait_ready(p)
-        urls = {"direct": b.url, "gateway": procs[1].url, **({"proxy": procs[2].url} if baseline else {})}
-        pids = {p.name: p.pid for p in procs}
+        urls = {"direct": b.url, **{k: p.url for k, p in procs.items() if k != "backend"}}
+        pids = {k: p.pid for k, p in procs.items()}
         if litellm is not None:
             from chimera.bench.litellm_proxy import litellm_config, litellm_proxy
 
@@ -165,66 +155,38 @@ class Samples:
     busy_s: float = 0.0  # wall time of the blocks (for the achieved rate)
     late_s: list[float] = field(default_factory=list)  # how late each send started vs its Poisson time
 
-
-async def _one(client: httpx.AsyncClient, url: str, out: Samples) -> None:
-    t0 = time.perf_counter()
-    try:
-        r = await client.post(url, json=BODY)
-        await r.aread()
-        ok = r.status_code == 200
-    except httpx.HTTPError:
-        ok = False
-    dt = time.perf_counter() - t0
-    if ok:
-        out.lat_s.append(dt)
-    else:
-        out.errors += 1
+    def add(self, a: Answer) -> None:
+        """One answer: its latency if 200, else an error."""
+        if a.status == 200:
+            self.lat_s.append(a.latency_s)
+        else:
+            self.errors += 1
 
 
-async def _block(client: httpx.AsyncClient, url: str, rate: float, seconds: float, rng: random.Random,
+async def _block(gen: LoadGen, url: str, rate: float, seconds: float, rng: random.Random,
                  out: Samples | None) -> None:
     """Open-loop Poisson arrivals at `rate` for `seconds`; `out=None` is a warm-up (discarded)."""
     sink = out if out is not None else Samples()
     tasks: list[asyncio.Task] = []
     start = time.perf_counter()
-    t = rng.expovariate(rate)
-    while t < seconds:
-        delay = start + t - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        sink.late_s.append(max(0.0, time.perf_counter() - (start + t)))
+
+    def arrive(late_s: float) -> None:
+        sink.late_s.append(late_s)
         sink.sent += 1
-        tasks.append(asyncio.create_task(_one(client, url, sink)))
-        t += rng.expovariate(rate)
+        tasks.append(gen.fire(Request(url, BODY), sink.add))
+
+    await gen.open_loop(poisson_gap(rng, rate), arrive, seconds)
     if tasks:
         await asyncio.gather(*tasks)
     sink.busy_s += max(seconds, time.perf_counter() - start)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc; NaN elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
-def _pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-async def _measure_rate(client: httpx.AsyncClient, urls: dict[str, str], rate: float, duration: float,
+async def _measure_rate(gen: LoadGen, urls: dict[str, str], rate: float, duration: float,
                         block_s: float, warmup_s: float, seed: int, pids: dict[str, int]) -> dict[str, Any]:
     rng = random.Random(seed)
     samples = {k: Samples() for k in urls}
     for u in urls.values():
-        await _block(client, u, rate, warmup_s, rng, None)
+        await _block(gen, u, rate, warmup_s, rng, None)
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
     self0 = time.process_time()
     n_blocks = max(1, math.ceil(duration / block_s))
@@ -232,7 +194,7 @@ async def _measure_rate(client: httpx.AsyncClient, urls: dict[str, str], rate: f
     names = list(urls)
     for i in range(n_blocks):  # ABBA: D G, G D, D G, ... (with the baseline: D G P, P G D, ...)
         for k in (names if i % 2 == 0 else names[::-1]):
-            await _block(client, urls[k], rate, per, rng, samples[k])
+            await _block(gen, urls[k], rate, per, rng, samples[k])
     d, g = samples["direct"], samples["gateway"]
     cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
     client_cpu = time.process_time() - self0
@@ -250,10 +212,10 @@ async def _measure_rate(client: httpx.AsyncClient, urls: dict[str, str], rate: f
         row[f"{name}_n"] = len(s.lat_s)
         row[f"{name}_errors"] = s.errors
         row[f"{name}_achieved_rps"] = s.sent / s.busy_s if s.busy_s else 0.0
-        row[f"{name}_p50_ms"] = 1e3 * _pct(s.lat_s, 0.50)
-        row[f"{name}_p99_ms"] = 1e3 * _pct(s.lat_s, 0.99)
+        row[f"{name}_p50_ms"] = 1e3 * percentile(s.lat_s, 0.50)
+        row[f"{name}_p99_ms"] = 1e3 * percentile(s.lat_s, 0.99)
         row[f"{name}_mean_ms"] = 1e3 * (sum(s.lat_s) / len(s.lat_s)) if s.lat_s else float("nan")
-        row[f"{name}_send_late_p99_ms"] = 1e3 * _pct(s.late_s, 0.99)
+        row[f"{name}_send_late_p99_ms"] = 1e3 * percentile(s.late_s, 0.99)
     row["added_p50_ms"] = row["gateway_p50_ms"] - row["direct_p50_ms"]
     row["added_p99_ms"] = row["gateway_p99_ms"] - row["direct_p99_ms"]
     row["added_mean_ms"] = row["gateway_mean_ms"] - row["direct_mean_ms"]
@@ -268,11 +230,11 @@ async def _measure_rate(client: httpx.AsyncClient, urls: dict[str, str], rate: f
 
 async def _run_all(urls: dict[str, str], pids: dict[str, int], rates: list[float], duration: float, block_s: float,
                    warmup_s: float, seed: int, progress=None) -> list[dict[str, Any]]:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
-    async with httpx.AsyncClient(http1=True, http2=False, limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(http1=True, http2=False, limits=LIMITS, timeout=30) as client:
+        gen = LoadGen(client)
         rows = []
         for i, rate in enumerate(rates):
-            rows.append(await _measure_rate(client, urls, rate, duration, block_s, warmup_s, seed + i, pids))
+            rows.append(await _measure_rate(gen, urls, rate, duration, block_s, warmup_s, seed + i, pids))
             if progress is not None:
                 progress(rows[-1])
         return rows
@@ -281,7 +243,7 @@ async def _run_all(urls: dict[str, str], pids: dict[str, int], rates: list[float
 def run_benchmark(rates: list[float], duration: float = 5.0, out: Path = Path("out/bench-gateway"),
                   policy: str = "chimera", block_s: float = 1.0, warmup_s: float = 0.5, seed: int = 0,
                   profile_gateway: bool = False, baseline: bool = False, progress=None,
-                  gateway_target: str = "chimera.serve.app:app_from_env",
+                  gateway_target: str = FACTORY,
                   litellm: str | Path | None = None) -> dict[str, Any]:
     """Start backend + gateway (+ bare proxy, + LiteLLM) subprocesses, measure every rate, stop them."""
     with running_stack(out, policy=policy, profile_gateway=profile_gateway, baseline=baseline,

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from chimera.bench.live import LABEL
+from chimera.bench.live.config import LABEL
 
 COLORS = {"vllm": "tab:red", "chimera": "tab:blue"}
 

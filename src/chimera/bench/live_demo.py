@@ -46,7 +46,8 @@ def run_live_demo(n: int = 200, time_scale: float = 5.0, workload: str = "synthe
                   on_record: Callable | None = None, on_run: Callable[[str], None] | None = None) -> LiveDemo:
     """Both runs (vllm, then chimera λ=`lam`) on the same tasks and arrival times, each with fresh emulator and
     gateway processes (as `chimera bench live` runs them); writes out/report.html."""
-    from chimera.bench.live import LiveBenchConfig, arrival_rate, parse_contender, run_contender, to_emulated_models
+    from chimera.bench.live import (EmulatedProvider, LiveBenchConfig, arrival_rate, parse_contender, run_contender,
+                                    to_emulated_models)
     from chimera.workload.schema import write_tasks
     from chimera.workload.source import load_workload
 
@@ -59,12 +60,13 @@ def run_live_demo(n: int = 200, time_scale: float = 5.0, workload: str = "synthe
     rate = arrival_rate(tasks, load, time_scale)
     cfg = LiveBenchConfig(contenders=["chimera:vllm", f"chimera:chimera@{lam}"], workload=workload, tasks=n,
                           rate=rate, time_scale=time_scale, seed=seed, overhead_rates=[])
+    provider = EmulatedProvider(wl, time_scale, seed)
     runs = []
     for spec in cfg.contenders:
         c = parse_contender(spec)
         if on_run is not None:
             on_run(c.strategy)
-        r = run_contender(c, tasks, wl, cfg, rate, out / c.strategy, on_record)
+        r = run_contender(c, provider, tasks, cfg, rate, out / c.strategy, on_record)
         r.summary["policy"] = c.strategy
         r.summary["lam"] = c.lam
         runs.append(LiveRun(c.strategy, c.lam, r.summary, read_calls(out / c.strategy / "traces.sqlite")))

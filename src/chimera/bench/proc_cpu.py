@@ -1,4 +1,5 @@
-"""CPU time of benchmark processes, read from /proc (Linux): per process group, per process, and the whole machine.
+"""CPU time of benchmark processes, read from /proc (Linux): per process group, per process, and the whole machine
+(and a process's resident memory, for the soak).
 
 `chimera bench live --engine vllm` runs model servers, a gateway and the agent driver on the same few cores; what
 each of them spent is part of the result (the simulator models none of it). A snapshot before and after a run gives
@@ -109,3 +110,31 @@ def cpu_delta(a: Snapshot, b: Snapshot, self_role: str = "driver") -> dict:
             "machine_cpu_s": round(machine, 2),
             # everything else the machine ran meanwhile (other jobs, the kernel's own work): contention from outside
             "other_cpu_s": round(max(0.0, machine - sum(r["cpu_s"] for r in roles.values())), 2)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (its own, not its children's; NaN if it cannot be read)."""
+    st = _stat(pid)
+    if st is None:
+        return float("nan")
+    try:
+        return (int(st[1][11]) + int(st[1][12])) / TICK
+    except (ValueError, IndexError):
+        return float("nan")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB (VmRSS of /proc/PID/status; NaN if it cannot be read)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return float("nan")
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a stopped child has been waited for by `procs`)."""
+    st = _stat(pid)
+    return st is not None and bool(st[1]) and st[1][0] not in ("Z", "X")

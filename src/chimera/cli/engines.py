@@ -51,12 +51,18 @@ def engines_up(
     Example: chimera engines up --models tiny,wide --priority   (then: chimera serve --config out/engines/gateway.yaml)
     """
     from chimera.backends.vllm_cpu import EngineSetupError, ServerSpec, vllm_cluster, wait_until_signalled
+    from chimera.serve.config import backends_for_cluster, build_gateway_config, write_gateway_config
 
     specs = [ServerSpec(m, priority=priority) for m in names(models)]
     err.print(f"starting {len(specs)} vLLM server(s) ({', '.join(s.name for s in specs)}); ~40-120 s ...")
     try:
-        with vllm_cluster(specs, workdir=out, models_dir=models_dir, venv=venv, gateway_port=gateway_port,
-                          max_inflight=max_inflight) as cluster:
+        with vllm_cluster(specs, workdir=out, models_dir=models_dir, venv=venv) as cluster:
+            gw_cfg = build_gateway_config(backends_for_cluster({**s, "max_inflight": max_inflight}
+                                                               for s in cluster.served()),
+                                          lam=0.02, port=gateway_port, trace_store=cluster.workdir / "trace.sqlite")
+            gateway_yaml = write_gateway_config(gw_cfg, cluster.workdir / "gateway.yaml", header=(
+                "Written by `chimera engines up` for real vLLM CPU servers (random-weight models, one core each).\n"
+                "Start the gateway in front of them: chimera serve --config THIS_FILE"))
             t = Table(title="vLLM CPU servers (random weights: output text is noise)")
             for col in ("model", "base_url", "dtype", "core", "priority", "pid", "start-up (s)", "log"):
                 t.add_column(col)
@@ -65,11 +71,11 @@ def engines_up(
                 t.add_row(d["name"], d["base_url"], d["dtype"], str(d["core"]), "yes" if d["priority"] else "no",
                           str(d["pid"]), f"{d['startup_s']:.0f}", d["log"])
             console.print(t)
-            console.print(f"gateway config: {cluster.gateway_yaml}")
-            console.print(f"  chimera serve --config {cluster.gateway_yaml}")
+            console.print(f"gateway config: {gateway_yaml}")
+            console.print(f"  chimera serve --config {gateway_yaml}")
             console.print("Ctrl-C stops the servers.")
             why = wait_until_signalled(cluster)
-    except (EngineSetupError, RuntimeError) as e:
+    except (EngineSetupError, RuntimeError, ValueError) as e:
         fail(str(e))
     if why != "signal":
         fail(f"{why}; the other servers were stopped")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from chimera.backends.kinds import BackendKind, make_backend_kind
 from chimera.serve.refusals import live_refusal
@@ -134,9 +134,9 @@ class GatewayConfig(_Strict):
 def _describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        key = ".".join(str(x) for x in e["loc"]) or "<top>"
+        key = ".".join(str(x) for x in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        parts.append(f"key '{key}': {msg}")
+        parts.append(f"key '{key}': {msg}" if key else msg)  # no key: the object's own check says what is wrong
     return "; ".join(parts)
 
 
@@ -153,3 +153,58 @@ def gateway_config_from_dict(raw: Any, source: str = "<config>") -> GatewayConfi
 def load_gateway_config(path: str | Path) -> GatewayConfig:
     """Read and validate a gateway YAML; errors name the file and the offending key."""
     return gateway_config_from_dict(read_yaml(path, GatewayConfigError, "gateway config"), source=str(Path(path)))
+
+
+# ---- building a config in code (benchmarks, `chimera engines up`) ----------------------------------------------------
+def backends_for_cluster(servers: Iterable[Mapping[str, Any]]) -> list[Backend]:
+    """One Backend per running server, named `{model}-{i}` (i: its replica index among the servers of that model).
+
+    Each mapping gives `model` and `base_url` and any other Backend field (profile, max_inflight, priority,
+    workload_model); a wrong or unknown field fails here, naming it."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in servers:
+        model = str(s.get("model", ""))
+        i = seen[model] = seen.get(model, -1) + 1
+        try:
+            out.append(Backend.model_validate({"name": f"{model}-{i}", **s}))
+        except ValidationError as e:
+            raise GatewayConfigError(f"backend {model or '?'}-{i}: {_describe(e)}") from None
+    return out
+
+
+def build_gateway_config(backends: Sequence[Backend], *, policy: str = "chimera", lam: float | None = None,
+                         host: str = "127.0.0.1", port: int | None = None, trace_store: str | Path | None = None,
+                         predictors: str | Path | None = None, limits: Mapping[str, Any] | None = None,
+                         **policy_params: Any) -> GatewayConfig:
+    """A validated GatewayConfig for `backends`; only what is given is set (the rest keeps its default), so
+    `write_gateway_config` writes just those keys. `policy_params` are the policy's other parameters."""
+    doc: dict[str, Any] = {"policy": {"name": policy, **({"lam": lam} if lam is not None else {}), **policy_params},
+                           "backends": list(backends)}
+    if port is not None:
+        doc["listen"] = {"host": host, "port": port}
+    if trace_store is not None:
+        doc["trace_store"] = str(trace_store)
+    if predictors is not None:
+        doc["predictors"] = str(predictors)
+    if limits is not None:
+        doc["limits"] = dict(limits)
+    return gateway_config_from_dict(doc, source="gateway config")
+
+
+def gateway_config_document(cfg: GatewayConfig) -> dict[str, Any]:
+    """The keys of `cfg` that were set (defaults left out), as plain data: what a YAML file needs to say."""
+    return cfg.model_dump(mode="json", exclude_unset=True)
+
+
+def write_gateway_config(cfg: GatewayConfig, path: str | Path, header: str | None = None) -> Path:
+    """Write `cfg` as YAML (the keys that were set, `header` as comment lines above); `load_gateway_config` reads
+    it back to the same config."""
+    import yaml
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    lead = "".join(f"# {line}\n" for line in header.splitlines()) if header else ""
+    p.write_text(lead + yaml.safe_dump(gateway_config_document(cfg), sort_keys=False, default_flow_style=False),
+                 encoding="utf-8")
+    return p

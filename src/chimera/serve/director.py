@@ -148,10 +148,13 @@ class Director:
             return error(429, f"gateway queue is full: {e}", "rate_limit_error", "queue_full",
                          headers={"Retry-After": str(self.pool.retry_after_s())})
         ctx.phase = Phase.QUEUED
-        try:
-            be = await self._race(request, dispatched, max(0.001, timeout - (self.now() - call.arrival_s)))
-        except (ClientGone, TimeoutError) as e:
-            return self._gave_up(ctx, e, "queued too long", "timed out waiting for a backend", "queue_timeout")
+        if dispatched.done():  # a free slot: dispatched inside submit, nothing to wait for
+            be = dispatched.result()
+        else:
+            try:
+                be = await self._race(request, dispatched, max(0.001, timeout - (self.now() - call.arrival_s)))
+            except (ClientGone, TimeoutError) as e:
+                return self._gave_up(ctx, e, "queued too long", "timed out waiting for a backend", "queue_timeout")
         ctx.phase, ctx.backend = Phase.DISPATCHED, be
         ctx.tried.add(be.name)
         self.metrics.queue_wait.labels(call.model).observe(max(0.0, self.now() - call.arrival_s))

@@ -8,8 +8,8 @@ import re
 from typer.testing import CliRunner
 
 from chimera.bench.html_report import summary_rows
-from chimera.bench.live_demo import (DEMO_LAM, DEMO_LOAD, DEMO_TASKS, LABEL, MODELS, run_live_demo, twin_versus,
-                                     versus)
+from chimera.bench.live_demo import (DEMO_LAM, DEMO_LOAD, DEMO_TASKS, DEMO_TIME_SCALE, LABEL, MODELS, run_live_demo,
+                                     twin_versus, versus)
 
 ROW_KEYS = {"policy", "tasks", "accuracy", "latency_mean_s", "latency_p50_s", "latency_p99_s",
             "throughput_tasks_per_s", "calls_per_model", "failed"}
@@ -58,3 +58,4 @@ def test_demo_help_states_the_defaults() -> None:
     assert f"default: {DEMO_TASKS} live" in text
     assert f"default: {DEMO_LOAD:g} live" in text
     assert f"(default {DEMO_LAM:g})" in text
+    assert f"(default {DEMO_TIME_SCALE:g})" in text

@@ -989,8 +989,8 @@ def _versus(base: dict, other: dict) -> str:
 @app.command()
 def demo(
     simulated: bool = typer.Option(False, "--simulated", help="The simulated comparison (7 policies, discrete-event simulator) instead of the live run."),
-    tasks: Optional[int] = typer.Option(None, "--tasks", help="Workflows per policy (default: 800 live, 1500 simulated)."),
-    time_scale: float = typer.Option(5.0, "--time-scale", help="Live: emulators and tool sleeps run this many times faster than real time."),
+    tasks: Optional[int] = typer.Option(None, "--tasks", help="Workflows per policy (default: 300 live, 1500 simulated)."),
+    time_scale: Optional[float] = typer.Option(None, "--time-scale", help="Live: emulators and tool sleeps run this many times faster than real time (default 2)."),
     lam: Optional[float] = typer.Option(None, "--lam", help="Live: λ of the chimera run (default 0.03)."),
     load: Optional[float] = typer.Option(None, "--load", help="Arrival rate as a fraction of vllm's saturated throughput (simulated engine model; default: 0.9 live, 0.8 simulated)."),
     workload: str = typer.Option("synthetic", "--workload", "-w", help=WORKLOAD_HELP),
@@ -999,16 +999,17 @@ def demo(
 ) -> None:
     """The main job: vLLM-style serving vs Chimera, live through the gateway against an emulated 3-model cluster.
 
-    Example: chimera demo --tasks 800 --time-scale 5   (or: chimera demo --simulated --tasks 1500 --load 0.9)
+    Example: chimera demo --tasks 300 --time-scale 2   (or: chimera demo --simulated --tasks 1500 --load 0.9)
     """
     if simulated:
         return _demo_simulated(tasks if tasks is not None else 1500, load if load is not None else 0.8, workload,
                                cluster)
     from chimera.bench.html_report import summary_rows
-    from chimera.bench.live_demo import (DEMO_LAM, DEMO_LOAD, DEMO_TASKS, LABEL, MODELS, run_live_demo, twin_versus,
-                                         versus)
+    from chimera.bench.live_demo import (DEMO_LAM, DEMO_LOAD, DEMO_TASKS, DEMO_TIME_SCALE, LABEL, MODELS,
+                                         run_live_demo, twin_versus, versus)
 
     n = tasks if tasks is not None else DEMO_TASKS
+    time_scale = time_scale if time_scale is not None else DEMO_TIME_SCALE
     load = load if load is not None else DEMO_LOAD
     lam = lam if lam is not None else DEMO_LAM
     t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import numpy as np
 from chimera.bench.live.config import LABEL
 
 COLORS = {"vllm": "tab:red", "chimera": "tab:blue"}
+TWIN = "simulated twin"
 
 
 def _png(fig) -> str:
@@ -90,11 +91,15 @@ def _queue(runs, label: str) -> str:
     return _png(fig)
 
 
-def summary_rows(runs) -> list[dict[str, Any]]:
+def summary_rows(runs, twins: bool = False) -> list[dict[str, Any]]:
+    """One table row per live run; with `twins`, each followed by its simulated twin's row (where it has one)."""
     rows = []
-    for r in runs:
-        s = r.summary
-        rows.append({"policy": _name(r), "tasks": s["tasks"], "accuracy": s["accuracy"],
+    pairs = [(r, r.summary, _name(r)) for r in runs]
+    if twins:
+        pairs = [p for r, s, name in pairs
+                 for p in [(r, s, name)] + ([(r, r.twin, f"{name}, {TWIN}")] if r.twin is not None else [])]
+    for r, s, name in pairs:
+        rows.append({"policy": name, "tasks": s["tasks"], "accuracy": s["accuracy"],
                      "latency_mean_s": s["latency_s"]["mean"], "latency_p50_s": s["latency_s"]["p50"],
                      "latency_p99_s": s["latency_s"]["p99"], "throughput_tasks_per_s": s["throughput_tasks_per_s"],
                      "calls_per_model": {m: v["calls"] for m, v in s["per_model"].items()}, "failed": s["failed"]})
@@ -119,8 +124,11 @@ def write_report(demo, path: Path | str) -> Path:
         f"<td>{r['latency_mean_s']:.2f}</td><td>{r['latency_p50_s']:.2f}</td><td>{r['latency_p99_s']:.2f}</td>"
         f"<td>{r['throughput_tasks_per_s']:.3f}</td>"
         f"<td>{html.escape(', '.join(f'{m}:{c}' for m, c in r['calls_per_model'].items()))}</td>"
-        f"<td>{r['failed']}</td></tr>" for r in summary_rows(runs))
+        f"<td>{r['failed']}</td></tr>" for r in summary_rows(runs, twins=True))
     ratio = html.escape(versus(runs[0].summary, runs[-1].summary)) if len(runs) > 1 else ""
+    twin = twin_versus(runs)
+    if twin is not None:
+        ratio += "<br>" + html.escape(twin)
     figs = "".join(f"<h2>{html.escape(t)}</h2><img alt=\"{html.escape(t)}\" src=\"data:image/png;base64,{b}\"/>"
                    for t, b in imgs)
     doc = f"""<!doctype html>
@@ -132,7 +140,9 @@ img{{max-width:100%}}</style></head><body>
 <p class="note"><b>{LABEL}.</b> Workload {html.escape(demo.workload)}, {demo.tasks} workflows per run,
 open loop at {demo.rate:.2f} workflows/s, time scale {demo.time_scale:g}× (emulators and tool sleeps);
 models {", ".join(sorted(r for r in runs[0].summary["per_model"]))} on emulated A6000s; fresh emulators and gateway per
-run; same tasks and arrival seed.</p>
+run; same tasks and arrival seed. The {TWIN} rows: the discrete-event simulator on the same workflows and arrival
+times, under the same policy with the gateway's priors (lengths learnt online from a cold start) — what the live
+comparison is expected to show.</p>
 <table>{head}{body}</table>
 <p><b>{ratio}</b></p>
 {figs}
@@ -143,9 +153,18 @@ run; same tasks and arrival seed.</p>
     return path
 
 
-def versus(base: dict, other: dict) -> str:
-    """One line comparing two runs' summaries: the mean-latency ratio and the accuracy difference."""
+def versus(base: dict, other: dict, what: str = "live, emulated backends") -> str:
+    """One line comparing two runs' summaries: the mean-latency ratio and the accuracy difference; `what` says what
+    was measured (the live runs, or their simulated twins)."""
     b, o = base["latency_s"]["mean"], other["latency_s"]["mean"]
     speed = f"{b / o:.2f}× lower" if o <= b else f"{o / b:.2f}× higher"
     return (f"{other['policy']} vs {base['policy']}: {speed} mean latency, "
-            f"{100 * (other['accuracy'] - base['accuracy']):+.1f} points accuracy (live, emulated backends)")
+            f"{100 * (other['accuracy'] - base['accuracy']):+.1f} points accuracy ({what})")
+
+
+def twin_versus(runs) -> str | None:
+    """The simulated twins' comparison line, to read beside the live one (None where a run has no twin)."""
+    base, other = (runs[0].twin, runs[-1].twin) if len(runs) > 1 else (None, None)
+    if base is None or other is None:
+        return None
+    return versus(base, other, f"{TWIN}: the simulator on the same workflows and arrival times")

@@ -1,6 +1,8 @@
 """The live main job (`chimera demo`): agents drive the built-in workload through the Chimera gateway in front of an
 emulated 3-model cluster, once under the `vllm` policy and once under `chimera`, each with fresh emulators and a
-fresh gateway, all in their own processes. Live run against emulated backends (engine model), not real GPUs."""
+fresh gateway, all in their own processes. Live run against emulated backends (engine model), not real GPUs. Beside
+each live run, its simulated twin: the simulator on the same workflows and arrival times, the prediction to check the
+live comparison against."""
 
 from __future__ import annotations
 
@@ -9,8 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from chimera.bench.html_report import versus, write_report  # noqa: F401 - versus re-exported for the CLI and tests
-from chimera.bench.live import DEFAULT_LAM, LABEL, MODELS  # noqa: F401 - re-exported for the CLI and tests
+from chimera.bench.html_report import twin_versus, versus, write_report  # noqa: F401 - re-exported for the CLI
+from chimera.bench.live import LABEL, MODELS  # noqa: F401 - re-exported for the CLI and tests
+
+# The defaults (docs/live.md, "chimera demo: what it compares, and why its defaults"): loaded and long enough that the
+# simulated twin predicts a clear gain, at a call rate two cores serve without becoming the bottleneck; ~1 min.
+DEMO_TASKS = 300
+DEMO_LOAD = 0.9
+DEMO_LAM = 0.03
+DEMO_TIME_SCALE = 2.0
 
 
 @dataclass
@@ -19,6 +28,7 @@ class LiveRun:
     lam: float | None
     summary: dict[str, Any]
     calls: list[dict[str, Any]] = field(default_factory=list)  # trace-store rows: model, queued/dispatched/end
+    twin: dict[str, Any] | None = None  # the simulator's prediction of this run (bench.live.simulate_same_run)
 
 
 @dataclass
@@ -28,6 +38,7 @@ class LiveDemo:
     tasks: int
     time_scale: float
     workload: str
+    load: float = DEMO_LOAD
     report: Path | None = None
 
 
@@ -41,13 +52,15 @@ def read_calls(trace: Path) -> list[dict[str, Any]]:
             "SELECT workflow_id, model, queued_at, dispatched_at, ended_at, status FROM calls")]
 
 
-def run_live_demo(n: int = 200, time_scale: float = 5.0, workload: str = "synthetic", load: float = 0.8,
-                  lam: float = DEFAULT_LAM, out: Path | str = "out/demo", seed: int = 0,
+def run_live_demo(n: int = DEMO_TASKS, time_scale: float = DEMO_TIME_SCALE, workload: str = "synthetic",
+                  load: float = DEMO_LOAD, lam: float = DEMO_LAM, out: Path | str = "out/demo", seed: int = 0,
                   on_record: Callable | None = None, on_run: Callable[[str], None] | None = None) -> LiveDemo:
     """Both runs (vllm, then chimera λ=`lam`) on the same tasks and arrival times, each with fresh emulator and
-    gateway processes (as `chimera bench live` runs them); writes out/report.html."""
+    gateway processes (as `chimera bench live` runs them), each followed by its simulated twin (lengths learnt online
+    from a cold start, as the gateway learns them); writes out/report.html."""
     from chimera.bench.live import (EmulatedProvider, LiveBenchConfig, arrival_rate, parse_contender, run_contender,
                                     to_emulated_models)
+    from chimera.bench.live.twin import simulate_same_run
     from chimera.workload.schema import write_tasks
     from chimera.workload.source import load_workload
 
@@ -69,7 +82,10 @@ def run_live_demo(n: int = 200, time_scale: float = 5.0, workload: str = "synthe
         r = run_contender(c, provider, tasks, cfg, rate, out / c.strategy, on_record)
         r.summary["policy"] = c.strategy
         r.summary["lam"] = c.lam
-        runs.append(LiveRun(c.strategy, c.lam, r.summary, read_calls(out / c.strategy / "traces.sqlite")))
-    demo = LiveDemo(runs, rate, n, time_scale, workload)
+        twin = simulate_same_run(c, tasks, cfg, rate, online_lengths=True)
+        if twin is not None:
+            twin["policy"] = c.strategy
+        runs.append(LiveRun(c.strategy, c.lam, r.summary, read_calls(out / c.strategy / "traces.sqlite"), twin))
+    demo = LiveDemo(runs, rate, n, time_scale, workload, load)
     demo.report = write_report(demo, out / "report.html")
     return demo

@@ -20,7 +20,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,12 +39,12 @@ from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.model_infos import model_infos, workload_names
 from chimera.serve.openapi import openapi_document
 from chimera.serve.pool import BackendPool
+from chimera.serve.proxy import UpstreamClients
 from chimera.serve.records import CallRecorder
 from chimera.serve.trace import TraceStore
 
 log = logging.getLogger("chimera.serve")
 COMPLETIONS, FEEDBACK = "/v1/completions", "/v1/chimera/feedback"
-UPSTREAM_KEEPALIVE_S = 2.0
 UPSTREAM_LOGGERS = ("httpx", "httpcore")  # one INFO line per upstream call and probe: off unless asked for
 _ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 503: "server_error"}
 
@@ -93,14 +92,10 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self.clock.start()
-        # Idle upstream connections are dropped after 2 s, before the server's own keep-alive timeout (uvicorn's and
-        # vLLM's: 5 s); at equal timeouts a call could be sent on a connection the server is closing (ReadError).
-        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=200,
-                                                       keepalive_expiry=UPSTREAM_KEEPALIVE_S))
-        self.director.client = client
+        upstream = self.director.upstream = UpstreamClients()
         await asyncio.to_thread(count_tokens, "warm up")  # load the vocabulary before the first request
         if self.cfg.health.enabled:
-            self.health_checker = HealthChecker(self.pool.all_backends, self.cfg.health, client)
+            self.health_checker = HealthChecker(self.pool.all_backends, self.cfg.health, upstream.probes)
             # One round before serving, so a backend that is down or serves another model gets no first calls.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.health_checker.check_all(), 2 * self.cfg.health.timeout_s + 1)
@@ -114,7 +109,7 @@ class Gateway:
                 await asyncio.sleep(0.05)
             if self.health_checker is not None:
                 await self.health_checker.stop()
-            await client.aclose()
+            await upstream.aclose()
             if self.predict_pool is not None:
                 self.predict_pool.shutdown(wait=False, cancel_futures=True)
             await asyncio.to_thread(self.trace.close)

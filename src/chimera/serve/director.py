@@ -30,7 +30,7 @@ from chimera.serve.config import Limits
 from chimera.serve.edge import EdgeError, WorkflowHints, prompts
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.pool import BackendPool, BackendState, QueueFull
-from chimera.serve.proxy import DisconnectAwareStream, UpstreamError, UpstreamReply, open_upstream
+from chimera.serve.proxy import DisconnectAwareStream, UpstreamClients, UpstreamError, UpstreamReply, open_upstream
 from chimera.serve.records import CallRecorder
 from chimera.serve.relay import (SseRelay, rewrite_model, sse_error, usage_completion_tokens, usage_prompt_tokens,
                                  wants_usage)
@@ -76,7 +76,7 @@ class Director:
                  predict_pool: Executor | None = None) -> None:
         self.pool, self.policy, self.limits, self.metrics, self.recorder = pool, policy, limits, metrics, recorder
         self.now, self.run_id, self.predict_pool = clock.now, run_id, predict_pool
-        self.client: httpx.AsyncClient | None = None  # the shared upstream client, opened by the lifespan
+        self.upstream: UpstreamClients | None = None  # the upstream connection pools, opened by the lifespan
         self._wf_ids = itertools.count()
 
     # ---- before any work -----------------------------------------------------------------------------------
@@ -160,7 +160,9 @@ class Director:
         self.metrics.queue_wait.labels(call.model).observe(max(0.0, self.now() - call.arrival_s))
         body = be.kind.request_body(ctx.body, be.cfg.model, call.priority)
         try:
-            reply = await self._race(request, open_upstream(self.client, be.cfg, ctx.path, body, ctx.stream, timeout),
+            assert self.upstream is not None, "the gateway's lifespan opens the upstream clients"
+            client = self.upstream.for_call(call.call_id)
+            reply = await self._race(request, open_upstream(client, be.cfg, ctx.path, body, ctx.stream, timeout),
                                      timeout)
         except UpstreamError as e:
             self.settle(ctx, Outcome.ERROR, str(e), backend_down=True)

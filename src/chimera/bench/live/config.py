@@ -21,8 +21,10 @@ REAL_MAX_MODEL_LEN = 2048  # the servers' --max-model-len (../shared/real-engine
 REAL_MAX_NUM_BATCHED_TOKENS = 2048  # set explicitly on the servers and in their profiles
 REAL_KV_BLOCK_TOKENS = 128  # the CPU build's KV block (its prefix cache reuses whole blocks; docs/perfmodel.md)
 CONTEXT_MARGIN = 16  # tokens of max_model_len kept free beside each planned call
+# The emulated cluster, described once: served name -> engine profile, smallest first. The emulators, the gateway's
+# backends and the simulated twin's cluster (emulated_cluster_config) are all built from it.
 MODELS = {"qwen2.5-1.5b": "qwen2.5-1.5b@a6000", "qwen2.5-7b": "qwen2.5-7b@a6000",
-          "qwen2.5-14b": "qwen2.5-14b@a6000"}  # served name -> engine profile, smallest first
+          "qwen2.5-14b": "qwen2.5-14b@a6000"}
 DEFAULT_LAM = 0.05
 DEFAULT_CONTENDERS = ("litellm:simple-shuffle", "litellm:least-busy", "chimera:vllm", f"chimera:chimera@{DEFAULT_LAM}")
 SIM_TWIN = {"least-busy": "least-loaded"}  # LiteLLM strategy -> the simulator's nearest policy
@@ -161,3 +163,11 @@ class LiveBenchConfig(BaseModel):
         if any(r <= 0 for r in v):
             raise ValueError("overhead rates must be > 0 req/s")
         return v
+
+
+def emulated_cluster_config():
+    """The emulated cluster (MODELS) as a cluster description, for the simulator (the twin, the load's capacity)."""
+    from chimera.perfmodel.profiles import cluster_from_dict
+
+    return cluster_from_dict({"models": [{"profile": p, "name": n} for n, p in MODELS.items()]},
+                             source="the emulated cluster")

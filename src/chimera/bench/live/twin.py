@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from chimera.bench.live.config import (CONTENTION_FILE, FIDELITY_METRICS, REAL_KV_BLOCK_TOKENS,
-                                       REAL_MAX_NUM_BATCHED_TOKENS, Contender, LiveBenchConfig)
+                                       REAL_MAX_NUM_BATCHED_TOKENS, Contender, LiveBenchConfig,
+                                       emulated_cluster_config)
 from chimera.workload.arrivals import LIVE_STREAM, poisson_arrivals
 from chimera.workload.schema import Task
 
@@ -18,10 +19,9 @@ def arrival_rate(tasks: Sequence[Task], load: float, time_scale: float) -> float
     """Live workflows/s: `load` × the simulated saturated throughput of round-robin on the same cluster, sped up by
     the time scale (emulators and tool sleeps both run `time_scale`× faster than real time)."""
     from chimera.bench.sweep import capacity_workflows_per_s
-    from chimera.perfmodel.profiles import default_cluster
     from chimera.sim.experiment import prepare
 
-    return load * capacity_workflows_per_s(prepare(tasks, default_cluster())) * time_scale
+    return load * capacity_workflows_per_s(prepare(tasks, emulated_cluster_config())) * time_scale
 
 
 def capacity_of(runtimes, workflows: Sequence[tuple[str, Any, Task]]) -> float:
@@ -51,7 +51,6 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
     the cluster built from the measured profiles and the length-scaled plans. `online_lengths` True: the lengths are
     learnt online from a cold start, as the gateway learns them (None: so for engine vllm with sim_online_lengths)."""
     from chimera.agents.driver import make_workflows
-    from chimera.perfmodel.profiles import default_cluster
     from chimera.predict.assembly import PolicySpec, PredictorsSpec, build_policy
     from chimera.predict.context import AssemblyContext
     from chimera.sim.cluster import build_runtimes
@@ -61,7 +60,7 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
     if pol_name is None:
         return None
     wfs = list(workflows) if workflows is not None else make_workflows(tasks, cfg.tasks, cfg.seed)
-    runtimes = build_runtimes(cluster if cluster is not None else default_cluster())
+    runtimes = build_runtimes(cluster if cluster is not None else emulated_cluster_config())
     online = (cfg.engine == "vllm" and cfg.sim_online_lengths) if online_lengths is None else online_lengths
     # As the live gateway: running means per (kind, stage, model) from a cold start (the core feeds their `learn`);
     # else per-stage means of the run's own plans (what those running means converge to).

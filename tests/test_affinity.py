@@ -1,4 +1,4 @@
-"""Workflow affinity (issue 12 item 2): the brain sees where a workflow's context is cached; expected latency counts
+"""Workflow affinity: the brain sees where a workflow's context is cached; expected latency counts
 the prefill a stay saves; replica choice follows it, and load still overrides beyond a margin."""
 
 from __future__ import annotations

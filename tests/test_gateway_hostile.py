@@ -1,4 +1,4 @@
-"""Hostile input and faults never cost the gateway (issue 9's F1–F7 and the rest): each test failed before its fix."""
+"""Hostile input and faults never cost the gateway (F1–F7 and the rest): each test failed before its fix."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def test_every_policy_runs(prep, policy):
 def test_hold_caps_admission_at_the_kv_limited_batch():
     """hold=1 admits at most the batch a replica runs at a typical context (KV-limited, below max_num_seqs); the rest
     wait at the gateway. Measured, not a win: contexts here are shorter than the typical 1,500 tokens, so the static
-    cap leaves KV unused and queue time grows (docs: BENCHMARKS.md, issue 12 item 4)."""
+    cap leaves KV unused and queue time grows (BENCHMARKS.md)."""
     from chimera.sim.simulator import Simulator
     from chimera.sched.registry import make_policy
 

@@ -180,6 +180,8 @@ def test_scorer_sum_chooses_exactly_as_the_old_formula(name):
         if not allowed.any():
             allowed[int(rng.integers(0, 3))] = True
         assert p.choose(c, 0.0, conf, call_tok, rem_tok, allowed) == old_choose(p, c, conf, call_tok, rem_tok, allowed)
+        every = np.ones(3, dtype=bool)  # the unmasked path (`Policy.every_model`, what `admit` passes by default)
+        assert p.choose(c, 0.0, conf, call_tok, rem_tok, p.every_model) == old_choose(p, c, conf, call_tok, rem_tok, every)
 
 
 def test_default_weights_are_lambda_and_scorers_override():

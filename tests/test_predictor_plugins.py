@@ -143,6 +143,21 @@ def test_named_sets_resolve_in_one_table(prep):
     assert prep.router is prep.router and prep.trained is None  # fitted once, shared by the runs
 
 
+def test_the_priors_predict_a_batch_row_by_row(prep):
+    """One row per call in the order given, each the call's own lookup; an empty batch is (0, models)."""
+    wfs = prep.workflows(6, 3)
+    calls = [Call(call_id=i, workflow_id=wid, kind=plan.kind, prompt=prompt, stage=i % 2, prompt_tokens=10,
+                  arrival_s=0.0, workflow_arrival_s=0.0) for i, (wid, plan, prompt) in enumerate(wfs)]
+    conf, (tok, rem) = prep.router.predict_confidence(calls), prep.lengths.predict_lengths(calls)
+    assert conf.shape == tok.shape == rem.shape == (len(calls), len(prep.names))
+    for i, c in enumerate(calls):
+        assert (conf[i] == prep.router.predict_confidence([c])[0]).all()
+        assert (tok[i] == prep.lengths.predict_lengths([c])[0][0]).all()
+        assert (rem[i] == prep.lengths.predict_lengths([c])[1][0]).all()
+    assert prep.router.predict_confidence([]).shape == (0, len(prep.names))
+    assert [a.shape for a in prep.lengths.predict_lengths([])] == [(0, len(prep.names))] * 2
+
+
 @pytest.mark.parametrize("name", POLICIES)
 def test_every_presets_choice_is_a_known_set_and_the_gateway_refuses_ground_truth(name):
     from chimera.serve.refusals import live_refusal

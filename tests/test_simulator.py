@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 from chimera.bench.sweep import capacity_workflows_per_s
@@ -54,6 +57,23 @@ def test_closed_loop_never_exceeds_agents(prep):
         live += d
         peak = max(peak, live)
     assert peak <= 4
+
+
+def test_a_finished_simulator_is_freed_without_the_cyclic_collector(prep):
+    """No reference cycle through the admission core's hooks: dropping a simulator frees it, its records and engines
+    at once, not at the next full collection (which would land in whatever runs next, e.g. a timed benchmark)."""
+    from chimera.sched.registry import make_policy
+    from chimera.sim.simulator import Simulator
+
+    sim = Simulator(prep.runtimes, make_policy("vllm"), prep.workflows(40, 0), rate=2.0)
+    assert sim.run()["tasks"] == 40
+    gone = weakref.ref(sim)
+    gc.disable()
+    try:
+        del sim
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_more_tasks_than_file_draws_again_with_new_ids(prep):

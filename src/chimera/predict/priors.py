@@ -35,6 +35,12 @@ def kind_accuracy(kinds: Sequence[str], scores: Sequence[Sequence[float]] | np.n
     return {k: (total + 0.5 * a) / (n + a) for k, (total, n) in sums.items()}
 
 
+def _stack(rows: Sequence[np.ndarray], n_models: int) -> np.ndarray:
+    """Per-model rows as one (calls, models) array. np.array rather than np.vstack: the policy predicts one call at a
+    time, and for one row vstack's generic path costs several times the copy."""
+    return np.array(rows) if rows else np.empty((0, n_models))
+
+
 class KindAccuracyRouter:
     """Confidence = the model's mean score on training tasks of the same kind (Laplace-smoothed)."""
 
@@ -58,7 +64,7 @@ class KindAccuracyRouter:
         return row
 
     def predict_confidence(self, calls: Sequence[Call]) -> np.ndarray:
-        return np.vstack([self._row(c.kind) for c in calls])
+        return _stack([self._row(c.kind) for c in calls], len(self.models_))
 
 
 class StageMeanLength:
@@ -103,7 +109,8 @@ class StageMeanLength:
 
     def predict_lengths(self, calls: Sequence[Call]) -> tuple[np.ndarray, np.ndarray]:
         pairs = [self._lookup(c.kind, c.stage) for c in calls]
-        return np.vstack([p[0] for p in pairs]), np.vstack([p[1] for p in pairs])
+        n = len(self.models_)
+        return _stack([p[0] for p in pairs], n), _stack([p[1] for p in pairs], n)
 
 
 class SizePriorConfidence:

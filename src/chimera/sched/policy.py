@@ -75,6 +75,10 @@ class Policy:
         self.monitor = LoadMonitor(self.names)
         self._promoted_until: dict[str, float] = {}
         self.decisions: dict[str, int] = {m.name: 0 for m in models}
+        # The `allowed` mask when a body narrows nothing (the simulator, always): built once, read-only, and known by
+        # identity so a policy can skip masking (`only_allowed`).
+        self.every_model = np.ones(len(models), dtype=bool)
+        self.every_model.flags.writeable = False
         # Column order of each predictor's output -> this policy's model order (computed once, used per call).
         self._cols = {}
         for pred in (self.confidence, self.length):
@@ -93,20 +97,21 @@ class Policy:
         return None
 
     # ---- predictions ---------------------------------------------------------------------------------------
-    def _columns(self, pred, values: np.ndarray) -> np.ndarray:
+    def _row(self, pred, values: np.ndarray) -> np.ndarray:
+        """The one call's row of a predictor's output, in this policy's model order."""
         idx = self._cols.get(id(pred))
-        return values if idx is None else values[:, idx]
+        return values[0] if idx is None else values[0, idx]
 
     def predict(self, call: Call) -> Prediction:
         """(confidence, call tokens, remaining workflow tokens), each one value per model in `self.names`."""
         n = len(self.names)
         if self.confidence is not None:
-            conf = self._columns(self.confidence, self.confidence.predict_confidence([call]))[0]
+            conf = self._row(self.confidence, self.confidence.predict_confidence([call]))
         else:
             conf = np.full(n, 0.5)
         if self.length is not None:
             c, r = self.length.predict_lengths([call])
-            call_tok, rem_tok = self._columns(self.length, c)[0], self._columns(self.length, r)[0]
+            call_tok, rem_tok = self._row(self.length, c), self._row(self.length, r)
         else:
             call_tok = rem_tok = np.zeros(n)
         return Prediction(conf, call_tok, rem_tok)
@@ -116,6 +121,11 @@ class Policy:
                allowed: np.ndarray) -> int:
         """Index of the model to route to, among those `allowed` (a bool mask: models that can take a call now)."""
         return int(np.argmax(allowed))
+
+    def only_allowed(self, values: np.ndarray, allowed: np.ndarray, fill: float) -> np.ndarray:
+        """`values` with the models not `allowed` set to `fill` (what `choose` must never pick); as is when every model
+        is allowed, which saves the masking on every call of a simulation."""
+        return values if allowed is self.every_model else np.where(allowed, values, fill)
 
     def key(self, call: Call, now: float) -> float:
         """Queue order: lower first. Default FCFS by arrival at the gateway."""
@@ -143,9 +153,9 @@ class Policy:
                 raise KeyError(f"unknown model {call.pinned_model!r}; serving {self.names}")
             i = self.index[call.pinned_model]
         else:
-            mask = np.ones(len(self.names), dtype=bool)
+            mask = self.every_model
             if allowed is not None:
-                mask[:] = False
+                mask = np.zeros(len(self.names), dtype=bool)
                 mask[[self.index[m] for m in allowed]] = True
                 if not mask.any():
                     raise ValueError("submit: no allowed model")

@@ -9,6 +9,7 @@ import heapq
 import itertools
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -104,8 +105,13 @@ class Simulator:
         if hold is not None:
             capacity = {r.info.name: max(r.info.replicas, round(hold * max(1, r.info.batch_limit) * r.info.replicas))
                         for r in self.runtimes}
-        self.admission: Admission[Engine] = Admission(policy, [r.info for r in self.runtimes], place=self._place,
-                                                      start=self._start, record=record, capacity=capacity)
+        # Its hooks reach the simulator through a weak proxy: bound methods would close a cycle (simulator -> core ->
+        # hook -> simulator), and a finished run, with its records, plans and engines, would linger until a full
+        # collection of the cyclic garbage collector (one lands in whatever runs next) instead of being freed at once.
+        me = weakref.proxy(self)
+        self.admission: Admission[Engine] = Admission(
+            policy, [r.info for r in self.runtimes], place=lambda model, call, now: me._place(model, call, now),
+            start=lambda call, eng, now: me._start(call, eng, now), record=record, capacity=capacity)
         # Workflow affinity: the policy asks where a call's context is cached (only when engines cache prefixes).
         self._affinity = policy.affinity and any(r.spec.prefix_caching for r in self.runtimes)
         self._workflow_of: dict[int, Workflow] = {}  # call_id -> its workflow, while the call is in the core
@@ -151,6 +157,7 @@ class Simulator:
                 self._next_wf += 1
 
         events = self._events
+        hosts = self.hosts if self.hosts else None  # engines sharing a host re-read their speed after every event
         while events:
             t, _, kind, payload = heapq.heappop(events)
             if kind == _ENGINE:
@@ -177,8 +184,8 @@ class Simulator:
                 self._issue(wf, t)
             else:
                 self._issue(payload, t)
-            if self.hosts:
-                self.hosts.update(t, self._refresh)
+            if hosts is not None:
+                hosts.update(t, self._refresh)
 
         per_engine = {e.name: {"preemptions": e.preemptions, "busy_s": round(e.busy_s, 3), "steps": e.steps,
                                **e.prefix_stats()}

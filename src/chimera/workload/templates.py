@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import bisect
 import math
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_PATH = Path(__file__).with_name("templates.yaml")
 DEFAULT_KIND = "default"
@@ -74,8 +75,6 @@ class WorkflowTemplate(BaseModel):
     context_window: int | None = Field(default=None, ge=0)  # None: all earlier stages carried; k: the last k
     observation_tokens: Lognormal | None = None  # tool output appended after a tool stage (None: nothing)
     tool_s: Lognormal
-    _layouts: dict[int, StageLayout] = PrivateAttr(default_factory=dict)
-    _cum: tuple[list[float], list[int]] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check(self) -> WorkflowTemplate:
@@ -100,9 +99,11 @@ class WorkflowTemplate(BaseModel):
     def max_stages(self) -> int:
         return max(self.calls_pmf)
 
+    # Caches read once per planned workflow: cached properties, since a pydantic private attribute costs microseconds
+    # per read (its __getattr__ fallback) and planning reads them ~2 times per workflow.
+    @cached_property
     def _sampler(self) -> tuple[list[float], list[int]]:
-        if self._cum is not None:
-            return self._cum
+        """calls_pmf as (cumulative probabilities, call counts), counts ascending."""
         ns = sorted(self.calls_pmf)
         total = sum(self.calls_pmf[n] for n in ns)
         cum, acc = [], 0.0
@@ -110,12 +111,16 @@ class WorkflowTemplate(BaseModel):
             acc += self.calls_pmf[n] / total
             cum.append(acc)
         cum[-1] = 1.0
-        self._cum = (cum, ns)
-        return self._cum
+        return cum, ns
+
+    @cached_property
+    def _layouts(self) -> dict[int, StageLayout]:
+        """Per-n layouts computed so far (see `layout`)."""
+        return {}
 
     def sample_n_stages(self, rng: np.random.Generator) -> int:
         """One draw from calls_pmf (one uniform; cheaper than rng.choice with p)."""
-        cum, ns = self._sampler()
+        cum, ns = self._sampler
         return ns[min(bisect.bisect_right(cum, rng.random()), len(ns) - 1)]
 
     def role_sequence(self, n: int) -> tuple[str, ...]:

@@ -91,14 +91,14 @@ class ChimeraPolicy(Policy):
         pred = Prediction(conf, call_tok, rem_tok)
         if not self.route:
             lat = self._latency.score(call, now, pred, allowed, self)
-            return int(np.argmin(np.where(allowed, lat, np.inf)))
+            return int(self.only_allowed(lat, allowed, np.inf).argmin())
         value = None
         for scorer, w in self._weighted:
             term = scorer.score(call, now, pred, allowed, self)
             if w != 1.0:  # 1·x is x exactly: skip the multiply
                 term = w * term
             value = term if value is None else value + term
-        return int(np.argmax(np.where(allowed, value, -np.inf)))
+        return int(self.only_allowed(value, allowed, -np.inf).argmax())
 
     def key(self, call: Call, now: float) -> float:
         if not self.stjf:

@@ -16,4 +16,4 @@ class LeastLoadedPolicy(Policy):
     def choose(self, call, now, conf, call_tok, rem_tok, allowed) -> int:
         calls, external = self.monitor.calls, self.monitor.external  # external: other clients' calls (gateway)
         loads = np.array([(calls[m.name] + external[m.name] + 1) / m.max_inflight for m in self.models])
-        return int(np.argmin(np.where(allowed, loads, np.inf)))
+        return int(np.argmin(self.only_allowed(loads, allowed, np.inf)))

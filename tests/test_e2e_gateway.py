@@ -276,6 +276,32 @@ def test_bench_gateway_smoke(tmp_path) -> None:
     assert "**added p50**" in (out / "results.md").read_text()
 
 
+def test_bench_gateway_long_conversations_beside_a_gateway_without_inference(tmp_path) -> None:
+    """`--conversation` sends long chat histories and `--identity-baseline` measures a second gateway that infers no
+    workflows in the same rotation: the table carries what inference costs per request."""
+    from typer.testing import CliRunner
+
+    from chimera.bench.gateway_overhead import conversation_bodies
+    from chimera.cli import app
+    from chimera.workload.tokens import count_tokens
+
+    bodies = conversation_bodies(10, 2000, n=3)
+    assert len({b["messages"][0]["content"] for b in bodies}) == 3  # distinct: no request finds another's prefix
+    for b in bodies:
+        assert len(b["messages"]) == 10 and b["messages"][-1]["role"] == "user"
+        assert 1500 < count_tokens(" ".join(m["content"] for m in b["messages"])) < 2600
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(app, ["bench", "gateway", "--rates", "30", "--duration", "0.6", "--conversation",
+                                   "10,2000", "--identity-baseline", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["gateway_errors"] == row["gateway_noinfer_errors"] == 0 and row["gateway_noinfer_n"] > 5
+    assert row["gateway_noinfer_cpu_ms_per_req"] > 0
+    assert "**inference, ms/req**" in (out / "results.md").read_text()
+    bad = CliRunner().invoke(app, ["bench", "gateway", "--conversation", "10", "--out", str(out)])
+    assert bad.exit_code != 0 and "--conversation" in bad.output
+
+
 # ---- token accounting from the engine's own usage ----------------------------------------------------------------
 def test_streamed_tokens_come_from_the_engine_usage_and_the_extra_chunk_is_hidden(stack) -> None:
     """The gateway always asks upstream for the usage chunk; a client that did not ask never sees it, and the trace

@@ -20,6 +20,10 @@ reported too: with two cores shared by three processes, CPU time is what the add
 `--baseline` adds a third target in the same rotation: a bare forwarding proxy (`proxy_app`: Starlette + one
 httpx.AsyncClient, nothing else) in its own uvicorn subprocess — the floor this HTTP stack costs by itself, so
 what the gateway adds beyond plain proxying can be read off as gateway − proxy.
+
+`--conversation M,T` sends chat conversations of M messages and about T tokens instead of one short message (an
+agent's long context), and `--identity-baseline` adds a second gateway with conversation inference off in the same
+rotation: gateway − that gateway is what inferring workflows from conversations costs per request.
 """
 
 from __future__ import annotations
@@ -51,6 +55,28 @@ _REPLY = json.dumps({
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
 }).encode()
+
+
+def conversation_bodies(messages: int, tokens: int, n: int = 32) -> list[dict[str, Any]]:
+    """`n` distinct chat conversations of `messages` turns (user and assistant alternating, as an agent's context
+    grows) and about `tokens` tokens each: distinct, so no request finds another's prefix."""
+    from chimera.workload.tokens import count_tokens
+
+    vocab = ("plan step tool result check value search query answer report table record number reason note "
+             "source claim test case model output input error retry list item field name city year").split()
+    per_msg = max(1, tokens // messages)
+    probe = " ".join(vocab[i % len(vocab)] for i in range(200))
+    words = max(1, round(per_msg * 200 / count_tokens(probe)))
+    bodies = []
+    for k in range(n):
+        msgs = [{"role": "user" if i % 2 == 0 else "assistant",
+                 "content": f"conversation {k} turn {i}: " + " ".join(vocab[(i * 7 + j + k) % len(vocab)]
+                                                                    for j in range(words))}
+                for i in range(messages)]
+        if msgs[-1]["role"] != "user":
+            msgs[-1]["role"] = "user"
+        bodies.append({**BODY, "messages": msgs})
+    return bodies
 
 
 # ---- the fake backend ------------------------------------------------------------------------------------------
@@ -106,10 +132,10 @@ def proxy_app():
 # ---- processes --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def running_stack(workdir: Path, policy: str = "chimera", profile_gateway: bool = False, baseline: bool = False,
-                  gateway_target: str = FACTORY, litellm: str | Path | None = None):
-    """Backend and gateway (and, with `baseline`, the bare proxy; with `litellm`, LiteLLM's proxy routing to the
-    same backend), each in its own subprocess (stopped with SIGINT, so cProfile writes its file);
-    yields ({target: url}, {process: pid})."""
+                  gateway_target: str = FACTORY, litellm: str | Path | None = None, identity_baseline: bool = False):
+    """Backend and gateway (and, with `baseline`, the bare proxy; with `identity_baseline`, a second gateway that
+    infers no workflows from conversations; with `litellm`, LiteLLM's proxy routing to the same backend), each in
+    its own subprocess (stopped with SIGINT, so cProfile writes its file); yields ({target: url}, {process: pid})."""
     workdir.mkdir(parents=True, exist_ok=True)
     src = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": src + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
@@ -121,14 +147,20 @@ def running_stack(workdir: Path, policy: str = "chimera", profile_gateway: bool 
                                                timeout_s=30, wait=False))
 
         b = start("backend", "chimera.bench.gateway_overhead:backend_app")
-        cfg = build_gateway_config(
-            backends_for_cluster([{"model": "bench-model", "base_url": b.url + "/v1", "max_inflight": 10_000}]),
-            policy=policy, port=free_port(), trace_store=workdir / "bench-traces.sqlite",
-            limits={"max_queue": 100_000, "request_timeout_s": 60})
-        gw = stack.enter_context(gateway_process(cfg, workdir, factory=gateway_target, env=env, timeout_s=30,
-                                                 profile_to=workdir / "gateway.prof" if profile_gateway else None,
-                                                 wait=False))
-        procs = {"backend": b, "gateway": gw}
+
+        def gateway(folder: Path, **sections: Any) -> Spawned:
+            cfg = build_gateway_config(
+                backends_for_cluster([{"model": "bench-model", "base_url": b.url + "/v1", "max_inflight": 10_000}]),
+                policy=policy, port=free_port(), trace_store=folder / "bench-traces.sqlite",
+                limits={"max_queue": 100_000, "request_timeout_s": 60}, **sections)
+            return stack.enter_context(gateway_process(
+                cfg, folder, factory=gateway_target, env=env, timeout_s=30, wait=False,
+                profile_to=folder / "gateway.prof" if profile_gateway and folder == workdir else None))
+
+        procs = {"backend": b, "gateway": gateway(workdir)}
+        if identity_baseline:
+            (workdir / "no-inference").mkdir(exist_ok=True)
+            procs["gateway_noinfer"] = gateway(workdir / "no-inference", identity={"conversation": False})
         if baseline:
             procs["proxy"] = start("proxy", "chimera.bench.gateway_overhead:proxy_app",
                                    {"CHIMERA_BENCH_UPSTREAM": b.url + "/v1"})
@@ -164,8 +196,8 @@ class Samples:
 
 
 async def _block(gen: LoadGen, url: str, rate: float, seconds: float, rng: random.Random,
-                 out: Samples | None) -> None:
-    """Open-loop Poisson arrivals at `rate` for `seconds`; `out=None` is a warm-up (discarded)."""
+                 out: Samples | None, bodies: list[dict[str, Any]]) -> None:
+    """Open-loop Poisson arrivals at `rate` for `seconds`, cycling through `bodies`; `out=None` is a warm-up."""
     sink = out if out is not None else Samples()
     tasks: list[asyncio.Task] = []
     start = time.perf_counter()
@@ -173,7 +205,7 @@ async def _block(gen: LoadGen, url: str, rate: float, seconds: float, rng: rando
     def arrive(late_s: float) -> None:
         sink.late_s.append(late_s)
         sink.sent += 1
-        tasks.append(gen.fire(Request(url, BODY), sink.add))
+        tasks.append(gen.fire(Request(url, bodies[sink.sent % len(bodies)]), sink.add))
 
     await gen.open_loop(poisson_gap(rng, rate), arrive, seconds)
     if tasks:
@@ -182,11 +214,12 @@ async def _block(gen: LoadGen, url: str, rate: float, seconds: float, rng: rando
 
 
 async def _measure_rate(gen: LoadGen, urls: dict[str, str], rate: float, duration: float,
-                        block_s: float, warmup_s: float, seed: int, pids: dict[str, int]) -> dict[str, Any]:
+                        block_s: float, warmup_s: float, seed: int, pids: dict[str, int],
+                        bodies: list[dict[str, Any]]) -> dict[str, Any]:
     rng = random.Random(seed)
     samples = {k: Samples() for k in urls}
     for u in urls.values():
-        await _block(gen, u, rate, warmup_s, rng, None)
+        await _block(gen, u, rate, warmup_s, rng, None, bodies)
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
     self0 = time.process_time()
     n_blocks = max(1, math.ceil(duration / block_s))
@@ -194,7 +227,7 @@ async def _measure_rate(gen: LoadGen, urls: dict[str, str], rate: float, duratio
     names = list(urls)
     for i in range(n_blocks):  # ABBA: D G, G D, D G, ... (with the baseline: D G P, P G D, ...)
         for k in (names if i % 2 == 0 else names[::-1]):
-            await _block(gen, urls[k], rate, per, rng, samples[k])
+            await _block(gen, urls[k], rate, per, rng, samples[k], bodies)
     d, g = samples["direct"], samples["gateway"]
     cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
     client_cpu = time.process_time() - self0
@@ -206,8 +239,9 @@ async def _measure_rate(gen: LoadGen, urls: dict[str, str], rate: float, duratio
     row["client_cpu_ms_per_req"] = 1e3 * client_cpu / max(1, sent)
     if len(samples) > 2:
         row["backend_cpu_ms_per_req"] = 1e3 * cpu["backend"] / max(1, sent)
-    if "proxy" in samples:
-        row["proxy_cpu_ms_per_req"] = 1e3 * cpu["proxy"] / max(1, samples["proxy"].sent)
+    for other in ("proxy", "gateway_noinfer"):
+        if other in samples:
+            row[f"{other}_cpu_ms_per_req"] = 1e3 * cpu[other] / max(1, samples[other].sent)
     for name, s in samples.items():
         row[f"{name}_n"] = len(s.lat_s)
         row[f"{name}_errors"] = s.errors
@@ -229,12 +263,12 @@ async def _measure_rate(gen: LoadGen, urls: dict[str, str], rate: float, duratio
 
 
 async def _run_all(urls: dict[str, str], pids: dict[str, int], rates: list[float], duration: float, block_s: float,
-                   warmup_s: float, seed: int, progress=None) -> list[dict[str, Any]]:
+                   warmup_s: float, seed: int, bodies: list[dict[str, Any]], progress=None) -> list[dict[str, Any]]:
     async with httpx.AsyncClient(http1=True, http2=False, limits=LIMITS, timeout=30) as client:
         gen = LoadGen(client)
         rows = []
         for i, rate in enumerate(rates):
-            rows.append(await _measure_rate(gen, urls, rate, duration, block_s, warmup_s, seed + i, pids))
+            rows.append(await _measure_rate(gen, urls, rate, duration, block_s, warmup_s, seed + i, pids, bodies))
             if progress is not None:
                 progress(rows[-1])
         return rows
@@ -243,13 +277,16 @@ async def _run_all(urls: dict[str, str], pids: dict[str, int], rates: list[float
 def run_benchmark(rates: list[float], duration: float = 5.0, out: Path = Path("out/bench-gateway"),
                   policy: str = "chimera", block_s: float = 1.0, warmup_s: float = 0.5, seed: int = 0,
                   profile_gateway: bool = False, baseline: bool = False, progress=None,
-                  gateway_target: str = FACTORY,
-                  litellm: str | Path | None = None) -> dict[str, Any]:
-    """Start backend + gateway (+ bare proxy, + LiteLLM) subprocesses, measure every rate, stop them."""
+                  gateway_target: str = FACTORY, litellm: str | Path | None = None,
+                  conversation: tuple[int, int] | None = None, identity_baseline: bool = False) -> dict[str, Any]:
+    """Start backend + gateway (+ bare proxy, + a gateway without conversation inference, + LiteLLM) subprocesses,
+    measure every rate, stop them. `conversation` = (messages, tokens) of each request's chat history."""
+    bodies = conversation_bodies(*conversation) if conversation is not None else [BODY]
     with running_stack(out, policy=policy, profile_gateway=profile_gateway, baseline=baseline,
-                       gateway_target=gateway_target, litellm=litellm) as (urls, pids):
+                       gateway_target=gateway_target, litellm=litellm,
+                       identity_baseline=identity_baseline) as (urls, pids):
         targets = {k: u + "/v1/chat/completions" for k, u in urls.items()}
-        rows = asyncio.run(_run_all(targets, pids, rates, duration, block_s, warmup_s, seed, progress))
+        rows = asyncio.run(_run_all(targets, pids, rates, duration, block_s, warmup_s, seed, bodies, progress))
     result = {
         "setup": {"policy": policy, "block_s": block_s, "warmup_s": warmup_s, "duration_s": duration,
                   "cpus": os.cpu_count(), "python": sys.version.split()[0],
@@ -257,9 +294,12 @@ def run_benchmark(rates: list[float], duration: float = 5.0, out: Path = Path("o
                                "(uvicorn subprocess, minimal Starlette app), gateway (uvicorn subprocess)"
                                + (", bare proxy baseline (uvicorn subprocess: Starlette + httpx forwarding only)"
                                   if baseline else "")
+                               + (", the same gateway without conversation inference (uvicorn subprocess)"
+                                  if identity_baseline else "")
                                + (", LiteLLM proxy (its own CLI and uvicorn, one deployment, simple-shuffle)"
                                   if litellm is not None else ""),
-                  "baseline": baseline,
+                  "baseline": baseline, "identity_baseline": identity_baseline,
+                  "conversation": list(conversation) if conversation is not None else None,
                   "litellm": litellm is not None,
                   "target": "added p50 <= 1 ms and p99 <= 5 ms at 200 req/s"},
         "rows": rows,
@@ -311,6 +351,15 @@ def markdown_table(result: dict[str, Any]) -> str:
                          f"{r['proxy_p99_ms']:.2f} | **{r['proxy_added_p99_ms']:.2f}** | "
                          f"{r['proxy_added_mean_ms']:.2f} | "
                          f"{r['proxy_errors']} | {r['proxy_cpu_ms_per_req']:.2f} |")
+    if s.get("identity_baseline"):
+        lines += ["", "What inferring workflows from conversations costs: the same gateway with `identity.conversation: "
+                  "false` in the same rotation:", "",
+                  "| rate (req/s) | CPU ms/req gateway | CPU ms/req without inference | **inference, ms/req** |",
+                  "|---:|---:|---:|---:|"]
+        for r in result["rows"]:
+            d = r["gateway_cpu_ms_per_req"] - r["gateway_noinfer_cpu_ms_per_req"]
+            lines.append(f"| {r['rate']:g} | {r['gateway_cpu_ms_per_req']:.2f} | "
+                         f"{r['gateway_noinfer_cpu_ms_per_req']:.2f} | **{d:+.2f}** |")
     if s.get("litellm"):
         lines += ["", "LiteLLM's proxy in the same rotation (the gateway people would otherwise deploy):", "",
                   "| rate (req/s) | achieved | LiteLLM p50 | **added p50** | LiteLLM p99 | **added p99** | added mean | "
@@ -320,5 +369,7 @@ def markdown_table(result: dict[str, Any]) -> str:
                          f"**{r['litellm_added_p50_ms']:.2f}** | {r['litellm_p99_ms']:.2f} | "
                          f"**{r['litellm_added_p99_ms']:.2f}** | {r['litellm_added_mean_ms']:.2f} | "
                          f"{r['litellm_errors']} | {r['litellm_cpu_ms_per_req']:.2f} |")
-    lines += ["", f"Set-up: {s['processes']}. Target: {s['target']}."]
+    conv = s.get("conversation")
+    body = f"each request a {conv[0]}-message conversation of ~{conv[1]} tokens" if conv else "one short message"
+    lines += ["", f"Set-up: {s['processes']}; {body}. Target: {s['target']}."]
     return "\n".join(lines) + "\n"

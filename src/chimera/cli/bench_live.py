@@ -30,10 +30,14 @@ def bench_gateway(
     profile: bool = typer.Option(False, "--profile", help="Run the gateway under cProfile; writes gateway-profile.txt."),
     baseline: bool = typer.Option(False, "--baseline", help="Also measure a bare httpx forwarding proxy (the stack's floor)."),
     litellm: Optional[Path] = typer.Option(None, "--litellm", help="Also measure LiteLLM's proxy: path to its `litellm` executable (make bench-live installs .venv-litellm)."),
+    conversation: Optional[str] = typer.Option(None, "--conversation", help="MESSAGES,TOKENS: each request a chat history of that many messages and about that many tokens (default: one short message)."),
+    identity_baseline: bool = typer.Option(False, "--identity-baseline", help="Also measure the same gateway with conversation inference off (identity.conversation: false): the difference is what inferring workflows costs."),
 ) -> None:
     """Latency the gateway adds in front of an instant fake backend (backend and gateway in their own processes).
 
     Example: chimera bench gateway --rates 50,100,200 --duration 5 --baseline --litellm .venv-litellm/bin/litellm
+
+    Example: chimera bench gateway --rates 50,100 --conversation 50,20000 --identity-baseline
     """
     from chimera.bench.gateway_overhead import markdown_table, run_benchmark
     from chimera.bench.litellm_proxy import LiteLLMMissing, find_litellm
@@ -48,9 +52,15 @@ def bench_gateway(
     def show(row: dict) -> None:
         console.print(f"{row['rate']:g} req/s: added p50 {row['added_p50_ms']:.2f} ms, p99 {row['added_p99_ms']:.2f} ms")
 
+    conv = None
+    if conversation is not None:
+        parts = float_list(conversation, "--conversation")
+        if len(parts) != 2 or parts[0] < 1 or parts[1] < parts[0] or parts != [int(x) for x in parts]:
+            fail(f"--conversation must be MESSAGES,TOKENS (integers, TOKENS >= MESSAGES >= 1), got {conversation!r}")
+        conv = (int(parts[0]), int(parts[1]))
     out.mkdir(parents=True, exist_ok=True)
     res = run_benchmark(rate_list, duration=duration, out=out, policy=policy, profile_gateway=profile, baseline=baseline,
-                        progress=show, litellm=litellm)
+                        progress=show, litellm=litellm, conversation=conv, identity_baseline=identity_baseline)
     md = markdown_table(res)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps(res, indent=1))

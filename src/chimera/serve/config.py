@@ -176,7 +176,7 @@ def backends_for_cluster(servers: Iterable[Mapping[str, Any]]) -> list[Backend]:
 def build_gateway_config(backends: Sequence[Backend], *, policy: str = "chimera", lam: float | None = None,
                          host: str = "127.0.0.1", port: int | None = None, trace_store: str | Path | None = None,
                          predictors: str | Path | None = None, limits: Mapping[str, Any] | None = None,
-                         **policy_params: Any) -> GatewayConfig:
+                         identity: Mapping[str, Any] | None = None, **policy_params: Any) -> GatewayConfig:
     """A validated GatewayConfig for `backends`; only what is given is set (the rest keeps its default), so
     `write_gateway_config` writes just those keys. `policy_params` are the policy's other parameters."""
     doc: dict[str, Any] = {"policy": {"name": policy, **({"lam": lam} if lam is not None else {}), **policy_params},
@@ -189,6 +189,8 @@ def build_gateway_config(backends: Sequence[Backend], *, policy: str = "chimera"
         doc["predictors"] = str(predictors)
     if limits is not None:
         doc["limits"] = dict(limits)
+    if identity is not None:
+        doc["identity"] = dict(identity)
     return gateway_config_from_dict(doc, source="gateway config")
 
 

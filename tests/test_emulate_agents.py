@@ -133,6 +133,25 @@ def test_tool_choice_none_answers_in_text(emu: EmulatorServer) -> None:
     assert r.usage.completion_tokens == STAGES[0]
 
 
+def test_tool_choice_required_or_named_calls_on_the_last_stage_too(emu: EmulatorServer) -> None:
+    c = _client(emu.base_url)
+    last = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"},
+            {"role": "assistant", "content": "b"}]  # stage 2 of 3: the final answer unless a call is forced
+    assert c.chat.completions.create(model=MODEL, messages=last, tools=CHAT_TOOLS).choices[0].finish_reason == "stop"
+    for choice in ("required", {"type": "function", "function": {"name": "search"}}):
+        r = c.chat.completions.create(model=MODEL, messages=last, tools=CHAT_TOOLS, tool_choice=choice)
+        assert r.choices[0].finish_reason == "tool_calls" and r.usage.completion_tokens == 4
+        _valid_arguments(r.choices[0].message.tool_calls[0].function.arguments)
+
+
+def test_capped_stream_ends_incomplete(emu: EmulatorServer) -> None:
+    body = {"model": MODEL, "input": "Hi", "stream": True, "max_output_tokens": 2, "tools": RESP_TOOLS}
+    with httpx.stream("POST", emu.base_url + "/responses", json=body, timeout=20) as r:
+        events = [EVENTS.validate_python(json.loads(ln[6:])) for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
+    assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["the", " model"]
+
+
 def _responses_loop(url: str, stream: bool, chain: bool) -> list[int]:
     """The same loop on /v1/responses: the whole input resent each call, or only the tool output with
     previous_response_id. Every answer is checked against the openai SDK's Response / ResponseStreamEvent models."""

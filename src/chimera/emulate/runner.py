@@ -9,7 +9,8 @@ from typing import Any, Iterator
 import uvicorn
 from starlette.applications import Starlette
 
-from chimera.emulate.server import EmulatorState, build_emulator_app
+from chimera.emulate.server import build_emulator_app
+from chimera.emulate.state import EmulatorState
 from chimera.util.threaded import ThreadedServer
 
 

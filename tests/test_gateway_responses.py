@@ -5,6 +5,7 @@ passed through in order, stored responses read back from the backend that made t
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -22,13 +23,15 @@ KEY = "client-key"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Model 'small' on a failing and a healthy replica, 'big' on one, 'broken' only on a failing one; a replica of
-    'cut' that breaks its streams after two deltas."""
+    """Model 'small' on a failing and a healthy replica, 'big' on one, 'broken' only on a failing one, 'cut' on one
+    that breaks its streams after two deltas, 'pair' on two healthy ones."""
     apps = {"bad": fake_upstream("bad", fail=True), "small": fake_upstream("up-small"),
-            "big": fake_upstream("up-big"), "cut": fake_upstream("up-cut", drop_after=2)}
+            "big": fake_upstream("up-big"), "cut": fake_upstream("up-cut", drop_after=2),
+            "pair-a": fake_upstream("up-pair-a"), "pair-b": fake_upstream("up-pair-b")}
     ups = {k: Served(a) for k, a in apps.items()}
     backends = [("small-bad", "small", "bad"), ("small-ok", "small", "small"), ("big-0", "big", "big"),
-                ("broken-0", "broken", "bad"), ("cut-0", "cut", "cut")]
+                ("broken-0", "broken", "bad"), ("cut-0", "cut", "cut"), ("pair-a", "pair", "pair-a"),
+                ("pair-b", "pair", "pair-b")]
     cfg = gateway_config_from_dict({
         "auth": {"api_keys": [KEY]}, "policy": {"name": "chimera", "lam": 0.02},
         "trace_store": str(tmp_path_factory.mktemp("gw") / "traces.sqlite"), "health": {"enabled": False},
@@ -145,6 +148,25 @@ def test_stored_responses_are_read_from_the_backend_that_made_them(cluster):
     assert e.value.body["code"] == "response_not_found" and "response_id" in e.value.body["message"]
     with pytest.raises(openai.AuthenticationError):
         _client(cluster, key="wrong").responses.retrieve(small.id)
+
+
+def test_a_chain_goes_to_the_backend_that_keeps_its_previous_response(cluster):
+    """`previous_response_id` names a response only its server keeps: every call of the chain goes there, not to the
+    idle replica listed first, whatever model the client asked the policy to choose."""
+    c = _client(cluster)
+    with ThreadPoolExecutor(2) as pool:  # two at once: one lands on each replica of 'pair'
+        firsts = list(pool.map(lambda i: c.responses.create(model="pair", input=f"start {i}"), range(2)))
+    prev = next(r.id for r in firsts if r.id.startswith("resp_up-pair-b_"))
+    hits_a = cluster["apps"]["pair-a"].state.hits
+    n_a = len(hits_a)
+    for i in range(1, 7):
+        nxt = c.responses.create(model="pair" if i < 4 else "chimera", input=f"step {i}", previous_response_id=prev,
+                                 stream=i % 2 == 0)
+        prev = [e for e in nxt][-1].response.id if i % 2 == 0 else nxt.id
+        assert prev.startswith("resp_up-pair-b_")
+    assert len(hits_a) == n_a
+    with pytest.raises(openai.NotFoundError):  # an unknown previous response: the policy's choice, the server's 404
+        c.responses.create(model="pair", input="x", previous_response_id="resp_elsewhere")
 
 
 @pytest.mark.parametrize("rid", ["x" * 257, "a%01b", "a%7Fb", ""])

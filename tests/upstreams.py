@@ -147,7 +147,7 @@ def _response_events(name: str, rid: str, body: dict, words: int, drop_after: in
 def responses_routes(name: str, hits: list[dict], delay: float = 0.05, fail: bool = False, words: int = 5,
                      drop_after: int | None = None) -> list[Route]:
     """POST /v1/responses (plain and streamed, in OpenAI's event format) and GET /v1/responses/{id} of the
-    responses this server made (it keeps them, as vLLM does)."""
+    responses this server made (it keeps them, as vLLM does, and continues only those: `previous_response_id`)."""
     kept: dict[str, dict] = {}
 
     async def create(request: Request) -> Response:
@@ -156,6 +156,10 @@ def responses_routes(name: str, hits: list[dict], delay: float = 0.05, fail: boo
         await asyncio.sleep(delay)
         if fail:
             return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
+        prev = body.get("previous_response_id")
+        if prev is not None and prev not in kept:  # a server continues only the responses it keeps
+            return JSONResponse({"error": {"message": f"Response with id '{prev}' not found.",
+                                           "type": "invalid_request_error", "code": None}}, 404)
         rid = f"resp_{name}_{len(kept)}"
         events = list(_response_events(name, rid, body, words, None))
         kept[rid] = events[-1]["response"]

@@ -96,12 +96,18 @@ class Director:
         wid = hints.workflow_id or f"wf-{self.run_id}-{next(self._wf_ids)}"
         wf = self.pool.workflows.get(wid, now)
         prompt, full = prompts(body, path)
+        home = self.responses.chained(body) if path == RESPONSES else None
+        if home is not None and pinned in (None, home.model):
+            pinned = home.model  # only the server that made the previous response can continue from it
         call = Call(call_id=self.pool.next_id(), workflow_id=wid, kind=hints.kind or "chat", prompt=prompt,
                     stage=hints.stage if hints.stage is not None else wf.stages,
                     prompt_tokens=await asyncio.to_thread(count_tokens, full), arrival_s=now,
                     workflow_arrival_s=wf.arrival_s, generated_so_far=wf.generated, pinned_model=pinned)
-        return CallContext(path=path, body=body, stream=bool(body.get("stream")), show_usage=wants_usage(body),
-                           client_pinned=pinned is not None, call=call)
+        ctx = CallContext(path=path, body=body, stream=bool(body.get("stream")), show_usage=wants_usage(body),
+                          client_pinned=pinned is not None, call=call)
+        if home is not None and pinned == home.model:  # its other replicas only when the home has no room
+            ctx.tried |= {b.name for b in self.pool.backends[home.model] if b.cfg is not home}
+        return ctx
 
     # ---- the life ------------------------------------------------------------------------------------------
     async def run(self, request: Request, ctx: CallContext) -> Response:

@@ -115,6 +115,11 @@ class ResponseHomes:
         self._homes.move_to_end(response_id)
         return backend
 
+    def chained(self, body: dict[str, Any]) -> Backend | None:
+        """The backend keeping the response a Responses body continues (`previous_response_id`), when known."""
+        rid = body.get("previous_response_id")
+        return self._homes.get(rid) if isinstance(rid, str) else None
+
     def __len__(self) -> int:
         return len(self._homes)
 

@@ -93,7 +93,7 @@ def test_stream_passes_every_event_through_in_order(cluster):
     assert hits[-1]["stream"] is True and "stream_options" not in hits[-1]
     types = [e.type for e in events]
     assert types == ["response.created", "response.in_progress", "response.output_item.added",
-                     *["response.output_text.delta"] * 5, "response.output_text.done", "response.content_part.done",
+                     "response.content_part.added", *["response.output_text.delta"] * 5, "response.output_text.done", "response.content_part.done",
                      "response.output_item.done", "response.completed"]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "w0 w1 w2 w3 w4 "
@@ -102,6 +102,14 @@ def test_stream_passes_every_event_through_in_order(cluster):
     [row] = _rows(cluster, "wf-r-stream")
     assert row["status"] == "ok" and row["completion_tokens"] == 5 and row["first_token_at"] is not None
     assert row["queued_at"] <= row["dispatched_at"] <= row["first_token_at"] <= row["ended_at"]
+
+
+def test_the_sdks_stream_helper_assembles_the_relayed_events(cluster):
+    """`client.responses.stream` rebuilds the response from the events and checks they fit together."""
+    with _client(cluster).responses.stream(model="big", input="What is 2 + 2?") as stream:
+        texts = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(texts) == final.output_text == "w0 w1 w2 w3 w4 " and final.model == "big"
 
 
 def test_streamed_tool_call_arguments_are_relayed(cluster):

@@ -115,14 +115,17 @@ def _response_events(name: str, rid: str, body: dict, words: int, drop_after: in
         item = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": tool, "status": "completed",
                 "arguments": "".join(parts)}
         added = {**item, "arguments": "", "status": "in_progress"}
-        delta_type, done = "response.function_call_arguments.delta", [
+        delta_type, opened, done = "response.function_call_arguments.delta", [], [
             {"type": "response.function_call_arguments.done", "item_id": "fc_1", "output_index": 0,
              "arguments": item["arguments"]}]
     else:
         text = {"type": "output_text", "text": "".join(parts), "annotations": []}
         item = {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant", "content": [text]}
         added = {**item, "status": "in_progress", "content": []}
-        delta_type, done = "response.output_text.delta", [
+        delta_type, opened = "response.output_text.delta", [
+            {"type": "response.content_part.added", "item_id": "msg_1", "output_index": 0, "content_index": 0,
+             "part": {**text, "text": ""}}]
+        done = [
             {"type": "response.output_text.done", "item_id": "msg_1", "output_index": 0, "content_index": 0,
              "text": text["text"]},
             {"type": "response.content_part.done", "item_id": "msg_1", "output_index": 0, "content_index": 0,
@@ -130,6 +133,7 @@ def _response_events(name: str, rid: str, body: dict, words: int, drop_after: in
     yield {"type": "response.created", "response": _response(name, rid, "in_progress", [], words)}
     yield {"type": "response.in_progress", "response": _response(name, rid, "in_progress", [], words)}
     yield {"type": "response.output_item.added", "output_index": 0, "item": added}
+    yield from opened
     for i, p in enumerate(parts):
         if drop_after is not None and i == drop_after:
             raise RuntimeError("upstream dies mid-stream")

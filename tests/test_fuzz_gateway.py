@@ -17,7 +17,7 @@ Afterwards /health must show nothing stuck (waiting 0, inflight 0, the trace wri
 normal completion must still succeed. The request/status tally of both fuzz tests is printed (`-s`) and written to
 out/fuzz/summary.json.
 
-Bounded for `make test` on 2 cores: fixed seeds, derandomized, about 1350 requests, 15-35 s in all (the generated
+Bounded for `make test` on 2 cores: fixed seeds, derandomized, about 1800 requests, 20-45 s in all (the generated
 cases also follow the literals in this file and the gateway's source, which hypothesis mines for constants, so the
 counts change when those change, not from run to run).
 """
@@ -273,6 +273,7 @@ def test_openapi_operations_never_fail(case):
 
 # ---- 2. hostile values a schema-based generator does not produce ---------------------------------------------
 CHAT, COMPLETIONS, FEEDBACK = "/v1/chat/completions", "/v1/completions", "/v1/chimera/feedback"
+RESPONSES = "/v1/responses"
 HINTS = ("X-Chimera-Stage", "X-Chimera-Workflow-Id", "X-Chimera-Kind")
 
 # Templates put one hostile JSON value (raw text, spliced in as `@V@`) where the edge must look at it.
@@ -283,6 +284,11 @@ TEMPLATES = {
            '{"model":"chimera","messages":[{"role":"user","content":"hi"}],"tools":[{"x":@V@}]}'],
     COMPLETIONS: ['{"model":"small","prompt":@V@}',
                   '{"model":"chimera","prompt":["a",@V@],"max_tokens":@V@}'],
+    RESPONSES: ['{"model":"small","input":@V@}',
+                '{"model":"chimera","input":[{"role":"user","content":@V@}],"stream":false}',
+                '{"model":"big","input":"hi","previous_response_id":@V@,"instructions":@V@}',
+                '{"model":"chimera","input":"hi","tools":[{"type":"function","name":"f","parameters":@V@}],'
+                '"max_output_tokens":@V@}'],
     FEEDBACK: ['{"workflow_id":"wf-1","score":@V@}',
                '{"workflow_id":@V@,"score":0.5}'],
 }
@@ -325,6 +331,7 @@ def _huge_string_body(path: str, slack: int, char: str = "x") -> bytes:
     """A body of MAX_BODY + slack bytes whose bulk is one huge string in the field the endpoint reads."""
     template = {CHAT: '{"model":"chimera","messages":[{"role":"user","content":"@S@"}]}',
                 COMPLETIONS: '{"model":"small","prompt":"@S@"}',
+                RESPONSES: '{"model":"chimera","input":"@S@"}',
                 FEEDBACK: '{"workflow_id":"wf-1","score":0.5,"x":"@S@"}'}[path]
     room = MAX_BODY + slack - len(template.encode()) + len("@S@")
     width = len(char.encode())
@@ -456,7 +463,7 @@ def test_every_hostile_body_on_every_endpoint(gateway, client):
                 assert status == exp, f"POST {path} {char!r} body {slack:+d} of the limit: {status}, expected {exp}"
     for header, values in HINT_VALUES.items():
         for value, bad in values:
-            for path in (CHAT, COMPLETIONS):
+            for path in (CHAT, COMPLETIONS, RESPONSES):
                 body = TEMPLATES[path][0].replace("@V@", '"hi"').encode()
                 status = _post(gateway, client, path, body, "application/json", CLIENT_KEY, {header: value},
                                f"{header}={value[:20]!r}")
@@ -564,6 +571,7 @@ def _headers_then(body: bytes, path: str, framing: str) -> bytes:
 DISCONNECTS = {
     "chat body cut short": _headers_then(b'{"model":', CHAT, "Content-Length: 100"),
     "completions body cut short": _headers_then(b'{"model":"small","prompt":"', COMPLETIONS, "Content-Length: 5000"),
+    "responses body cut short": _headers_then(b'{"model":"small","input":"', RESPONSES, "Content-Length: 5000"),
     "feedback body cut short": _headers_then(b'{"workflow_id":', FEEDBACK, "Content-Length: 100"),
     "chat malformed chunked body": _headers_then(b"zz\r\nabc\r\n0\r\n\r\n", CHAT, "Transfer-Encoding: chunked"),
 }

@@ -91,7 +91,97 @@ def fake_upstream(name: str, delay: float = 0.05, fail: bool = False, words: int
                              "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
 
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
-                            Route("/v1/completions", completions, methods=["POST"])])
+                            Route("/v1/completions", completions, methods=["POST"]),
+                            *responses_routes(name, hits, delay, fail, words, drop_after)])
     app.state.hits = hits
     app.state.live = live
     return app
+
+
+def _response(name: str, rid: str, status: str, output: list[dict], words: int) -> dict:
+    usage = {"input_tokens": 3, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": words,
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": words + 3}
+    return {"id": rid, "object": "response", "created_at": 1, "status": status, "model": name, "output": output,
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "error": None,
+            "incomplete_details": None, "usage": usage if status == "completed" else None}
+
+
+def _response_events(name: str, rid: str, body: dict, words: int, drop_after: int | None):
+    """OpenAI's Responses event stream for one answer: a text message, or (with `tools`) one function call; with
+    `metadata: {"outcome": "failed"}` the engine fails at the end (`response.failed`)."""
+    parts = [f"w{i} " for i in range(words)]
+    tool = body.get("tools") and isinstance(body["tools"][0], dict) and body["tools"][0].get("name")
+    if tool:
+        item = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": tool, "status": "completed",
+                "arguments": "".join(parts)}
+        added = {**item, "arguments": "", "status": "in_progress"}
+        delta_type, opened, done = "response.function_call_arguments.delta", [], [
+            {"type": "response.function_call_arguments.done", "item_id": "fc_1", "output_index": 0,
+             "arguments": item["arguments"]}]
+    else:
+        text = {"type": "output_text", "text": "".join(parts), "annotations": []}
+        item = {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant", "content": [text]}
+        added = {**item, "status": "in_progress", "content": []}
+        delta_type, opened = "response.output_text.delta", [
+            {"type": "response.content_part.added", "item_id": "msg_1", "output_index": 0, "content_index": 0,
+             "part": {**text, "text": ""}}]
+        done = [
+            {"type": "response.output_text.done", "item_id": "msg_1", "output_index": 0, "content_index": 0,
+             "text": text["text"]},
+            {"type": "response.content_part.done", "item_id": "msg_1", "output_index": 0, "content_index": 0,
+             "part": text}]
+    yield {"type": "response.created", "response": _response(name, rid, "in_progress", [], words)}
+    yield {"type": "response.in_progress", "response": _response(name, rid, "in_progress", [], words)}
+    yield {"type": "response.output_item.added", "output_index": 0, "item": added}
+    yield from opened
+    for i, p in enumerate(parts):
+        if drop_after is not None and i == drop_after:
+            raise RuntimeError("upstream dies mid-stream")
+        yield {"type": delta_type, "item_id": item["id"], "output_index": 0, "content_index": 0, "delta": p}
+    yield from done
+    yield {"type": "response.output_item.done", "output_index": 0, "item": item}
+    if (body.get("metadata") or {}).get("outcome") == "failed":
+        failed = _response(name, rid, "failed", [item], words)
+        yield {"type": "response.failed", "response": {**failed, "error": {"code": "server_error",
+                                                                              "message": "engine died"}}}
+        return
+    yield {"type": "response.completed", "response": _response(name, rid, "completed", [item], words)}
+
+
+def responses_routes(name: str, hits: list[dict], delay: float = 0.05, fail: bool = False, words: int = 5,
+                     drop_after: int | None = None) -> list[Route]:
+    """POST /v1/responses (plain and streamed, in OpenAI's event format) and GET /v1/responses/{id} of the
+    responses this server made (it keeps them, as vLLM does, and continues only those: `previous_response_id`)."""
+    kept: dict[str, dict] = {}
+
+    async def create(request: Request) -> Response:
+        body = await request.json()
+        hits.append(body)
+        await asyncio.sleep(delay)
+        if fail:
+            return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
+        prev = body.get("previous_response_id")
+        if prev is not None and prev not in kept:  # a server continues only the responses it keeps
+            return JSONResponse({"error": {"message": f"Response with id '{prev}' not found.",
+                                           "type": "invalid_request_error", "code": None}}, 404)
+        rid = f"resp_{name}_{len(kept)}"
+        events = list(_response_events(name, rid, body, words, None))
+        kept[rid] = events[-1]["response"]
+        if not body.get("stream"):
+            return JSONResponse(kept[rid])
+
+        async def gen():
+            for seq, ev in enumerate(_response_events(name, rid, body, words, drop_after)):
+                ev = {**ev, "sequence_number": seq}
+                yield f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n"
+                await asyncio.sleep(0.002)
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    async def stored(request: Request) -> Response:
+        rid = request.path_params["rid"]
+        if rid not in kept:
+            return JSONResponse({"error": {"message": f"Response with id '{rid}' not found.",
+                                           "type": "invalid_request_error", "code": None}}, 404)
+        return JSONResponse(kept[rid])
+
+    return [Route("/v1/responses", create, methods=["POST"]), Route("/v1/responses/{rid}", stored, methods=["GET"])]

@@ -32,8 +32,8 @@ from chimera.predict.assembly import PredictorConfigError, gateway_policy
 from chimera.serve import edge
 from chimera.serve.clock import GatewayClock
 from chimera.serve.config import GatewayConfig, GatewayConfigError, load_gateway_config
-from chimera.serve.director import CHAT, Director, count_tokens, error
-from chimera.serve.edge import EdgeError
+from chimera.serve.director import CHAT, RESPONSES, Director, count_tokens, error
+from chimera.serve.edge import COMPLETIONS, EdgeError
 from chimera.serve.health import HealthChecker
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.model_infos import model_infos, workload_names
@@ -41,12 +41,14 @@ from chimera.serve.openapi import openapi_document
 from chimera.serve.pool import BackendPool
 from chimera.serve.proxy import UpstreamClients
 from chimera.serve.records import CallRecorder
+from chimera.serve.responses import fetch_stored
 from chimera.serve.trace import TraceStore
 
 log = logging.getLogger("chimera.serve")
-COMPLETIONS, FEEDBACK = "/v1/completions", "/v1/chimera/feedback"
+FEEDBACK = "/v1/chimera/feedback"
+STORED_RESPONSE = RESPONSES + "/{response_id}"
 UPSTREAM_LOGGERS = ("httpx", "httpcore")  # one INFO line per upstream call and probe: off unless asked for
-_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 503: "server_error"}
+_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 502: "server_error", 503: "server_error"}
 
 
 def build_policy(cfg: GatewayConfig, infos: list[ModelInfo]) -> Policy:
@@ -178,6 +180,21 @@ class Gateway:
     async def completions(self, request: Request) -> Response:
         return await self._completion(request, COMPLETIONS)
 
+    async def responses(self, request: Request) -> Response:
+        return await self._completion(request, RESPONSES)
+
+    async def stored_response(self, request: Request) -> Response:
+        """A response read back from the backend that made and keeps it (the gateway remembers which one)."""
+        try:
+            self.auth.require_client(request.headers)
+            rid = edge.response_id(request.path_params["response_id"])
+            backend = self.director.responses.home(rid)
+            assert self.director.upstream is not None, "the gateway's lifespan opens the upstream clients"
+            return await fetch_stored(self.director.upstream.probes, backend, rid, request.url.query,
+                                      self.cfg.limits.request_timeout_s)
+        except EdgeError as e:
+            return self._refuse(STORED_RESPONSE, e)
+
     async def _completion(self, request: Request, path: str) -> Response:
         """The edge and backpressure (a 4xx/429 costs next to nothing), then the director runs the call's life."""
         try:
@@ -185,7 +202,7 @@ class Gateway:
                 raise EdgeError(503, "gateway is shutting down", "draining", "draining")
             self.auth.require_client(request.headers)
             body = await edge.read_json(request, self.cfg.limits)
-            model = edge.completion_model(body, chat=path == CHAT)
+            model = edge.completion_model(body, path)
             self._served(model, "model: ")
             hints = edge.workflow_hints(body.get("chimera"), request.headers)
             pinned = None if model == "chimera" else model
@@ -210,6 +227,8 @@ def build_gateway(config: GatewayConfig, policy: Policy | None = None) -> Starle
         routes=[
             Route(CHAT, gw.chat, methods=["POST"]),
             Route(COMPLETIONS, gw.completions, methods=["POST"]),
+            Route(RESPONSES, gw.responses, methods=["POST"]),
+            Route(RESPONSES + "/{response_id:path}", gw.stored_response, methods=["GET"]),
             Route("/v1/models", gw.models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", gw.model, methods=["GET"]),
             Route(FEEDBACK, gw.feedback, methods=["POST"]),

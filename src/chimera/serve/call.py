@@ -53,6 +53,8 @@ class CallContext:
     tokens: int = 0
     usage_tokens: int | None = None
     first_token_at: float | None = None
+    response_id: str | None = None  # the backend's id of the answer (chat: `chatcmpl-…`; responses: `resp_…`)
+    reply: list[dict[str, Any]] | None = None  # the answer as the client will send it back: chat [assistant message], responses: output items
 
     @property
     def settled(self) -> bool:
@@ -76,4 +78,5 @@ class CallContext:
         assert self.settled, "an attempt is retried only once it has ended"
         self.call, self.phase, self.outcome, self.error, self.backend = call, Phase.RECEIVED, None, None, None
         self.relayed, self.tokens, self.usage_tokens, self.first_token_at = False, 0, None, None
+        self.response_id, self.reply = None, None
         self.attempts += 1

@@ -15,7 +15,7 @@ import itertools
 import json
 import logging
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import anyio
 import httpx
@@ -27,17 +27,19 @@ from chimera.sched.types import Call, Prediction
 from chimera.serve.call import CallContext, Outcome, Phase
 from chimera.serve.clock import GatewayClock
 from chimera.serve.config import Limits
-from chimera.serve.edge import EdgeError, WorkflowHints, prompts
+from chimera.serve.edge import CHAT, RESPONSES, EdgeError, WorkflowHints, prompts
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.pool import BackendPool, BackendState, QueueFull
 from chimera.serve.proxy import DisconnectAwareStream, UpstreamClients, UpstreamError, UpstreamReply, open_upstream
 from chimera.serve.records import CallRecorder
-from chimera.serve.relay import (SseRelay, rewrite_model, sse_error, usage_completion_tokens, usage_prompt_tokens,
-                                 wants_usage)
+from chimera.serve.relay import (Relayed, SseRelay, rewrite_model, sse_error, usage_completion_tokens,
+                                 usage_prompt_tokens, wants_usage)
+from chimera.serve.responses import ResponseHomes, ResponsesRelay, answer_of, failure_of
 
 log = logging.getLogger("chimera.serve")
 MAX_ATTEMPTS = 3  # the first try and up to 2 retries
-CHAT = "/v1/chat/completions"
+# The scheduled endpoints' paths are named by the edge, which validates their bodies; exported here for the endpoints.
+__all__ = ["CHAT", "RESPONSES", "ClientGone", "Director", "count_tokens", "error"]
 T = TypeVar("T")
 
 
@@ -78,6 +80,7 @@ class Director:
         self.now, self.run_id, self.predict_pool = clock.now, run_id, predict_pool
         self.upstream: UpstreamClients | None = None  # the upstream connection pools, opened by the lifespan
         self._wf_ids = itertools.count()
+        self.responses = ResponseHomes()  # where each relayed Responses answer is kept (GET /v1/responses/{id})
 
     # ---- before any work -----------------------------------------------------------------------------------
     def backpressure(self, pinned: str | None) -> None:
@@ -92,14 +95,19 @@ class Director:
         now = self.now()
         wid = hints.workflow_id or f"wf-{self.run_id}-{next(self._wf_ids)}"
         wf = self.pool.workflows.get(wid, now)
-        chat = path == CHAT
-        prompt, full = prompts(body, chat=chat)
+        prompt, full = prompts(body, path)
+        home = self.responses.chained(body) if path == RESPONSES else None
+        if home is not None and pinned in (None, home.model):
+            pinned = home.model  # only the server that made the previous response can continue from it
         call = Call(call_id=self.pool.next_id(), workflow_id=wid, kind=hints.kind or "chat", prompt=prompt,
                     stage=hints.stage if hints.stage is not None else wf.stages,
                     prompt_tokens=await asyncio.to_thread(count_tokens, full), arrival_s=now,
                     workflow_arrival_s=wf.arrival_s, generated_so_far=wf.generated, pinned_model=pinned)
-        return CallContext(path=path, body=body, stream=bool(body.get("stream")), show_usage=wants_usage(body),
-                           client_pinned=pinned is not None, call=call)
+        ctx = CallContext(path=path, body=body, stream=bool(body.get("stream")), show_usage=wants_usage(body),
+                          client_pinned=pinned is not None, call=call)
+        if home is not None and pinned == home.model:  # its other replicas only when the home has no room
+            ctx.tried |= {b.name for b in self.pool.backends[home.model] if b.cfg is not home}
+        return ctx
 
     # ---- the life ------------------------------------------------------------------------------------------
     async def run(self, request: Request, ctx: CallContext) -> Response:
@@ -233,14 +241,37 @@ class Director:
         ctx.usage_tokens = usage_completion_tokens(data) or 0
         if usage_prompt_tokens(data):
             ctx.call.prompt_tokens = usage_prompt_tokens(data)
-        self.settle(ctx, Outcome.OK)
+        failure = None
+        if ctx.path == RESPONSES:
+            self._kept(ctx, *answer_of(data))
+            failure = failure_of(data)
+        self.settle(ctx, Outcome.OK if failure is None else Outcome.ERROR, failure)
         return JSONResponse(data, headers=self._headers(ctx))
+
+    def _kept(self, ctx: CallContext, response_id: str | None, reply: list[dict[str, Any]] | None) -> None:
+        """A Responses answer's id and output items, and the backend that keeps it (for GET and chaining)."""
+        ctx.response_id, ctx.reply = response_id, reply
+        if response_id is not None and ctx.backend is not None:
+            self.responses.remember(response_id, ctx.backend.cfg)
+
+    def _transform(self, ctx: CallContext) -> tuple[SseRelay | ResponsesRelay, Callable[..., bytes]]:
+        """The stream's pure transform for the call's API, and how it ends a stream the gateway cannot finish."""
+        if ctx.path == RESPONSES:
+            relay = ResponsesRelay(ctx.call.model or "")
+            return relay, relay.error_event
+        return SseRelay(ctx.call.model or "", ctx.show_usage), sse_error
+
+    def _ended(self, ctx: CallContext, relay: SseRelay | ResponsesRelay, out: Relayed) -> None:
+        """The stream said it ended: keep what the answer was, settle the attempt before the end reaches the client."""
+        if isinstance(relay, ResponsesRelay):
+            self._kept(ctx, relay.response_id, relay.reply)
+        self.settle(ctx, Outcome.OK if out.error is None else Outcome.ERROR, out.error)
 
     async def _relay(self, ctx: CallContext, reply: UpstreamReply) -> AsyncIterator[bytes]:
         """The stream, passed through: progress reported as chunks come, settled before `[DONE]` is forwarded (a
         client that saw the end also sees the trace row); a broken stream ends with an SSE error event."""
         call = ctx.call
-        relay = SseRelay(call.model or "", ctx.show_usage)
+        relay, broken = self._transform(ctx)
         try:
             async for line in reply.iter_lines():
                 out = relay.feed(line)
@@ -255,19 +286,19 @@ class Director:
                     ctx.usage_tokens = relay.usage_tokens
                     call.prompt_tokens = relay.prompt_tokens or call.prompt_tokens
                 if out.done:
-                    self.settle(ctx, Outcome.OK)
+                    self._ended(ctx, relay, out)
                 if out.data is not None:
                     yield out.data
             self.settle(ctx, Outcome.OK)
         except httpx.HTTPError as e:
             err = f"stream broke after {ctx.tokens} tokens: {type(e).__name__}: {e}"
             self.settle(ctx, Outcome.ERROR, err, backend_down=True)
-            yield sse_error(err)
+            yield broken(err)
         except Exception as e:
             self.metrics.internal_errors.labels("relay").inc()
             log.exception("stream relay failed")
             self.settle(ctx, Outcome.ERROR, f"gateway error in the relay: {type(e).__name__}", backend_down=True)
-            yield sse_error("internal gateway error (logged)", "internal_error")
+            yield broken("internal gateway error (logged)", "internal_error")
         finally:
             self.settle(ctx, Outcome.CANCELLED, "client left")  # a no-op unless the stream did not end on its own
             with anyio.CancelScope(shield=True):

@@ -279,17 +279,50 @@ async def read_json(request: Request, limits: Limits) -> Any:
 
 
 # ---- completion bodies ---------------------------------------------------------------------------------------
-def completion_model(body: Any, chat: bool) -> str:
+CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"  # the scheduled endpoints
+
+
+def _id_text(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_ID_CHARS and v.isprintable()
+
+
+# The Responses fields the edge reads or the backend must get right: (name, accepted, what it must be); null passes.
+_RESPONSES_FIELDS = (
+    ("previous_response_id", _id_text, f"a string of 1 to {MAX_ID_CHARS} printable characters"),
+    ("instructions", lambda v: isinstance(v, str), "a string or null"),
+    ("tools", lambda v: isinstance(v, list), "a list"),
+    ("max_output_tokens", lambda v: type(v) is int and v >= 1, "a positive integer"),
+)
+
+
+def _check_responses(body: dict[str, Any]) -> None:
+    """A Responses body the gateway can schedule: `input` text or items, the fields it reads well typed."""
+    inp = body.get("input")
+    if not isinstance(inp, (str, list)):
+        raise EdgeError(400, "input: missing required parameter 'input' (a string or a non-empty list of items)",
+                        "missing_input", "bad_field")
+    if isinstance(inp, list) and (not inp or not all(isinstance(x, dict) for x in inp)):
+        raise EdgeError(400, "input: must be a string or a non-empty list of input items (objects)",
+                        "invalid_value", "bad_field")
+    for name, accepted, what in _RESPONSES_FIELDS:
+        v = body.get(name)
+        if v is not None and not accepted(v):
+            raise EdgeError(400, f"{name}: must be {what}", "invalid_value", "bad_field")
+
+
+def completion_model(body: Any, path: str) -> str:
     """The requested model name, or EdgeError naming the missing or mistyped field."""
     if not isinstance(body, dict):
         raise EdgeError(400, "body: must be a JSON object", "invalid_body", "bad_field")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise EdgeError(400, "model: missing required parameter 'model' (a string)", "missing_model", "bad_field")
-    if chat and (not isinstance(body.get("messages"), list) or not body["messages"]):
+    if path == CHAT and (not isinstance(body.get("messages"), list) or not body["messages"]):
         raise EdgeError(400, "messages: missing required parameter 'messages' (a non-empty list)",
                         "missing_messages", "bad_field")
-    if not chat and not isinstance(body.get("prompt"), (str, list)):
+    if path == RESPONSES:
+        _check_responses(body)
+    if path == COMPLETIONS and not isinstance(body.get("prompt"), (str, list)):
         raise EdgeError(400, "prompt: missing required parameter 'prompt' (a string or a list)", "missing_prompt",
                         "bad_field")
     if "stream" in body and not isinstance(body["stream"], bool):
@@ -297,7 +330,16 @@ def completion_model(body: Any, chat: bool) -> str:
     return model
 
 
+def response_id(value: str) -> str:
+    """A response id from a URL, as the edge accepts ids: printable, at most MAX_ID_CHARS characters."""
+    if not _id_text(value):
+        raise EdgeError(400, f"response_id: must be 1 to {MAX_ID_CHARS} printable characters", "invalid_value",
+                        "bad_field")
+    return value
+
+
 def _text(content: Any) -> str:
+    """A message's text: a string, or the `text` of its parts (chat `text`, Responses `input_text`/`output_text`)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -305,12 +347,36 @@ def _text(content: Any) -> str:
     return ""
 
 
-def prompts(body: dict[str, Any], chat: bool) -> tuple[str, str]:
-    """(task prompt for the router: first user message, whole prompt text for token counting)."""
-    if chat:
+def _item_text(item: dict[str, Any]) -> str:
+    """The prompt text one Responses input item adds: a message's content, a tool call's arguments, its output."""
+    kind = item.get("type", "message")
+    if kind == "message":
+        return _text(item.get("content"))
+    if kind == "function_call":
+        return _text(item.get("arguments"))
+    if kind == "function_call_output":
+        return _text(item.get("output"))
+    return ""
+
+
+def _responses_prompts(body: dict[str, Any]) -> tuple[str, str]:
+    inp, instructions = body["input"], _text(body.get("instructions"))
+    if isinstance(inp, str):
+        return inp, f"{instructions}\n{inp}" if instructions else inp
+    items = [x for x in inp if isinstance(x, dict)]
+    first = next((_text(x.get("content")) for x in items if x.get("role") == "user"
+                  and x.get("type", "message") == "message"), "")
+    return first, "\n".join([instructions, *map(_item_text, items)])
+
+
+def prompts(body: dict[str, Any], path: str) -> tuple[str, str]:
+    """(task prompt for the router: the first user message, the whole prompt text for token counting)."""
+    if path == CHAT:
         msgs = [m for m in body["messages"] if isinstance(m, dict)]
         first = next((_text(m.get("content")) for m in msgs if m.get("role") == "user"), "")
         return first, "\n".join(_text(m.get("content")) for m in msgs)
+    if path == RESPONSES:
+        return _responses_prompts(body)
     p = body.get("prompt")
     text = p if isinstance(p, str) else "\n".join(x for x in p if isinstance(x, str)) if isinstance(p, list) else ""
     return text, text

@@ -6,11 +6,11 @@ fuzz harness (tests/test_fuzz_gateway.py) generates requests from this document.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from chimera.serve.edge import MAX_STAGE, Feedback, WorkflowHints
+from chimera.serve.edge import MAX_ID_CHARS, MAX_STAGE, Feedback, WorkflowHints
 
 
 class ChatMessage(BaseModel):
@@ -43,6 +43,20 @@ class CompletionRequest(BaseModel):
     chimera: WorkflowHints | None = None
 
 
+class ResponsesRequest(BaseModel):
+    """OpenAI Responses, for backends that serve it; `model` as for chat."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | Annotated[list[dict[str, Any]], Field(min_length=1)]
+    instructions: str | None = None
+    previous_response_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+    tools: list[Any] | None = None
+    stream: bool = False
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    chimera: WorkflowHints | None = None
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -53,7 +67,7 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-_MODELS = (ChatCompletionRequest, CompletionRequest, Feedback, WorkflowHints, ErrorBody)
+_MODELS = (ChatCompletionRequest, CompletionRequest, ResponsesRequest, Feedback, WorkflowHints, ErrorBody)
 _HINT_HEADERS = [
     ("X-Chimera-Workflow-Id", {"type": "string", "minLength": 1, "maxLength": 256}, "the workflow this call belongs to"),
     ("X-Chimera-Stage", {"type": "integer", "minimum": 0, "maximum": MAX_STAGE}, "the call's stage in its workflow"),
@@ -90,6 +104,14 @@ def openapi_document(models: list[str]) -> dict[str, Any]:
                    for n, sch, d in _HINT_HEADERS]
     completion_errors = _errors(400, 401, 404, 413, 415, 429, 502, 503, 504)
     secured = [{"bearer": []}]
+
+    def scheduled(what: str, request_model: str, answer: str) -> dict[str, Any]:
+        """A POST endpoint whose calls the policy routes and orders."""
+        return {"post": {
+            "summary": f"{what}, routed and ordered by the policy", "security": secured, "parameters": hint_params,
+            "requestBody": _json_body(request_model),
+            "responses": {**_ok(f"{answer} (JSON) or a text/event-stream when stream is true"), **completion_errors}}}
+
     return {
         "openapi": "3.1.0",
         "info": {"title": "Chimera gateway", "version": "1",
@@ -97,16 +119,14 @@ def openapi_document(models: list[str]) -> dict[str, Any]:
         "components": {"schemas": schemas,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "paths": {
-            "/v1/chat/completions": {"post": {
-                "summary": "Chat completion, routed and ordered by the policy", "security": secured,
-                "parameters": hint_params, "requestBody": _json_body("ChatCompletionRequest"),
-                "responses": {**_ok("completion (JSON) or a text/event-stream when stream is true"),
-                              **completion_errors}}},
-            "/v1/completions": {"post": {
-                "summary": "Text completion, routed and ordered by the policy", "security": secured,
-                "parameters": hint_params, "requestBody": _json_body("CompletionRequest"),
-                "responses": {**_ok("completion (JSON) or a text/event-stream when stream is true"),
-                              **completion_errors}}},
+            "/v1/chat/completions": scheduled("Chat completion", "ChatCompletionRequest", "completion"),
+            "/v1/completions": scheduled("Text completion", "CompletionRequest", "completion"),
+            "/v1/responses": scheduled("Response (OpenAI Responses API)", "ResponsesRequest", "response"),
+            "/v1/responses/{response_id}": {"get": {
+                "summary": "A stored response, read from the backend that made it", "security": secured,
+                "parameters": [{"name": "response_id", "in": "path", "required": True,
+                                "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}}],
+                "responses": {**_ok("response object"), **_errors(400, 401, 404, 502)}}},
             "/v1/models": {"get": {"summary": "Served models and `chimera`", "security": secured,
                                    "responses": {**_ok("model list"), **_errors(401)}}},
             "/v1/models/{model_id}": {"get": {

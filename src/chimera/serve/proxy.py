@@ -168,3 +168,12 @@ class DisconnectAwareStream(StreamingResponse):
             finally:
                 if self.on_close is not None:
                     self.on_close()
+
+
+async def get_upstream(client: httpx.AsyncClient, backend: Backend, path: str, timeout_s: float) -> httpx.Response:
+    """GET `path` on the backend with its whole answer read (any status); UpstreamError when it cannot be reached."""
+    try:
+        return await client.get(_url(backend, path), headers=_headers(backend),
+                                timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)))
+    except httpx.HTTPError as e:
+        raise UpstreamError(f"{backend.name}: {type(e).__name__}: {e}") from None

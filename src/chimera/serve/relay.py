@@ -9,11 +9,13 @@ from typing import Any, NamedTuple
 
 
 class Relayed(NamedTuple):
-    """One upstream SSE line as relayed: the bytes for the client (None: nothing), content chunks in it, the end."""
+    """One upstream SSE line as relayed: the bytes for the client (None: nothing), content chunks in it, the end
+    (with why the answer failed, when the stream says it did)."""
 
     data: bytes | None
     tokens: int
     done: bool
+    error: str | None = None
 
 
 class SseRelay:
@@ -58,13 +60,15 @@ def _usage_count(obj: dict[str, Any], key: str) -> int | None:
 
 
 def usage_completion_tokens(obj: dict[str, Any]) -> int | None:
-    """`usage.completion_tokens` of a response or chunk, when it carries a sane count."""
-    return _usage_count(obj, "completion_tokens")
+    """`usage.completion_tokens` (chat, completions) or `usage.output_tokens` (Responses) of a response or chunk, when
+    it carries a sane count."""
+    n = _usage_count(obj, "completion_tokens")
+    return n if n is not None else _usage_count(obj, "output_tokens")
 
 
 def usage_prompt_tokens(obj: dict[str, Any]) -> int:
-    """`usage.prompt_tokens` of a response or chunk when it carries a sane positive count, else 0."""
-    return _usage_count(obj, "prompt_tokens") or 0
+    """`usage.prompt_tokens` (or Responses' `input_tokens`) when it is a sane positive count, else 0."""
+    return _usage_count(obj, "prompt_tokens") or _usage_count(obj, "input_tokens") or 0
 
 
 def rewrite_model(obj: dict[str, Any], model: str) -> dict[str, Any]:

@@ -31,7 +31,8 @@ class BackendKind:
         """The request as the server should see it. `priority` is the policy's queue key (lower first)."""
         out = {k: v for k, v in body.items() if k not in ("chimera", "priority")}
         out["model"] = model
-        if out.get("stream") is True:  # the relay settles a stream's tokens from the engine's own count
+        if out.get("stream") is True and streams_usage_on_request(out):
+            # the relay settles a stream's tokens from the engine's own count
             opts = out.get("stream_options") if isinstance(out.get("stream_options"), dict) else {}
             out["stream_options"] = {**opts, "include_usage": True}
         return out
@@ -40,6 +41,12 @@ class BackendKind:
         """Load figures from the server's metrics page: `running`, `waiting` (requests) and `kv_cache_usage` (0–1),
         each only where the server exports it."""
         return {}
+
+
+def streams_usage_on_request(body: Mapping[str, Any]) -> bool:
+    """Chat (`messages`) and completions (a `prompt` text or list) stream a usage chunk when asked; the Responses API
+    (`input`; its `prompt` is a template object) reports usage in its last event and has no such option."""
+    return "messages" in body or isinstance(body.get("prompt"), (str, list))
 
 
 BACKEND_KINDS = Registry("backend kind")

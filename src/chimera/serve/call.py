@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chimera.sched.types import Call
+from chimera.serve.identity import Identity
 from chimera.serve.pool import BackendState
 
 
@@ -42,6 +43,7 @@ class CallContext:
     show_usage: bool  # the client asked for the usage chunk itself
     client_pinned: bool  # the client named a model: retries stay on its replicas
     call: Call  # the current attempt as the brain sees it
+    identity: Identity | None = None  # the workflow the call belongs to and how it was found (serve/identity.py)
     phase: Phase = Phase.RECEIVED
     outcome: Outcome | None = None
     error: str | None = None
@@ -53,6 +55,8 @@ class CallContext:
     tokens: int = 0
     usage_tokens: int | None = None
     first_token_at: float | None = None
+    response_id: str | None = None  # the backend's id of the answer (chat: `chatcmpl-…`; responses: `resp_…`)
+    reply: list[dict[str, Any]] | None = None  # the answer as the client will send it back: chat [assistant message], responses: output items
 
     @property
     def settled(self) -> bool:
@@ -76,4 +80,5 @@ class CallContext:
         assert self.settled, "an attempt is retried only once it has ended"
         self.call, self.phase, self.outcome, self.error, self.backend = call, Phase.RECEIVED, None, None, None
         self.relayed, self.tokens, self.usage_tokens, self.first_token_at = False, 0, None, None
+        self.response_id, self.reply = None, None
         self.attempts += 1

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Mapping, TypeVar
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -26,8 +26,9 @@ from chimera.sched.policy import Policy
 from chimera.sched.types import Call, Prediction
 from chimera.serve.call import CallContext, Outcome, Phase
 from chimera.serve.clock import GatewayClock
-from chimera.serve.config import Limits
+from chimera.serve.config import IdentityConfig, Limits
 from chimera.serve.edge import EdgeError, WorkflowHints, prompts
+from chimera.serve.identity import WorkflowIdentity, offers_tools
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.pool import BackendPool, BackendState, QueueFull
 from chimera.serve.proxy import DisconnectAwareStream, UpstreamClients, UpstreamError, UpstreamReply, open_upstream
@@ -73,11 +74,11 @@ class Director:
 
     def __init__(self, pool: BackendPool, policy: Policy, limits: Limits, metrics: GatewayMetrics,
                  recorder: CallRecorder, clock: GatewayClock, run_id: str,
-                 predict_pool: Executor | None = None) -> None:
+                 predict_pool: Executor | None = None, identity: WorkflowIdentity | None = None) -> None:
         self.pool, self.policy, self.limits, self.metrics, self.recorder = pool, policy, limits, metrics, recorder
         self.now, self.run_id, self.predict_pool = clock.now, run_id, predict_pool
         self.upstream: UpstreamClients | None = None  # the upstream connection pools, opened by the lifespan
-        self._wf_ids = itertools.count()
+        self.identity = identity if identity is not None else WorkflowIdentity(IdentityConfig(), pool, run_id)
 
     # ---- before any work -----------------------------------------------------------------------------------
     def backpressure(self, pinned: str | None) -> None:
@@ -86,20 +87,22 @@ class Director:
             raise EdgeError(429, f"gateway queue is full: {self.pool.backlog_reason(pinned)}", "queue_full",
                             "queue_full", {"Retry-After": str(self.pool.retry_after_s())})
 
-    async def open(self, path: str, body: dict[str, Any], hints: WorkflowHints,
-                   pinned: str | None) -> CallContext:
-        """The call's context: its workflow (the client's hint, else a new one), stage, prompt and its tokens."""
+    async def open(self, path: str, body: dict[str, Any], hints: WorkflowHints, pinned: str | None,
+                   headers: Mapping[str, str] | None = None) -> CallContext:
+        """The call's context: its workflow and stage (serve/identity.py: hints, session, conversation, or a new
+        one; a hinted stage wins), prompt and its tokens."""
         now = self.now()
-        wid = hints.workflow_id or f"wf-{self.run_id}-{next(self._wf_ids)}"
+        ident = self.identity.resolve(body, headers or {}, hints, now)
+        wid = ident.workflow_id
         wf = self.pool.workflows.get(wid, now)
         chat = path == CHAT
         prompt, full = prompts(body, chat=chat)
         call = Call(call_id=self.pool.next_id(), workflow_id=wid, kind=hints.kind or "chat", prompt=prompt,
-                    stage=hints.stage if hints.stage is not None else wf.stages,
+                    stage=hints.stage if hints.stage is not None else ident.stage,
                     prompt_tokens=await asyncio.to_thread(count_tokens, full), arrival_s=now,
                     workflow_arrival_s=wf.arrival_s, generated_so_far=wf.generated, pinned_model=pinned)
         return CallContext(path=path, body=body, stream=bool(body.get("stream")), show_usage=wants_usage(body),
-                           client_pinned=pinned is not None, call=call)
+                           client_pinned=pinned is not None, call=call, identity=ident)
 
     # ---- the life ------------------------------------------------------------------------------------------
     async def run(self, request: Request, ctx: CallContext) -> Response:
@@ -213,7 +216,11 @@ class Director:
         raise TimeoutError()
 
     def _headers(self, ctx: CallContext) -> dict[str, str]:
-        return {"x-chimera-model": ctx.call.model or "", "x-chimera-backend": ctx.backend.name if ctx.backend else ""}
+        """Where the call ran and the workflow it belongs to, so a client that sent no hints can name it later."""
+        call, ident = ctx.call, ctx.identity
+        return {"x-chimera-model": call.model or "", "x-chimera-backend": ctx.backend.name if ctx.backend else "",
+                "x-chimera-workflow-id": header_text(call.workflow_id), "x-chimera-stage": str(call.stage),
+                "x-chimera-identity": ident.source.value if ident is not None else ""}
 
     # ---- the answer ----------------------------------------------------------------------------------------
     def _answer(self, ctx: CallContext, reply: UpstreamReply) -> Response:
@@ -230,6 +237,8 @@ class Director:
                 return JSONResponse(data, resp.status_code if resp.status_code >= 400 else 502)
             return error(resp.status_code if resp.status_code >= 400 else 502, msg, "server_error", "bad_upstream")
         rewrite_model(data, ctx.call.model or "")
+        if ctx.path == CHAT:
+            ctx.response_id, ctx.reply = chat_reply(data)
         ctx.usage_tokens = usage_completion_tokens(data) or 0
         if usage_prompt_tokens(data):
             ctx.call.prompt_tokens = usage_prompt_tokens(data)
@@ -255,9 +264,11 @@ class Director:
                     ctx.usage_tokens = relay.usage_tokens
                     call.prompt_tokens = relay.prompt_tokens or call.prompt_tokens
                 if out.done:
+                    self._streamed_reply(ctx, relay)
                     self.settle(ctx, Outcome.OK)
                 if out.data is not None:
                     yield out.data
+            self._streamed_reply(ctx, relay)
             self.settle(ctx, Outcome.OK)
         except httpx.HTTPError as e:
             err = f"stream broke after {ctx.tokens} tokens: {type(e).__name__}: {e}"
@@ -273,6 +284,11 @@ class Director:
             with anyio.CancelScope(shield=True):
                 await reply.response.aclose()
 
+    @staticmethod
+    def _streamed_reply(ctx: CallContext, relay: SseRelay) -> None:
+        if ctx.path == CHAT and not ctx.settled:
+            ctx.response_id, ctx.reply = relay.response_id, [relay.message()]
+
     # ---- the one end of an attempt -------------------------------------------------------------------------
     def settle(self, ctx: CallContext, outcome: Outcome, err: str | None = None, *, backend_down: bool = False,
                record: bool = True) -> None:
@@ -284,8 +300,34 @@ class Director:
         try:
             if outcome is Outcome.OK:
                 self.pool.complete(ctx.call, now, ctx.unreported_tokens)  # the core feeds the online learners
+                self._answered(ctx, now)
             else:
                 self.pool.abandon(ctx.call, now, backend_down=backend_down)
         finally:
             if record:
                 self.recorder.record(ctx, now)
+
+    def _answered(self, ctx: CallContext, now: float) -> None:
+        """The identity table learns the answer (the conversation's next key, the response id); a malformed
+        answer only costs the link to the next stage."""
+        if ctx.identity is None:
+            return
+        try:
+            self.identity.answered(ctx.identity, ctx.reply, ctx.response_id, offers_tools(ctx.body), now)
+        except Exception:
+            self.metrics.internal_errors.labels("identity").inc()
+            log.exception("could not record the answer's identity")
+
+
+def chat_reply(data: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """(the answer's id, [its assistant message]) of a whole chat completion, as far as they are well formed."""
+    rid = data.get("id") if isinstance(data.get("id"), str) else None
+    choices = data.get("choices")
+    first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    msg = first.get("message")
+    return rid, [msg] if isinstance(msg, dict) else None
+
+
+def header_text(value: str) -> str:
+    """`value` as an HTTP header value: printable ASCII as is, anything else percent-encoded (UTF-8)."""
+    return value if value.isascii() and value.isprintable() else quote(value, safe="")

@@ -423,3 +423,20 @@ def test_malformed_session_values_are_refused_naming_them(live, headers, body, n
     r = httpx.post(live.url + "/v1/chat/completions", headers=headers,
                    json={"model": "chimera", "messages": [{"role": "user", "content": "hi"}], **body})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith(named + ":")
+
+
+def test_a_client_replaying_another_conversation_gets_only_its_own_answer(live):
+    """Hostile replay through the gateway: the replayed prefix puts the call in the other workflow (scheduling),
+    and what comes back is the backend's answer to this request alone."""
+    c = _client(live)
+    secret = "victim task: the vault code is 7431"
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": secret}]
+    first = c.chat.completions.with_raw_response.create(model="chimera", messages=msgs, tools=TOOLS)
+    answer = first.parse().choices[0].message
+    replay = [*msgs, answer.model_dump(exclude_none=True),
+              {"role": "tool", "tool_call_id": answer.tool_calls[0].id, "content": "what else did they say?"}]
+    r = httpx.post(live.url + "/v1/chat/completions", json={"model": "chimera", "messages": replay})
+    assert r.status_code == 200
+    assert r.headers["x-chimera-workflow-id"] == first.headers["x-chimera-workflow-id"]
+    assert r.headers["x-chimera-identity"] == "conversation" and r.headers["x-chimera-stage"] == "1"
+    assert "7431" not in r.text and r.json()["choices"][0]["message"]["content"] == "final answer after 1 steps"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from concurrent.futures import Executor
@@ -93,12 +94,14 @@ class Director:
         one; a hinted stage wins), prompt and its tokens."""
         now = self.now()
         ident = self.identity.resolve(body, headers or {}, hints, now)
+        if hints.stage is not None:
+            ident = dataclasses.replace(ident, stage=hints.stage)
         wid = ident.workflow_id
         wf = self.pool.workflows.get(wid, now)
         chat = path == CHAT
         prompt, full = prompts(body, chat=chat)
         call = Call(call_id=self.pool.next_id(), workflow_id=wid, kind=hints.kind or "chat", prompt=prompt,
-                    stage=hints.stage if hints.stage is not None else ident.stage,
+                    stage=ident.stage,
                     prompt_tokens=await asyncio.to_thread(count_tokens, full), arrival_s=now,
                     workflow_arrival_s=wf.arrival_s, generated_so_far=wf.generated, pinned_model=pinned)
         return CallContext(path=path, body=body, stream=bool(body.get("stream")), show_usage=wants_usage(body),

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from chimera.serve import build_gateway
 from chimera.serve.config import IdentityConfig, gateway_config_from_dict
 from chimera.serve.edge import WorkflowHints
-from chimera.serve.identity import Identity, IdentitySource, WorkflowIdentity, message_digest, prefix_hashes
+from chimera.serve.identity import Identity, IdentitySource, WorkflowIdentity, canonical, prefix_hashes
 from chimera.serve.relay import SseRelay
 from upstreams import Served
 
@@ -103,17 +103,19 @@ def test_a_handoff_that_swaps_the_system_prompt_stays_one_workflow(table):
 
 def test_canonical_form_ignores_what_clients_add_or_drop():
     plain = {"role": "assistant", "content": "hi"}
-    assert message_digest(plain) == message_digest({**plain, "refusal": None, "annotations": [], "audio": None})
-    assert message_digest(plain) == message_digest({"role": "assistant", "content": [{"type": "text", "text": "hi"}]})
-    assert message_digest(plain) != message_digest({"role": "user", "content": "hi"})
+    assert canonical(plain) == canonical({**plain, "refusal": None, "annotations": [], "audio": None})
+    assert canonical(plain) == canonical({"role": "assistant", "content": [{"type": "text", "text": "hi"}]})
+    assert canonical(plain) != canonical({"role": "user", "content": "hi"})
     tc = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     with_call = {"role": "assistant", "content": None, "tool_calls": [tc]}
-    assert message_digest(with_call) == message_digest({**with_call, "content": ""})
-    assert message_digest(with_call) != message_digest({**with_call, "tool_calls": [{**tc, "id": "c2"}]})
+    assert canonical(with_call) == canonical({**with_call, "content": ""})
+    assert canonical(with_call) != canonical({**with_call, "tool_calls": [{**tc, "id": "c2"}]})
     # length-prefixed fields: moving text between fields changes the hash
-    assert message_digest({"role": "ab", "content": "c"}) != message_digest({"role": "a", "content": "bc"})
-    full, own, _ = prefix_hashes([{"role": "system", "content": "s"}, plain])
-    assert len(full) == len(own) == 1 and full != own  # keys where a prefix ends in an assistant turn
+    assert canonical({"role": "ab", "content": "c"}) != canonical({"role": "a", "content": "bc"})
+    keys, _ = prefix_hashes([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, plain])
+    assert len(keys) == 1  # a key where a prefix ends in an assistant turn; instructions are not part of it
+    assert keys == prefix_hashes([{"role": "developer", "content": "other"}, {"role": "user", "content": "u"},
+                                  plain])[0]
 
 
 def test_the_table_is_bounded_and_forgets_the_oldest(tmp_path):
@@ -440,3 +442,35 @@ def test_a_client_replaying_another_conversation_gets_only_its_own_answer(live):
     assert r.headers["x-chimera-workflow-id"] == first.headers["x-chimera-workflow-id"]
     assert r.headers["x-chimera-identity"] == "conversation" and r.headers["x-chimera-stage"] == "1"
     assert "7431" not in r.text and r.json()["choices"][0]["message"]["content"] == "final answer after 1 steps"
+
+
+def test_identity_config_is_checked_at_start():
+    from chimera.serve.config import GatewayConfigError
+
+    base = {"backends": [{"name": "a", "model": "m", "base_url": "http://127.0.0.1:9/v1"}]}
+    cfg = gateway_config_from_dict({**base, "identity": {"session_headers": ["X-My-Session"]}})
+    assert cfg.identity.session_headers == ["x-my-session"] and cfg.identity.max_entries == 100_000
+    for bad, named in (({"conversaton": False}, "identity.conversaton"), ({"max_entries": 0}, "identity.max_entries"),
+                       ({"session_headers": ["x-chimera-workflow-id"]}, "identity.session_headers"),
+                       ({"session_headers": ["bad header"]}, "identity.session_headers"),
+                       ({"idle_timeout_s": 0}, "identity.idle_timeout_s")):
+        with pytest.raises(GatewayConfigError, match=named.replace(".", r"\.")):
+            gateway_config_from_dict({**base, "identity": bad})
+
+
+def test_the_shortcut_gives_the_general_form():
+    """The chat shortcut and the general path agree byte for byte, so a message hashes alike however it is sent."""
+    from chimera.serve.identity import _fields
+
+    def general(m):
+        role, parts = _fields(m)
+        return role, (",".join(str(len(p)) for p in parts) + "\0" + "\0".join(parts)).encode()
+
+    tc = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    for m in ({"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_1", "content": "obs"},
+              {"role": "assistant", "content": None, "tool_calls": [tc]},
+              {"role": "assistant", "content": "let me", "tool_calls": [tc]},
+              {"role": "assistant", "content": "ünïcode ✓", "tool_calls": []}):
+        assert canonical(m) == general(m), m
+    two = {"role": "assistant", "content": None, "tool_calls": [tc, {**tc, "id": "call_2"}]}
+    assert canonical(two) == general(two)

@@ -16,7 +16,7 @@ import hashlib
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from chimera.serve.config import IdentityConfig
 from chimera.serve.edge import WorkflowHints
@@ -37,24 +37,15 @@ class IdentitySource(str, enum.Enum):
     NEW = "new"  # none of the above: a new workflow
 
 
-class Chain(NamedTuple):
-    """Where hashing a conversation stopped: the running hash over all its messages' digests, the one over those
-    that are not instructions, and whether any were (until then the two are the same)."""
-
-    full: Any  # hashlib.blake2b, never updated in place once handed out (extended on a copy)
-    own: Any
-    instructions: bool
-
-
 @dataclass(frozen=True)
 class Identity:
-    """A call's workflow, its stage in it, and how they were found. `chain` (the request's prefix hashes) lets the
-    answer be recorded without hashing the conversation again."""
+    """A call's workflow, its stage in it, and how they were found. `chain` (the running hash of the request's
+    conversation, extended only on a copy) lets the    answer be recorded without hashing the conversation again."""
 
     workflow_id: str
     stage: int
     source: IdentitySource
-    chain: Chain | None = field(default=None, compare=False, repr=False)
+    chain: Any = field(default=None, compare=False, repr=False)
 
 
 # ---- content hashes ----------------------------------------------------------------------------------------------
@@ -99,54 +90,48 @@ def _fields(m: Any) -> tuple[str, list[str]] | None:
     return None
 
 
-def message_digest(m: Any) -> tuple[str, bytes] | None:
-    """(role, 16-byte hash of the message's canonical fields), or None for an item that is not hashed. The fields'
-    lengths come first, so moving text from one field to the next changes the hash."""
-    role, content = (m.get("role"), m.get("content")) if type(m) is dict and "type" not in m else (None, None)
-    if type(role) is str and type(content) is str and not m.get("tool_calls"):  # most messages: text only
-        tcid = m.get("tool_call_id")
-        tcid = tcid if type(tcid) is str else ""
-        canon = f"{len(role)},{len(content)},{len(tcid)}\0{role}\0{content}\0{tcid}"
-    else:
-        f = _fields(m)
-        if f is None:
-            return None
-        role, parts = f
-        canon = "\0".join([",".join([str(len(p)) for p in parts]), *parts])
-    return role, hashlib.blake2b(canon.encode("utf-8", "surrogatepass"), digest_size=DIGEST_BYTES).digest()
+def canonical(m: Any) -> tuple[str, bytes] | None:
+    """(role, the message's canonical bytes: its fields' lengths, then the fields), or None for an item that is not
+    hashed. The lengths say where each message ends, and moving text from one field to the next changes the bytes.
+    Chat messages with text and at most one tool call, most of an agent's, take a shortcut to the same bytes."""
+    if type(m) is dict and "type" not in m:
+        role, content, calls = m.get("role"), m.get("content"), m.get("tool_calls")
+        content = "" if content is None else content
+        if type(role) is str and type(content) is str:
+            if not calls:
+                tcid = m.get("tool_call_id")
+                tcid = tcid if type(tcid) is str else ""
+                return role, f"{len(role)},{len(content)},{len(tcid)}\0{role}\0{content}\0{tcid}".encode(
+                    "utf-8", "surrogatepass")
+            tc = calls[0] if type(calls) is list and len(calls) == 1 else None
+            fn = tc.get("function") if type(tc) is dict and "tool_call_id" not in m else None
+            if type(fn) is dict:
+                i, n, a = tc.get("id"), fn.get("name"), fn.get("arguments")
+                if type(i) is str and type(n) is str and type(a) is str:
+                    return role, (f"{len(role)},{len(content)},0,{len(i)},{len(n)},{len(a)}"
+                                  f"\0{role}\0{content}\0\0{i}\0{n}\0{a}").encode("utf-8", "surrogatepass")
+    f = _fields(m)
+    if f is None:
+        return None
+    role, parts = f
+    return role, (",".join(map(str, map(len, parts))) + "\0" + "\0".join(parts)).encode("utf-8", "surrogatepass")
 
 
-def _key(running: Any) -> bytes:
-    return running.copy().digest()
-
-
-def prefix_hashes(items: Iterable[Any], start: Chain | None = None) -> tuple[list[bytes], list[bytes], Chain]:
-    """Prefix hashes of a conversation where a prefix ends in an assistant turn (only those can be keys): prefix i
-    = H(prefix i-1, message i), a running hash over the message digests; over all messages, and over those that are
-    not instructions (a handoff swaps the system prompt but keeps the conversation; listed only when they differ).
-    Each message's text is hashed once; `start` continues an earlier call's chain (not changed)."""
-    if start is None:
-        full, own = hashlib.blake2b(digest_size=DIGEST_BYTES), hashlib.blake2b(digest_size=DIGEST_BYTES)
-        instructions = False
-    else:
-        full, own, instructions = start.full.copy(), start.own.copy(), start.instructions
-    full_keys: list[bytes] = []
-    own_keys: list[bytes] = []
+def prefix_hashes(items: Iterable[Any], start: Any = None) -> tuple[list[bytes], Any]:
+    """The keys of a conversation's prefixes that end in an assistant turn (only those can name a workflow):
+    prefix i = H(prefix i-1, message i), one running BLAKE2b over the messages' canonical bytes, each message hashed
+    once; and the running hash, which `start` continues (on a copy). Instructions (`system`, `developer`) are not
+    part of it: a handoff to another agent swaps them but keeps the conversation."""
+    run = start.copy() if start is not None else hashlib.blake2b(digest_size=DIGEST_BYTES)
+    keys: list[bytes] = []
     for m in items:
-        d = message_digest(m)
-        if d is None:
+        c = canonical(m)
+        if c is None or c[0] in _SYSTEM_ROLES:
             continue
-        role, digest = d
-        full.update(digest)
-        if role in _SYSTEM_ROLES:
-            instructions = True
-            continue
-        own.update(digest)
-        if role == "assistant":
-            full_keys.append(_key(full))
-            if instructions:
-                own_keys.append(_key(own))
-    return full_keys, own_keys, Chain(full, own, instructions)
+        run.update(c[1])
+        if c[0] == "assistant":
+            keys.append(run.copy().digest())
+    return keys, run
 
 
 def conversation_items(body: Mapping[str, Any]) -> list[Any] | None:
@@ -238,14 +223,13 @@ class WorkflowIdentity:
         items = conversation_items(body) if self.cfg.conversation else None
         if not items:
             return Identity(self._new_id(), 0, IdentitySource.NEW)
-        full, own, chain = prefix_hashes(items)
-        for keys in (full, own):  # the whole conversation first; then without instructions (a handoff)
-            for key in reversed(keys):  # the longest recorded prefix names the workflow
-                if key in self._keys:
-                    hit = self._live_hit(key)
-                    if hit is None:  # that workflow ended: this conversation starts a new one
-                        return Identity(self._new_id(), 0, IdentitySource.NEW, chain)
-                    return Identity(hit[0], hit[1] + 1, IdentitySource.CONVERSATION, chain)
+        keys, chain = prefix_hashes(items)
+        for key in reversed(keys):  # the longest recorded prefix names the workflow
+            if key in self._keys:
+                hit = self._live_hit(key)
+                if hit is None:  # that workflow ended: this conversation starts a new one
+                    break
+                return Identity(hit[0], hit[1] + 1, IdentitySource.CONVERSATION, chain)
         return Identity(self._new_id(), 0, IdentitySource.NEW, chain)
 
     def _new_id(self) -> str:
@@ -275,10 +259,8 @@ class WorkflowIdentity:
             self.end(wid, now)
             return
         if identity.chain is not None and wid in self._live:
-            _, _, chain = prefix_hashes(reply, identity.chain)
-            self._put(_key(chain.full), (wid, stage))
-            if chain.instructions:
-                self._put(_key(chain.own), (wid, stage))
+            _, chain = prefix_hashes(reply, identity.chain)
+            self._put(chain.digest(), (wid, stage))
         if wid in self._live:
             self._touch(wid, now)
 

@@ -86,7 +86,7 @@ def test_tasks_from_traces_counts_outcomes_and_stages(trace_db):
 
 def test_old_trace_file_gets_new_columns_and_defaults(tmp_path):
     path = tmp_path / "old.sqlite"
-    cols = [c for c in CALL_COLUMNS if c not in ("kind", "prompt")]
+    cols = [c for c in CALL_COLUMNS if c not in ("kind", "prompt", "identity")]
     db = sqlite3.connect(path)
     db.execute(f"CREATE TABLE calls ({', '.join(cols)})")
     db.execute("CREATE TABLE feedback (workflow_id TEXT, score REAL, at REAL)")
@@ -99,11 +99,11 @@ def test_old_trace_file_gets_new_columns_and_defaults(tmp_path):
     assert [t.kind for t in tasks] == ["default"] and tasks[0].prompt == "" and st["missing_prompt"] == 1
     store = TraceStore(path)  # opening with the gateway's store adds the columns
     store.log_call({"workflow_id": "w2", "stage": 0, "model": "m", "status": "ok", "completion_tokens": 5,
-                    "kind": "math", "prompt": "hi"})
-    rows = store.query("SELECT workflow_id, kind, prompt FROM calls ORDER BY rowid")
+                    "kind": "math", "prompt": "hi", "identity": "conversation"})
+    rows = store.query("SELECT workflow_id, kind, prompt, identity FROM calls ORDER BY rowid")
     store.close()
-    assert rows == [{"workflow_id": "w", "kind": None, "prompt": None},
-                    {"workflow_id": "w2", "kind": "math", "prompt": "hi"}]
+    assert rows == [{"workflow_id": "w", "kind": None, "prompt": None, "identity": None},
+                    {"workflow_id": "w2", "kind": "math", "prompt": "hi", "identity": "conversation"}]
 
 
 def test_not_a_trace_store(tmp_path):

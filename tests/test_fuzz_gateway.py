@@ -274,7 +274,7 @@ def test_openapi_operations_never_fail(case):
 # ---- 2. hostile values a schema-based generator does not produce ---------------------------------------------
 CHAT, COMPLETIONS, FEEDBACK = "/v1/chat/completions", "/v1/completions", "/v1/chimera/feedback"
 RESPONSES = "/v1/responses"
-HINTS = ("X-Chimera-Stage", "X-Chimera-Workflow-Id", "X-Chimera-Kind")
+HINTS = ("X-Chimera-Stage", "X-Chimera-Workflow-Id", "X-Chimera-Kind", "X-Session-Id")
 
 # Templates put one hostile JSON value (raw text, spliced in as `@V@`) where the edge must look at it.
 TEMPLATES = {
@@ -355,6 +355,8 @@ HINT_VALUES: dict[str, list[tuple[str, bool]]] = {
                               ("wf-1", False), ("ÿþ", False)],
     "X-Chimera-Kind": [("k" * 20_000, True), ("-1", False), ("12345678901234567890", False), ("\x00", True),
                        ("math\x1b", True), ("", True), ("code", False)],
+    "X-Session-Id": [("s" * 257, True), ("s" * 256, False), ("", False), ("\x01", True), ("a\tb", True),
+                     ("\xa0", True), ("ÿþ", False), ("sess-1", False)],
 }
 KEYS = [CLIENT_KEY] * 6 + [ADMIN_KEY, WRONG_KEY, None]
 

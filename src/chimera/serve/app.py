@@ -35,6 +35,7 @@ from chimera.serve.config import GatewayConfig, GatewayConfigError, load_gateway
 from chimera.serve.director import CHAT, RESPONSES, Director, count_tokens, error
 from chimera.serve.edge import COMPLETIONS, EdgeError
 from chimera.serve.health import HealthChecker
+from chimera.serve.identity import WorkflowIdentity
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.model_infos import model_infos, workload_names
 from chimera.serve.openapi import openapi_document
@@ -81,8 +82,9 @@ class Gateway:
         self.run_id = uuid.uuid4().hex[:8]
         self.clock = GatewayClock()
         recorder = CallRecorder(self.trace, self.metrics, self.run_id, self.policy.name, self.clock)
+        self.identity = WorkflowIdentity(cfg.identity, self.pool, self.run_id)
         self.director = Director(self.pool, self.policy, cfg.limits, self.metrics, recorder, self.clock, self.run_id,
-                                 self.predict_pool)
+                                 self.predict_pool, self.identity)
         self.active = 0
         self.draining = False
 
@@ -168,11 +170,15 @@ class Gateway:
         try:
             self.auth.require_client(request.headers)
             fb = edge.feedback(await edge.read_json(request, self.cfg.limits))
+            wid = fb.workflow_id or self.identity.workflow_of_response(fb.response_id or "")
+            if wid is None:
+                raise EdgeError(404, "response_id: unknown response_id (not served here, or forgotten)",
+                                "unknown_response_id", "unknown_response")
         except EdgeError as e:
             return self._refuse(FEEDBACK, e)
-        self.trace.log_feedback(fb.workflow_id, fb.score)
-        self.pool.end_workflow(fb.workflow_id, self.clock.now())
-        return JSONResponse({"ok": True, "workflow_id": fb.workflow_id, "score": fb.score})
+        self.trace.log_feedback(wid, fb.score)
+        self.identity.end(wid, self.clock.now())
+        return JSONResponse({"ok": True, "workflow_id": wid, "score": fb.score})
 
     async def chat(self, request: Request) -> Response:
         return await self._completion(request, CHAT)
@@ -205,13 +211,15 @@ class Gateway:
             model = edge.completion_model(body, path)
             self._served(model, "model: ")
             hints = edge.workflow_hints(body.get("chimera"), request.headers)
+            edge.check_session(body, request.headers, self.cfg.identity)
             pinned = None if model == "chimera" else model
             self.director.backpressure(pinned)
         except EdgeError as e:
             return self._refuse(path, e)
         self.active += 1
         try:
-            return await self.director.run(request, await self.director.open(path, body, hints, pinned))
+            return await self.director.run(request, await self.director.open(path, body, hints, pinned,
+                                                                         request.headers))
         except Exception:
             self.metrics.internal_errors.labels(path).inc()
             log.exception("internal error on %s", path)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chimera.sched.types import Call
+from chimera.serve.identity import Identity
 from chimera.serve.pool import BackendState
 
 
@@ -42,6 +43,7 @@ class CallContext:
     show_usage: bool  # the client asked for the usage chunk itself
     client_pinned: bool  # the client named a model: retries stay on its replicas
     call: Call  # the current attempt as the brain sees it
+    identity: Identity | None = None  # the workflow the call belongs to and how it was found (serve/identity.py)
     phase: Phase = Phase.RECEIVED
     outcome: Outcome | None = None
     error: str | None = None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from chimera.backends.kinds import BackendKind, make_backend_kind
 from chimera.serve.refusals import live_refusal
 from chimera.util.yamlfile import read_yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class GatewayConfigError(ValueError):
@@ -101,6 +102,31 @@ class Health(_Strict):
     scrape_metrics: bool = True
 
 
+SESSION_HEADERS = ["x-session-affinity", "session-id", "x-claude-code-session-id", "x-dynamo-session-id",
+                   "x-session-id"]
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")  # an HTTP token (RFC 9110), lower case
+
+
+class IdentityConfig(_Strict):
+    """How the gateway finds a call's workflow when the client sends no Chimera hints (serve/identity.py)."""
+
+    conversation: bool = True  # infer workflows from conversations (content hashes of message prefixes)
+    session_headers: list[str] = Field(default_factory=lambda: list(SESSION_HEADERS))  # first present wins
+    session_fields: list[str] = Field(default_factory=lambda: ["prompt_cache_key", "user"])  # body fields
+    max_entries: int = Field(default=100_000, ge=1)  # bounded table (LRU) of conversation prefixes and response ids
+    idle_timeout_s: float | None = Field(default=600.0, gt=0)  # a workflow idle this long ends (null: never)
+    end_on_final_answer: bool = True  # a reply without tool calls to a request that offered tools ends the workflow
+
+    @field_validator("session_headers")
+    @classmethod
+    def _header_names(cls, v: list[str]) -> list[str]:
+        out = [h.strip().lower() for h in v]
+        bad = [h for h in out if not _HEADER_NAME.fullmatch(h) or h.startswith("x-chimera-")]
+        if bad:
+            raise ValueError(f"not usable as session header names: {bad} (HTTP tokens, not X-Chimera-*)")
+        return out
+
+
 class GatewayConfig(_Strict):
     listen: Listen = Field(default_factory=Listen)
     auth: Auth = Field(default_factory=Auth)
@@ -111,6 +137,7 @@ class GatewayConfig(_Strict):
     backends: list[Backend] = Field(min_length=1)
     limits: Limits = Field(default_factory=Limits)
     health: Health = Field(default_factory=Health)
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
 
     @model_validator(mode="after")
     def _unique(self) -> "GatewayConfig":

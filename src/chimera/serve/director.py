@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import dataclasses
 import json
 import logging
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -26,8 +27,9 @@ from chimera.sched.policy import Policy
 from chimera.sched.types import Call, Prediction
 from chimera.serve.call import CallContext, Outcome, Phase
 from chimera.serve.clock import GatewayClock
-from chimera.serve.config import Limits
+from chimera.serve.config import IdentityConfig, Limits
 from chimera.serve.edge import CHAT, RESPONSES, EdgeError, WorkflowHints, prompts
+from chimera.serve.identity import WorkflowIdentity, offers_tools
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.pool import BackendPool, BackendState, QueueFull
 from chimera.serve.proxy import DisconnectAwareStream, UpstreamClients, UpstreamError, UpstreamReply, open_upstream
@@ -75,11 +77,11 @@ class Director:
 
     def __init__(self, pool: BackendPool, policy: Policy, limits: Limits, metrics: GatewayMetrics,
                  recorder: CallRecorder, clock: GatewayClock, run_id: str,
-                 predict_pool: Executor | None = None) -> None:
+                 predict_pool: Executor | None = None, identity: WorkflowIdentity | None = None) -> None:
         self.pool, self.policy, self.limits, self.metrics, self.recorder = pool, policy, limits, metrics, recorder
         self.now, self.run_id, self.predict_pool = clock.now, run_id, predict_pool
         self.upstream: UpstreamClients | None = None  # the upstream connection pools, opened by the lifespan
-        self._wf_ids = itertools.count()
+        self.identity = identity if identity is not None else WorkflowIdentity(IdentityConfig(), pool, run_id)
         self.responses = ResponseHomes()  # where each relayed Responses answer is kept (GET /v1/responses/{id})
 
     # ---- before any work -----------------------------------------------------------------------------------
@@ -89,22 +91,26 @@ class Director:
             raise EdgeError(429, f"gateway queue is full: {self.pool.backlog_reason(pinned)}", "queue_full",
                             "queue_full", {"Retry-After": str(self.pool.retry_after_s())})
 
-    async def open(self, path: str, body: dict[str, Any], hints: WorkflowHints,
-                   pinned: str | None) -> CallContext:
-        """The call's context: its workflow (the client's hint, else a new one), stage, prompt and its tokens."""
+    async def open(self, path: str, body: dict[str, Any], hints: WorkflowHints, pinned: str | None,
+                   headers: Mapping[str, str] | None = None) -> CallContext:
+        """The call's context: its workflow and stage (serve/identity.py: hints, session, conversation, or a new
+        one; a hinted stage wins), prompt and its tokens."""
         now = self.now()
-        wid = hints.workflow_id or f"wf-{self.run_id}-{next(self._wf_ids)}"
+        ident = self.identity.resolve(body, headers or {}, hints, now)
+        if hints.stage is not None:
+            ident = dataclasses.replace(ident, stage=hints.stage)
+        wid = ident.workflow_id
         wf = self.pool.workflows.get(wid, now)
         prompt, full = prompts(body, path)
         home = self.responses.chained(body) if path == RESPONSES else None
         if home is not None and pinned in (None, home.model):
             pinned = home.model  # only the server that made the previous response can continue from it
         call = Call(call_id=self.pool.next_id(), workflow_id=wid, kind=hints.kind or "chat", prompt=prompt,
-                    stage=hints.stage if hints.stage is not None else wf.stages,
+                    stage=ident.stage,
                     prompt_tokens=await asyncio.to_thread(count_tokens, full), arrival_s=now,
                     workflow_arrival_s=wf.arrival_s, generated_so_far=wf.generated, pinned_model=pinned)
         ctx = CallContext(path=path, body=body, stream=bool(body.get("stream")), show_usage=wants_usage(body),
-                          client_pinned=pinned is not None, call=call)
+                          client_pinned=pinned is not None, call=call, identity=ident)
         if home is not None and pinned == home.model:  # its other replicas only when the home has no room
             ctx.tried |= {b.name for b in self.pool.backends[home.model] if b.cfg is not home}
         return ctx
@@ -221,7 +227,11 @@ class Director:
         raise TimeoutError()
 
     def _headers(self, ctx: CallContext) -> dict[str, str]:
-        return {"x-chimera-model": ctx.call.model or "", "x-chimera-backend": ctx.backend.name if ctx.backend else ""}
+        """Where the call ran and the workflow it belongs to, so a client that sent no hints can name it later."""
+        call, ident = ctx.call, ctx.identity
+        return {"x-chimera-model": call.model or "", "x-chimera-backend": ctx.backend.name if ctx.backend else "",
+                "x-chimera-workflow-id": header_text(call.workflow_id), "x-chimera-stage": str(call.stage),
+                "x-chimera-identity": ident.source.value if ident is not None else ""}
 
     # ---- the answer ----------------------------------------------------------------------------------------
     def _answer(self, ctx: CallContext, reply: UpstreamReply) -> Response:
@@ -238,6 +248,8 @@ class Director:
                 return JSONResponse(data, resp.status_code if resp.status_code >= 400 else 502)
             return error(resp.status_code if resp.status_code >= 400 else 502, msg, "server_error", "bad_upstream")
         rewrite_model(data, ctx.call.model or "")
+        if ctx.path == CHAT:
+            ctx.response_id, ctx.reply = chat_reply(data)
         ctx.usage_tokens = usage_completion_tokens(data) or 0
         if usage_prompt_tokens(data):
             ctx.call.prompt_tokens = usage_prompt_tokens(data)
@@ -263,9 +275,17 @@ class Director:
 
     def _ended(self, ctx: CallContext, relay: SseRelay | ResponsesRelay, out: Relayed) -> None:
         """The stream said it ended: keep what the answer was, settle the attempt before the end reaches the client."""
+        self._keep_streamed(ctx, relay)
+        self.settle(ctx, Outcome.OK if out.error is None else Outcome.ERROR, out.error)
+
+    def _keep_streamed(self, ctx: CallContext, relay: SseRelay | ResponsesRelay) -> None:
+        """A streamed answer's id and reply (for the identity table, and GET for Responses), once, before settling."""
+        if ctx.settled:
+            return
         if isinstance(relay, ResponsesRelay):
             self._kept(ctx, relay.response_id, relay.reply)
-        self.settle(ctx, Outcome.OK if out.error is None else Outcome.ERROR, out.error)
+        elif ctx.path == CHAT:
+            ctx.response_id, ctx.reply = relay.response_id, [relay.message()]
 
     async def _relay(self, ctx: CallContext, reply: UpstreamReply) -> AsyncIterator[bytes]:
         """The stream, passed through: progress reported as chunks come, settled before `[DONE]` is forwarded (a
@@ -289,6 +309,7 @@ class Director:
                     self._ended(ctx, relay, out)
                 if out.data is not None:
                     yield out.data
+            self._keep_streamed(ctx, relay)
             self.settle(ctx, Outcome.OK)
         except httpx.HTTPError as e:
             err = f"stream broke after {ctx.tokens} tokens: {type(e).__name__}: {e}"
@@ -315,8 +336,34 @@ class Director:
         try:
             if outcome is Outcome.OK:
                 self.pool.complete(ctx.call, now, ctx.unreported_tokens)  # the core feeds the online learners
+                self._answered(ctx, now)
             else:
                 self.pool.abandon(ctx.call, now, backend_down=backend_down)
         finally:
             if record:
                 self.recorder.record(ctx, now)
+
+    def _answered(self, ctx: CallContext, now: float) -> None:
+        """The identity table learns the answer (the conversation's next key, the response id); a malformed
+        answer only costs the link to the next stage."""
+        if ctx.identity is None:
+            return
+        try:
+            self.identity.answered(ctx.identity, ctx.reply, ctx.response_id, offers_tools(ctx.body), now)
+        except Exception:
+            self.metrics.internal_errors.labels("identity").inc()
+            log.exception("could not record the answer's identity")
+
+
+def chat_reply(data: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """(the answer's id, [its assistant message]) of a whole chat completion, as far as they are well formed."""
+    rid = data.get("id") if isinstance(data.get("id"), str) else None
+    choices = data.get("choices")
+    first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    msg = first.get("message")
+    return rid, [msg] if isinstance(msg, dict) else None
+
+
+def header_text(value: str) -> str:
+    """`value` as an HTTP header value: printable ASCII as is, anything else percent-encoded (UTF-8)."""
+    return value if value.isascii() and value.isprintable() else quote(value, safe="")

@@ -16,10 +16,11 @@ import math
 import re
 from typing import Annotated, Any, Iterable, Mapping
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, ValidationError
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, ValidationError,
+                      model_validator)
 from starlette.requests import ClientDisconnect, Request
 
-from chimera.serve.config import Limits
+from chimera.serve.config import IdentityConfig, Limits
 
 MAX_DEPTH = 64  # nesting of a JSON body (tool schemas nest; a hostile `[`×100000 must not reach the recursion limit)
 MAX_INT_DIGITS = 16  # |integers| up to 10^16 (beyond 2^53 JSON clients and upstreams disagree on the value anyway)
@@ -203,11 +204,19 @@ class WorkflowHints(BaseModel):
 
 
 class Feedback(BaseModel):
-    """A workflow's outcome, reported by the client once it is scored."""
+    """A workflow's outcome, reported by the client once it is scored: the workflow named by its id, or by the id
+    of any response of it (a client that sent no hints knows those)."""
 
     model_config = ConfigDict(extra="forbid")
-    workflow_id: Ident
+    workflow_id: Ident | None = None
+    response_id: Ident | None = None
     score: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_name(self) -> "Feedback":
+        if (self.workflow_id is None) == (self.response_id is None):
+            raise ValueError("workflow_id, response_id: give exactly one of them")
+        return self
 
 
 HINT_HEADERS = {"workflow_id": "x-chimera-workflow-id", "stage": "x-chimera-stage", "kind": "x-chimera-kind",
@@ -247,6 +256,26 @@ def workflow_hints(body_hints: Any, headers: Mapping[str, str]) -> WorkflowHints
     except ValidationError as e:
         raise EdgeError(400, _describe(e, where), "invalid_stage" if "stage" in str(e.errors()[0]["loc"]) else
                         "invalid_hint", "bad_field") from None
+
+
+def _session_value(where: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise EdgeError(400, f"{where}: must be a string", "invalid_session", "bad_field")
+    if len(value) > MAX_ID_CHARS or not value.isprintable():
+        raise EdgeError(400, f"{where}: must be at most {MAX_ID_CHARS} printable characters (got {len(value)})",
+                        "invalid_session", "bad_field")
+
+
+def check_session(body: Mapping[str, Any], headers: Mapping[str, str], cfg: IdentityConfig) -> None:
+    """The session headers and fields the gateway reads (and `previous_response_id`) are short printable strings;
+    EdgeError(400) names the header or field. Only their hashes become workflow ids (serve/identity.py)."""
+    for name in cfg.session_headers:
+        value = headers.get(name)
+        if value is not None:
+            _session_value(f"header {name}", value)
+    for name in (*cfg.session_fields, "previous_response_id"):
+        if body.get(name) is not None:
+            _session_value(name, body[name])
 
 
 def feedback(doc: Any) -> Feedback:

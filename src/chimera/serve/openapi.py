@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from chimera.serve.config import SESSION_HEADERS
 from chimera.serve.edge import MAX_ID_CHARS, MAX_STAGE, Feedback, WorkflowHints
 
 
@@ -29,6 +30,8 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     chimera: WorkflowHints | None = None
+    user: str | None = Field(default=None, max_length=MAX_ID_CHARS)  # names a session (serve/identity.py)
+    prompt_cache_key: str | None = Field(default=None, max_length=MAX_ID_CHARS)  # names a session
 
 
 class CompletionRequest(BaseModel):
@@ -73,6 +76,8 @@ _HINT_HEADERS = [
     ("X-Chimera-Stage", {"type": "integer", "minimum": 0, "maximum": MAX_STAGE}, "the call's stage in its workflow"),
     ("X-Chimera-Kind", {"type": "string", "minLength": 1, "maxLength": 256}, "the workflow's kind (math, code, ...)"),
     ("X-Chimera-Task-Id", {"type": "string", "minLength": 1, "maxLength": 256}, "the task id, for replay backends"),
+    *((h, {"type": "string", "maxLength": MAX_ID_CHARS}, "a session: calls that name it are one workflow")
+      for h in SESSION_HEADERS),
 ]
 
 
@@ -134,9 +139,10 @@ def openapi_document(models: list[str]) -> dict[str, Any]:
                 "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {**_ok("model object"), **_errors(401, 404)}}},
             "/v1/chimera/feedback": {"post": {
-                "summary": "A finished workflow's score (ends the workflow in the policy; trains the predictors)",
+                "summary": "A finished workflow's score, naming it by workflow_id or by the id of any of its "
+                           "responses (ends the workflow in the policy; trains the predictors)",
                 "security": secured, "requestBody": _json_body("Feedback"),
-                "responses": {**_ok("stored"), **_errors(400, 401, 413, 415)}}},
+                "responses": {**_ok("stored"), **_errors(400, 401, 404, 413, 415)}}},
             "/health": {"get": {"summary": "Liveness, queue, backends and the trace writer",
                                 "responses": _ok("state")}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": secured,

@@ -39,6 +39,7 @@ class CallRecorder:
                 "first_token_at": self.wall(ctx.first_token_at), "ended_at": self.wall(now), "status": status,
                 "error": ctx.error, "confidences": call.confidences, "pred_call_tokens": call.pred_call_tokens,
                 "pred_remaining_tokens": call.pred_remaining_tokens, "policy": self.policy_name, "kind": call.kind,
+                "identity": ctx.identity.source.value if ctx.identity is not None else None,
             }
             self.trace.log_call({**row, "prompt": call.prompt})  # the router's prompt text: trace only, not the log
             self.metrics.requests.labels(call.model or "", status).inc()

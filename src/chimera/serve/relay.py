@@ -20,7 +20,8 @@ class Relayed(NamedTuple):
 
 class SseRelay:
     """One upstream SSE stream passed through: every chunk names `model`; the engine's own token counts (its usage
-    chunk) are kept in `usage_tokens` / `prompt_tokens`; streamed content chunks are counted in `tokens`."""
+    chunk) are kept in `usage_tokens` / `prompt_tokens`; streamed content chunks are counted in `tokens`. The chat
+    answer is assembled on the way (`message()`, `response_id`): the client sends it back as the next stage."""
 
     def __init__(self, model: str, show_usage: bool) -> None:
         self.model = model
@@ -28,12 +29,16 @@ class SseRelay:
         self.tokens = 0
         self.usage_tokens: int | None = None
         self.prompt_tokens = 0
+        self.response_id: str | None = None  # the chunks' `id` (chat: `chatcmpl-…`)
+        self._content: list[str] = []
+        self._calls: dict[int, dict[str, Any]] = {}  # tool call index -> the call, its arguments still in pieces
 
     def feed(self, line: str) -> Relayed:
         kind, obj = parse_sse(line)
         if kind != "data" or not isinstance(obj, dict):
             return Relayed((line + "\n").encode(), 0, kind == "done")
         rewrite_model(obj, self.model)
+        self._assemble(obj)
         n = count_content_tokens(obj)
         self.tokens += n
         used = usage_completion_tokens(obj)
@@ -45,6 +50,39 @@ class SseRelay:
                 return Relayed(None, n, False)  # the usage-only chunk the gateway asked for, not the client
             obj.pop("usage", None)
         return Relayed(f"data: {json.dumps(obj)}\n".encode(), n, False)
+
+
+    def _assemble(self, obj: dict[str, Any]) -> None:
+        """Add the first choice's content and tool-call deltas of one chunk to the answer being assembled."""
+        if self.response_id is None and isinstance(obj.get("id"), str):
+            self.response_id = obj["id"]
+        choices = obj.get("choices")
+        first = choices[0] if isinstance(choices, list) and choices else None
+        delta = first.get("delta") if isinstance(first, dict) and first.get("index", 0) == 0 else None
+        if not isinstance(delta, dict):
+            return
+        if isinstance(delta.get("content"), str):
+            self._content.append(delta["content"])
+        for tc in delta.get("tool_calls") or ():
+            if not isinstance(tc, dict) or not isinstance(tc.get("index", 0), int):
+                continue
+            call = self._calls.setdefault(tc.get("index", 0), {"id": "", "type": "function", "name": [], "args": []})
+            if isinstance(tc.get("id"), str):
+                call["id"] = tc["id"]
+            fn = tc.get("function")
+            if isinstance(fn, dict):
+                if isinstance(fn.get("name"), str):
+                    call["name"].append(fn["name"])
+                if isinstance(fn.get("arguments"), str):
+                    call["args"].append(fn["arguments"])
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message the stream carried, as the client will send it back."""
+        msg: dict[str, Any] = {"role": "assistant", "content": "".join(self._content) or None}
+        if self._calls:
+            msg["tool_calls"] = [{"id": c["id"], "type": c["type"], "function": {
+                "name": "".join(c["name"]), "arguments": "".join(c["args"])}} for _, c in sorted(self._calls.items())]
+        return msg
 
 
 def wants_usage(body: dict[str, Any]) -> bool:

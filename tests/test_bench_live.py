@@ -310,7 +310,7 @@ def test_server_prompts_are_laid_out_as_the_plans_token_stream(tmp_path) -> None
     task prompt; two tasks of a kind share the system prompt, not their whole prompts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from chimera.agents.driver import ServerTokens, _plan_messages
+    from chimera.agents.messages import ServerTokens, plan_messages
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -330,7 +330,7 @@ def test_server_prompts_are_laid_out_as_the_plans_token_stream(tmp_path) -> None
     for wid, plan, task in make_workflows(generate(16)):
         outs, toks, prev = [], [], None
         for st in range(plan.n_stages):
-            msgs, have = _plan_messages(task, st, outs, toks, plan, wid, counter)
+            msgs, have = plan_messages(task, st, outs, toks, plan, wid, counter)
             planned = plan.prompt_tokens(st, toks)
             markers = counter.count([{"role": m["role"], "content": ""} for m in msgs])
             # the markers come out of the segments (all of them, unless a message is shorter than its markers)

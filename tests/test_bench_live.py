@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from chimera.agents.driver import AgentConfig, make_workflows, run_agents_sync, served_model
 from chimera.bench.litellm_proxy import LiteLLMMissing, find_litellm, litellm_config
 from chimera.bench.live import (
+    LABEL,
     Contender,
     LiveBenchConfig,
     parse_contender,
@@ -158,6 +159,21 @@ def test_bench_live_litellm_vs_chimera_end_to_end(tmp_path) -> None:
     md = (tmp_path / "out" / "results.md").read_text()
     assert "litellm least-busy" in md and "fidelity" in md and "LiteLLM p50" in md
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 1000
+
+
+def test_bench_live_without_hints_runs_chimera_agents_unmodified(tmp_path) -> None:
+    """`--no-hints`: the Chimera contenders' agents send no workflow hints; every task still completes, and the
+    report says the run had none."""
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["bench", "live", "--no-hints", "--contenders", "chimera:vllm", "--tasks", "8",
+                                 "--rate", "4", "--time-scale", "50", "--overhead-rates", "", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["hints"] is False and "no workflow hints" in res["label"]
+    live = res["runs"][0]["live"]
+    assert live["tasks"] == 8 and live["failed"] == 0 and "no workflow hints" in live["label"]
+    assert "no workflow hints" in (out / "results.md").read_text()
+    assert LiveBenchConfig().label == LABEL and LiveBenchConfig(hints=False).label.startswith(LABEL + "; no workflow")
 
 
 def test_bench_live_cli_errors_are_clear(tmp_path) -> None:

@@ -1,8 +1,10 @@
-"""A real agent framework in front of the gateway, unmodified: the OpenAI Agents SDK (installed from its pin into
+"""Agents that were never written for Chimera, in front of the gateway. A real agent framework, unmodified: the OpenAI Agents SDK (installed from its pin into
 `.venv-agents` by the Makefile) runs a tool-using agent on 20 tasks at once, through the Responses API (the SDK's
 default) and through chat completions, against the Chimera gateway in front of three emulated backends, all on
 127.0.0.1. The agent sends no Chimera hints; the gateway must still file every call of a task under one workflow,
-stages 0, 1, 2, ... in order, and never join two tasks.
+stages 0, 1, 2, ... in order, and never join two tasks. The benchmarks' own agent driver without hints
+(`AgentConfig(hints=False)`, what `--no-hints` runs) must be followed the same way, its feedback by response id
+reaching the right workflow.
 
 The agent runs in a subprocess (tests/agents_sdk_agent.py with `.venv-agents/bin/python`): the SDK pins its own
 `openai`, which need not match this venv's. The emulators replay the tasks' plans: with `tools` in a request they
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from chimera.agents.driver import make_workflows
+from chimera.agents.driver import AgentConfig, make_workflows, run_agents_sync
 from chimera.emulate import EmulatorServer
 from chimera.serve import build_gateway
 from chimera.serve.config import gateway_config_from_dict
@@ -34,8 +36,8 @@ SCALE = 50.0
 KEY = "x"
 N_TASKS = 20
 
-pytestmark = pytest.mark.skipif(not AGENTS_PY.exists(),
-                                reason=f"{AGENTS_PY} missing: `make test` builds .venv-agents (openai-agents pinned)")
+needs_sdk = pytest.mark.skipif(not AGENTS_PY.exists(),
+                               reason=f"{AGENTS_PY} missing: `make test` builds .venv-agents (openai-agents pinned)")
 
 
 def framework_tasks(n: int = N_TASKS):
@@ -104,6 +106,7 @@ def traced_calls(gw, expected: int) -> list[dict]:
     return rows
 
 
+@needs_sdk
 @pytest.mark.parametrize("api,stream", [("responses", False), ("chat", False), ("responses", True),
                                         ("chat", True)],
                          ids=["responses", "chat", "responses-stream", "chat-stream"])
@@ -118,6 +121,11 @@ def test_openai_agents_sdk_tasks_are_one_workflow_each(backends, tmp_path, api: 
         total = sum(r["calls"] for r in results)
         rows = traced_calls(gw, total)
     assert len(rows) == total and all(r["status"] == "ok" for r in rows), {r["status"] for r in rows}
+    assert_one_workflow_per_task(rows, picked)
+
+
+def assert_one_workflow_per_task(rows: list[dict], picked) -> dict[str, list[dict]]:
+    """The trace rows hold one workflow per task; returns them by workflow id."""
     by_wf: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_wf[r["workflow_id"]].append(r)
@@ -136,3 +144,26 @@ def test_openai_agents_sdk_tasks_are_one_workflow_each(backends, tmp_path, api: 
         if "identity" in calls[0]:  # the source of each call's identity: inferred, never a hint (none were sent)
             assert all(c["identity"] != "hint" for c in calls) and all(
                 c["identity"] != "new" for c in calls if c["stage"] > 0), [(c["stage"], c["identity"]) for c in calls]
+    return by_wf
+
+
+def test_the_drivers_agents_without_hints_are_followed_too(backends, tmp_path) -> None:
+    picked, emus = backends
+    tasks = [t for t, _ in picked]
+    with gateway(tmp_path, emus) as gw:
+        run = run_agents_sync(tasks, AgentConfig(base_url=gw.url, api_key=KEY, rate=20, time_scale=SCALE,
+                                                 hints=False))
+        assert run.summary["failed"] == 0 and run.summary["feedback_sent"] == len(tasks)
+        total = sum(plan.n_stages for _, plan in picked)
+        rows = traced_calls(gw, total)
+        deadline = time.time() + 5
+        while len(gw.gw.trace.query("SELECT * FROM feedback")) < len(tasks) and time.time() < deadline:
+            time.sleep(0.05)
+        feedback = gw.gw.trace.query("SELECT workflow_id, score FROM feedback")
+    by_wf = assert_one_workflow_per_task(rows, picked)
+    # feedback named each task's last response; the gateway filed it under that task's workflow
+    assert sorted(f["workflow_id"] for f in feedback) == sorted(by_wf)
+    scores = {r.task_id: r.score for r in run.records}
+    by_prompt = {t.prompt: t.id for t in tasks}
+    assert {f["workflow_id"]: f["score"] for f in feedback} == {
+        w: scores[by_prompt[calls[0]["prompt"]]] for w, calls in by_wf.items()}

@@ -112,10 +112,11 @@ def write_report(demo, path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     runs = demo.runs
-    label = html.escape(demo.label)
-    imgs = [("Latency–accuracy points of the two runs", _frontier(runs, demo.label)),
-            ("Per-model load over time (in-flight calls per model, from the gateway's trace store)", _load(runs, demo.label)),
-            ("Queue time distribution (dispatched − queued, from the gateway's trace store)", _queue(runs, demo.label))]
+    what = demo.label  # what the runs are: the engine, and whether the agents sent workflow hints
+    label = html.escape(what)
+    imgs = [("Latency–accuracy points of the two runs", _frontier(runs, what)),
+            ("Per-model load over time (in-flight calls per model, from the gateway's trace store)", _load(runs, what)),
+            ("Queue time distribution (dispatched − queued, from the gateway's trace store)", _queue(runs, what))]
     head = ("<tr><th>policy</th><th>tasks</th><th>accuracy</th><th>mean lat (s)</th><th>p50</th><th>p99</th>"
             "<th>tasks/s</th><th>calls per model</th><th>failed</th></tr>")
     body = "".join(

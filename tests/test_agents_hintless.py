@@ -16,7 +16,7 @@ from chimera.agents.messages import Conversation, stage_messages
 from chimera.emulate import EmulatorServer
 from chimera.workload.tokens import count_tokens
 from chimera.workload.synthetic import generate
-from upstreams import Served
+from upstreams import Served, tiny_server_tokens
 
 SCALE = 1000.0
 
@@ -123,6 +123,27 @@ def test_hintless_padding_reaches_the_planned_length_in_the_new_message_only() -
         convo.reply({"role": "assistant", "content": f"out {stage}"})
         outs.append(3)
     assert sent[0][0] == {"role": "user", "content": task.prompt} and len(sent[0]) == 2
+
+
+def test_hintless_padding_in_a_servers_tokens(tmp_path) -> None:
+    """With a real server's tokenizer (engine vllm) the conversation is counted and padded in that server's tokens:
+    each call holds the one before it and reaches the planned prompt length (ChatML markers included)."""
+    counter = tiny_server_tokens(tmp_path)
+    seen = 0
+    for wid, plan, task in make_workflows(generate(12)):
+        convo = Conversation(task, plan, counter, wid)
+        prev: list[dict] = []
+        outs: list[int] = []
+        for stage in range(plan.n_stages):
+            want = plan.prompt_tokens(stage, outs)
+            msgs, sent = convo.next_call(stage, want)
+            assert msgs[:len(prev)] == prev and msgs[0] == {"role": "user", "content": task.prompt}
+            assert sent == counter.count(msgs) and sent >= want - 1, (wid, stage, want, sent)
+            seen += sent <= want + 8  # padded to the plan (not just longer already)
+            convo.reply({"role": "assistant", "content": " cat dog" * 5})
+            prev = msgs + [{"role": "assistant", "content": " cat dog" * 5}]
+            outs.append(10)
+    assert seen > 0
 
 
 def test_hinted_mode_still_sends_hints_and_rebuilds_each_stage() -> None:

@@ -24,7 +24,7 @@ from chimera.emulate import EmulatorServer
 from chimera.util.threaded import serve_in_thread
 from chimera.workload.schema import Outcome, Task
 from chimera.workload.synthetic import generate
-from upstreams import fake_upstream, vllm_missing
+from upstreams import fake_upstream, tiny_server_tokens, vllm_missing
 
 
 def _litellm_or_skip():
@@ -324,18 +324,9 @@ def test_server_prompts_are_laid_out_as_the_plans_token_stream(tmp_path) -> None
     prompt length, ChatML markers included (taken out of the segments); a whole-transcript stage starts with every token of the stage before it
     (so the server's prefix cache can reuse it, as the simulator assumes); a windowed stage shares the system and
     task prompt; two tasks of a kind share the system prompt, not their whole prompts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from chimera.agents.messages import plan_messages
 
-    from chimera.agents.messages import ServerTokens, plan_messages
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([" the cat sat on the mat and the dog ran"] * 50, trainer)
-    tok.save(str(tmp_path / "tokenizer.json"))
-    counter = ServerTokens(str(tmp_path / "tokenizer.json"))
+    counter = tiny_server_tokens(tmp_path)
 
     def ids(msgs):
         return counter.tok.encode(counter.render(msgs), add_special_tokens=False).ids

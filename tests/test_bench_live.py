@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from chimera.agents.driver import AgentConfig, make_workflows, run_agents_sync, served_model
 from chimera.bench.litellm_proxy import LiteLLMMissing, find_litellm, litellm_config
 from chimera.bench.live import (
+    LABEL,
     Contender,
     LiveBenchConfig,
     parse_contender,
@@ -23,7 +24,7 @@ from chimera.emulate import EmulatorServer
 from chimera.util.threaded import serve_in_thread
 from chimera.workload.schema import Outcome, Task
 from chimera.workload.synthetic import generate
-from upstreams import fake_upstream, vllm_missing
+from upstreams import fake_upstream, tiny_server_tokens, vllm_missing
 
 
 def _litellm_or_skip():
@@ -158,6 +159,21 @@ def test_bench_live_litellm_vs_chimera_end_to_end(tmp_path) -> None:
     md = (tmp_path / "out" / "results.md").read_text()
     assert "litellm least-busy" in md and "fidelity" in md and "LiteLLM p50" in md
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 1000
+
+
+def test_bench_live_without_hints_runs_chimera_agents_unmodified(tmp_path) -> None:
+    """`--no-hints`: the Chimera contenders' agents send no workflow hints; every task still completes, and the
+    report says the run had none."""
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["bench", "live", "--no-hints", "--contenders", "chimera:vllm", "--tasks", "8",
+                                 "--rate", "4", "--time-scale", "50", "--overhead-rates", "", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["hints"] is False and "no workflow hints" in res["label"]
+    live = res["runs"][0]["live"]
+    assert live["tasks"] == 8 and live["failed"] == 0 and "no workflow hints" in live["label"]
+    assert "no workflow hints" in (out / "results.md").read_text()
+    assert LiveBenchConfig().label == LABEL and LiveBenchConfig(hints=False).label.startswith(LABEL + "; no workflow")
 
 
 def test_bench_live_cli_errors_are_clear(tmp_path) -> None:
@@ -308,18 +324,9 @@ def test_server_prompts_are_laid_out_as_the_plans_token_stream(tmp_path) -> None
     prompt length, ChatML markers included (taken out of the segments); a whole-transcript stage starts with every token of the stage before it
     (so the server's prefix cache can reuse it, as the simulator assumes); a windowed stage shares the system and
     task prompt; two tasks of a kind share the system prompt, not their whole prompts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from chimera.agents.messages import plan_messages
 
-    from chimera.agents.driver import ServerTokens, _plan_messages
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([" the cat sat on the mat and the dog ran"] * 50, trainer)
-    tok.save(str(tmp_path / "tokenizer.json"))
-    counter = ServerTokens(str(tmp_path / "tokenizer.json"))
+    counter = tiny_server_tokens(tmp_path)
 
     def ids(msgs):
         return counter.tok.encode(counter.render(msgs), add_special_tokens=False).ids
@@ -330,7 +337,7 @@ def test_server_prompts_are_laid_out_as_the_plans_token_stream(tmp_path) -> None
     for wid, plan, task in make_workflows(generate(16)):
         outs, toks, prev = [], [], None
         for st in range(plan.n_stages):
-            msgs, have = _plan_messages(task, st, outs, toks, plan, wid, counter)
+            msgs, have = plan_messages(task, st, outs, toks, plan, wid, counter)
             planned = plan.prompt_tokens(st, toks)
             markers = counter.count([{"role": m["role"], "content": ""} for m in msgs])
             # the markers come out of the segments (all of them, unless a message is shorter than its markers)

@@ -59,3 +59,15 @@ def test_demo_help_states_the_defaults() -> None:
     assert f"default: {DEMO_LOAD:g} live" in text
     assert f"(default {DEMO_LAM:g})" in text
     assert f"(default {DEMO_TIME_SCALE:g})" in text
+
+
+def test_live_demo_without_hints_says_so(tmp_path) -> None:
+    """`chimera demo --no-hints`: the agents send no workflow hints; both runs complete and the report says so."""
+    d = run_live_demo(n=6, time_scale=100.0, out=tmp_path / "demo", hints=False)
+    assert d.label.startswith(LABEL) and "no workflow hints" in d.label
+    assert all(r.summary["failed"] == 0 and r.summary["tasks"] == 6 for r in d.runs)
+    assert "no workflow hints" in d.report.read_text()
+    from chimera.cli import app
+
+    out = CliRunner().invoke(app, ["demo", "--help"], env={"COLUMNS": "400"}).output
+    assert "--no-hints" in out and "chimera demo --no-hints" in out

@@ -41,6 +41,23 @@ def vllm_missing() -> str | None:
     return None
 
 
+def tiny_server_tokens(folder):
+    """A server tokenizer for prompt-layout tests: a 400-token byte-level BPE with the ChatML markers, trained on a
+    toy sentence and saved as `folder`/tokenizer.json, wrapped in `ServerTokens`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from chimera.agents.messages import ServerTokens
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" the cat sat on the mat and the dog ran"] * 50, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    return ServerTokens(str(folder / "tokenizer.json"))
+
+
 def fake_upstream(name: str, delay: float = 0.05, fail: bool = False, words: int = 5,
                   drop_after: int | None = None) -> Starlette:
     """An OpenAI-compatible server that answers after `delay` (or 500s when `fail`), naming itself `name`;

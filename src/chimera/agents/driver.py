@@ -12,27 +12,30 @@ Queue time is not observable from the client: `queue_s` is reported as 0 (see `q
 
 For real engines (`chimera bench live --engine vllm`): `extra_body` adds request fields (`ignore_eos: true`, so a
 vLLM server returns exactly `max_tokens`); with `tokenizer` (the server's tokenizer.json, ChatML chat template) each
-prompt is laid out as the plan's token stream, segment by segment in the server's tokens (`_plan_messages`: the
+prompt is laid out as the plan's token stream, segment by segment in the server's tokens (`messages.plan_messages`: the
 kind's system prompt, the task text, each stage's instructions as text that depends only on the segment, earlier
 outputs as assistant messages trimmed to the tokens they were generated as), so the servers' prefix caches see the
 sharing the simulator models, and the prompt is the plan's length, ChatML markers included. `max_model_len` caps
 `max_tokens` so that prompt + output fit. The summary then carries `length_check` (planned vs sent prompt tokens,
 calls shorter than asked).
+
+`hints=False` drives the endpoint as an unmodified agent would: only what an OpenAI client sends (no X-Chimera-*
+headers, no `chimera` body object), each call's messages the previous call's exactly as sent plus the reply as
+received plus one new observation (`messages.Conversation`), and feedback by the id of the task's last response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import httpx
-import numpy as np
 
+from chimera.agents.messages import Conversation, ServerTokens, plan_messages, stage_messages
 from chimera.sim.metrics import WorkflowRecord, summarize
 from chimera.workload.arrivals import LIVE_STREAM, poisson_arrivals
 from chimera.workload.plan import WorkflowPlan, plan_workflow, task_rng
@@ -58,10 +61,11 @@ class AgentConfig:
     seed: int = 0
     timeout_s: float = 600.0
     feedback: bool = True
-    pad_prompts: bool = True  # pad each request to the plan's prompt length (see _messages)
+    pad_prompts: bool = True  # pad each request to the plan's prompt length (see messages.stage_messages)
     extra_body: dict = field(default_factory=dict)  # extra request fields, e.g. {"ignore_eos": True} for vLLM
     tokenizer: str | None = None  # the server's tokenizer.json: pad and count in its tokens (ChatML template)
     max_model_len: int | None = None  # cap max_tokens so that prompt + output fit the server's context
+    hints: bool = True  # False: an unmodified agent (no Chimera headers or body, append-only messages)
 
     def __post_init__(self) -> None:
         self.base_url = normalize_base_url(self.base_url)
@@ -137,140 +141,10 @@ def served_model(body_model: str | None, headers, requested: str) -> str:
     return body_model or requested
 
 
-FILLER = " the"  # one Qwen BPE token per repeat
-
-
-def _messages(task: Task, stage: int, outputs: list[str], plan: WorkflowPlan,
-              pad_to: int | None = None) -> list[dict]:
-    """The task prompt, then each earlier output and an observation. With `pad_to`, filler tokens stand in for the
-    context the plan counts but the text lacks (instructions, tool observations), so the backend prefills the
-    planned prompt length; they go in the stage's newest user message."""
-    msgs: list[dict] = [{"role": "user", "content": task.prompt or f"Task {task.id}"}]
-    for i, text in enumerate(outputs):
-        msgs.append({"role": "assistant", "content": text})
-        role = plan.stage_roles[i + 1] if i + 1 < len(plan.stage_roles) else "continue"
-        msgs.append({"role": "user", "content": f"Observation after step {i + 1}. Next step ({role})."})
-    if pad_to is not None:
-        from chimera.workload.tokens import count_tokens
-
-        have = count_tokens("\n".join(m["content"] for m in msgs))
-        if pad_to > have:
-            msgs[-1]["content"] += FILLER * (pad_to - have)
-    return msgs
-
-
-CHATML_OPEN, CHATML_CLOSE = "<|im_start|>", "<|im_end|>"
-
-
-class ServerTokens:
-    """Counts a chat prompt in a server's tokens: ChatML rendering (the random-weight models' chat template, what
-    vLLM applies before tokenizing) encoded with the server's tokenizer.json (`tokenizers`, no special tokens
-    added)."""
-
-    def __init__(self, path: str) -> None:
-        from tokenizers import Tokenizer
-
-        self.path = str(path)
-        self.tok = Tokenizer.from_file(self.path)
-        self._words: list[str] | None = None
-        self._markers: dict[str | None, int] = {}
-
-    @staticmethod
-    def render(msgs: list[dict]) -> str:
-        return "".join(f"{CHATML_OPEN}{m['role']}\n{m['content']}{CHATML_CLOSE}\n" for m in msgs) + \
-            f"{CHATML_OPEN}assistant\n"
-
-    def count(self, msgs: list[dict]) -> int:
-        return len(self.tok.encode(self.render(msgs), add_special_tokens=False).ids)
-
-    def markers(self, role: str | None) -> int:
-        """Tokens a message of `role` adds around its content (None: the generation prompt that ends a prompt)."""
-        got = self._markers.get(role)
-        if got is None:
-            text = f"{CHATML_OPEN}assistant\n" if role is None else f"{CHATML_OPEN}{role}\n{CHATML_CLOSE}\n"
-            got = self._markers[role] = len(self.tok.encode(text, add_special_tokens=False).ids)
-        return got
-
-    def trim(self, text: str, n: int) -> str:
-        """`text` cut to its first n tokens (a decoded random-token output re-tokenizes longer than it was made)."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return text if len(ids) <= n else self.tok.decode(ids[:max(0, n)])
-
-    def words(self) -> list[str]:
-        """Words that are one token each in this vocabulary with a leading space (so any run of them counts exactly
-        one token per word): the filler alphabet of `filler`."""
-        ws = self._words
-        if ws is None:
-            ws = sorted(w for w in (self.tok.decode([i]) for i in sorted(self.tok.get_vocab().values()))
-                        if len(w) > 3 and w[0] == " " and w[1:].isalpha())
-            ws = [w for w in ws if len(self.tok.encode(w + w, add_special_tokens=False).ids) == 2]
-            if not ws:
-                raise ValueError(f"{self.path}: no single-token words to build prompts from")
-            self._words = ws
-        return ws
-
-    def filler(self, key: object, n: int) -> str:
-        """n tokens of text that depend only on `key`: the same segment (a system prompt, a stage's instructions)
-        renders to the same tokens in every prompt that holds it, and different segments do not share a prefix."""
-        if n <= 0:
-            return ""
-        ws = self.words()
-        seed = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
-        idx = np.random.default_rng(seed).integers(0, len(ws), n)
-        return "".join(ws[i] for i in idx)
-
-
-def _plan_messages(task: Task, stage: int, outputs: list[str], out_tokens: list[int], plan: WorkflowPlan, wid: str,
-                   counter: ServerTokens) -> tuple[list[dict], int]:
-    """The stage's prompt laid out as the plan's token stream (`WorkflowPlan.token_stream`, what the simulator's
-    prefix cache models), in the server's tokens: text segments in user messages, earlier outputs as assistant
-    messages (trimmed to the tokens they were generated as). The system prompt is the same text for every task of
-    the kind, the task prompt for every stage of the task, a carried transcript the same as the earlier call's, so
-    the servers' prefix caches see what the plans say they share.
-
-    Each message's ChatML markers are taken out of its own last segments (an output: its tail; what a short output
-    cannot hold, out of the message after it), and the generation prompt out of the first message; a message holds
-    the same segments at every stage that carries it, so the prompt is the plan's length and a carried transcript
-    still renders to the same tokens. Returns (messages, prompt tokens as the server counts them)."""
-    groups: list[tuple[str, list[tuple[tuple, int]]]] = []  # (role, [(identity, tokens)])
-    for ident, n in plan.token_stream(stage, out_tokens, wid, 0)[:-1]:  # the prompt's segments (not the output)
-        if n <= 0:
-            continue
-        role = "assistant" if ident[1] == "out" else "user"
-        if role == "user" and groups and groups[-1][0] == "user":
-            groups[-1][1].append((ident, n))
-        else:
-            groups.append((role, [(ident, n)]))
-    if not groups:
-        groups.append(("user", []))
-    sizes = [[n for _, n in segs] for _, segs in groups]
-
-    def absorb(k: int, take: int) -> int:  # out of message k's last segments; what did not fit
-        for i in range(len(sizes[k]) - 1, -1, -1):
-            cut = min(take, sizes[k][i])
-            sizes[k][i] -= cut
-            take -= cut
-        return take
-
-    left = 0
-    for k, (role, _) in enumerate(groups):  # what a short message cannot hold goes on to the next one
-        left = absorb(k, left + counter.markers(role) + (counter.markers(None) if k == 0 else 0))
-    if left and groups[-1][0] == "assistant":  # trailing short outputs (a windowed stage): out of the first message,
-        absorb(0, left)  # which ends with this stage's own instructions; else (a carried transcript) a few extra tokens
-    msgs = []
-    for (role, segs), ns in zip(groups, sizes):
-        parts = []
-        for (ident, _), n in zip(segs, ns):
-            if ident[1] == "out":  # an earlier stage's output, carried
-                parts.append(counter.trim(outputs[ident[2]], n))
-            elif ident[1] == "task":  # the task's own text, cut or filled to its planned tokens
-                body = counter.trim(" " + (task.prompt or f"Task {task.id}"), n)
-                have = len(counter.tok.encode(body, add_special_tokens=False).ids)
-                parts.append(body + counter.filler((ident, "rest"), n - have))
-            else:
-                parts.append(counter.filler(ident, n))
-        msgs.append({"role": role, "content": "".join(parts)})
-    return msgs, counter.count(msgs)
+def _received_message(raw) -> dict:
+    """The first choice's message as the server sent it (every field, none added), from the raw response."""
+    choices = raw.http_response.json().get("choices") or [{}]
+    return choices[0].get("message") or {"role": "assistant", "content": ""}
 
 
 def _reason(e: BaseException, stage: int) -> str:
@@ -287,26 +161,36 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
     stages: list[StageResult] = []
     failed: str | None = None
     stage = 0
+    convo = None if cfg.hints else Conversation(task, plan, counter, wid)
+    last_id: str | None = None
     try:
         for stage in range(plan.n_stages):
-            headers = {"X-Chimera-Workflow-Id": wid, "X-Chimera-Stage": str(stage), "X-Chimera-Task-Id": task.id}
             want = plan.prompt_tokens(stage, out_tokens) if cfg.pad_prompts else None
             max_tokens = _max_tokens(plan, stage, model)
             sent, capped = None, False
-            if counter is not None and cfg.pad_prompts:
-                msgs, sent = _plan_messages(task, stage, outputs, out_tokens, plan, wid, counter)
+            if convo is not None:
+                msgs, sent = convo.next_call(stage, want)
+            elif counter is not None and cfg.pad_prompts:
+                msgs, sent = plan_messages(task, stage, outputs, out_tokens, plan, wid, counter)
             elif counter is not None:  # the bare text, counted as the server counts it
-                msgs = _messages(task, stage, [counter.trim(t, n) for t, n in zip(outputs, out_tokens)], plan)
+                msgs = stage_messages(task, stage, [counter.trim(t, n) for t, n in zip(outputs, out_tokens)], plan)
                 sent = counter.count(msgs)
             else:
-                msgs = _messages(task, stage, outputs, plan, want)
+                msgs = stage_messages(task, stage, outputs, plan, want)
             if cfg.max_model_len is not None and sent is not None and sent + max_tokens > cfg.max_model_len:
                 max_tokens, capped = max(1, cfg.max_model_len - sent), True
-            body = {"chimera": {"workflow_id": wid, "stage": stage, "task_id": task.id}}
-            body.update(cfg.extra_body)
+            if convo is None:
+                headers = {"X-Chimera-Workflow-Id": wid, "X-Chimera-Stage": str(stage), "X-Chimera-Task-Id": task.id}
+                body = {"chimera": {"workflow_id": wid, "stage": stage, "task_id": task.id}}
+                body.update(cfg.extra_body)
+            else:
+                headers, body = None, (dict(cfg.extra_body) or None)
             raw = await client.chat.completions.with_raw_response.create(
                 model=model, messages=msgs, max_tokens=max_tokens, extra_body=body, extra_headers=headers)
             r = raw.parse()
+            if convo is not None:  # the reply exactly as it came, and the id feedback will name
+                convo.reply(_received_message(raw))
+                last_id = r.id
             text = (r.choices[0].message.content or "") if r.choices else ""
             got = served_model(r.model, raw.headers, model)
             usage = r.usage
@@ -336,7 +220,8 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
     run.stages[wid] = stages
     if failed is None and cfg.feedback:
         try:
-            resp = await http.post(cfg.base_url + "/chimera/feedback", json={"workflow_id": wid, "score": score})
+            who = {"workflow_id": wid} if cfg.hints else {"response_id": last_id}
+            resp = await http.post(cfg.base_url + "/chimera/feedback", json={**who, "score": score})
             if resp.status_code < 300:
                 run.feedback_sent += 1
         except httpx.HTTPError:

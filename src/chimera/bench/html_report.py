@@ -10,8 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from chimera.bench.live.config import LABEL
-
 COLORS = {"vllm": "tab:red", "chimera": "tab:blue"}
 TWIN = "simulated twin"
 
@@ -114,9 +112,11 @@ def write_report(demo, path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     runs = demo.runs
-    imgs = [("Latency–accuracy points of the two runs", _frontier(runs, LABEL)),
-            ("Per-model load over time (in-flight calls per model, from the gateway's trace store)", _load(runs, LABEL)),
-            ("Queue time distribution (dispatched − queued, from the gateway's trace store)", _queue(runs, LABEL))]
+    what = demo.label  # what the runs are: the engine, and whether the agents sent workflow hints
+    label = html.escape(what)
+    imgs = [("Latency–accuracy points of the two runs", _frontier(runs, what)),
+            ("Per-model load over time (in-flight calls per model, from the gateway's trace store)", _load(runs, what)),
+            ("Queue time distribution (dispatched − queued, from the gateway's trace store)", _queue(runs, what))]
     head = ("<tr><th>policy</th><th>tasks</th><th>accuracy</th><th>mean lat (s)</th><th>p50</th><th>p99</th>"
             "<th>tasks/s</th><th>calls per model</th><th>failed</th></tr>")
     body = "".join(
@@ -132,12 +132,12 @@ def write_report(demo, path: Path | str) -> Path:
     figs = "".join(f"<h2>{html.escape(t)}</h2><img alt=\"{html.escape(t)}\" src=\"data:image/png;base64,{b}\"/>"
                    for t, b in imgs)
     doc = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Chimera demo — {LABEL}</title>
+<html><head><meta charset="utf-8"><title>Chimera demo — {label}</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}.note{{background:#fff3cd;padding:8px}}
 img{{max-width:100%}}</style></head><body>
 <h1>Chimera vs vLLM-style serving</h1>
-<p class="note"><b>{LABEL}.</b> Workload {html.escape(demo.workload)}, {demo.tasks} workflows per run,
+<p class="note"><b>{label}.</b> Workload {html.escape(demo.workload)}, {demo.tasks} workflows per run,
 open loop at {demo.rate:.2f} workflows/s, time scale {demo.time_scale:g}× (emulators and tool sleeps);
 models {", ".join(sorted(r for r in runs[0].summary["per_model"]))} on emulated A6000s; fresh emulators and gateway per
 run; same tasks and arrival seed. The {TWIN} rows: the discrete-event simulator on the same workflows and arrival
@@ -146,7 +146,7 @@ comparison is expected to show.</p>
 <table>{head}{body}</table>
 <p><b>{ratio}</b></p>
 {figs}
-<p class="note">All numbers: {LABEL}.</p>
+<p class="note">All numbers: {label}.</p>
 </body></html>
 """
     path.write_text(doc, encoding="utf-8")

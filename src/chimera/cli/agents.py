@@ -22,11 +22,13 @@ def agents_run(
     time_scale: float = typer.Option(1.0, "--time-scale", help="Divide the plan's tool times by this (match emulators)."),
     seed: int = typer.Option(0, "--seed"),
     pad_prompts: bool = typer.Option(True, "--pad-prompts/--no-pad-prompts", help="Pad each request with filler tokens up to the plan's prompt length (the context the task text lacks)."),
+    no_hints: bool = typer.Option(False, "--no-hints", help="Send no Chimera workflow hints, only what an OpenAI client sends: append-only conversations, feedback by response id."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary JSON here."),
 ) -> None:
     """ReAct-style agents execute each task's workflow stage by stage through the openai client (live, not simulated).
 
     Example: chimera agents run --gateway http://127.0.0.1:8000 --workload synthetic:50 --concurrency 8 --json out/live.json
+    Unmodified agents: chimera agents run --gateway http://127.0.0.1:8000 --workload synthetic:50 --rate 2 --no-hints
     """
     from chimera.agents.driver import AgentConfig, run_agents_sync
     from chimera.workload.source import load_workload
@@ -36,13 +38,14 @@ def agents_run(
     with failing_on(*LOAD_ERRORS):
         task_list = load_workload(workload, seed=seed)[0]
         cfg = AgentConfig(base_url=gateway, models=names(models), api_key=api_key, concurrency=concurrency, rate=rate,
-                          time_scale=time_scale, seed=seed, pad_prompts=pad_prompts)
+                          time_scale=time_scale, seed=seed, pad_prompts=pad_prompts, hints=not no_hints)
     n = tasks if tasks is not None else len(task_list)
     with progress() as prog:
         bar = prog.add_task("workflows", total=n)
         run = run_agents_sync(task_list, cfg, n, on_record=lambda r: prog.advance(bar))
     res = run.summary
-    console.print(summary_table([res], f"{workload} via {cfg.base_url} — live"))
+    hints = "" if cfg.hints else ", no workflow hints"
+    console.print(summary_table([res], f"{workload} via {cfg.base_url} — live{hints}"))
     console.print(f"failed: {res['failed']}; queue_s: {res['queue_s_note']}")
     for f in res["failures"][:10]:
         console.print(f"  {f['workflow_id']}: {f['reason']}")

@@ -100,6 +100,7 @@ def bench_live(
     profile_concurrency: str = typer.Option("1,2,4,8,16,32", "--profile-concurrency", help="--engine vllm: `chimera profile --concurrency`."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="--engine vllm: the random-weight models (default out/models)."),
     vllm_venv: Optional[Path] = typer.Option(None, "--vllm-venv", help="--engine vllm: the vLLM venv (default .venv-vllm)."),
+    no_hints: bool = typer.Option(False, "--no-hints", help="Chimera contenders' agents send no workflow hints, only what an OpenAI client sends (the gateway infers each workflow from its conversation); the report says so. The simulated twin is unchanged."),
     resim: bool = typer.Option(False, "--resimulate", help="--engine vllm results in --out: run only the simulator again on the stored live runs (with --profiles and --sim-online-lengths/--sim-plan-lengths); writes results-resim.md/.json. Starts nothing."),
 ) -> None:
     """Live head-to-head: the same agents and workload through LiteLLM's proxy and through Chimera, on fresh
@@ -108,6 +109,7 @@ def bench_live(
 
     Example: chimera bench live --litellm .venv-litellm/bin/litellm --tasks 200 --out out/bench-live
     Real vLLM: chimera bench live --engine vllm --tasks 60 --load 0.5 --overhead-rates "" --out out/bench-live-vllm
+    Unmodified agents: chimera bench live --no-hints --contenders chimera:vllm,chimera:chimera@0.05 --out out/bench-live-nohints
     """
     from pydantic import ValidationError
 
@@ -121,6 +123,7 @@ def bench_live(
             contenders=names(contenders) if contenders else list(DEFAULT_CONTENDERS),
             workload=workload, tasks=tasks, load=load, rate=rate, time_scale=time_scale, seed=seed,
             overhead_rates=orates, overhead_duration_s=overhead_duration, litellm=str(litellm) if litellm else None,
+            hints=not no_hints,
             engine=engine, real_models=names(real_models),
             length_scale=length_scale, prompt_scale=prompt_scale, tool_scale=tool_scale,
             max_inflight=max_inflight, kv_cache_gib=kv_cache_gib, priority=priority,

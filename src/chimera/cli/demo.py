@@ -22,17 +22,19 @@ def demo(
     workload: str = typer.Option("synthetic", "--workload", "-w", help=WORKLOAD_HELP),
     cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP + " (--simulated only)"),
     out: Path = typer.Option(Path("out/demo"), "--out", help="Live: directory for report.html and the trace stores."),
+    no_hints: bool = typer.Option(False, "--no-hints", help="Live: the agents send no workflow hints, only what an OpenAI client sends (the gateway infers each workflow from its conversation)."),
 ) -> None:
     """The main job: vLLM-style serving vs Chimera, live through the gateway against an emulated 3-model cluster.
 
     Example: chimera demo --tasks 300 --time-scale 2   (or: chimera demo --simulated --tasks 1500 --load 0.9)
+    Unmodified agents (no workflow hints): chimera demo --no-hints
     """
     if simulated:
         return demo_simulated(tasks if tasks is not None else 1500, load if load is not None else 0.8, workload,
                               cluster)
     from chimera.bench.html_report import summary_rows
-    from chimera.bench.live_demo import (DEMO_LAM, DEMO_LOAD, DEMO_TASKS, DEMO_TIME_SCALE, LABEL, MODELS,
-                                         run_live_demo, twin_versus, versus)
+    from chimera.bench.live_demo import (DEMO_LAM, DEMO_LOAD, DEMO_TASKS, DEMO_TIME_SCALE, MODELS, run_live_demo,
+                                         twin_versus, versus)
 
     n = tasks if tasks is not None else DEMO_TASKS
     time_scale = time_scale if time_scale is not None else DEMO_TIME_SCALE
@@ -47,9 +49,9 @@ def demo(
 
         with failing_on(*LOAD_ERRORS):
             d = run_live_demo(n=n, time_scale=time_scale, workload=workload, load=load, lam=lam, out=out,
-                              on_run=on_run, on_record=lambda _r: prog.advance(bar["id"]))
+                              on_run=on_run, on_record=lambda _r: prog.advance(bar["id"]), hints=not no_hints)
     t = Table(title=f"{workload}: {n} workflows at {d.rate:.2f}/s (load {load:g}) on {', '.join(MODELS)} (A6000, "
-                    f"time scale {time_scale:g}) — {LABEL}")
+                    f"time scale {time_scale:g}) — {d.label}")
     for col in ("policy", "tasks", "accuracy", "mean lat (s)", "p50", "p99", "tasks/s", "calls per model", "failed"):
         t.add_column(col, justify="left" if col in ("policy", "calls per model") else "right")
     for r in summary_rows(d.runs, twins=True):
@@ -62,7 +64,7 @@ def demo(
     if twin is not None:
         console.print(twin)
     console.print(f"report: {d.report}")
-    console.print(f"All numbers: {LABEL}, except the simulated twin's (the simulator on the same workflows and "
+    console.print(f"All numbers: {d.label}, except the simulated twin's (the simulator on the same workflows and "
                   f"arrival times); {time.perf_counter() - t0:.0f} s wall. "
                   "The simulated comparison of 7 policies: `chimera demo --simulated`.")
 

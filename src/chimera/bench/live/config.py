@@ -15,6 +15,7 @@ LABELS = {
     "vllm": "live, real vLLM (CPU build), random-weight models; task scores from the workload's outcome table",
 }
 LABEL = LABELS["emulate"]  # the default engine's; LiveBenchConfig.label is the configured engine's
+NO_HINTS = "no workflow hints (the agents in front of Chimera send only what an OpenAI client sends)"
 ENGINES = tuple(LABELS)
 REAL_MODELS = ("tiny", "wide")  # real vLLM servers, weakest-mapped first: tiny <- weakest, wide <- strongest
 REAL_MAX_MODEL_LEN = 2048  # the servers' --max-model-len (../shared/real-engines/README.md)
@@ -92,6 +93,7 @@ class LiveBenchConfig(BaseModel):
     overhead_rates: list[float] = Field(default_factory=lambda: [50.0, 100.0])
     overhead_duration_s: float = Field(default=3.0, gt=0)
     litellm: str | None = None  # path to the litellm executable
+    hints: bool = True  # False: Chimera contenders' agents send no workflow hints (the gateway infers workflows)
     # ---- engine "vllm" only (real vLLM CPU servers); see docs/live.md
     engine: Literal["emulate", "vllm"] = "emulate"
     real_models: list[str] = Field(default_factory=lambda: list(REAL_MODELS), min_length=1)  # weakest-mapped first
@@ -148,7 +150,7 @@ class LiveBenchConfig(BaseModel):
 
     @property
     def label(self) -> str:
-        return LABELS[self.engine]
+        return LABELS[self.engine] if self.hints else f"{LABELS[self.engine]}; {NO_HINTS}"
 
     @field_validator("contenders")
     @classmethod

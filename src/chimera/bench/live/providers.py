@@ -133,7 +133,7 @@ def emulated_setup(cfg: LiveBenchConfig, out: Path, on_stage: Callable[[str], No
     workload_file = out / "workload.jsonl"
     write_tasks(tasks, workload_file)
     rate = cfg.rate if cfg.rate is not None else arrival_rate(tasks, cfg.load, cfg.time_scale)
-    return Setup(EmulatedProvider(workload_file, cfg.time_scale, cfg.seed), tasks, mapping, rate)
+    return Setup(EmulatedProvider(workload_file, cfg.time_scale, cfg.seed, cfg.label), tasks, mapping, rate)
 
 
 # ---- real vLLM CPU servers ----------------------------------------------------------------------------------------

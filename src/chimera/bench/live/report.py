@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from chimera.bench.live.config import FIDELITY_METRICS, LABEL, REAL_MAX_MODEL_LEN, REAL_MAX_NUM_BATCHED_TOKENS
+from chimera.bench.live.config import FIDELITY_METRICS, REAL_MAX_MODEL_LEN, REAL_MAX_NUM_BATCHED_TOKENS
 from chimera.bench.live.contenders import LiveBench
 from chimera.bench.live.twin import compared_metrics
 
@@ -81,7 +81,7 @@ def markdown(b: LiveBench, front: list[dict[str, Any]] | None = None) -> str:
     else:
         head = (f"Workload `{c.workload}`, {c.tasks} workflows, open-loop Poisson at {b.rate:.2f} workflows/s (live), "
                 f"time scale {c.time_scale:g} (1 s here ≈ {c.time_scale:g} s on the emulated A6000s), seed {c.seed}. "
-                f"{LABEL}.")
+                f"{c.label}.")
     lines = [head, "",
              "| contender | accuracy | mean lat (s) | p50 | p99 | tasks/s | failed | calls per model |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]

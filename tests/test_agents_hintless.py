@@ -170,3 +170,25 @@ def test_hintless_agents_run_against_the_emulator() -> None:
     s = run.summary
     assert s["failed"] == 0 and s["tasks"] == len(tasks)
     assert s["per_model"]["qwen2.5-7b"]["calls"] == sum(p.n_stages for _, p, _ in make_workflows(tasks))
+
+
+def test_append_only_with_hints_sends_the_hintless_messages_and_the_hints() -> None:
+    """`append_only=True` with hints: the same messages as a hintless run (so the two compare like with like), plus
+    the Chimera headers and body, and feedback by workflow id."""
+    tasks, _, plain, _ = _run(hints=False, n=4)
+    _, run, hinted, feedback = _run(hints=True, n=4, append_only=True)
+    assert run.summary["failed"] == 0
+
+    def conversations(calls):  # each call's roles and user messages (replies differ only by the order served)
+        return sorted(str([(m["role"], m["content"] if m["role"] == "user" else "") for m in body["messages"]])
+                      for _, body in calls)
+
+    assert conversations(hinted) == conversations(plain)  # the same messages, call for call
+    for headers, body in hinted:
+        assert "x-chimera-workflow-id" in headers and body["chimera"]["workflow_id"] == headers["x-chimera-workflow-id"]
+    for t in tasks:
+        ks = _by_task(tasks, hinted)[t.id]
+        for a, b in zip(ks, ks[1:]):
+            p, m = hinted[a][1]["messages"], hinted[b][1]["messages"]
+            assert m[:len(p)] == p  # append-only
+    assert all(set(b) == {"workflow_id", "score"} for _, b in feedback)

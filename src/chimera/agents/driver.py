@@ -66,6 +66,9 @@ class AgentConfig:
     tokenizer: str | None = None  # the server's tokenizer.json: pad and count in its tokens (ChatML template)
     max_model_len: int | None = None  # cap max_tokens so that prompt + output fit the server's context
     hints: bool = True  # False: an unmodified agent (no Chimera headers or body, append-only messages)
+    # Append-only conversations (as an unmodified agent's) also with hints: None follows `hints` (append-only exactly
+    # when there are none); True lets a hinted run send the same messages as a hintless one, to compare like with like.
+    append_only: bool | None = None
 
     def __post_init__(self) -> None:
         self.base_url = normalize_base_url(self.base_url)
@@ -161,7 +164,8 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
     stages: list[StageResult] = []
     failed: str | None = None
     stage = 0
-    convo = None if cfg.hints else Conversation(task, plan, counter, wid)
+    appending = cfg.append_only if cfg.append_only is not None else not cfg.hints
+    convo = Conversation(task, plan, counter, wid) if appending else None
     last_id: str | None = None
     try:
         for stage in range(plan.n_stages):
@@ -179,7 +183,7 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
                 msgs = stage_messages(task, stage, outputs, plan, want)
             if cfg.max_model_len is not None and sent is not None and sent + max_tokens > cfg.max_model_len:
                 max_tokens, capped = max(1, cfg.max_model_len - sent), True
-            if convo is None:
+            if cfg.hints:
                 headers = {"X-Chimera-Workflow-Id": wid, "X-Chimera-Stage": str(stage), "X-Chimera-Task-Id": task.id}
                 body = {"chimera": {"workflow_id": wid, "stage": stage, "task_id": task.id}}
                 body.update(cfg.extra_body)

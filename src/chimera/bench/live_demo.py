@@ -56,11 +56,12 @@ def read_calls(trace: Path) -> list[dict[str, Any]]:
 def run_live_demo(n: int = DEMO_TASKS, time_scale: float = DEMO_TIME_SCALE, workload: str = "synthetic",
                   load: float = DEMO_LOAD, lam: float = DEMO_LAM, out: Path | str = "out/demo", seed: int = 0,
                   on_record: Callable | None = None, on_run: Callable[[str], None] | None = None,
-                  hints: bool = True) -> LiveDemo:
+                  hints: bool = True, append_only: bool = False) -> LiveDemo:
     """Both runs (vllm, then chimera λ=`lam`) on the same tasks and arrival times, each with fresh emulator and
     gateway processes (as `chimera bench live` runs them), each followed by its simulated twin (lengths learnt online
     from a cold start, as the gateway learns them); writes out/report.html. `hints=False`: the agents send no
-    workflow hints, so the gateway infers each workflow from its conversation (the twin is unchanged)."""
+    workflow hints, so the gateway infers each workflow from its conversation (the twin is unchanged); `append_only`:
+    the agents send append-only conversations with their hints (the hintless run's messages, hinted)."""
     from chimera.bench.live import (EmulatedProvider, LiveBenchConfig, arrival_rate, parse_contender, run_contender,
                                     to_emulated_models)
     from chimera.bench.live.twin import simulate_same_run
@@ -75,7 +76,8 @@ def run_live_demo(n: int = DEMO_TASKS, time_scale: float = DEMO_TIME_SCALE, work
     write_tasks(tasks, wl)
     rate = arrival_rate(tasks, load, time_scale)
     cfg = LiveBenchConfig(contenders=["chimera:vllm", f"chimera:chimera@{lam}"], workload=workload, tasks=n,
-                          rate=rate, time_scale=time_scale, seed=seed, overhead_rates=[], hints=hints)
+                          rate=rate, time_scale=time_scale, seed=seed, overhead_rates=[], hints=hints,
+                          append_only=append_only)
     provider = EmulatedProvider(wl, time_scale, seed, cfg.label)
     runs = []
     for spec in cfg.contenders:

@@ -23,11 +23,12 @@ def demo(
     cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP + " (--simulated only)"),
     out: Path = typer.Option(Path("out/demo"), "--out", help="Live: directory for report.html and the trace stores."),
     no_hints: bool = typer.Option(False, "--no-hints", help="Live: the agents send no workflow hints, only what an OpenAI client sends (the gateway infers each workflow from its conversation)."),
+    append_only: bool = typer.Option(False, "--append-only", help="Live: the agents send append-only conversations (as without hints) but keep their hints: the like-for-like partner of a --no-hints run."),
 ) -> None:
     """The main job: vLLM-style serving vs Chimera, live through the gateway against an emulated 3-model cluster.
 
     Example: chimera demo --tasks 300 --time-scale 2   (or: chimera demo --simulated --tasks 1500 --load 0.9)
-    Unmodified agents (no workflow hints): chimera demo --no-hints
+    Unmodified agents (no workflow hints): chimera demo --no-hints   (the same messages with hints: --append-only)
     """
     if simulated:
         return demo_simulated(tasks if tasks is not None else 1500, load if load is not None else 0.8, workload,
@@ -49,7 +50,8 @@ def demo(
 
         with failing_on(*LOAD_ERRORS):
             d = run_live_demo(n=n, time_scale=time_scale, workload=workload, load=load, lam=lam, out=out,
-                              on_run=on_run, on_record=lambda _r: prog.advance(bar["id"]), hints=not no_hints)
+                              on_run=on_run, on_record=lambda _r: prog.advance(bar["id"]), hints=not no_hints,
+                              append_only=append_only)
     t = Table(title=f"{workload}: {n} workflows at {d.rate:.2f}/s (load {load:g}) on {', '.join(MODELS)} (A6000, "
                     f"time scale {time_scale:g}) — {d.label}")
     for col in ("policy", "tasks", "accuracy", "mean lat (s)", "p50", "p99", "tasks/s", "calls per model", "failed"):

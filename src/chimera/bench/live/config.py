@@ -15,6 +15,7 @@ LABELS = {
     "vllm": "live, real vLLM (CPU build), random-weight models; task scores from the workload's outcome table",
 }
 LABEL = LABELS["emulate"]  # the default engine's; LiveBenchConfig.label is the configured engine's
+APPEND_ONLY = "append-only conversations, with workflow hints"
 NO_HINTS = "no workflow hints (the agents in front of Chimera send only what an OpenAI client sends)"
 ENGINES = tuple(LABELS)
 REAL_MODELS = ("tiny", "wide")  # real vLLM servers, weakest-mapped first: tiny <- weakest, wide <- strongest
@@ -94,6 +95,7 @@ class LiveBenchConfig(BaseModel):
     overhead_duration_s: float = Field(default=3.0, gt=0)
     litellm: str | None = None  # path to the litellm executable
     hints: bool = True  # False: Chimera contenders' agents send no workflow hints (the gateway infers workflows)
+    append_only: bool = False  # every contender's agents send append-only conversations (implied without hints)
     # ---- engine "vllm" only (real vLLM CPU servers); see docs/live.md
     engine: Literal["emulate", "vllm"] = "emulate"
     real_models: list[str] = Field(default_factory=lambda: list(REAL_MODELS), min_length=1)  # weakest-mapped first
@@ -150,7 +152,9 @@ class LiveBenchConfig(BaseModel):
 
     @property
     def label(self) -> str:
-        return LABELS[self.engine] if self.hints else f"{LABELS[self.engine]}; {NO_HINTS}"
+        if not self.hints:
+            return f"{LABELS[self.engine]}; {NO_HINTS}"
+        return f"{LABELS[self.engine]}; {APPEND_ONLY}" if self.append_only else LABELS[self.engine]
 
     @field_validator("contenders")
     @classmethod

@@ -75,6 +75,7 @@ def run_contender(c: Contender, provider: ClusterProvider, tasks: Sequence[Task]
                                rate=rate, seed=cfg.seed, timeout_s=600,
                                feedback=c.gateway == "chimera",  # LiteLLM has no feedback endpoint: no 404 load
                                hints=cfg.hints or c.gateway != "chimera",  # --no-hints: Chimera infers workflows
+                               append_only=True if cfg.append_only or not cfg.hints else None,
                                **provider.agent_options())
             groups = {**cl.cpu_groups, "gateway": gw.pid} if cl.cpu_groups else {}
             counted = cl.meter() if cl.meter is not None else None

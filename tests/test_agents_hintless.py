@@ -179,11 +179,11 @@ def test_append_only_with_hints_sends_the_hintless_messages_and_the_hints() -> N
     _, run, hinted, feedback = _run(hints=True, n=4, append_only=True)
     assert run.summary["failed"] == 0
 
-    def conversations(calls):  # each call's roles and user messages (replies differ only by the order served)
-        return sorted(str([(m["role"], m["content"] if m["role"] == "user" else "") for m in body["messages"]])
-                      for _, body in calls)
+    def conversations(calls):  # each call's turns and its observations' openings (the padding after them depends
+        return sorted(str([(m["role"], m["content"][:40] if m["role"] == "user" else "")  # on the replies' lengths)
+                           for m in body["messages"]]) for _, body in calls)
 
-    assert conversations(hinted) == conversations(plain)  # the same messages, call for call
+    assert conversations(hinted) == conversations(plain)  # the same conversations, call for call
     for headers, body in hinted:
         assert "x-chimera-workflow-id" in headers and body["chimera"]["workflow_id"] == headers["x-chimera-workflow-id"]
     for t in tasks:

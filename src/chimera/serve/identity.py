@@ -125,8 +125,8 @@ def _digest(h: Any) -> bytes:
 def prefix_hashes(items: Iterable[Any], start: Any = None) -> tuple[list[bytes], Any]:
     """The keys of a conversation's prefixes that end in an assistant turn (only those can name a workflow):
     prefix i = H(prefix i-1, message i), one running hash over the messages' canonical bytes, each message hashed
-    once; and the running hash, which `start` continues (on a copy). SHA-256, cut to 16 bytes: on CPUs with SHA
-    instructions it hashes a long conversation in half BLAKE2b's time. Instructions (`system`, `developer`) are not
+    once; and the running hash, which `start` continues (on a copy). SHA-256, cut to 16 bytes
+    (hardware-accelerated on CPUs with SHA instructions). Instructions (`system`, `developer`) are not
     part of it: a handoff to another agent swaps them but keeps the conversation."""
     run = start.copy() if start is not None else hashlib.sha256()
     keys: list[bytes] = []

@@ -6,13 +6,13 @@ the call's life (serve/director.py) feeds it lines and reports what it returns."
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 from starlette.responses import JSONResponse, Response
 
+from chimera.predict.cache import LRUCache
 from chimera.serve.config import Backend
 from chimera.serve.edge import RESPONSES, EdgeError
 from chimera.serve.proxy import UpstreamError, get_upstream
@@ -97,14 +97,10 @@ class ResponseHomes:
     the memory of the server that made it, so reading it back, or chaining from it, must go there."""
 
     def __init__(self, cap: int = MAX_REMEMBERED) -> None:
-        self.cap = cap
-        self._homes: OrderedDict[str, Backend] = OrderedDict()
+        self._homes = LRUCache(cap)
 
     def remember(self, response_id: str, backend: Backend) -> None:
-        self._homes[response_id] = backend
-        self._homes.move_to_end(response_id)
-        if len(self._homes) > self.cap:
-            self._homes.popitem(last=False)
+        self._homes.put(response_id, backend)
 
     def home(self, response_id: str) -> Backend:
         """The backend keeping `response_id`, or EdgeError(404) in OpenAI's shape when the gateway does not know it."""
@@ -112,7 +108,6 @@ class ResponseHomes:
         if backend is None:
             raise EdgeError(404, f"response_id: no response {response_id[:100]!r} is known to this gateway",
                             "response_not_found", "unknown_response")
-        self._homes.move_to_end(response_id)
         return backend
 
     def chained(self, body: dict[str, Any]) -> Backend | None:

@@ -155,7 +155,8 @@ class Director:
         call, timeout = ctx.call, self.limits.request_timeout_s
         dispatched: asyncio.Future[BackendState] = asyncio.get_running_loop().create_future()
         try:
-            self.pool.submit(call, self.now(), await self._predict(call), waiter=dispatched, avoid=ctx.tried)
+            ctx.decision = self.pool.admit(call, self.now(), await self._predict(call), waiter=dispatched,
+                                           avoid=ctx.tried)
         except QueueFull as e:  # the open models filled up while this call was being predicted
             self.settle(ctx, Outcome.REJECTED, "queue full", record=False)
             self.metrics.rejected.labels(ctx.path, "queue_full").inc()

@@ -10,7 +10,7 @@ import pytest
 
 from chimera.perfmodel.profiles import cluster_from_dict
 from chimera.predict.priors import RunningLength
-from chimera.sched.admission import (Admission, Completed, Dispatched, Failed, Progressed, Submitted, Withdrawn,
+from chimera.sched.admission import (Admission, Completed, Dispatched, Failed, Progressed, Scored, Submitted, Withdrawn,
                                      WorkflowEnded)
 from chimera.sched.registry import POLICIES, make_policy, policy_entry
 from chimera.sched.types import Call, ModelInfo
@@ -63,6 +63,8 @@ def replay(events: list, sched: Scheduler) -> None:
             sched.abandon(calls[ev.call_id], ev.now)
         elif isinstance(ev, WorkflowEnded):
             sched.end_workflow(ev.workflow_id, ev.now)
+        elif isinstance(ev, Scored):
+            sched.core.feedback(ev.workflow_id, ev.score, ev.now)
 
 
 def comparable(events: list) -> list:

@@ -29,6 +29,7 @@ PREDICTOR_SETS: dict[str, tuple[str, str]] = {
     "oracle": ("oracle", "oracle"),  # true scores and lengths
     "oracle-scores": ("oracle", HONEST),  # true scores, predicted lengths
     "oracle-lengths": (HONEST, "oracle"),  # predicted scores, true lengths
+    "online": ("online", "running-mean"),  # no labels: confidence from workflow scores, lengths from completions
 }
 PREDICTION_CHOICES = tuple(PREDICTOR_SETS)
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Generic, Mapping, NamedTuple, Sequence, TypeVa
 
 from chimera.sched.decision import Decision
 from chimera.sched.policy import Policy
-from chimera.sched.predictors import OnlineLearner
+from chimera.sched.predictors import FeedbackOutcome, OnlineLearner, RewardLearner
 from chimera.sched.types import Call, ModelInfo, Prediction
 
 R = TypeVar("R")  # the body's replica handle
@@ -76,7 +76,13 @@ class WorkflowEnded(NamedTuple):
     workflow_id: str
 
 
-Event = Union[Submitted, Dispatched, Progressed, Completed, Failed, Withdrawn, WorkflowEnded]
+class Scored(NamedTuple):
+    now: float
+    workflow_id: str
+    score: float
+
+
+Event = Union[Submitted, Dispatched, Progressed, Completed, Failed, Withdrawn, WorkflowEnded, Scored]
 
 
 class Admission(Generic[R]):
@@ -108,6 +114,8 @@ class Admission(Generic[R]):
             learners = [p for p in (policy.confidence, policy.length) if isinstance(p, OnlineLearner)]
         self.learners = list(learners)
         self.record = record
+        self._reward_of: object = _ABSENT  # the confidence predictor `_rewarded` was read from (a reload swaps it)
+        self._rewarded: list[RewardLearner] = []
         self._placed: dict[int, R] = {}  # call_id -> replica, while the call runs
         self._held: dict[int, int] = {}  # call_id -> tokens reported by `progress`, forwarded when the call ends
         self._dispatching: set[str] = set()
@@ -152,6 +160,8 @@ class Admission(Generic[R]):
         if self.record is not None:
             self.record(Submitted(now, {f: getattr(call, f) for f in CALL_FIELDS}, prediction,
                                   None if allowed is None else tuple(allowed), decision))
+        for learner in self.reward_learners:
+            learner.decided(call, decision, now)
         self.dispatch(decision.model, now)
         return decision
 
@@ -240,6 +250,28 @@ class Admission(Generic[R]):
             self.fail(call, now)
         else:
             self.withdraw(call, now)
+
+    @property
+    def reward_learners(self) -> list[RewardLearner]:
+        """The policy's predictors that learn from workflow scores (re-read when a reload swapped them)."""
+        conf = self.policy.confidence
+        if conf is not self._reward_of:
+            self._reward_of = conf
+            self._rewarded = [conf] if isinstance(conf, RewardLearner) else []
+        return self._rewarded
+
+    def feedback(self, workflow_id: str, score: float, now: float) -> FeedbackOutcome:
+        """A workflow's score (bandit feedback: the outcome of the models it ran on) reaches the learners that learn
+        from scores; what it did, or why not (a score teaches once, and only a finite score in [0, 1])."""
+        if self.record is not None:
+            self.record(Scored(now, workflow_id, score))
+        learners = self.reward_learners
+        if not learners:
+            return FeedbackOutcome.IGNORED
+        if not (isinstance(score, (int, float)) and 0.0 <= score <= 1.0):  # NaN fails too
+            return FeedbackOutcome.INVALID
+        outcomes = [learner.reward(workflow_id, float(score), now) for learner in learners]
+        return outcomes[0]
 
     def end_workflow(self, workflow_id: str, now: float = 0.0) -> None:
         if self.record is not None:

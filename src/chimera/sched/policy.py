@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from chimera.sched.affinity import pick_replica
-from chimera.sched.predictors import ConfidencePredictor, LengthPredictor
+from chimera.sched.predictors import ConfidencePredictor, Explorer, LengthPredictor
 from chimera.sched.decision import Decision
 from chimera.sched.monitor import LoadMonitor
 from chimera.sched.plugin import parse_params
@@ -62,6 +62,11 @@ class Policy:
             setattr(self, key, getattr(self.params, key))
         self.models: list[ModelInfo] = []
         self.last_decision: Decision | None = None
+        # What `choose` weighed for the call being admitted (per scorer, per allowed model; set by policies that
+        # score, only while an Explorer is in use: off-policy evaluation needs it, nothing else does).
+        self.last_terms: dict[str, dict[str, float]] | None = None
+        self._explorer_of: Any = None  # the confidence predictor `_explorer` was read from (a reload may swap it)
+        self._explorer: Explorer | None = None
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def bind(self, models: Sequence[ModelInfo]) -> None:
@@ -116,6 +121,18 @@ class Policy:
             call_tok = rem_tok = np.zeros(n)
         return Prediction(conf, call_tok, rem_tok)
 
+    def explorer(self) -> Explorer | None:
+        """The confidence predictor when it explores (chimera.sched.predictors.Explorer), else None; re-read when
+        the predictor was swapped (a reload)."""
+        if self.confidence is not self._explorer_of:
+            self._explorer_of = self.confidence
+            self._explorer = self.confidence if isinstance(self.confidence, Explorer) else None
+        return self._explorer
+
+    def routing_weights(self) -> dict[str, float] | None:
+        """Weight of each scorer in the routing value (policies that score; None for the others)."""
+        return None
+
     # ---- decisions (override) -----------------------------------------------------------------------------
     def choose(self, call: Call, now: float, conf: np.ndarray, call_tok: np.ndarray, rem_tok: np.ndarray,
                allowed: np.ndarray) -> int:
@@ -148,6 +165,8 @@ class Policy:
         conf = call_tok = rem_tok = None
         if self.needs_predictions:
             conf, call_tok, rem_tok = prediction if prediction is not None else self.predict(call)
+        explored: tuple[float, bool, float] = (1.0, False, 0.0)  # (propensity, explored, epsilon)
+        self.last_terms = None
         if call.pinned_model is not None:
             if call.pinned_model not in self.index:
                 raise KeyError(f"unknown model {call.pinned_model!r}; serving {self.names}")
@@ -160,7 +179,14 @@ class Policy:
                 if not mask.any():
                     raise ValueError("submit: no allowed model")
             i = self.choose(call, now, conf, call_tok, rem_tok, mask)
+            explorer = self.explorer()
+            if explorer is not None:
+                i, *rest = explorer.explore(call, i, mask)
+                explored = (rest[0], rest[1], rest[2])
         decision = self.decide(call, now, i, conf, call_tok, rem_tok)
+        if explored[0] != 1.0 or explored[1] or self.last_terms is not None:
+            decision = decision._replace(propensity=explored[0], explored=explored[1], epsilon=explored[2],
+                                         terms=self.last_terms, weights=self.routing_weights())
         call.priority = decision.priority
         call.enqueued_s = now
         self.last_decision = decision

@@ -21,6 +21,7 @@ class WorkflowRecord:
     calls: int
     models: list[str] = field(default_factory=list)
     failed: str | None = None
+    explored: int = 0  # calls routed by exploration (a learning predictor's), not by the policy's choice
 
     @property
     def latency_s(self) -> float:
@@ -29,6 +30,27 @@ class WorkflowRecord:
 
 def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else 0.0
+
+
+WINDOW = 500  # workflows per window of a run's learning curve
+
+
+def windows(records: list[WorkflowRecord], size: int = WINDOW) -> list[dict]:
+    """Accuracy, mean latency and the share of calls explored per consecutive `size` workflows in arrival order:
+    how a run that learns improves (a last window shorter than half of `size` joins the one before)."""
+    ordered = sorted(records, key=lambda r: r.arrival_s)
+    starts = list(range(0, len(ordered), size))
+    if len(starts) > 1 and len(ordered) - starts[-1] < size / 2:
+        starts.pop()
+    out = []
+    for k, start in enumerate(starts):
+        chunk = ordered[start:starts[k + 1] if k + 1 < len(starts) else len(ordered)]
+        calls = sum(r.calls for r in chunk)
+        out.append({"start": start, "workflows": len(chunk),
+                    "accuracy": float(np.mean([r.score for r in chunk])),
+                    "latency_mean_s": float(np.mean([r.latency_s for r in chunk])),
+                    "exploration": sum(r.explored for r in chunk) / calls if calls else 0.0})
+    return out
 
 
 def summarize(
@@ -61,6 +83,7 @@ def summarize(
         "per_model": per_model,
         "failed": sum(1 for r in records if r.failed),
         "wall_s": wall_s,
+        "windows": windows(records),
     }
     if extra:
         out.update(extra)

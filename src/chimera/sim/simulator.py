@@ -11,7 +11,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 
 from chimera.perfmodel.batching import Engine, Seq
@@ -25,6 +25,7 @@ from chimera.workload.arrivals import SIM_STREAM, poisson_arrivals
 from chimera.workload.plan import WorkflowPlan
 
 _WF_START, _CALL, _ENGINE, _ANSWERED = 0, 1, 2, 3
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Workflow:
     stage: int = 0
     queue_s: float = 0.0
     failed: str | None = None
+    explored: int = 0  # calls the policy's exploration routed (a learning predictor's)
 
     def __post_init__(self) -> None:
         self.outputs: list[int] = []
@@ -224,14 +226,16 @@ class Simulator:
             stream = plan.token_stream(wf.stage, wf.outputs, wf.wid, 0)
             call.cached_tokens = {m: max(e.cached_prompt_tokens(stream, call.prompt_tokens) for e in engs)
                                   for m, engs in self.engines.items()}
-        self._in_core(self.admission.submit, call, now)
+        decision = self._in_core(self.admission.submit, call, now)
+        wf.explored += decision.explored
 
-    def _in_core(self, step: Callable[..., object], *args: object) -> None:
+    def _in_core(self, step: Callable[..., T], *args: object) -> T:
         """Run one step of the admission core, adding its wall time less the engines' (a dispatch starts engine
         work through `_start`) to the scheduler's own cost."""
         t0, e0 = time.perf_counter(), self._engine_s
-        step(*args)
+        out = step(*args)
         self.sched_s += time.perf_counter() - t0 - (self._engine_s - e0)
+        return out
 
     # ---- the core's hooks: replica choice and start -----------------------------------------------------------
     def _place(self, model: str, call: Call, now: float) -> Engine:
@@ -297,8 +301,11 @@ class Simulator:
         self.records.append(WorkflowRecord(
             workflow_id=wf.wid, task_id=wf.plan.task_id, kind=wf.plan.kind, arrival_s=wf.arrival_s, end_s=now,
             score=score, queue_s=wf.queue_s, calls=len(wf.models), models=wf.models, failed=wf.failed,
+            explored=wf.explored,
         ))
         self.admission.end_workflow(wf.wid, now)
+        if not wf.failed:  # the score reaches the learners when the workflow ends, as an agent's feedback would
+            self._in_core(self.admission.feedback, wf.wid, score, now)
         if self._progress is not None:
             self._progress(1)
         if self.agents is not None and self._next_wf < len(self.workflows):

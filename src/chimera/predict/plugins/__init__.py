@@ -5,7 +5,7 @@ import importlib
 import pkgutil
 
 from chimera.predict.plugins import (  # noqa: F401  (registers)
-    size_prior, kind_accuracy, trained_router, running_mean, stage_mean, trained_forest, oracle,
+    size_prior, kind_accuracy, trained_router, running_mean, stage_mean, trained_forest, oracle, online,
 )
 
 for _m in pkgutil.iter_modules(__path__):

@@ -77,12 +77,15 @@ class ChimeraPolicy(Policy):
         self._latency.prefill_externality = self.prefill_externality
         self._latency.overrun = self.overrun
         self._latency.bind(self)
-        self._weighted: list[tuple[Any, float]] = []
+        self._weighted: list[tuple[str, Any, float]] = []
         for name, w in self.weights().items():
             scorer = self._latency if name == "expected_latency" else SCORER_REGISTRY.get(name).cls()
             if scorer is not self._latency:
                 scorer.bind(self)
-            self._weighted.append((scorer, w))
+            self._weighted.append((name, scorer, w))
+
+    def routing_weights(self) -> dict[str, float]:
+        return self.weights()
 
     def expected_latency(self, call_tok: np.ndarray, prompt_tokens: int = 0) -> np.ndarray:
         return self._latency.seconds(call_tok, prompt_tokens, self.monitor)
@@ -93,11 +96,17 @@ class ChimeraPolicy(Policy):
             lat = self._latency.score(call, now, pred, allowed, self)
             return int(self.only_allowed(lat, allowed, np.inf).argmin())
         value = None
-        for scorer, w in self._weighted:
+        log_terms = self.explorer() is not None  # off-policy evaluation reads what was weighed
+        terms = {}
+        for name, scorer, w in self._weighted:
             term = scorer.score(call, now, pred, allowed, self)
+            if log_terms:
+                terms[name] = {m: float(v) for m, v, ok in zip(self.names, term.tolist(), allowed) if ok}
             if w != 1.0:  # 1·x is x exactly: skip the multiply
                 term = w * term
             value = term if value is None else value + term
+        if log_terms:
+            self.last_terms = terms
         return int(self.only_allowed(value, allowed, -np.inf).argmax())
 
     def key(self, call: Call, now: float) -> float:

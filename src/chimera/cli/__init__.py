@@ -24,7 +24,7 @@ GROUPS: dict[str, tuple[str, dict[str, Callable]]] = {
     "workload": ("Workloads: export public benchmark data, generate synthetic tasks.",
                  {"list": workload.workload_list, "export": workload.workload_export}),
     "bench": ("Benchmarks: policy sweeps and speed.",
-              {"sim": bench.bench_sim, "speed": bench.bench_speed, "predict": bench.bench_predict,
+              {"sim": bench.bench_sim, "speed": bench.bench_speed, "predict": bench.bench_predict, "ope": bench.bench_ope,
                "gateway": bench_live.bench_gateway, "live": bench_live.bench_live, "soak": bench_live.bench_soak}),
     "eval": ("Evaluate predictors on held-out tasks, and policies on logged traffic.",
              {"predictors": train.eval_predictors, "traces": traces.eval_traces}),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from chimera.sched.decision import Decision
 from chimera.serve.clock import GatewayClock
@@ -22,10 +22,8 @@ def routing_columns(decision: Decision | None) -> dict[str, Any]:
     the exploration probability in force, and the scorer terms and weights it used (all None without a Decision)."""
     if decision is None:
         return {"propensity": None, "explored": None, "epsilon": None, "terms": None, "weights": None}
-    terms: Mapping[str, Mapping[str, float]] | None = getattr(decision, "terms", None)
-    weights: Mapping[str, float] | None = getattr(decision, "weights", None)
-    return {"propensity": getattr(decision, "propensity", None), "explored": getattr(decision, "explored", None),
-            "epsilon": getattr(decision, "epsilon", None),
+    terms, weights = decision.terms, decision.weights
+    return {"propensity": decision.propensity, "explored": decision.explored, "epsilon": decision.epsilon,
             "terms": None if terms is None else {k: dict(v) for k, v in terms.items()},
             "weights": None if weights is None else dict(weights)}
 

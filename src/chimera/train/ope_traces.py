@@ -56,7 +56,7 @@ class _Builder:
 
     def add(self, wid: str, score: float, calls: list[tuple]) -> None:
         for c in calls:
-            for m in [c[1], *(m for t in (c[5] or {}).values() for m in t)]:
+            for m in [*(m for t in (c[5] or {}).values() for m in t), c[1]]:  # the policy's order first (ties)
                 self.models.setdefault(m, len(self.models))
             for s in c[5] or {}:
                 self.scorers.setdefault(s, len(self.scorers))

@@ -155,11 +155,13 @@ def count_runs(spec: SweepSpec) -> int:
 
 
 def write_results(rows: list[dict], out: Path, free_context: bool = False) -> tuple[str, Path]:
-    """results.md (the runs, then the frontier over the λ sweep), results.json and frontier.png in `out`;
+    """results.md (the runs, the frontier over the λ sweep, learning curves of runs that learn online), results.json,
+    frontier.png and (when a run learns) learning.png in `out`;
     returns the markdown and the plot's path."""
     import json
 
     from chimera.bench.frontier import frontier, frontier_markdown
+    from chimera.bench.learning import learning_markdown, learning_plot, learning_rows
     from chimera.bench.report import frontier_plot, markdown_table
 
     out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +170,9 @@ def write_results(rows: list[dict], out: Path, free_context: bool = False) -> tu
     if free_context:
         md = ("**What-if bound (`--free-context`):** every stage after a workflow's first prefills only its newest "
               "text, as if its workflow's earlier context were cached on every replica.\n\n" + md)
+    if learning_rows(rows):  # runs that learn online: their learning curves beside the fixed predictors
+        md += "\n## Learning online (per window of workflows)\n\n" + learning_markdown(rows)
+        learning_plot(rows, out / "learning.png")
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"runs": rows, "frontier": front}, indent=1))
     return md, frontier_plot(rows, out / "frontier.png")

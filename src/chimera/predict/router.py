@@ -83,6 +83,12 @@ class RouterBase(BaseEstimator):
         self._warned: set[str] = set()
         return scores
 
+    def __getstate__(self) -> dict:
+        """Saved without the set of models already warned about: a loaded router warns again when it falls back."""
+        state = dict(super().__getstate__())
+        state.pop("_warned", None)
+        return state
+
     def _prior(self, model: str, kind: str | None) -> float | None:
         by_kind = self.priors_.get(kind or "*", {})
         return by_kind.get(model, self.priors_["*"].get(model))

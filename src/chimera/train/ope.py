@@ -13,6 +13,12 @@ Estimators, per workflow i with calls t = 1..T and score R (W_{1:t} = Π_{s≤t}
   model q_t(a) = the logged confidence of model a at call t and V_t = Σ_a π'(a)·q_t(a). Each bracket has mean zero
   under the logging policy whatever q is, so DR is unbiased where IPS is; for one-call workflows it is the usual
   V + W·(R − q(a)). The estimate is the mean of DR_i.
+- DR, additive (the pseudo-inverse estimator of slate evaluation, Swaminathan et al. 2017, with the same reward
+  model): DRA_i = (1/T) Σ_t V_t + (Σ_t ρ_t − T + 1)·(R − (1/T) Σ_t q_t(a_t)), ρ_t = π'(a_t)/p_t. It assumes the
+  workflow's score adds up over its calls (the simulator's default quality rule: Σ stage share × the stage model's
+  score) and that a call's choice barely changes what later calls see; then it is unbiased with single-call ratios
+  instead of their product, so far fewer workflows are wasted when a workflow has many calls. Where the score does not
+  add up (a last-stage or minimum rule), trust DR.
 Intervals: percentile bootstrap over workflows (`n_boot` resamples, seeded), the same resamples for every estimator.
 
 What this cannot see: the candidate's effect on the load its own calls meet (the latency terms are the logged run's)
@@ -22,7 +28,7 @@ and on what an online learner would have learnt from its own choices; both are b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -96,8 +102,10 @@ class CandidateReport:
     ips: Estimate
     snips: Estimate
     dr: Estimate
+    dr_additive: Estimate
     mean_weight: Estimate  # E[W] is 1 under correct propensities: far from 1 flags a mismatch
-    ess: float  # (Σ W)² / Σ W²: how many workflows the estimate is worth
+    ess: float  # (Σ W)² / Σ W²: how many workflows the trajectory estimates are worth
+    ess_additive: float  # the same of the additive estimator's factor Σ ρ_t − T + 1
     share_positive: float  # workflows whose every call the candidate could have made (W > 0)
     agreement: float  # routed calls where the candidate's greedy choice is the logged model
 
@@ -119,7 +127,8 @@ class OPEReport:
         return {"workflows": self.n_workflows, "calls": self.n_calls, "level": self.level, "n_boot": self.n_boot,
                 "interval": "percentile bootstrap over workflows", "logged": est(self.logged), "replay": self.replay,
                 "candidates": [{"label": c.label, "weights": c.weights, "ips": est(c.ips), "snips": est(c.snips),
-                                "dr": est(c.dr), "mean_weight": est(c.mean_weight), "ess": c.ess,
+                                "dr": est(c.dr), "dr_additive": est(c.dr_additive),
+                                "mean_weight": est(c.mean_weight), "ess": c.ess, "ess_additive": c.ess_additive,
                                 "share_positive": c.share_positive, "agreement": c.agreement}
                                for c in self.candidates]}
 
@@ -168,9 +177,18 @@ def _segment_cumprod(ratio: np.ndarray, group: np.ndarray) -> np.ndarray:
     return np.where(cum_zeros > before_zeros, 0.0, np.exp(cum_logs - before_logs))
 
 
-def workflow_terms(logged: LoggedCalls, candidate: Candidate,
-                   baseline: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per workflow: W (importance weight), W·R and the DR value; `baseline` stands in for unknown confidences."""
+class PerWorkflow(NamedTuple):
+    """A candidate's per-workflow quantities; every estimate is a mean (or ratio of sums) of these."""
+
+    w: np.ndarray  # importance weight W
+    wr: np.ndarray  # W·R
+    dr: np.ndarray  # the DR term
+    factor: np.ndarray  # Σ_t ρ_t − T + 1 (the additive estimator's weight)
+    dr_additive: np.ndarray  # the additive DR term
+
+
+def workflow_terms(logged: LoggedCalls, candidate: Candidate, baseline: float) -> PerWorkflow:
+    """Per workflow: W, W·R, DR, the additive factor and DR; `baseline` stands in for unknown confidences."""
     greedy = _greedy(logged, candidate.weights)
     pi = target_probabilities(logged, greedy)
     rows = np.arange(len(logged.chosen))
@@ -179,14 +197,24 @@ def workflow_terms(logged: LoggedCalls, candidate: Candidate,
     prev = np.where(np.r_[True, logged.workflow[1:] != logged.workflow[:-1]], 1.0, np.r_[1.0, cum[:-1]])
     q = np.where(np.isnan(logged.confidence), baseline, logged.confidence)
     v = (pi * q).sum(axis=1)  # V_t under the candidate
-    ctrl = cum * q[rows, logged.chosen] - prev * v
+    qa = q[rows, logged.chosen]
     n = logged.n
     calls = np.bincount(logged.workflow, minlength=n)
-    last = np.cumsum(calls) - 1
-    w = cum[last]
+
+    def per_wf(x: np.ndarray) -> np.ndarray:
+        return np.bincount(logged.workflow, weights=x, minlength=n)
+
+    w = cum[np.cumsum(calls) - 1]
     wr = w * logged.reward
-    dr = wr - np.bincount(logged.workflow, weights=ctrl, minlength=n) / calls
-    return w, wr, dr
+    dr = wr - per_wf(cum * qa - prev * v) / calls
+    factor = per_wf(ratio) - calls + 1
+    dr_additive = per_wf(v) / calls + factor * (logged.reward - per_wf(qa) / calls)
+    return PerWorkflow(w, wr, dr, factor, dr_additive)
+
+
+def _ess(w: np.ndarray) -> float:
+    sw2 = float((w * w).sum())
+    return float(w.sum()) ** 2 / sw2 if sw2 > 0 else 0.0
 
 
 class _Bootstrap:
@@ -235,20 +263,21 @@ def evaluate(logged: LoggedCalls, candidates: Sequence[Candidate], n_boot: int =
     replay = float((logged_greedy[replay_rows] == logged.chosen[replay_rows]).mean()) if replay_rows.any() else 1.0
     reports = []
     for cand in candidates:
-        w, wr, dr = workflow_terms(logged, cand, baseline)
+        t = workflow_terms(logged, cand, baseline)
         greedy = _greedy(logged, cand.weights)
-        w_s, wr_s, dr_s = boot.sums(w, wr, dr)
+        w_s, wr_s, dr_s, dra_s = boot.sums(t.w, t.wr, t.dr, t.dr_additive)
         with np.errstate(invalid="ignore", divide="ignore"):
             snips_b = wr_s / w_s
-        sw, sw2 = float(w.sum()), float((w * w).sum())
+        sw = float(t.w.sum())
         reports.append(CandidateReport(
             label=cand.label, weights=dict(cand.weights),
-            ips=_interval(wr.mean(), wr_s / n, level),
-            snips=_interval(wr.sum() / sw if sw > 0 else float("nan"), snips_b, level),
-            dr=_interval(dr.mean(), dr_s / n, level),
-            mean_weight=_interval(w.mean(), w_s / n, level),
-            ess=sw * sw / sw2 if sw2 > 0 else 0.0,
-            share_positive=float((w > 0).mean()),
+            ips=_interval(t.wr.mean(), wr_s / n, level),
+            snips=_interval(t.wr.sum() / sw if sw > 0 else float("nan"), snips_b, level),
+            dr=_interval(t.dr.mean(), dr_s / n, level),
+            dr_additive=_interval(t.dr_additive.mean(), dra_s / n, level),
+            mean_weight=_interval(t.w.mean(), w_s / n, level),
+            ess=_ess(t.w), ess_additive=_ess(t.factor),
+            share_positive=float((t.w > 0).mean()),
             agreement=float((greedy[logged.routed] == logged.chosen[logged.routed]).mean())
             if logged.routed.any() else 1.0,
         ))

@@ -19,9 +19,9 @@ from chimera.train.from_traces import TraceStoreError, json_object, latest_score
 from chimera.train.ope import LoggedCalls
 
 OPE_COLUMNS = ("propensity", "explored", "epsilon", "terms", "weights")
-HOW_TO_LOG = ("a gateway from this version on logs every routing decision's propensity (`chimera serve`, policy "
-              "chimera; explore with `--predictions online` so that other policies can be evaluated), and "
-              "`chimera simulate ... --trace DB` writes a simulated one")
+HOW_TO_LOG = ("the gateway logs every routing decision's propensity and scorer terms from this version on, when its "
+              "confidence predictor explores (the `online` predictor); `chimera simulate --predictions online ... "
+              "--trace DB` writes a simulated store")
 
 
 def _finite(x: Any) -> bool:
@@ -131,6 +131,10 @@ def logged_calls_from_traces(db_path: str | Path) -> tuple[LoggedCalls, dict[str
     if not b.ids:
         raise TraceStoreError(f"{path}: {_why_empty(stats, bool(feedback))}")
     logged = b.build()
+    if not logged.routed.any():
+        raise TraceStoreError(f"{path}: no routed call logged its scorer terms (the policy routed without an exploring "
+                              f"predictor, or every call was pinned), so no candidate's choice can be recomputed; "
+                              f"{HOW_TO_LOG}")
     stats["routed_calls"] = int(logged.routed.sum())
     stats["forced_calls"] = int((~logged.routed).sum())
     stats["explored_calls"] = int(logged.explored.sum())

@@ -92,7 +92,9 @@ def score_matrix(tasks: Sequence[Task], models: Sequence[str]) -> np.ndarray:
 def strong_weak(scores: np.ndarray, models: Sequence[str]) -> tuple[str, str]:
     """The most and least accurate models among those labelled on at least half the tasks."""
     cover = np.isfinite(scores).mean(axis=0)
-    mean = np.nanmean(np.where(np.isfinite(scores), scores, np.nan), axis=0)
+    mean = np.full(len(models), np.nan)
+    labelled = cover > 0  # a model without a label (served, never chosen) has no mean
+    mean[labelled] = np.nanmean(np.where(np.isfinite(scores), scores, np.nan)[:, labelled], axis=0)
     ok = [j for j in range(len(models)) if cover[j] >= 0.5] or list(range(len(models)))
     return models[max(ok, key=lambda j: mean[j])], models[min(ok, key=lambda j: mean[j])]
 

@@ -223,7 +223,8 @@ def test_cli_train_from_logged_traces_reports_a_model_never_chosen(logged_db, tm
     r = CliRunner().invoke(app, ["train", "--traces", str(logged_db), "--out", str(out), "--trees", "10"])
     assert r.exit_code == 0, r.output
     text = _flat(r.output)
-    assert "120 weighted by inverse propensity (3 clipped at 100)" in text and "workflows per model: big 80, small 40" in text
+    assert "120 weighted by inverse propensity (3 clipped at 100)" in text
+    assert "workflows per model: big 80, small 40" in text
     assert "model 'tiny' was served but has no labels (never chosen); its router head falls back to the prior" in text
     pred = load_predictors(out)
     assert pred.models == ["big", "small", "tiny"] and pred.router.heads_["tiny"] is None

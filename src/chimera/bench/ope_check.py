@@ -2,7 +2,7 @@
 
 Per seed: one logged run (the logging λ, written to a trace store as the gateway writes it), the estimates of each
 candidate λ from that store alone (chimera.train.ope), then each candidate actually run on the same workflows, seed
-and rate: the estimate's error, whether its interval covers the candidate's simulated accuracy, and — for scale — the
+and rate: the estimate's error, whether its interval covers the candidate's simulated accuracy, and (for scale) the
 error of the naive answer (the logged run's own mean). One seed is one draw of a noisy check; several seeds show how
 often the estimates land and the intervals cover. All results simulated.
 """

@@ -37,7 +37,8 @@ def ope_table(report, title: str) -> Table:
 
 
 def eval_traces(
-    db: Path = typer.Argument(..., help="A trace store (the gateway's trace_store file, or `chimera simulate --trace`)."),
+    db: Path = typer.Argument(..., help="A trace store (the gateway's trace_store file, or `chimera simulate "
+                              "--trace`)."),
     policy: str = typer.Option("chimera", "--policy", help="Candidate policy: chimera (its choice is recomputed "
                                "from the logged scorer terms)."),
     lam: Optional[list[float]] = typer.Option(None, "--lam", help="Candidate λ (repeatable); none: the logged "

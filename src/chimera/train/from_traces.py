@@ -1,7 +1,7 @@
 """The learning loop's input: turn the gateway's own trace store into training Tasks.
 
-One Task per traced workflow that got feedback (POST /v1/feedback): its prompt is the router's prompt text of the
-workflow's first call, its outcome is the feedback score and the workflow's output tokens, credited to the model
+One Task per traced workflow that got feedback (POST /v1/chimera/feedback): its prompt is the router's prompt text of
+the workflow's first call, its outcome is the feedback score and the workflow's output tokens, credited to the model
 that served it, and its `stages` detail is the real per-call lengths (so the length forest learns real per-stage
 lengths instead of template splits). Only calls with status `ok` count; failed attempts (retries, timeouts) do not.
 

@@ -146,8 +146,8 @@ def _why_empty(st: dict[str, Any], any_feedback: bool) -> str:
     if not st["workflows"]:
         return "no calls in the trace store"
     if not any_feedback:
-        return ("no workflow has a feedback score: post each workflow's score to POST /v1/feedback (or write a "
-                "simulated store with `chimera simulate ... --trace DB`)")
+        return ("no workflow has a feedback score: post each workflow's score to POST /v1/chimera/feedback (or "
+                "write a simulated store with `chimera simulate ... --trace DB`)")
     if st["skipped_no_propensity"] and not st["skipped_bad_row"]:
         return (f"none of the {st['workflows'] - st['skipped_no_feedback'] - st['skipped_bad_score']} scored "
                 f"workflows has logged propensities (calls recorded before they were logged, or by a gateway "

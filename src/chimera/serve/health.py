@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
 
@@ -88,6 +88,7 @@ class HealthChecker:
         self._verdict: dict[str, tuple] = {}  # backend name -> key of the last logged verdict (log on change)
         self._noted: dict[str, set[str]] = {}  # backend name -> "cannot verify" reasons already logged
         self.rounds = 0
+        self.on_scrape: Callable[["BackendState", dict[str, float]], None] | None = None  # told of each scrape
 
     def start(self) -> None:
         self._loop.start()
@@ -182,3 +183,5 @@ class HealthChecker:
         be.scraped_waiting = vals.get("waiting")
         be.kv_cache_usage = vals.get("kv_cache_usage")
         be.external_calls = external_calls(be.scraped_running, be.scraped_waiting, be.inflight)
+        if self.on_scrape is not None and vals:
+            self.on_scrape(be, vals)

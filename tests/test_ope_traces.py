@@ -172,3 +172,25 @@ def test_simulate_trace_writes_a_store_that_ope_reads(tmp_path):
     assert calls == ok == len(logs.chosen)
     r = CliRunner().invoke(app, args)  # a store holds one run
     assert r.exit_code == 2 and "the trace file exists" in _flat(r.output)
+
+
+def test_bench_ope_checks_estimates_against_the_candidates_runs(tmp_path):
+    out = tmp_path / "ope"
+    r = CliRunner().invoke(app, ["bench", "ope", "-w", "synthetic:60", "--lam", "0.02", "--candidates", "0.01,0.05",
+                                 "--tasks", "150", "--seeds", "0", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    [run] = res["runs"]
+    assert run["replay"] == 1.0 and run["trace"]["dropped"] == 0 and (out / "trace-0.sqlite").exists()
+    assert [row["lam"] for row in run["rows"]] == [0.01, 0.05]
+    for row in run["rows"]:
+        for name in ("dr", "dr_additive"):
+            est = row[name]
+            assert est["low"] <= est["value"] <= est["high"]
+            assert est["error_pts"] == pytest.approx(100 * (est["value"] - row["accuracy"]))
+            assert est["covered"] == (est["low"] <= row["accuracy"] <= est["high"])
+    assert [s["lam"] for s in res["summary"]] == [0.01, 0.05] and res["summary"][0]["runs"] == 1
+    md = (out / "results.md").read_text()
+    assert "| seed | logged accuracy | candidate λ |" in md and ("Check (every DR" in md)
+    r = CliRunner().invoke(app, ["bench", "ope", "--candidates", "-1", "--out", str(out)])
+    assert r.exit_code == 2 and "--candidates must be one or more λ ≥ 0" in _flat(r.output)

@@ -164,5 +164,3 @@ def candidate_list(text: str) -> tuple[float, ...]:
         raise ValueError(f"--candidates must be one or more λ ≥ 0, got {text!r}")
     return vals
 
-
-__all__: Sequence[str] = ("OPECheckSpec", "candidate_list", "run_ope_check", "to_markdown", "write_results")

@@ -23,12 +23,13 @@ import math
 import sqlite3
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple, Sequence
 
 from chimera.workload.schema import Outcome, StageOutcome, Task
 from chimera.workload.templates import DEFAULT_KIND
 
-_NEEDED = {"workflow_id", "stage", "model", "prompt_tokens", "completion_tokens", "status"}
+_NEEDED_ORDER = ("workflow_id", "stage", "model", "prompt_tokens", "completion_tokens", "status")
+_NEEDED = set(_NEEDED_ORDER)
 _OPTIONAL = ("kind", "prompt", "queued_at", "ended_at", "propensity", "confidences")
 MAX_IPS_WEIGHT = 100.0  # one exploration among three models at ε = 3% (1/p = K/ε) is kept whole; more is clipped
 
@@ -58,6 +59,31 @@ def open_trace_store(path: Path) -> sqlite3.Connection:
         db.close()
         raise TraceStoreError(f"{path}: not a trace store (table calls lacks {', '.join(sorted(_NEEDED - cols))})")
     return db
+
+
+class TracedCalls(NamedTuple):
+    calls: dict[str, list[dict[str, Any]]]  # workflow id -> its calls in stage order, each {column: value}
+    feedback: list[tuple[Any, Any]]  # (workflow_id, score) in the order posted
+    n_calls: int
+    columns: list[str]  # the columns read
+
+
+def read_trace_store(path: Path, columns: Callable[[set[str]], Sequence[str]]) -> TracedCalls:
+    """A trace store's calls grouped by workflow and its feedback rows; `columns(available)` picks the calls'
+    columns to read (the first must be workflow_id) or raises for what is missing."""
+    db = open_trace_store(path)
+    try:
+        sel = list(columns({r[1] for r in db.execute("PRAGMA table_info(calls)")}))
+        rows = db.execute(f"SELECT {', '.join(sel)} FROM calls ORDER BY workflow_id, stage, rowid").fetchall()
+        fb_rows = db.execute("SELECT workflow_id, score FROM feedback ORDER BY at, rowid").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise TraceStoreError(f"{path}: cannot read the trace store ({e})") from None
+    finally:
+        db.close()
+    by_wf: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_wf[str(r[0])].append(dict(zip(sel, r)))
+    return TracedCalls(dict(by_wf), fb_rows, len(rows), sel)
 
 
 def latest_scores(rows: list[tuple[Any, Any]]) -> dict[str, Any]:
@@ -105,31 +131,18 @@ def tasks_from_traces(db_path: str | Path) -> tuple[list[Task], dict[str, Any]]:
     store; both name the file.
     """
     path = Path(db_path)
-    db = open_trace_store(path)
-    try:
-        cols = {r[1] for r in db.execute("PRAGMA table_info(calls)")}
-        opt = [c for c in _OPTIONAL if c in cols]
-        sel = ["workflow_id", "stage", "model", "prompt_tokens", "completion_tokens", "status"] + opt
-        calls = db.execute(f"SELECT {', '.join(sel)} FROM calls ORDER BY workflow_id, stage, rowid").fetchall()
-        fb_rows = db.execute("SELECT workflow_id, score FROM feedback ORDER BY at, rowid").fetchall()
-    except sqlite3.DatabaseError as e:
-        raise TraceStoreError(f"{path}: cannot read the trace store ({e})") from None
-    finally:
-        db.close()
-
-    by_wf: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in calls:
-        by_wf[str(r[0])].append(dict(zip(sel, r)))
+    traced = read_trace_store(path, lambda cols: [*_NEEDED_ORDER, *(c for c in _OPTIONAL if c in cols)])
+    by_wf, fb_rows = traced.calls, traced.feedback
     feedback = latest_scores(fb_rows)
 
     stats: dict[str, Any] = {
-        "path": str(path), "workflows": len(by_wf), "calls": len(calls), "feedback_rows": len(fb_rows),
+        "path": str(path), "workflows": len(by_wf), "calls": traced.n_calls, "feedback_rows": len(fb_rows),
         "tasks": 0, "skipped_no_feedback": 0, "skipped_no_ok_calls": 0, "skipped_bad_score": 0,
         "feedback_without_calls": sum(1 for w in feedback if w not in by_wf), "mixed_models": 0,
         "missing_prompt": 0, "calls_used": 0, "tasks_per_model": {}, "ips_weighted": 0, "unweighted": 0,
         "clipped": 0, "max_weight": MAX_IPS_WEIGHT, "served_models": [], "unlabelled": {},
     }
-    chosen: Counter[str] = Counter(str(r[2]) for r in calls if r[2])
+    chosen: Counter[str] = Counter(str(r["model"]) for rows in by_wf.values() for r in rows if r["model"])
     served = set(chosen)
     tasks: list[Task] = []
     per_model: Counter[str] = Counter()
@@ -173,7 +186,7 @@ def tasks_from_traces(db_path: str | Path) -> tuple[list[Task], dict[str, Any]]:
             stats["missing_prompt"] += 1
         kind = next((r.get("kind") for r in rows if r.get("kind")), None) or DEFAULT_KIND
         pt = first["prompt_tokens"]
-        weight = ips_weight([r.get("propensity") for r in rows]) if "propensity" in opt else None
+        weight = ips_weight([r.get("propensity") for r in rows]) if "propensity" in traced.columns else None
         stats["ips_weighted" if weight is not None else "unweighted"] += 1
         stats["clipped"] += weight == MAX_IPS_WEIGHT
         tasks.append(Task(

@@ -8,14 +8,12 @@ recomputes its choice there), one without (pinned by the client, a retry) was fo
 from __future__ import annotations
 
 import math
-import sqlite3
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from chimera.train.from_traces import TraceStoreError, json_object, latest_scores, open_trace_store, valid_score
+from chimera.train.from_traces import TraceStoreError, json_object, latest_scores, read_trace_store, valid_score
 from chimera.train.ope import LoggedCalls
 
 OPE_COLUMNS = ("propensity", "explored", "epsilon", "terms", "weights")
@@ -91,25 +89,18 @@ def logged_calls_from_traces(db_path: str | Path) -> tuple[LoggedCalls, dict[str
     """The scored workflows' logged decisions, and counts of what was used and skipped. Raises FileNotFoundError or
     TraceStoreError (a ValueError naming the file and what is missing, and how to get a store that has it)."""
     path = Path(db_path)
-    db = open_trace_store(path)
-    try:
-        cols = {r[1] for r in db.execute("PRAGMA table_info(calls)")}
-        missing = [c for c in OPE_COLUMNS if c not in cols]
+
+    def columns(available: set[str]) -> list[str]:
+        missing = [c for c in OPE_COLUMNS if c not in available]
         if missing:
             raise TraceStoreError(f"{path}: this trace store has no {', '.join(missing)} column(s): it was written "
                                   f"before routing propensities were logged, so no policy can be evaluated from it; "
                                   f"{HOW_TO_LOG}")
-        sel = ["workflow_id", "model", "confidences", *OPE_COLUMNS]
-        rows = db.execute(f"SELECT {', '.join(sel)} FROM calls ORDER BY workflow_id, stage, rowid").fetchall()
-        feedback = latest_scores(db.execute("SELECT workflow_id, score FROM feedback ORDER BY at, rowid").fetchall())
-    except sqlite3.DatabaseError as e:
-        raise TraceStoreError(f"{path}: cannot read the trace store ({e})") from None
-    finally:
-        db.close()
-    by_wf: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_wf[str(r[0])].append(dict(zip(sel, r)))
-    stats: dict[str, Any] = {"path": str(path), "workflows": len(by_wf), "calls": len(rows), "used": 0,
+        return ["workflow_id", "model", "confidences", *OPE_COLUMNS]
+
+    traced = read_trace_store(path, columns)
+    by_wf, feedback = traced.calls, latest_scores(traced.feedback)
+    stats: dict[str, Any] = {"path": str(path), "workflows": len(by_wf), "calls": traced.n_calls, "used": 0,
                              "skipped_no_feedback": 0, "skipped_bad_score": 0, "skipped_no_propensity": 0,
                              "skipped_bad_row": 0, "routed_calls": 0, "forced_calls": 0, "explored_calls": 0}
     b = _Builder()

@@ -89,7 +89,7 @@ class ChimeraPolicy(Policy):
 
     def speeds_changed(self) -> None:
         """The scorers read speed figures at bind: bind them again to the new ones (the load monitor is kept)."""
-        for scorer, _ in self._weighted:
+        for _, scorer, _ in self._weighted:
             scorer.bind(self)
 
     def expected_latency(self, call_tok: np.ndarray, prompt_tokens: int = 0) -> np.ndarray:

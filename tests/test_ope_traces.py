@@ -194,3 +194,17 @@ def test_bench_ope_checks_estimates_against_the_candidates_runs(tmp_path):
     assert "| seed | logged accuracy | candidate λ |" in md and ("Check (every DR" in md)
     r = CliRunner().invoke(app, ["bench", "ope", "--candidates", "-1", "--out", str(out)])
     assert r.exit_code == 2 and "--candidates must be one or more λ ≥ 0" in _flat(r.output)
+
+
+def test_bench_ope_sets_the_learners_parameters(tmp_path):
+    out = tmp_path / "ope"
+    r = CliRunner().invoke(app, ["bench", "ope", "-w", "synthetic:60", "--lam", "0.02", "--candidates", "0.05",
+                                 "--tasks", "150", "--learner", "explore_min=0.3", "--learner", "budget=0.3",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    # exploration held at its 30% floor: the logged run explored about 30% of its calls
+    assert min(res["runs"][0]["logged"]["exploration"]) > 0.2
+    assert "--learner explore_min=0.3 --learner budget=0.3" in (out / "results.md").read_text()
+    r = CliRunner().invoke(app, ["bench", "ope", "--learner", "explore=0.1", "--out", str(out)])
+    assert r.exit_code == 2 and "explore" in _flat(r.output) and "no parameter" in _flat(r.output)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 from chimera.bench.sim_trace import SimTraceWriter
 from chimera.bench.sweep import capacity_workflows_per_s
 from chimera.perfmodel.profiles import ClusterConfig
+from chimera.predict.assembly import PredictorsSpec, resolve_predictions
 from chimera.sim.experiment import Prepared, prepare, run_policy
 from chimera.train.ope import Candidate, evaluate
 from chimera.train.ope_traces import logged_calls_from_traces
@@ -34,7 +35,18 @@ class OPECheckSpec:
     tasks: int = 3000
     seeds: tuple[int, ...] = (0,)
     predictions: str = "online"
+    learner: tuple[tuple[str, Any], ...] = ()  # parameters of the runs' confidence predictor (e.g. explore_min)
     n_boot: int = 2000
+
+    def predictors(self) -> PredictorsSpec:
+        """The runs' predictors: `predictions` with `learner` over its confidence predictor's parameters (an
+        unknown key is refused naming the predictor and the key)."""
+        spec, _ = resolve_predictions(self.predictions)
+        if not self.learner:
+            return spec
+        conf = spec.confidence
+        return PredictorsSpec(confidence={"name": conf.name, "params": {**conf.params, **dict(self.learner)}},
+                              length=spec.length)
 
 
 def run_ope_check(tasks_for: Callable[[int], Sequence[Task]], cluster: ClusterConfig, spec: OPECheckSpec, out: Path,
@@ -79,10 +91,11 @@ def check_seed(prep: Prepared, spec: OPECheckSpec, seed: int, rate: float, db: P
     for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         f.unlink(missing_ok=True)  # the bench's own store of its last run
     wfs = prep.workflows(spec.tasks, seed)
+    predictors = spec.predictors()
 
     def run(lam: float, record=None) -> dict:
         res = run_policy(prep, "chimera", rate=rate, seed=seed, lam=lam, workflows=wfs,
-                         predictions=spec.predictions, record=record)
+                         predictions=predictors, record=record)
         if progress:
             progress(1)
         return res
@@ -121,7 +134,8 @@ def to_markdown(res: dict[str, Any], workload: str) -> str:
     def est(e: dict) -> str:
         return f"{100 * e['value']:.1f} [{100 * e['low']:.1f}, {100 * e['high']:.1f}] ({e['error_pts']:+.1f})"
 
-    lines = [f"Logged runs: chimera λ={sp['logged_lam']:g}, `--predictions {sp['predictions']}`, {workload}, "
+    learner = "".join(f" --learner {k}={v}" for k, v in sp.get("learner", ()))
+    lines = [f"Logged runs: chimera λ={sp['logged_lam']:g}, `--predictions {sp['predictions']}{learner}`, {workload}, "
              f"{sp['tasks']} workflows at load {sp['load']:g} ({rates} wf/s); simulated. Estimates in points with "
              f"their {pct}% interval and (error against the simulated accuracy).", "",
              "| seed | logged accuracy | candidate λ | simulated accuracy | DR | DR additive | IPS | SNIPS | ESS "

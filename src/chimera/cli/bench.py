@@ -174,6 +174,8 @@ def bench_ope(
                                     "explores only with an exploring confidence predictor: online)."),
     seeds: str = typer.Option("0", "--seeds", help="Seeds, comma-separated: each one a logged run and its "
                               "candidates' runs (workflows, arrivals)."),
+    learner: list[str] = typer.Option([], "--learner", help="KEY=VALUE: a parameter of every run's confidence "
+                                      "predictor (repeatable), e.g. explore_min=0.1 (see docs/predictors.md)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     out: Path = typer.Option(Path("out/bench-ope"), "--out", help="Folder for trace-SEED.sqlite, results.md, "
                              "results.json."),
@@ -184,11 +186,14 @@ def bench_ope(
     Example: chimera bench ope -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --lam 0.05 --candidates 0.02,0.1,0.2
     """
     from chimera.bench.ope_check import OPECheckSpec, candidate_list, run_ope_check, write_results
+    from chimera.util.keyvalue import parse_pairs
     from chimera.workload.source import load_workload
 
     with failing_on(*LOAD_ERRORS):
         spec = OPECheckSpec(logged_lam=lam, candidates=candidate_list(candidates), load=load, tasks=tasks,
-                            seeds=tuple(int(x) for x in names(seeds)), predictions=predictions)
+                            seeds=tuple(int(x) for x in names(seeds)), predictions=predictions,
+                            learner=tuple(parse_pairs(learner, "--learner").items()))
+        spec.predictors()  # a bad predictor choice or parameter fails here, naming it
         cl = cluster_or_default(cluster)
         load_workload(workload, data_dir=data_dir)  # a bad spec fails before any run
         with progress() as prog:

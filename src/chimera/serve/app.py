@@ -54,10 +54,12 @@ _ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 502: "serv
 
 def build_policy(cfg: GatewayConfig, infos: list[ModelInfo]) -> Policy:
     """The configured policy with its predictors, built by the one assembly (chimera.predict.assembly): trained ones
-    from `predictors: DIR`, else the cold-start priors (confidence by model size, lengths learnt online)."""
+    from `predictors: DIR`, else the cold-start priors (confidence by model size, lengths learnt online); with
+    `learning: {online: true}`, confidence learnt from workflow scores, warm-started from either."""
     try:
         return gateway_policy(cfg.policy.name, cfg.policy.lam, cfg.policy.params, infos, cfg.predictors,
-                              workload_names(cfg), cfg.length_stat)
+                              workload_names(cfg), cfg.length_stat,
+                              cfg.learning.params if cfg.learning.online else None)
     except PredictorConfigError as e:
         raise GatewayConfigError(str(e)) from None
 

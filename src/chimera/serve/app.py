@@ -43,6 +43,7 @@ from chimera.serve.pool import BackendPool
 from chimera.serve.proxy import UpstreamClients
 from chimera.serve.records import CallRecorder
 from chimera.serve.responses import fetch_stored
+from chimera.serve.scores import STORED, WorkflowScores, refusal
 from chimera.serve.trace import TraceStore
 
 log = logging.getLogger("chimera.serve")
@@ -50,6 +51,7 @@ FEEDBACK = "/v1/chimera/feedback"
 STORED_RESPONSE = RESPONSES + "/{response_id}"
 UPSTREAM_LOGGERS = ("httpx", "httpcore")  # one INFO line per upstream call and probe: off unless asked for
 _ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 502: "server_error", 503: "server_error"}
+_FEEDBACK_REFUSED = {400: "invalid", 404: "unknown"}  # edge refusals of a score that count as its outcome
 
 
 def build_policy(cfg: GatewayConfig, infos: list[ModelInfo]) -> Policy:
@@ -79,6 +81,7 @@ class Gateway:
             if cfg.predictors and self.policy.needs_predictions else None
         self.trace = TraceStore(cfg.trace_store)
         self.metrics = GatewayMetrics(self.pool, self.trace)
+        self.scores = WorkflowScores(self.pool, self.trace, self.metrics)
         self.auth = edge.Auth(cfg.auth.api_keys, cfg.auth.admin_keys)
         self.health_checker: HealthChecker | None = None
         self.run_id = uuid.uuid4().hex[:8]
@@ -169,6 +172,7 @@ class Gateway:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def feedback(self, request: Request) -> Response:
+        """A workflow's score: learnt once and stored once (serve/scores.py), or refused saying why."""
         try:
             self.auth.require_client(request.headers)
             fb = edge.feedback(await edge.read_json(request, self.cfg.limits))
@@ -177,10 +181,15 @@ class Gateway:
                 raise EdgeError(404, "response_id: unknown response_id (not served here, or forgotten)",
                                 "unknown_response_id", "unknown_response")
         except EdgeError as e:
+            if e.status in _FEEDBACK_REFUSED:
+                self.metrics.feedback.labels(_FEEDBACK_REFUSED[e.status]).inc()
             return self._refuse(FEEDBACK, e)
-        self.trace.log_feedback(wid, fb.score)
-        self.identity.end(wid, self.clock.now())
-        return JSONResponse({"ok": True, "workflow_id": wid, "score": fb.score})
+        now = self.clock.now()
+        outcome = self.scores.take(wid, fb.score, now)
+        self.identity.end(wid, now)
+        if outcome not in STORED:
+            return self._refuse(FEEDBACK, refusal(outcome, wid))
+        return JSONResponse({"ok": True, "workflow_id": wid, "score": fb.score, "outcome": outcome.value})
 
     async def chat(self, request: Request) -> Response:
         return await self._completion(request, CHAT)

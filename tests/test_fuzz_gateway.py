@@ -130,7 +130,7 @@ class _ErrorLog(logging.Handler):
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     """A fast fake upstream serving both models, and a gateway with keys, a small queue and online learning in front
-    of it (so feedback reaches the learner: learnt, repeated, unknown)."""
+    of it (so feedback reaches the learner: learnt, repeated, unknown; a reload is refused: no predictors folder)."""
     upstream = Served(fake_upstream("up", delay=0.0, words=3))
     cfg = gateway_config_from_dict({
         "auth": {"api_keys": [CLIENT_KEY], "admin_keys": [ADMIN_KEY]},
@@ -567,6 +567,8 @@ def test_gateway_is_healthy_after_the_fuzzing(gateway, client):
     assert r.status_code == 200 and r.json()["outcome"] == "learnt", r.text
     assert client.post(gateway["url"] + FEEDBACK, headers=key, json=score).status_code == 409  # once only
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    r = client.post(gateway["url"] + "/v1/chimera/admin/reload", headers=admin)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "reload_refused"  # no predictors folder to read
     text = client.get(gateway["url"] + "/metrics", headers=admin).text
     assert 'chimera_feedback_total{outcome="learnt"}' in text and "chimera_learner_decided" in text
     s = _summary()

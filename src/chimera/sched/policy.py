@@ -85,13 +85,24 @@ class Policy:
         self.every_model = np.ones(len(models), dtype=bool)
         self.every_model.flags.writeable = False
         # Column order of each predictor's output -> this policy's model order (computed once, used per call).
-        self._cols = {}
-        for pred in (self.confidence, self.length):
+        self._cols = self._columns(self.confidence, self.length)
+
+    def _columns(self, *preds: ConfidencePredictor | LengthPredictor | None) -> dict[int, list[int]]:
+        """For each predictor whose columns are not in this policy's model order, where each model's column is."""
+        cols = {}
+        for pred in preds:
             if pred is not None and list(pred.models_) != self.names:
                 missing = [n for n in self.names if n not in pred.models_]
                 if missing:
                     raise ValueError(f"predictor {type(pred).__name__} has no column for models {missing}")
-                self._cols[id(pred)] = [list(pred.models_).index(n) for n in self.names]
+                cols[id(pred)] = [list(pred.models_).index(n) for n in self.names]
+        return cols
+
+    def use_predictors(self, confidence: ConfidencePredictor | None, length: LengthPredictor | None) -> None:
+        """Route with other predictors from the next call on (a gateway's reload): queues, load and decisions stay.
+        Refused (ValueError, nothing changed) when a predictor lacks a column for a bound model."""
+        cols = self._columns(confidence, length)
+        self.confidence, self.length, self._cols = confidence, length, cols
 
     def prepare(self, train_calls: Sequence[Call]) -> None:
         """Calibrate on calls from training tasks (RouteLLM's threshold); default: nothing to do."""

@@ -44,6 +44,7 @@ class CallContext:
     client_pinned: bool  # the client named a model: retries stay on its replicas
     call: Call  # the current attempt as the brain sees it
     identity: Identity | None = None  # the workflow the call belongs to and how it was found (serve/identity.py)
+    predictor_version: str | None = None  # the predictors the current attempt was decided with (serve/reload.py)
     phase: Phase = Phase.RECEIVED
     outcome: Outcome | None = None
     error: str | None = None

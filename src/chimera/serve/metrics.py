@@ -57,6 +57,10 @@ class _Live(Collector):
                     if v is not None:  # no sample for a backend that exposes no such gauge
                         fam.add_metric([be.name, m], v)
         yield from (q, c, t, d, b, up, *scraped.values())
+        info = GaugeMetricFamily("chimera_predictors_info", "The version of the predictors new calls are decided "
+                                 "with (a reload changes it), always 1", labels=["version"])
+        info.add_metric([s.predictor_version or ""], 1.0)
+        yield info
 
 
 # The online learner's counters shown on /metrics (chimera.predict.bandit.LinearBandit.stats): name -> help.
@@ -128,3 +132,5 @@ class GatewayMetrics:
         self.feedback = Counter("chimera_feedback", "Workflow scores posted, by what they did (learnt, ignored: "
                                 "stored without a learner; repeated, unknown, late, invalid: refused)", ["outcome"],
                                 registry=r)
+        self.reloads = Counter("chimera_reloads", "Predictor reloads (admin endpoint or SIGHUP): ok, or refused "
+                               "with the old predictors kept", ["result"], registry=r)

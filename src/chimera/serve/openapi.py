@@ -145,6 +145,11 @@ def openapi_document(models: list[str]) -> dict[str, Any]:
                 "security": secured, "requestBody": _json_body("Feedback"),
                 "responses": {**_ok("learnt or stored: {ok, workflow_id, score, outcome: learnt|ignored}"),
                               **_errors(400, 401, 404, 409, 410, 413, 415)}}},
+            "/v1/chimera/admin/reload": {"post": {
+                "summary": "Reload the trained predictors from the configured folder without a restart (as SIGHUP "
+                           "does); calls in flight keep theirs. 409 with the reason when refused (old ones kept)",
+                "security": secured,
+                "responses": {**_ok("{ok, version, previous, seconds}"), **_errors(401, 409)}}},
             "/health": {"get": {"summary": "Liveness, queue, backends and the trace writer",
                                 "responses": _ok("state")}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": secured,

@@ -5,7 +5,7 @@ for a gateway with no training data yet, confidence by model size and lengths le
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -130,13 +130,30 @@ class RunningLength:
     StageMeanLength's online counterpart: it sees stages one at a time, not whole workflows, so the remaining work is
     the sum of per-stage means rather than a measured mean of remainders (the two differ where workflows vary in depth).
     Unseen (kind, stage, model) falls back to the stage's mean over all models, then to DEFAULT_CALL_TOKENS.
-    Stages from TRACKED_STAGES − 1 on share one bucket, so a client's stage number never sets the work done."""
+    Stages from TRACKED_STAGES − 1 on share one bucket, so a client's stage number never sets the work done.
+    `warm` adds pseudo-observations from earlier runs (the gateway's trace store), pooled with what is learnt live."""
 
     def __init__(self, models: Sequence[str]) -> None:
         self.models_ = list(models)
         self._sum: dict[tuple[str, int, str], float] = defaultdict(float)
         self._n: dict[tuple[str, int, str], int] = defaultdict(int)
         self._max_stage: dict[str, int] = {}
+        self._prior: dict[tuple[str, int, str], tuple[float, float]] = {}  # key -> (tokens sum, weight)
+        self._prior_max: dict[str, int] = {}
+
+    def warm(self, prior: Mapping[tuple[str, int, str], tuple[float, float]]) -> None:
+        """Replace the warm start: (kind, stage, model) -> (sum of tokens, weight), counted as `weight` more
+        completions of that mean beside the live ones (an empty mapping takes it away)."""
+        table: dict[tuple[str, int, str], tuple[float, float]] = {}
+        top: dict[str, int] = {}
+        for (kind, stage, model), (total, weight) in prior.items():
+            if weight <= 0:
+                continue
+            kind, stage = self._key(kind, stage)
+            s0, w0 = table.get((kind, stage, model), (0.0, 0.0))
+            table[(kind, stage, model)] = (s0 + total, w0 + weight)
+            top[kind] = max(top.get(kind, 0), stage)
+        self._prior, self._prior_max = table, top
 
     def _key(self, kind: str, stage: int) -> tuple[str, int]:
         if kind not in self._max_stage and len(self._max_stage) >= TRACKED_KINDS:
@@ -156,6 +173,8 @@ class RunningLength:
     def _mean(self, kind: str, stage: int, model: str) -> float:
         """This model's mean; for a model not yet served at this stage, the other models' pooled mean, so an
         unexplored model is not judged by the blind default (which would keep it unexplored)."""
+        if self._prior:
+            return self._warm_mean(kind, stage, model)
         n = self._n.get((kind, stage, model), 0)
         if n:
             return self._sum[(kind, stage, model)] / n
@@ -164,12 +183,27 @@ class RunningLength:
             return sum(self._sum.get((kind, stage, m), 0.0) for m in self.models_) / pooled_n
         return DEFAULT_CALL_TOKENS
 
+    def _warm_mean(self, kind: str, stage: int, model: str) -> float:
+        """`_mean` with the warm start's pseudo-observations pooled in."""
+        def both(m: str) -> tuple[float, float]:
+            total, weight = self._prior.get((kind, stage, m), (0.0, 0.0))
+            return self._sum.get((kind, stage, m), 0.0) + total, self._n.get((kind, stage, m), 0) + weight
+
+        total, n = both(model)
+        if n:
+            return total / n
+        pooled = [both(m) for m in self.models_]
+        n = sum(w for _, w in pooled)
+        return sum(t for t, _ in pooled) / n if n else DEFAULT_CALL_TOKENS
+
     def predict_lengths(self, calls: Sequence[Call]) -> tuple[np.ndarray, np.ndarray]:
         call = np.zeros((len(calls), len(self.models_)))
         rem = np.zeros_like(call)
         for i, c in enumerate(calls):
             kind, stage = self._key(c.kind, c.stage)
             last = max(self._max_stage.get(kind, 0), stage)
+            if self._prior_max:
+                last = max(last, self._prior_max.get(kind, 0))
             for j, m in enumerate(self.models_):
                 call[i, j] = self._mean(kind, stage, m)
                 rem[i, j] = sum(self._mean(kind, s, m) for s in range(stage, last + 1))

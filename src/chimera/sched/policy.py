@@ -9,6 +9,7 @@ Preemptive policies (LTR, MLFQ) also rank running work inside the engine through
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -85,24 +86,49 @@ class Policy:
         self.every_model = np.ones(len(models), dtype=bool)
         self.every_model.flags.writeable = False
         # Column order of each predictor's output -> this policy's model order (computed once, used per call).
-        self._cols = self._columns(self.confidence, self.length)
+        self._cols: dict[int, list[int]] = {}
+        for pred in (self.confidence, self.length):
+            if pred is not None:
+                self._map_columns(pred)
 
-    def _columns(self, *preds: ConfidencePredictor | LengthPredictor | None) -> dict[int, list[int]]:
-        """For each predictor whose columns are not in this policy's model order, where each model's column is."""
-        cols = {}
-        for pred in preds:
-            if pred is not None and list(pred.models_) != self.names:
-                missing = [n for n in self.names if n not in pred.models_]
-                if missing:
-                    raise ValueError(f"predictor {type(pred).__name__} has no column for models {missing}")
-                cols[id(pred)] = [list(pred.models_).index(n) for n in self.names]
-        return cols
+    def _map_columns(self, pred: ConfidencePredictor | LengthPredictor) -> None:
+        """Where each of this policy's models is in the predictor's output (nothing kept when the orders agree)."""
+        if list(pred.models_) == self.names:
+            self._cols.pop(id(pred), None)  # a stale entry of a dead predictor that had this id
+            return
+        missing = [n for n in self.names if n not in pred.models_]
+        if missing:
+            raise ValueError(f"predictor {type(pred).__name__} has no column for models {missing}")
+        self._cols[id(pred)] = [list(pred.models_).index(n) for n in self.names]
+
+    def update_speeds(self, models: Sequence[ModelInfo]) -> None:
+        """New speed figures for the bound models, in their order (a body that measures its backends pushes them
+        in): only tokens_per_s, tpot_s, prefill_tokens_per_s and speed_curve are taken; names, capacity and size
+        stay as bound, and queues and load are kept."""
+        if [m.name for m in models] != self.names:
+            raise ValueError(f"update_speeds: models {[m.name for m in models]} are not the bound {self.names}")
+        self.models = [replace(old, tokens_per_s=m.tokens_per_s, tpot_s=m.tpot_s,
+                               prefill_tokens_per_s=m.prefill_tokens_per_s, speed_curve=m.speed_curve)
+                       for old, m in zip(self.models, models)]
+        self.speeds_changed()
+
+    def speeds_changed(self) -> None:
+        """Re-read the speed figures of `self.models` wherever `bind` cached them; default: nothing cached."""
+
+    def use_length(self, length: LengthPredictor) -> None:
+        """Replace the length predictor (a body wrapping or reloading it). Its column order is set before it is
+        installed, so a prediction running on another thread reads either the old predictor or the new one whole."""
+        self._map_columns(length)
+        self.length = length
 
     def use_predictors(self, confidence: ConfidencePredictor | None, length: LengthPredictor | None) -> None:
         """Route with other predictors from the next call on (a gateway's reload): queues, load and decisions stay.
-        Refused (ValueError, nothing changed) when a predictor lacks a column for a bound model."""
-        cols = self._columns(confidence, length)
-        self.confidence, self.length, self._cols = confidence, length, cols
+        Their column orders are set before they are installed; a predictor that lacks a column for a bound model is
+        refused (ValueError) and nothing is installed."""
+        for pred in (confidence, length):
+            if pred is not None:
+                self._map_columns(pred)
+        self.confidence, self.length = confidence, length
 
     def prepare(self, train_calls: Sequence[Call]) -> None:
         """Calibrate on calls from training tasks (RouteLLM's threshold); default: nothing to do."""

@@ -38,6 +38,7 @@ from chimera.serve.director import CHAT, RESPONSES, Director, count_tokens, erro
 from chimera.serve.edge import COMPLETIONS, EdgeError
 from chimera.serve.health import HealthChecker
 from chimera.serve.identity import WorkflowIdentity
+from chimera.serve.live_learning import LiveLearning
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.model_infos import model_infos, workload_names
 from chimera.serve.openapi import openapi_document
@@ -93,6 +94,11 @@ class Gateway:
         self.run_id = uuid.uuid4().hex[:8]
         self.clock = GatewayClock()
         recorder = CallRecorder(self.trace, self.metrics, self.run_id, self.policy.name, self.clock)
+        self.live = LiveLearning(cfg.live, self.policy, self.infos, self.pool.all_backends, cfg.trace_store,
+                                 self.run_id, self.clock) if cfg.live is not None else None
+        if self.live is not None:
+            recorder.observers.append(self.live.observe)
+            self.metrics.registry.register(self.live.collector())
         self.identity = WorkflowIdentity(cfg.identity, self.pool, self.run_id)
         self.director = Director(self.pool, self.policy, cfg.limits, self.metrics, recorder, self.clock, self.run_id,
                                  self.predict_pool, self.identity)
@@ -121,6 +127,8 @@ class Gateway:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.health_checker.check_all(), 2 * self.cfg.health.timeout_s + 1)
             self.health_checker.start()
+        if self.live is not None:
+            self.live.start(self.health_checker)
         loop = asyncio.get_running_loop()
         try:  # SIGHUP reloads the predictors; only the main thread may handle signals (not a gateway in a test thread)
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -138,6 +146,8 @@ class Gateway:
                 await asyncio.sleep(0.05)
             if self.health_checker is not None:
                 await self.health_checker.stop()
+            if self.live is not None:
+                await self.live.stop()
             await upstream.aclose()
             if self.predict_pool is not None:
                 self.predict_pool.shutdown(wait=False, cancel_futures=True)

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from chimera.backends.kinds import BackendKind, make_backend_kind
 from chimera.predict.registry import confidence_factory
+from chimera.serve.live_config import LiveLearningConfig
 from chimera.serve.refusals import live_refusal
 from chimera.util.yamlfile import read_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -166,6 +167,7 @@ class GatewayConfig(_Strict):
     health: Health = Field(default_factory=Health)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     learning: LearningConfig = Field(default_factory=LearningConfig)
+    live: LiveLearningConfig | None = None  # learn speeds and lengths from the traffic (serve/live_learning.py)
 
     @model_validator(mode="after")
     def _unique(self) -> "GatewayConfig":

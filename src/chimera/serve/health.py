@@ -39,14 +39,14 @@ OpenAI-compatible servers) leaves the values at None, which is the old behaviour
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
 
 from chimera.serve.config import Health
+from chimera.util.periodic import Periodic
 
 if TYPE_CHECKING:
     from chimera.serve.pool import BackendState
@@ -82,35 +82,25 @@ class HealthChecker:
         self.backends = backends
         self.cfg = cfg
         self.client = client
-        self._task: asyncio.Task | None = None
+        self._loop = Periodic(self.check_all, cfg.interval_s, "health check round", self._first_wait, log)
         self._lock = asyncio.Lock()
         self._last_round: float | None = None  # time.monotonic() at the end of the last completed round
         self._verdict: dict[str, tuple] = {}  # backend name -> key of the last logged verdict (log on change)
         self._noted: dict[str, set[str]] = {}  # backend name -> "cannot verify" reasons already logged
         self.rounds = 0
+        self.on_scrape: Callable[["BackendState", dict[str, float]], None] | None = None  # told of each scrape
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._loop())
+        self._loop.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._loop.stop()
 
-    async def _loop(self) -> None:
-        if self._last_round is not None:  # a round was just done (at start-up): wait out the rest of its interval
-            await asyncio.sleep(max(0.0, self.cfg.interval_s - (time.monotonic() - self._last_round)))
-        while True:
-            try:
-                await self.check_all()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let a probe bug kill the loop
-                log.exception("health check round failed")
-            await asyncio.sleep(self.cfg.interval_s)
+    def _first_wait(self) -> float:
+        """A round was just done (at start-up): wait out the rest of its interval; else probe at once."""
+        if self._last_round is None:
+            return 0.0
+        return max(0.0, self.cfg.interval_s - (time.monotonic() - self._last_round))
 
     async def check_all(self) -> None:
         """One probe round over all backends (in parallel); rounds never overlap."""
@@ -193,3 +183,5 @@ class HealthChecker:
         be.scraped_waiting = vals.get("waiting")
         be.kv_cache_usage = vals.get("kv_cache_usage")
         be.external_calls = external_calls(be.scraped_running, be.scraped_waiting, be.inflight)
+        if self.on_scrape is not None and vals:
+            self.on_scrape(be, vals)

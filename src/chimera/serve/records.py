@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from chimera.serve.clock import GatewayClock
 from chimera.serve.metrics import GatewayMetrics
@@ -24,6 +24,7 @@ class CallRecorder:
                  clock: GatewayClock) -> None:
         self.trace, self.metrics, self.run_id, self.policy_name = trace, metrics, run_id, policy_name
         self.wall = clock.wall
+        self.observers: list[Callable[["CallContext", float], None]] = []  # told of every settled attempt
 
     def record(self, ctx: "CallContext", now: float) -> None:
         """Trace row, metrics and a log line for the attempt `ctx` holds; never raises (a lost row is counted by the
@@ -45,6 +46,8 @@ class CallRecorder:
             self.metrics.requests.labels(call.model or "", status).inc()
             if status == "ok":
                 self.metrics.latency.labels(call.model).observe(now - call.arrival_s)
+            for observe in self.observers:
+                observe(ctx, now)
             if log.isEnabledFor(logging.INFO):
                 log.info(json.dumps({"event": "call", **row, "latency_s": round(now - call.arrival_s, 4),
                                      "priority": call.priority}, ensure_ascii=True, allow_nan=True))

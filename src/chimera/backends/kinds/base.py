@@ -39,7 +39,8 @@ class BackendKind:
 
     def load_gauges(self, metrics_text: str) -> dict[str, float]:
         """Load figures from the server's metrics page: `running`, `waiting` (requests) and `kv_cache_usage` (0–1),
-        each only where the server exports it."""
+        and the engine's cumulative inter-token latency sum and count (`itl_sum_s`, `itl_count`), each only where
+        the server exports it."""
         return {}
 
 

@@ -18,6 +18,12 @@ GAUGES = {  # vLLM metric name -> load figure
     "vllm:kv_cache_usage_perc": "kv_cache_usage",
     "vllm:gpu_cache_usage_perc": "kv_cache_usage",  # the older vLLM name (v0)
 }
+COUNTERS = {  # the engine's inter-token latency histogram, cumulative (the gateway's live speed estimate reads them)
+    "vllm:inter_token_latency_seconds_sum": "itl_sum_s",
+    "vllm:inter_token_latency_seconds_count": "itl_count",
+    "vllm:time_per_output_token_seconds_sum": "tpot_sum_s",  # the older name of the same histogram
+    "vllm:time_per_output_token_seconds_count": "tpot_count",
+}
 
 
 def vllm_priority(priority: float) -> int:
@@ -26,12 +32,12 @@ def vllm_priority(priority: float) -> int:
 
 
 def parse_vllm_gauges(text: str) -> dict[str, float]:
-    """The known vLLM gauges in a Prometheus text page; absent ones are left out. Counts are summed over label
-    sets (several engines), KV-cache usage is the highest fraction seen."""
+    """The known vLLM gauges (and inter-token latency counters) in a Prometheus text page; absent ones are left
+    out. Counts are summed over label sets (several engines), KV-cache usage is the highest fraction seen."""
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            key = GAUGES.get(s.name)
+            key = GAUGES.get(s.name) or COUNTERS.get(s.name)
             if key is None:
                 continue
             v = float(s.value)

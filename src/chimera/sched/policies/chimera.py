@@ -87,6 +87,11 @@ class ChimeraPolicy(Policy):
     def routing_weights(self) -> dict[str, float]:
         return self.weights()
 
+    def speeds_changed(self) -> None:
+        """The scorers read speed figures at bind: bind them again to the new ones (the load monitor is kept)."""
+        for _, scorer, _ in self._weighted:
+            scorer.bind(self)
+
     def expected_latency(self, call_tok: np.ndarray, prompt_tokens: int = 0) -> np.ndarray:
         return self._latency.seconds(call_tok, prompt_tokens, self.monitor)
 

@@ -25,7 +25,10 @@ class MlfqPolicy(RoundRobinMixin, Policy):
 
     def bind(self, models) -> None:
         super().bind(models)
-        self._tpot = {m.name: m.tpot_s for m in models}
+        self.speeds_changed()
+
+    def speeds_changed(self) -> None:
+        self._tpot = {m.name: m.tpot_s for m in self.models}
 
     def _level_for_service(self, service_s: float) -> int:
         if service_s <= self.base_quantum_s:

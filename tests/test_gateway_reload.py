@@ -114,6 +114,27 @@ def test_reload_keeps_what_the_online_learner_learnt_and_replaces_its_prior(tmp_
         assert r.status_code == 409  # learnt once, before and after the reload
 
 
+def test_live_length_calibration_wraps_the_reloaded_forest(tmp_path, folder):
+    """With `live.lengths` the forest in use is wrapped for calibration; a reload installs the new forest, and the
+    next refit wraps that one (calibration starts afresh), never the old."""
+    from chimera.predict.calibrated import CalibratedLengths
+
+    def wrapped(gw, timeout_s: float = 10.0):
+        deadline = time.monotonic() + timeout_s
+        while not isinstance(gw.policy.length, CalibratedLengths) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return gw.policy.length
+
+    with gateway(tmp_path, folder, live={"speeds": False, "lengths": {"refresh_s": 0.2}}) as (url, gw):
+        first = wrapped(gw)
+        assert isinstance(first, CalibratedLengths)
+        assert reload(url).status_code == 200
+        second = wrapped(gw)
+        assert isinstance(second, CalibratedLengths) and second is not first and second.base is not first.base
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "chimera", "messages": MSG}, headers=CLIENT)
+        assert r.status_code == 200
+
+
 def test_reloads_under_load_fail_no_request_and_rows_name_their_version(tmp_path, folder):
     """200 concurrent streaming calls (most of them queued) while the predictors are reloaded 5 times, the third time
     from a spoiled folder: every call answers 200 with its whole stream, the refused reload changes nothing, and

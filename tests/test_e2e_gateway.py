@@ -320,3 +320,34 @@ def test_streamed_tokens_come_from_the_engine_usage_and_the_extra_chunk_is_hidde
             assert not with_usage and all(ch.choices for ch in chunks)
         row = _rows(gw, wid)[0]
         assert row["status"] == "ok" and row["completion_tokens"] == 20
+
+
+def test_bench_gateway_beside_a_gateway_that_learns_online(tmp_path) -> None:
+    """`--online` measures a second gateway with online learning in the same rotation; both route `model: chimera`
+    between two models, and the second one's learner takes part in every decision."""
+    from typer.testing import CliRunner
+
+    from chimera.cli import app
+    from chimera.serve.trace import TraceStore
+
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(app, ["bench", "gateway", "--rates", "30", "--duration", "0.6", "--online",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["gateway_errors"] == row["gateway_online_errors"] == 0 and row["gateway_online_n"] > 5
+    assert row["gateway_feedback_errors"] == row["gateway_online_feedback_errors"] == 0  # every score taken
+    assert row["gateway_online_cpu_ms_per_req"] > 0
+    assert "**learning, ms/req**" in (out / "results.md").read_text()
+    work = json.loads((out / "results.json").read_text())["learner_work"]
+    assert 0 < work["cpu_ms_per_call_off"] < work["cpu_ms_per_call_on"]  # the learner does work on every call
+    for folder in (out, out / "online"):  # both gateways chose between the two models for every call
+        store = TraceStore(folder / "bench-traces.sqlite")
+        try:
+            models = {r["model"] for r in store.query("SELECT DISTINCT model FROM calls")}
+            scored = store.query("SELECT DISTINCT workflow_id FROM feedback")
+            answered = store.query("SELECT * FROM calls WHERE status = 'ok'")
+        finally:
+            store.close()
+        assert models and models <= {"bench-model", "bench-model-b"}, models
+        assert len(scored) == len(answered) > 5  # every answered request's workflow scored, once

@@ -129,7 +129,8 @@ class _ErrorLog(logging.Handler):
 # ---- the servers ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    """A fast fake upstream serving both models, and a gateway with keys and a small queue in front of it."""
+    """A fast fake upstream serving both models, and a gateway with keys, a small queue and online learning in front
+    of it (so feedback reaches the learner: learnt, repeated, unknown; a reload is refused: no predictors folder)."""
     upstream = Served(fake_upstream("up", delay=0.0, words=3))
     cfg = gateway_config_from_dict({
         "auth": {"api_keys": [CLIENT_KEY], "admin_keys": [ADMIN_KEY]},
@@ -138,6 +139,7 @@ def gateway(tmp_path_factory):
         "backends": [{"name": f"{m}-0", "model": m, "base_url": upstream.url + "/v1", "max_inflight": 2}
                      for m in MODELS],
         "limits": {"max_queue": 4, "max_body_bytes": MAX_BODY, "request_timeout_s": 10},
+        "learning": {"online": True},
     })
     app = build_gateway(cfg)
     quiet = _DropInvalidRequestWarnings()
@@ -559,6 +561,16 @@ def test_gateway_is_healthy_after_the_fuzzing(gateway, client):
     assert r.json()["model"] in MODELS and r.json()["choices"][0]["message"]["content"].startswith("w0")
     rows = gateway["gw"].trace.query("SELECT status FROM calls WHERE workflow_id = 'wf-after-fuzz'")
     assert [row["status"] for row in rows] == ["ok"]
+    key = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    score = {"workflow_id": "wf-after-fuzz", "score": 1.0}
+    r = client.post(gateway["url"] + FEEDBACK, headers=key, json=score)
+    assert r.status_code == 200 and r.json()["outcome"] == "learnt", r.text
+    assert client.post(gateway["url"] + FEEDBACK, headers=key, json=score).status_code == 409  # once only
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    r = client.post(gateway["url"] + "/v1/chimera/admin/reload", headers=admin)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "reload_refused"  # no predictors folder to read
+    text = client.get(gateway["url"] + "/metrics", headers=admin).text
+    assert 'chimera_feedback_total{outcome="learnt"}' in text and "chimera_learner_decided" in text
     s = _summary()
     assert s["requests"] > 0 and s["server_errors"] == 0, _summary_line(s)
     assert gateway["errors"] == [], f"the gateway logged errors while being fuzzed: {gateway['errors'][:5]}"

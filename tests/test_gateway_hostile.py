@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -15,31 +14,24 @@ from chimera.sched.types import Call
 from chimera.serve import app as app_module
 from chimera.serve import director as director_module
 from chimera.serve import relay as relay_module
-from chimera.serve import build_gateway
-from chimera.serve.config import gateway_config_from_dict
 from chimera.serve.edge import KeyRing
 from chimera.predict.priors import TRACKED_STAGES, RunningLength
-from upstreams import Served, fake_upstream
+from upstreams import fake_upstream, gateway_over
 
 MSG = [{"role": "user", "content": "What is 2+2?"}]
 JSON = {"content-type": "application/json"}
 
 
-@contextlib.contextmanager
 def gateway(tmp_path, backends: list[dict], **cfg):
     """Fake upstreams (one per backend, `delay` and `words` from the backend dict) behind a gateway."""
-    ups = [Served(fake_upstream(b["name"], delay=b.pop("delay", 0.01), words=b.pop("words", 5))) for b in backends]
-    for b, u in zip(backends, ups):
-        b.setdefault("base_url", u.url + "/v1")
-    raw = {"trace_store": str(tmp_path / "t.sqlite"), "backends": backends, "health": {"enabled": False}, **cfg}
-    app = build_gateway(gateway_config_from_dict(raw))
-    gw = Served(app)
-    try:
-        yield gw.url, app.state.gateway
-    finally:
-        gw.stop()
-        for u in ups:
-            u.stop()
+    apps = [fake_upstream(b["name"], delay=b.pop("delay", 0.01), words=b.pop("words", 5)) for b in backends]
+
+    def config(urls: list[str]) -> dict:
+        for b, u in zip(backends, urls):
+            b.setdefault("base_url", u + "/v1")
+        return {"trace_store": str(tmp_path / "t.sqlite"), "backends": backends, "health": {"enabled": False}, **cfg}
+
+    return gateway_over(apps, config)
 
 
 def chat(url: str, body: dict | bytes | None = None, headers: dict | None = None, **kw) -> httpx.Response:

@@ -163,3 +163,26 @@ def test_the_simulator_learns_online_from_no_labels(prep):
     assert w[-1]["exploration"] < w[0]["exploration"]  # epsilon decays as decisions accumulate
     priors = run_policy(prep, "chimera", rate=1.5, n_tasks=1200, seed=0, lam=0.02, predictions="priors")
     assert all(x["exploration"] == 0.0 for x in priors["windows"])
+
+
+def test_a_new_prior_keeps_what_was_learnt():
+    """`use_prior` (a gateway reloading its router): the learnt correction stays and now corrects the new prior; a
+    decision pending from before is learnt against the prior it was made with."""
+    b = bandit()
+    c = call(0, prompt="prove it")
+    b.decided(c, Decision("big", 0.0), 0.0)
+    assert b.reward("wf0", 0.0, 1.0) is FeedbackOutcome.LEARNT
+    b.decided(call(1, prompt="prove it"), Decision("big", 0.0), 1.0)  # pending across the swap
+    before = b.predict_confidence([c])[0]
+    correction = before - SizePriorConfidence(MODELS).predict_confidence([c])[0]
+    flat = [ModelInfo(name=m.name, size_rank=0, max_inflight=1, tokens_per_s=1.0, tpot_s=0.1) for m in MODELS]
+    coef = b.coef_.copy()
+    b.use_prior(SizePriorConfidence(flat))  # every model 0.5 now
+    assert (b.coef_ == coef).all() and b.stats()["learnt"] == 1 and b.stats()["pending"] == 1
+    assert np.allclose(b.predict_confidence([c])[0], np.clip(0.5 + correction, 0, 1))
+    b_big = b.b_[2].copy()
+    assert b.reward("wf1", 1.0, 2.0) is FeedbackOutcome.LEARNT
+    x = b.features.transform("prove it", "math")
+    assert np.allclose(b.b_[2] - b_big, (1.0 - 0.9) * x)  # its residual against the old prior of `big`, 0.9
+    with pytest.raises(ValueError, match="no column"):
+        b.use_prior(SizePriorConfidence(MODELS[:2]))

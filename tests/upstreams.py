@@ -4,13 +4,17 @@ whether the real vLLM servers can run."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from typing import Any, Callable, Iterator, Sequence
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from chimera.serve import build_gateway
+from chimera.serve.config import gateway_config_from_dict
 from chimera.util.threaded import ThreadedServer
 
 
@@ -26,6 +30,23 @@ class Served(ThreadedServer):
     def gw(self):
         """The Gateway object when `app` is a Chimera gateway."""
         return self.app.state.gateway
+
+
+@contextlib.contextmanager
+def gateway_over(upstreams: Sequence[Starlette], config: Callable[[list[str]], dict]) -> Iterator[tuple[str, Any]]:
+    """The `upstreams` served, and in front of them a gateway built from the config document `config(their URLs)`;
+    yields (the gateway's URL, its Gateway object) and stops them all."""
+    ups = [Served(a) for a in upstreams]
+    try:
+        app = build_gateway(gateway_config_from_dict(config([u.url for u in ups])))
+        gw = Served(app)
+        try:
+            yield gw.url, app.state.gateway
+        finally:
+            gw.stop()
+    finally:
+        for u in ups:
+            u.stop()
 
 
 def vllm_missing() -> str | None:

@@ -24,6 +24,13 @@ what the gateway adds beyond plain proxying can be read off as gateway − proxy
 `--conversation M,T` sends chat conversations of M messages and about T tokens instead of one short message (an
 agent's long context), and `--identity-baseline` adds a second gateway with conversation inference off in the same
 rotation: gateway − that gateway is what inferring workflows from conversations costs per request.
+
+`--online` adds a second gateway with online learning on (`learning: {online: true}`) in the same rotation, and
+both gateways then serve two models on the one backend and get `model: "chimera"` with a distinct prompt per request,
+so the policy routes every call (and, in the second gateway, the online learner hashes the request's text, predicts,
+explores and remembers every decision, nothing cached): that gateway − the first is what online learning costs per
+request. Both gateways get each answered request's workflow scored (POST /v1/chimera/feedback, as an agent scores a
+finished task): the learner learns from it, the other gateway stores it; CPU per request includes that post.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +57,7 @@ from chimera.serve.config import backends_for_cluster, build_gateway_config
 from chimera.util.procs import Spawned, spawned, wait_ready
 from chimera.util.threaded import free_port
 
+SERVED = ("bench-model", "bench-model-b")  # the backend's names for the gateways (the second only with --online)
 BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
 _REPLY = json.dumps({
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "bench-model",
@@ -77,6 +86,18 @@ def conversation_bodies(messages: int, tokens: int, n: int = 32) -> list[dict[st
             msgs[-1]["role"] = "user"
         bodies.append({**BODY, "messages": msgs})
     return bodies
+
+
+def routed_bodies(bodies: list[dict[str, Any]], n: int = 10_000) -> list[dict[str, Any]]:
+    """`n` requests for `model: "chimera"` (the policy routes each) cycling through `bodies`, each with a prompt of its
+    own (the first message numbered): the online learner hashes every request's text and asks its prior anew, as for
+    a new workflow, never reading a cached row."""
+    out = []
+    for i in range(n):
+        body = bodies[i % len(bodies)]
+        first = {**body["messages"][0], "content": f"{body['messages'][0]['content']} (request {i})"}
+        out.append({**body, "model": "chimera", "messages": [first, *body["messages"][1:]]})
+    return out
 
 
 # ---- the fake backend ------------------------------------------------------------------------------------------
@@ -132,10 +153,12 @@ def proxy_app():
 # ---- processes --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def running_stack(workdir: Path, policy: str = "chimera", profile_gateway: bool = False, baseline: bool = False,
-                  gateway_target: str = FACTORY, litellm: str | Path | None = None, identity_baseline: bool = False):
+                  gateway_target: str = FACTORY, litellm: str | Path | None = None, identity_baseline: bool = False,
+                  online: bool = False):
     """Backend and gateway (and, with `baseline`, the bare proxy; with `identity_baseline`, a second gateway that
-    infers no workflows from conversations; with `litellm`, LiteLLM's proxy routing to the same backend), each in
-    its own subprocess (stopped with SIGINT, so cProfile writes its file); yields ({target: url}, {process: pid})."""
+    infers no workflows from conversations; with `online`, a second gateway that learns online, both gateways then
+    serving two models; with `litellm`, LiteLLM's proxy routing to the same backend), each in its own subprocess
+    (stopped with SIGINT, so cProfile writes its file); yields ({target: url}, {process: pid})."""
     workdir.mkdir(parents=True, exist_ok=True)
     src = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": src + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
@@ -148,9 +171,12 @@ def running_stack(workdir: Path, policy: str = "chimera", profile_gateway: bool 
 
         b = start("backend", "chimera.bench.gateway_overhead:backend_app")
 
+        served = SERVED if online else SERVED[:1]
+
         def gateway(folder: Path, **sections: Any) -> Spawned:
             cfg = build_gateway_config(
-                backends_for_cluster([{"model": "bench-model", "base_url": b.url + "/v1", "max_inflight": 10_000}]),
+                backends_for_cluster([{"model": m, "base_url": b.url + "/v1", "max_inflight": 10_000}
+                                      for m in served]),
                 policy=policy, port=free_port(), trace_store=folder / "bench-traces.sqlite",
                 limits={"max_queue": 100_000, "request_timeout_s": 60}, **sections)
             return stack.enter_context(gateway_process(
@@ -161,6 +187,9 @@ def running_stack(workdir: Path, policy: str = "chimera", profile_gateway: bool 
         if identity_baseline:
             (workdir / "no-inference").mkdir(exist_ok=True)
             procs["gateway_noinfer"] = gateway(workdir / "no-inference", identity={"conversation": False})
+        if online:
+            (workdir / "online").mkdir(exist_ok=True)
+            procs["gateway_online"] = gateway(workdir / "online", learning={"online": True})
         if baseline:
             procs["proxy"] = start("proxy", "chimera.bench.gateway_overhead:proxy_app",
                                    {"CHIMERA_BENCH_UPSTREAM": b.url + "/v1"})
@@ -186,6 +215,7 @@ class Samples:
     sent: int = 0
     busy_s: float = 0.0  # wall time of the blocks (for the achieved rate)
     late_s: list[float] = field(default_factory=list)  # how late each send started vs its Poisson time
+    feedback_errors: int = 0  # scores posted (`--online`) that were not answered 200
 
     def add(self, a: Answer) -> None:
         """One answer: its latency if 200, else an error."""
@@ -196,16 +226,28 @@ class Samples:
 
 
 async def _block(gen: LoadGen, url: str, rate: float, seconds: float, rng: random.Random,
-                 out: Samples | None, bodies: list[dict[str, Any]]) -> None:
-    """Open-loop Poisson arrivals at `rate` for `seconds`, cycling through `bodies`; `out=None` is a warm-up."""
+                 out: Samples | None, bodies: list[dict[str, Any]], feedback_url: str | None = None) -> None:
+    """Open-loop Poisson arrivals at `rate` for `seconds`, cycling through `bodies`; `out=None` is a warm-up. With
+    `feedback_url`, each answered request's workflow (its x-chimera-workflow-id) is then scored there, as an agent
+    scores a finished task: a gateway's learning is part of what its requests cost."""
     sink = out if out is not None else Samples()
     tasks: list[asyncio.Task] = []
     start = time.perf_counter()
 
+    async def scored(req: Request) -> None:
+        a = await gen.send(req)
+        sink.add(a)
+        wid = a.headers.get("x-chimera-workflow-id") if a.status == 200 else None
+        if wid and feedback_url:
+            score = float(zlib.crc32(wid.encode()) % 2)  # right or wrong, the same for a workflow in every run
+            if (await gen.send(Request(feedback_url, {"workflow_id": wid, "score": score}))).status != 200:
+                sink.feedback_errors += 1
+
     def arrive(late_s: float) -> None:
         sink.late_s.append(late_s)
         sink.sent += 1
-        tasks.append(gen.fire(Request(url, bodies[sink.sent % len(bodies)]), sink.add))
+        req = Request(url, bodies[sink.sent % len(bodies)])
+        tasks.append(gen.start(scored(req)) if feedback_url else gen.fire(req, sink.add))
 
     await gen.open_loop(poisson_gap(rng, rate), arrive, seconds)
     if tasks:
@@ -215,11 +257,11 @@ async def _block(gen: LoadGen, url: str, rate: float, seconds: float, rng: rando
 
 async def _measure_rate(gen: LoadGen, urls: dict[str, str], rate: float, duration: float,
                         block_s: float, warmup_s: float, seed: int, pids: dict[str, int],
-                        bodies: list[dict[str, Any]]) -> dict[str, Any]:
+                        bodies: list[dict[str, Any]], feedback: dict[str, str]) -> dict[str, Any]:
     rng = random.Random(seed)
     samples = {k: Samples() for k in urls}
-    for u in urls.values():
-        await _block(gen, u, rate, warmup_s, rng, None, bodies)
+    for k, u in urls.items():
+        await _block(gen, u, rate, warmup_s, rng, None, bodies, feedback.get(k))
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
     self0 = time.process_time()
     n_blocks = max(1, math.ceil(duration / block_s))
@@ -227,7 +269,7 @@ async def _measure_rate(gen: LoadGen, urls: dict[str, str], rate: float, duratio
     names = list(urls)
     for i in range(n_blocks):  # ABBA: D G, G D, D G, ... (with the baseline: D G P, P G D, ...)
         for k in (names if i % 2 == 0 else names[::-1]):
-            await _block(gen, urls[k], rate, per, rng, samples[k], bodies)
+            await _block(gen, urls[k], rate, per, rng, samples[k], bodies, feedback.get(k))
     d, g = samples["direct"], samples["gateway"]
     cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
     client_cpu = time.process_time() - self0
@@ -239,12 +281,14 @@ async def _measure_rate(gen: LoadGen, urls: dict[str, str], rate: float, duratio
     row["client_cpu_ms_per_req"] = 1e3 * client_cpu / max(1, sent)
     if len(samples) > 2:
         row["backend_cpu_ms_per_req"] = 1e3 * cpu["backend"] / max(1, sent)
-    for other in ("proxy", "gateway_noinfer"):
+    for other in ("proxy", "gateway_noinfer", "gateway_online"):
         if other in samples:
             row[f"{other}_cpu_ms_per_req"] = 1e3 * cpu[other] / max(1, samples[other].sent)
     for name, s in samples.items():
         row[f"{name}_n"] = len(s.lat_s)
         row[f"{name}_errors"] = s.errors
+        if name in feedback:
+            row[f"{name}_feedback_errors"] = s.feedback_errors
         row[f"{name}_achieved_rps"] = s.sent / s.busy_s if s.busy_s else 0.0
         row[f"{name}_p50_ms"] = 1e3 * percentile(s.lat_s, 0.50)
         row[f"{name}_p99_ms"] = 1e3 * percentile(s.lat_s, 0.99)
@@ -263,12 +307,14 @@ async def _measure_rate(gen: LoadGen, urls: dict[str, str], rate: float, duratio
 
 
 async def _run_all(urls: dict[str, str], pids: dict[str, int], rates: list[float], duration: float, block_s: float,
-                   warmup_s: float, seed: int, bodies: list[dict[str, Any]], progress=None) -> list[dict[str, Any]]:
+                   warmup_s: float, seed: int, bodies: list[dict[str, Any]], feedback: dict[str, str],
+                   progress=None) -> list[dict[str, Any]]:
     async with httpx.AsyncClient(http1=True, http2=False, limits=LIMITS, timeout=30) as client:
         gen = LoadGen(client)
         rows = []
         for i, rate in enumerate(rates):
-            rows.append(await _measure_rate(gen, urls, rate, duration, block_s, warmup_s, seed + i, pids, bodies))
+            rows.append(await _measure_rate(gen, urls, rate, duration, block_s, warmup_s, seed + i, pids, bodies,
+                                            feedback))
             if progress is not None:
                 progress(rows[-1])
         return rows
@@ -278,15 +324,22 @@ def run_benchmark(rates: list[float], duration: float = 5.0, out: Path = Path("o
                   policy: str = "chimera", block_s: float = 1.0, warmup_s: float = 0.5, seed: int = 0,
                   profile_gateway: bool = False, baseline: bool = False, progress=None,
                   gateway_target: str = FACTORY, litellm: str | Path | None = None,
-                  conversation: tuple[int, int] | None = None, identity_baseline: bool = False) -> dict[str, Any]:
-    """Start backend + gateway (+ bare proxy, + a gateway without conversation inference, + LiteLLM) subprocesses,
-    measure every rate, stop them. `conversation` = (messages, tokens) of each request's chat history."""
+                  conversation: tuple[int, int] | None = None, identity_baseline: bool = False,
+                  online: bool = False) -> dict[str, Any]:
+    """Start backend + gateway (+ bare proxy, + a gateway without conversation inference, + a gateway that learns
+    online, + LiteLLM) subprocesses, measure every rate, stop them. `conversation` = (messages, tokens) of each
+    request's chat history; with `online` every request asks for `model: "chimera"` (the policy routes it)."""
     bodies = conversation_bodies(*conversation) if conversation is not None else [BODY]
+    if online:
+        bodies = routed_bodies(bodies)
     with running_stack(out, policy=policy, profile_gateway=profile_gateway, baseline=baseline,
                        gateway_target=gateway_target, litellm=litellm,
-                       identity_baseline=identity_baseline) as (urls, pids):
+                       identity_baseline=identity_baseline, online=online) as (urls, pids):
         targets = {k: u + "/v1/chat/completions" for k, u in urls.items()}
-        rows = asyncio.run(_run_all(targets, pids, rates, duration, block_s, warmup_s, seed, bodies, progress))
+        # with --online both gateways get every workflow's score: the learner learns, the other stores it
+        feedback = {k: urls[k] + "/v1/chimera/feedback" for k in ("gateway", "gateway_online") if online}
+        rows = asyncio.run(_run_all(targets, pids, rates, duration, block_s, warmup_s, seed, bodies, feedback,
+                                    progress))
     result = {
         "setup": {"policy": policy, "block_s": block_s, "warmup_s": warmup_s, "duration_s": duration,
                   "cpus": os.cpu_count(), "python": sys.version.split()[0],
@@ -296,14 +349,20 @@ def run_benchmark(rates: list[float], duration: float = 5.0, out: Path = Path("o
                                   if baseline else "")
                                + (", the same gateway without conversation inference (uvicorn subprocess)"
                                   if identity_baseline else "")
+                               + (", the same gateway with online learning (uvicorn subprocess); both gateways "
+                                  "serve two models on the backend and route model `chimera`" if online else "")
                                + (", LiteLLM proxy (its own CLI and uvicorn, one deployment, simple-shuffle)"
                                   if litellm is not None else ""),
-                  "baseline": baseline, "identity_baseline": identity_baseline,
+                  "baseline": baseline, "identity_baseline": identity_baseline, "online": online,
                   "conversation": list(conversation) if conversation is not None else None,
                   "litellm": litellm is not None,
                   "target": "added p50 <= 1 ms and p99 <= 5 ms at 200 req/s"},
         "rows": rows,
     }
+    if online:  # the part that differs, alone: the learner's own work per routed call, in this process
+        from chimera.bench.learner_cost import learner_work
+
+        result["learner_work"] = learner_work()
     prof = out / "gateway.prof"
     if profile_gateway and prof.exists():
         result["profile_top"] = str(write_profile_summary(prof, out / "gateway-profile.txt"))
@@ -360,6 +419,26 @@ def markdown_table(result: dict[str, Any]) -> str:
             d = r["gateway_cpu_ms_per_req"] - r["gateway_noinfer_cpu_ms_per_req"]
             lines.append(f"| {r['rate']:g} | {r['gateway_cpu_ms_per_req']:.2f} | "
                          f"{r['gateway_noinfer_cpu_ms_per_req']:.2f} | **{d:+.2f}** |")
+    if s.get("online"):
+        lines += ["", "What online learning costs: the same gateway with `learning: {online: true}` in the same "
+                  "rotation (both route `model: chimera` between two models, a distinct prompt per request; each "
+                  "answered request's workflow is then scored, and CPU per request includes that post):", "",
+                  "| rate (req/s) | CPU ms/req gateway | CPU ms/req with online learning | **learning, ms/req** | "
+                  "p50 gateway / online | p99 gateway / online | errors online (requests / scores) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in result["rows"]:
+            d = r["gateway_online_cpu_ms_per_req"] - r["gateway_cpu_ms_per_req"]
+            lines.append(f"| {r['rate']:g} | {r['gateway_cpu_ms_per_req']:.2f} | "
+                         f"{r['gateway_online_cpu_ms_per_req']:.2f} | **{d:+.2f}** | "
+                         f"{r['gateway_p50_ms']:.2f} / {r['gateway_online_p50_ms']:.2f} | "
+                         f"{r['gateway_p99_ms']:.2f} / {r['gateway_online_p99_ms']:.2f} | "
+                         f"{r['gateway_online_errors']} / {r['gateway_online_feedback_errors']} |")
+        w = result.get("learner_work")
+        if w:
+            lines += ["", f"The learner's own work, in process (the gateway's backend pool and policy, {w['calls']} "
+                      f"routed calls each scored, median of {w['rounds']} alternating rounds): "
+                      f"{w['cpu_ms_per_call_off']:.3f} ms of CPU per call without it, "
+                      f"{w['cpu_ms_per_call_on']:.3f} ms with it: **{w['learner_ms_per_call']:+.3f} ms** per call."]
     if s.get("litellm"):
         lines += ["", "LiteLLM's proxy in the same rotation (the gateway people would otherwise deploy):", "",
                   "| rate (req/s) | achieved | LiteLLM p50 | **added p50** | LiteLLM p99 | **added p99** | added mean | "

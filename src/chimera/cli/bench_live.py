@@ -32,12 +32,15 @@ def bench_gateway(
     litellm: Optional[Path] = typer.Option(None, "--litellm", help="Also measure LiteLLM's proxy: path to its `litellm` executable (make bench-live installs .venv-litellm)."),
     conversation: Optional[str] = typer.Option(None, "--conversation", help="MESSAGES,TOKENS: each request a chat history of that many messages and about that many tokens (default: one short message)."),
     identity_baseline: bool = typer.Option(False, "--identity-baseline", help="Also measure the same gateway with conversation inference off (identity.conversation: false): the difference is what inferring workflows costs."),
+    online: bool = typer.Option(False, "--online", help="Also measure the same gateway with online learning on (learning: {online: true}); both gateways then route model 'chimera' between two models: the difference is what online learning costs."),
 ) -> None:
     """Latency the gateway adds in front of an instant fake backend (backend and gateway in their own processes).
 
     Example: chimera bench gateway --rates 50,100,200 --duration 5 --baseline --litellm .venv-litellm/bin/litellm
 
     Example: chimera bench gateway --rates 50,100 --conversation 50,20000 --identity-baseline
+
+    Example: chimera bench gateway --rates 100,200 --duration 8 --online
     """
     from chimera.bench.gateway_overhead import markdown_table, run_benchmark
     from chimera.bench.litellm_proxy import LiteLLMMissing, find_litellm
@@ -60,7 +63,8 @@ def bench_gateway(
         conv = (int(parts[0]), int(parts[1]))
     out.mkdir(parents=True, exist_ok=True)
     res = run_benchmark(rate_list, duration=duration, out=out, policy=policy, profile_gateway=profile, baseline=baseline,
-                        progress=show, litellm=litellm, conversation=conv, identity_baseline=identity_baseline)
+                        progress=show, litellm=litellm, conversation=conv, identity_baseline=identity_baseline,
+                        online=online)
     md = markdown_table(res)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps(res, indent=1))

@@ -48,6 +48,7 @@ class Predictors:
     workloads: list[str]
     metrics: dict = field(default_factory=dict)
     spec: dict = field(default_factory=dict)
+    digest: str = ""  # of the manifest it was loaded from (which lists every file's checksum): names this content
 
     def save(self, out: str | Path) -> Path:
         out = Path(out)
@@ -78,6 +79,19 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _manifest_digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()[:12]
+
+
+def manifest_digest(folder: str | Path) -> str | None:
+    """The digest `load_predictors` gives the folder's content (its manifest lists every file's checksum); None if
+    the folder has no readable manifest."""
+    try:
+        return _manifest_digest((Path(folder) / MANIFEST).read_bytes())
+    except OSError:
+        return None
+
+
 def load_predictors(folder: str | Path) -> Predictors:
     """Load and verify a predictor folder written by `Predictors.save` (`chimera train --out`)."""
     d = Path(folder)
@@ -87,8 +101,9 @@ def load_predictors(folder: str | Path) -> Predictors:
     if not mpath.exists():
         raise ArtifactError(f"{mpath}: missing manifest; not a folder written by `chimera train`")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raw = mpath.read_bytes()
+        manifest = json.loads(raw)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mpath}: corrupt manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: not a Chimera predictor manifest (format={manifest.get('format')!r})"
@@ -121,4 +136,5 @@ def load_predictors(folder: str | Path) -> Predictors:
         router=objs[ROUTER_FILE], length=objs[LENGTH_FILE], models=list(manifest["models"]),
         train_frac=float(manifest["train_frac"]), train_ids=train_ids, workloads=list(manifest.get("workloads", [])),
         metrics=manifest.get("metrics", {}), spec=manifest.get("feature_spec", {}),
+        digest=_manifest_digest(raw),
     )

@@ -146,21 +146,26 @@ def build_policy(spec: PolicySpec, ctx: AssemblyContext) -> Policy:
     return make_policy(spec.name, confidence=conf, length=length, lam=spec.lam, **spec.params)
 
 
-def gateway_predictors(trained: bool, length_stat: str = "mean") -> PredictorsSpec:
+def gateway_predictors(trained: bool, length_stat: str = "mean",
+                       online: Mapping[str, Any] | None = None) -> PredictorsSpec:
     """The gateway's predictors: the trained router and forest when it has a folder, else a cold start (confidence
-    by model size, lengths learnt online)."""
-    if trained:
-        return PredictorsSpec(confidence="router", length={"name": "forest", "params": {"stat": length_stat}})
-    return PredictorsSpec(confidence="size-prior", length="running-mean")
+    by model size, lengths learnt online). With `online` (the `online` learner's parameters), confidence is learnt
+    from workflow scores, warm-started from the trained router when there is one, else from model size."""
+    length: Any = {"name": "forest", "params": {"stat": length_stat}} if trained else "running-mean"
+    if online is not None:
+        conf: Any = {"name": "online", "params": {"warm": "router" if trained else "size", **online}}
+    else:
+        conf = "router" if trained else "size-prior"
+    return PredictorsSpec(confidence=conf, length=length)
 
 
-def gateway_policy(name: str, lam: float | None, params: Mapping[str, Any], models: Sequence[ModelInfo],
-                   predictors_dir: str | None = None, workload_model: Mapping[str, str | Sequence[str]] | None = None,
-                   length_stat: str = "mean") -> Policy:
-    """The gateway's policy with its predictors: trained ones from `predictors_dir` (a `chimera train` folder, read
-    under `workload_model`: served name -> the name(s) its backends give, explicit `workload_model` alone, else the
-    profile's then the served name; see AssemblyContext), else the cold-start ones. A folder that cannot be loaded,
-    or that was trained on none of a served model's names, raises PredictorConfigError naming the key."""
+def gateway_context(models: Sequence[ModelInfo], predictors_dir: str | None = None,
+                    workload_model: Mapping[str, str | Sequence[str]] | None = None) -> AssemblyContext:
+    """What the gateway's predictor factories read: its models and, from `predictors_dir` (a `chimera train` folder,
+    loaded and checked now), its trained predictors under `workload_model` (served name -> the name(s) its backends
+    give, explicit `workload_model` alone, else the profile's then the served name; see AssemblyContext). A folder
+    that cannot be loaded, or that was trained on none of a served model's names, raises PredictorConfigError
+    naming the key and the reason."""
     ctx = AssemblyContext(models=list(models), workload_model=dict(workload_model or {}))
     if predictors_dir:
         try:
@@ -172,6 +177,15 @@ def gateway_policy(name: str, lam: float | None, params: Mapping[str, Any], mode
             raise PredictorConfigError(
                 f"key 'predictors': {predictors_dir} was trained on {ctx.trained.models}; served model(s) {unknown} "
                 "are not among them: set `workload_model` on their backends to one of those names")
+    return ctx
+
+
+def gateway_policy(name: str, lam: float | None, params: Mapping[str, Any], models: Sequence[ModelInfo],
+                   predictors_dir: str | None = None, workload_model: Mapping[str, str | Sequence[str]] | None = None,
+                   length_stat: str = "mean", online: Mapping[str, Any] | None = None) -> Policy:
+    """The gateway's policy with its predictors (`gateway_predictors`) built in its context (`gateway_context`:
+    trained ones from `predictors_dir`, else the cold-start ones); PredictorConfigError names the key at fault."""
+    ctx = gateway_context(models, predictors_dir, workload_model)
     spec = PolicySpec(name=name, lam=lam, params=dict(params),
-                      predictors=gateway_predictors(bool(predictors_dir), length_stat))
+                      predictors=gateway_predictors(bool(predictors_dir), length_stat, online))
     return build_policy(spec, ctx)

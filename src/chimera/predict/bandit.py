@@ -51,15 +51,11 @@ class LinearBandit:
                  explore_decay: float = 500.0, explore_min: float = 0.02, budget: float = 0.1, ridge: float = 1.0,
                  dim: int = 48, seed: int = 0, max_pending: int = 100_000, max_age_s: float = 86_400.0) -> None:
         self.models_ = list(models)
-        self.prior = prior
         self.explore_start, self.explore_decay = explore_start, explore_decay
         self.explore_min, self.budget = explore_min, budget
         self.ridge, self.dim, self.seed = ridge, dim, seed
         self.max_pending, self.max_age_s = max_pending, max_age_s
-        missing = [m for m in self.models_ if m not in prior.models_]
-        if missing:
-            raise ValueError(f"the online learner's prior has no column for models {missing}")
-        self._prior_cols = [list(prior.models_).index(m) for m in self.models_]
+        self.use_prior(prior)
         self.features = HashedTextFeatures(dim)
         width, n = self.features.width, len(self.models_)
         self.A_inv_ = np.stack([np.eye(width) / ridge for _ in range(n)])
@@ -69,17 +65,32 @@ class LinearBandit:
         self._rng = np.random.default_rng(seed)
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._done = LRUCache(max_pending)  # workflows learnt from (or refused as late): a second score is REPEATED
-        self._prior_rows = LRUCache(4096)
         self.counts_: dict[str, int] = {"decided": 0, "explored": 0, "evicted": 0, "learnt_calls": 0,
                                         **{o.value: 0 for o in FeedbackOutcome}}
 
+    # ---- the prior ------------------------------------------------------------------------------------------
+    @property
+    def prior(self) -> ConfidencePredictor:
+        return self._prior[0]
+
+    def use_prior(self, prior: ConfidencePredictor) -> None:
+        """Correct `prior` from now on (a gateway reloading its trained router): what was learnt stays (the ridge
+        statistics, the pending workflows, the counters); a pending decision keeps the prior value it was made
+        with, its residual is learnt against that. The prior, its columns and its row cache change as one value,
+        so a prediction on another thread meanwhile reads the old three or the new three."""
+        missing = [m for m in self.models_ if m not in prior.models_]
+        if missing:
+            raise ValueError(f"the online learner's prior has no column for models {missing}")
+        self._prior = (prior, [list(prior.models_).index(m) for m in self.models_], LRUCache(4096))
+
     # ---- ConfidencePredictor -------------------------------------------------------------------------------
     def _prior_row(self, call: Call) -> np.ndarray:
+        prior, cols, rows = self._prior
         key = (call.prompt, call.kind)
-        row = self._prior_rows.get(key)
+        row = rows.get(key)
         if row is None:
-            row = self.prior.predict_confidence([call])[0, self._prior_cols]
-            self._prior_rows.put(key, row)
+            row = prior.predict_confidence([call])[0, cols]
+            rows.put(key, row)
         return row
 
     def predict_confidence(self, calls: Sequence[Call]) -> np.ndarray:

@@ -121,6 +121,15 @@ class Policy:
         self._map_columns(length)
         self.length = length
 
+    def use_predictors(self, confidence: ConfidencePredictor | None, length: LengthPredictor | None) -> None:
+        """Route with other predictors from the next call on (a gateway's reload): queues, load and decisions stay.
+        Their column orders are set before they are installed; a predictor that lacks a column for a bound model is
+        refused (ValueError) and nothing is installed."""
+        for pred in (confidence, length):
+            if pred is not None:
+                self._map_columns(pred)
+        self.confidence, self.length = confidence, length
+
     def prepare(self, train_calls: Sequence[Call]) -> None:
         """Calibrate on calls from training tasks (RouteLLM's threshold); default: nothing to do."""
 

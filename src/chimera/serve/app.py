@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from starlette.routing import Route
 
 from chimera.sched.policy import Policy
 from chimera.sched.types import ModelInfo
+from chimera.predict.artifacts import manifest_digest
 from chimera.predict.assembly import PredictorConfigError, gateway_policy
 from chimera.serve import edge
 from chimera.serve.clock import GatewayClock
@@ -43,22 +45,28 @@ from chimera.serve.openapi import openapi_document
 from chimera.serve.pool import BackendPool
 from chimera.serve.proxy import UpstreamClients
 from chimera.serve.records import CallRecorder
+from chimera.serve.reload import PredictorReloader
 from chimera.serve.responses import fetch_stored
+from chimera.serve.scores import STORED, WorkflowScores, refusal
 from chimera.serve.trace import TraceStore
 
 log = logging.getLogger("chimera.serve")
 FEEDBACK = "/v1/chimera/feedback"
+RELOAD = "/v1/chimera/admin/reload"
 STORED_RESPONSE = RESPONSES + "/{response_id}"
 UPSTREAM_LOGGERS = ("httpx", "httpcore")  # one INFO line per upstream call and probe: off unless asked for
 _ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 502: "server_error", 503: "server_error"}
+_FEEDBACK_REFUSED = {400: "invalid", 404: "unknown"}  # edge refusals of a score that count as its outcome
 
 
 def build_policy(cfg: GatewayConfig, infos: list[ModelInfo]) -> Policy:
     """The configured policy with its predictors, built by the one assembly (chimera.predict.assembly): trained ones
-    from `predictors: DIR`, else the cold-start priors (confidence by model size, lengths learnt online)."""
+    from `predictors: DIR`, else the cold-start priors (confidence by model size, lengths learnt online); with
+    `learning: {online: true}`, confidence learnt from workflow scores, warm-started from either."""
     try:
         return gateway_policy(cfg.policy.name, cfg.policy.lam, cfg.policy.params, infos, cfg.predictors,
-                              workload_names(cfg), cfg.length_stat)
+                              workload_names(cfg), cfg.length_stat,
+                              cfg.learning.params if cfg.learning.online else None)
     except PredictorConfigError as e:
         raise GatewayConfigError(str(e)) from None
 
@@ -78,6 +86,9 @@ class Gateway:
             if cfg.predictors and self.policy.needs_predictions else None
         self.trace = TraceStore(cfg.trace_store)
         self.metrics = GatewayMetrics(self.pool, self.trace)
+        self.reloader = PredictorReloader(cfg, self.infos, workload_names(cfg), self.pool, self.metrics,
+                                          manifest_digest(cfg.predictors) if cfg.predictors else None)
+        self.scores = WorkflowScores(self.pool, self.trace, self.metrics)
         self.auth = edge.Auth(cfg.auth.api_keys, cfg.auth.admin_keys)
         self.health_checker: HealthChecker | None = None
         self.run_id = uuid.uuid4().hex[:8]
@@ -93,6 +104,12 @@ class Gateway:
                                  self.predict_pool, self.identity)
         self.active = 0
         self.draining = False
+        self._signalled: set[asyncio.Task] = set()  # reloads asked for by SIGHUP, until they finish
+
+    def _on_sighup(self) -> None:
+        task = asyncio.ensure_future(self.reloader.reload("SIGHUP"))
+        self._signalled.add(task)
+        task.add_done_callback(self._signalled.discard)
 
     def busy(self) -> bool:
         """Anything still owed to a client: requests being read or scheduled, calls queued or running."""
@@ -112,9 +129,17 @@ class Gateway:
             self.health_checker.start()
         if self.live is not None:
             self.live.start(self.health_checker)
+        loop = asyncio.get_running_loop()
+        try:  # SIGHUP reloads the predictors; only the main thread may handle signals (not a gateway in a test thread)
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            hup = True
+        except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+            hup = False
         try:
             yield
         finally:
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
             self.draining = True
             deadline = time.monotonic() + self.cfg.limits.request_timeout_s
             while self.busy() and time.monotonic() < deadline:
@@ -171,12 +196,13 @@ class Gateway:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         try:
-            self.auth.require_metrics(request.headers)
+            self.auth.require_admin(request.headers, "/metrics")
         except EdgeError as e:
             return self._refuse("/metrics", e)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def feedback(self, request: Request) -> Response:
+        """A workflow's score: learnt once and stored once (serve/scores.py), or refused saying why."""
         try:
             self.auth.require_client(request.headers)
             fb = edge.feedback(await edge.read_json(request, self.cfg.limits))
@@ -185,10 +211,28 @@ class Gateway:
                 raise EdgeError(404, "response_id: unknown response_id (not served here, or forgotten)",
                                 "unknown_response_id", "unknown_response")
         except EdgeError as e:
+            if e.status in _FEEDBACK_REFUSED:
+                self.metrics.feedback.labels(_FEEDBACK_REFUSED[e.status]).inc()
             return self._refuse(FEEDBACK, e)
-        self.trace.log_feedback(wid, fb.score)
-        self.identity.end(wid, self.clock.now())
-        return JSONResponse({"ok": True, "workflow_id": wid, "score": fb.score})
+        now = self.clock.now()
+        outcome = self.scores.take(wid, fb.score, now)
+        self.identity.end(wid, now)
+        if outcome not in STORED:
+            return self._refuse(FEEDBACK, refusal(outcome, wid))
+        return JSONResponse({"ok": True, "workflow_id": wid, "score": fb.score, "outcome": outcome.value})
+
+    async def reload(self, request: Request) -> Response:
+        """Reload the predictors from the configured folder (admin): 200 with the new version, or 409 with the
+        reason, the old predictors kept (serve/reload.py)."""
+        try:
+            self.auth.require_admin(request.headers, RELOAD)
+        except EdgeError as e:
+            return self._refuse(RELOAD, e)
+        result = await self.reloader.reload("admin endpoint")
+        if not result.ok:
+            return self._refuse(RELOAD, EdgeError(409, f"reload refused, the predictors in use are kept: "
+                                                       f"{result.reason}", "reload_refused", "reload_refused"))
+        return JSONResponse(result.as_dict())
 
     async def chat(self, request: Request) -> Response:
         return await self._completion(request, CHAT)
@@ -250,6 +294,7 @@ def build_gateway(config: GatewayConfig, policy: Policy | None = None) -> Starle
             Route("/v1/models", gw.models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", gw.model, methods=["GET"]),
             Route(FEEDBACK, gw.feedback, methods=["POST"]),
+            Route(RELOAD, gw.reload, methods=["POST"]),
             Route("/metrics", gw.metrics_endpoint, methods=["GET"]),
             Route("/health", gw.health, methods=["GET"]),
             Route("/openapi.json", gw.openapi, methods=["GET"]),

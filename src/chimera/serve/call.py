@@ -46,6 +46,7 @@ class CallContext:
     call: Call  # the current attempt as the brain sees it
     identity: Identity | None = None  # the workflow the call belongs to and how it was found (serve/identity.py)
     decision: Decision | None = None  # what the policy decided for the current attempt (its trace row's routing)
+    predictor_version: str | None = None  # the predictors the current attempt was decided with (serve/reload.py)
     phase: Phase = Phase.RECEIVED
     outcome: Outcome | None = None
     error: str | None = None

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from chimera.backends.kinds import BackendKind, make_backend_kind
+from chimera.predict.registry import confidence_factory
 from chimera.serve.live_config import LiveLearningConfig
 from chimera.serve.refusals import live_refusal
 from chimera.util.yamlfile import read_yaml
@@ -128,6 +129,32 @@ class IdentityConfig(_Strict):
         return out
 
 
+class LearningConfig(BaseModel):
+    """Online learning from workflow scores (POST /v1/chimera/feedback). `online: true` routes with the `online`
+    confidence predictor (chimera.predict.plugins.online), warm-started from the trained router when `predictors` is
+    set, else from model size; every other key is one of that predictor's parameters (`explore_start`, `budget`,
+    `max_age_s`, ...), checked by the plugin so a typo fails here, naming the key and what it takes."""
+
+    model_config = ConfigDict(extra="allow")
+    online: bool = False
+
+    @model_validator(mode="after")
+    def _check_params(self) -> "LearningConfig":
+        if self.params and not self.online:
+            raise ValueError(f"{sorted(self.params)} are parameters of the online learner; set `online: true` too")
+        if self.online:
+            confidence_factory("online", **self.params)  # PredictorParamsError (a ValueError) names the key
+            if self.params.get("warm") == "priors":
+                raise ValueError("warm: 'priors' fits per-kind accuracy on labelled tasks, which the gateway does not "
+                                 "have; use 'size' or (with `predictors`) 'router'")
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The online learner's parameters (every key but `online`)."""
+        return dict(self.model_extra or {})
+
+
 class GatewayConfig(_Strict):
     listen: Listen = Field(default_factory=Listen)
     auth: Auth = Field(default_factory=Auth)
@@ -139,6 +166,7 @@ class GatewayConfig(_Strict):
     limits: Limits = Field(default_factory=Limits)
     health: Health = Field(default_factory=Health)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    learning: LearningConfig = Field(default_factory=LearningConfig)
     live: LiveLearningConfig | None = None  # learn speeds and lengths from the traffic (serve/live_learning.py)
 
     @model_validator(mode="after")
@@ -152,6 +180,8 @@ class GatewayConfig(_Strict):
         if "length_stat" in self.model_fields_set and not self.predictors:
             raise ValueError("length_stat: it says how to read the trained length forest; set `predictors` too "
                              "(the online priors have no length distribution to read)")
+        if self.learning.params.get("warm") == "router" and not self.predictors:
+            raise ValueError("learning.warm: 'router' starts from the trained router; set `predictors` too")
         return self
 
     @property
@@ -205,7 +235,8 @@ def backends_for_cluster(servers: Iterable[Mapping[str, Any]]) -> list[Backend]:
 def build_gateway_config(backends: Sequence[Backend], *, policy: str = "chimera", lam: float | None = None,
                          host: str = "127.0.0.1", port: int | None = None, trace_store: str | Path | None = None,
                          predictors: str | Path | None = None, limits: Mapping[str, Any] | None = None,
-                         identity: Mapping[str, Any] | None = None, **policy_params: Any) -> GatewayConfig:
+                         identity: Mapping[str, Any] | None = None, learning: Mapping[str, Any] | None = None,
+                         **policy_params: Any) -> GatewayConfig:
     """A validated GatewayConfig for `backends`; only what is given is set (the rest keeps its default), so
     `write_gateway_config` writes just those keys. `policy_params` are the policy's other parameters."""
     doc: dict[str, Any] = {"policy": {"name": policy, **({"lam": lam} if lam is not None else {}), **policy_params},
@@ -220,6 +251,8 @@ def build_gateway_config(backends: Sequence[Backend], *, policy: str = "chimera"
         doc["limits"] = dict(limits)
     if identity is not None:
         doc["identity"] = dict(identity)
+    if learning is not None:
+        doc["learning"] = dict(learning)
     return gateway_config_from_dict(doc, source="gateway config")
 
 

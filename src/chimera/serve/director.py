@@ -154,9 +154,9 @@ class Director:
         """One try on one backend: the client's Response, or None after a retryable upstream fault (settled)."""
         call, timeout = ctx.call, self.limits.request_timeout_s
         dispatched: asyncio.Future[BackendState] = asyncio.get_running_loop().create_future()
+        prediction = await self._predict_as_of(ctx)
         try:
-            ctx.decision = self.pool.admit(call, self.now(), await self._predict(call), waiter=dispatched,
-                                           avoid=ctx.tried)
+            ctx.decision = self.pool.admit(call, self.now(), prediction, waiter=dispatched, avoid=ctx.tried)
         except QueueFull as e:  # the open models filled up while this call was being predicted
             self.settle(ctx, Outcome.REJECTED, "queue full", record=False)
             self.metrics.rejected.labels(ctx.path, "queue_full").inc()
@@ -193,6 +193,17 @@ class Director:
             return self._answer(ctx, reply)
         finally:
             await reply.response.aclose()
+
+    async def _predict_as_of(self, ctx: CallContext) -> Prediction | None:
+        """The attempt's Prediction, and in `ctx.predictor_version` the version of the predictors that made it: a
+        reload swaps predictors and version together on the loop, so one that lands while the prediction thread
+        works is seen here, and the call is predicted again by the new ones."""
+        while True:
+            version = self.pool.predictor_version
+            prediction = await self._predict(ctx.call)
+            if self.pool.predictor_version == version:
+                ctx.predictor_version = version
+                return prediction
 
     async def _predict(self, call: Call) -> Prediction | None:
         if self.predict_pool is None:

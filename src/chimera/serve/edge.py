@@ -64,8 +64,8 @@ def bearer(headers: Mapping[str, str]) -> str | None:
 
 
 class Auth:
-    """Client endpoints: open when no `api_keys` are configured, else a client or an admin key. /metrics: admin keys
-    when configured, else client keys when configured, else open."""
+    """Client endpoints: open when no `api_keys` are configured, else a client or an admin key. Admin endpoints
+    (/metrics, reload): admin keys when configured, else client keys when configured, else open."""
 
     def __init__(self, api_keys: Iterable[str], admin_keys: Iterable[str]) -> None:
         api_keys, admin_keys = list(api_keys), list(admin_keys)
@@ -76,11 +76,12 @@ class Auth:
         if self.client_keys is not None and not self.client_keys.accepts(bearer(headers)):
             raise EdgeError(401, "missing or invalid API key", "invalid_api_key", "auth")
 
-    def require_metrics(self, headers: Mapping[str, str]) -> None:
+    def require_admin(self, headers: Mapping[str, str], what: str) -> None:
+        """An admin endpoint (`what` names it in the refusal)."""
         ring = self.admin_keys if self.admin_keys is not None else self.client_keys
         if ring is not None and not ring.accepts(bearer(headers)):
             kind = "an admin key" if self.admin_keys is not None else "an API key"
-            raise EdgeError(401, f"{kind} is required for /metrics", "invalid_api_key", "auth")
+            raise EdgeError(401, f"{kind} is required for {what}", "invalid_api_key", "auth")
 
 
 # ---- bodies --------------------------------------------------------------------------------------------------

@@ -57,6 +57,39 @@ class _Live(Collector):
                     if v is not None:  # no sample for a backend that exposes no such gauge
                         fam.add_metric([be.name, m], v)
         yield from (q, c, t, d, b, up, *scraped.values())
+        info = GaugeMetricFamily("chimera_predictors_info", "The version of the predictors new calls are decided "
+                                 "with (a reload changes it), always 1", labels=["version"])
+        info.add_metric([s.predictor_version or ""], 1.0)
+        yield info
+
+
+# The online learner's counters shown on /metrics (chimera.predict.bandit.LinearBandit.stats): name -> help.
+LEARNER_STATS = {
+    "decided": "Routing decisions the online learner took part in",
+    "explored": "Decisions where it explored (routed away from the policy's choice to learn)",
+    "explored_share": "Share of decisions explored so far",
+    "epsilon": "Exploration probability in force now",
+    "learnt": "Workflows whose score it learnt from",
+    "learnt_calls": "Calls it learnt from (each workflow's score teaches every call of it)",
+    "pending": "Workflows decided and awaiting their score",
+    "evicted": "Pending workflows forgotten to keep the table bounded (a later score is unknown)",
+}
+
+
+class _Learners(Collector):
+    """The online learner's statistics, read from it at scrape time (absent when no predictor learns from scores)."""
+
+    def __init__(self, sched: "BackendPool") -> None:
+        self.sched = sched
+
+    def collect(self) -> Iterator[Metric]:
+        learner = next((x for x in self.sched.core.reward_learners if hasattr(x, "stats")), None)
+        if learner is None:
+            return
+        st = learner.stats()
+        for key, doc in LEARNER_STATS.items():
+            if isinstance(st.get(key), (int, float)):
+                yield GaugeMetricFamily(f"chimera_learner_{key}", doc, float(st[key]))
 
 
 class _Trace(Collector):
@@ -80,6 +113,7 @@ class GatewayMetrics:
     def __init__(self, sched: "BackendPool", trace: "TraceStore | None" = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_Live(sched))
+        self.registry.register(_Learners(sched))
         if trace is not None:
             self.registry.register(_Trace(trace))
         r = self.registry
@@ -95,3 +129,8 @@ class GatewayMetrics:
                                 ["endpoint", "reason"], registry=r)
         self.internal_errors = Counter("chimera_internal_errors", "Requests that hit a gateway bug (500)",
                                        ["endpoint"], registry=r)
+        self.feedback = Counter("chimera_feedback", "Workflow scores posted, by what they did (learnt, ignored: "
+                                "stored without a learner; repeated, unknown, late, invalid: refused)", ["outcome"],
+                                registry=r)
+        self.reloads = Counter("chimera_reloads", "Predictor reloads (admin endpoint or SIGHUP): ok, or refused "
+                               "with the old predictors kept", ["result"], registry=r)

@@ -140,9 +140,16 @@ def openapi_document(models: list[str]) -> dict[str, Any]:
                 "responses": {**_ok("model object"), **_errors(401, 404)}}},
             "/v1/chimera/feedback": {"post": {
                 "summary": "A finished workflow's score, naming it by workflow_id or by the id of any of its "
-                           "responses (ends the workflow in the policy; trains the predictors)",
+                           "responses (ends the workflow in the policy; the online learner learns from it once; "
+                           "stored once for `chimera train --traces`)",
                 "security": secured, "requestBody": _json_body("Feedback"),
-                "responses": {**_ok("stored"), **_errors(400, 401, 404, 413, 415)}}},
+                "responses": {**_ok("learnt or stored: {ok, workflow_id, score, outcome: learnt|ignored}"),
+                              **_errors(400, 401, 404, 409, 410, 413, 415)}}},
+            "/v1/chimera/admin/reload": {"post": {
+                "summary": "Reload the trained predictors from the configured folder without a restart (as SIGHUP "
+                           "does); calls in flight keep theirs. 409 with the reason when refused (old ones kept)",
+                "security": secured,
+                "responses": {**_ok("{ok, version, previous, seconds}"), **_errors(401, 409)}}},
             "/health": {"get": {"summary": "Liveness, queue, backends and the trace writer",
                                 "responses": _ok("state")}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": secured,

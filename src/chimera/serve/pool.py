@@ -17,6 +17,7 @@ from chimera.backends.kinds import BackendKind
 from chimera.sched.admission import Admission, Event
 from chimera.sched.decision import Decision
 from chimera.sched.policy import Policy
+from chimera.sched.predictors import ConfidencePredictor, LengthPredictor, OnlineLearner
 from chimera.sched.types import Call, ModelInfo, Prediction
 from chimera.serve.config import Backend
 from chimera.serve.refusals import policy_refusal
@@ -86,7 +87,7 @@ class BackendPool:
 
     def __init__(self, policy: Policy, models: Sequence[ModelInfo], backends: Sequence[Backend],
                  max_queue: int = 1000, max_queue_per_model: int | None = None,
-                 record: Callable[[Event], None] | None = None) -> None:
+                 record: Callable[[Event], None] | None = None, predictor_version: str | None = None) -> None:
         refusal = policy_refusal(policy)
         if refusal:
             raise PolicyNotLive(refusal)
@@ -107,6 +108,7 @@ class BackendPool:
         self.workflows = Workflows()
         self._pending: dict[int, _Pending] = {}  # call_id -> its waiter and the backends to avoid, until dispatch
         self._ids = itertools.count()
+        self.predictor_version = predictor_version  # names the policy's predictors (a reload changes both at once)
 
     @property
     def waiting_total(self) -> int:
@@ -147,6 +149,14 @@ class BackendPool:
     def retry_after_s(self) -> int:
         """Seconds a refused client should wait: roughly the time to drain the queue at the current service rate."""
         return max(1, min(60, round(self.waiting_total / (sum(self.cap.values()) or 1))))
+
+    def use_predictors(self, confidence: ConfidencePredictor | None, length: LengthPredictor | None,
+                       version: str) -> None:
+        """Route with these predictors from the next call on, under `version` (a reload, on the event loop: queued
+        and running calls keep what they were decided with). ValueError (nothing changed) if a column is missing."""
+        self.policy.use_predictors(confidence, length)
+        self.core.learners = [p for p in (confidence, length) if isinstance(p, OnlineLearner)]
+        self.predictor_version = version
 
     # ---- the body-facing protocol: the admission core's, with backpressure in front -------------------------
     def submit(self, call: Call, now: float, prediction: Prediction | None = None, *,

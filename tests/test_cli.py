@@ -93,8 +93,9 @@ LEAVES = list(_leaves(typer.main.get_command(app)))
 
 def test_the_tree_has_every_command() -> None:
     names = {" ".join(p) for p, _ in LEAVES}
-    assert len(names) == 22
-    assert {"simulate", "profile", "demo", "bench live", "bench soak", "eval predictors", "engines up"} <= names
+    assert len(names) == 24
+    assert {"simulate", "profile", "demo", "bench live", "bench soak", "bench ope", "eval predictors", "eval traces",
+            "engines up"} <= names
 
 
 @pytest.mark.parametrize("path", [p for p, _ in LEAVES], ids=[" ".join(p) for p, _ in LEAVES])

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from chimera.cli import app
 from chimera.predict.artifacts import load_predictors
-from chimera.train.from_traces import TraceStoreError, tasks_from_traces
+from chimera.train.from_traces import MAX_IPS_WEIGHT, TraceStoreError, tasks_from_traces
 from chimera.serve.trace import CALL_COLUMNS, TraceStore
 
 N_WF = 120  # enough for a router head per model (SemanticRouter.min_labels = 30 training rows)
@@ -167,3 +167,67 @@ def test_cli_train_traces_together_with_a_workload(trace_db, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["workloads"] == [str(wl), f"traces:{trace_db}"]
     assert {"big", "small"} <= set(manifest["models"])
+
+
+@pytest.fixture(scope="module")
+def logged_db(tmp_path_factory):
+    """Workflows routed between 'big' and 'small' with logged propensities; 'tiny' is served (it has a confidence)
+    but never chosen. Workflow i: 2 calls; an explored call has propensity 0.05, a greedy one 0.9."""
+    path = tmp_path_factory.mktemp("logged") / "trace.sqlite"
+    store = TraceStore(path)
+    for i in range(N_WF):
+        wid = f"lg-{i:03d}"
+        model = "big" if i % 3 else "small"
+        explored = [i % 10 == 0, i % 40 == 0]  # 12 workflows with one explored call, 3 with two
+        for s in range(2):
+            store.log_call({"workflow_id": wid, "stage": s, "call_id": f"lg-{i}-{s}", "model": model,
+                            "status": "ok", "prompt_tokens": 50, "completion_tokens": 20 + s, "kind": "chat",
+                            "prompt": f"{TOPICS[i % 4]} question {i}", "policy": "chimera",
+                            "confidences": {"big": 0.7, "small": 0.4, "tiny": 0.2},
+                            "propensity": 0.05 if explored[s] else 0.9, "explored": explored[s], "epsilon": 0.1})
+        store.log_feedback(wid, (0.9, 0.2, 0.7, 0.4)[i % 4] if model == "big" else (0.3, 0.6, 0.1, 0.5)[i % 4])
+    store.close()
+    return path
+
+
+def test_traced_workflows_are_weighted_by_inverse_propensity(logged_db):
+    tasks, st = tasks_from_traces(logged_db)
+    weights = {t.id: t.weight for t in tasks}
+    assert weights["lg-001"] == pytest.approx(1 / 0.81)  # two greedy calls
+    assert weights["lg-010"] == pytest.approx(1 / (0.05 * 0.9))  # one explored call
+    assert weights["lg-000"] == MAX_IPS_WEIGHT  # both explored: 400, clipped
+    assert st["ips_weighted"] == N_WF and st["unweighted"] == 0 and st["clipped"] == 3
+    assert st["served_models"] == ["big", "small", "tiny"]
+    assert st["unlabelled"] == {"tiny": "never chosen"}
+    assert st["tasks_per_model"] == {"big": 80, "small": 40}
+    _, old = tasks_from_traces(trace_db_path_without_propensities(logged_db))
+    assert old["ips_weighted"] == 0 and old["unweighted"] == old["tasks"]
+
+
+def trace_db_path_without_propensities(path):
+    """A copy of the store as an older gateway wrote it: the propensity column dropped."""
+    copy = path.with_name("no-propensity.sqlite")
+    db = sqlite3.connect(path)
+    db.execute(f"VACUUM INTO '{copy}'")
+    db.close()
+    db = sqlite3.connect(copy)
+    db.execute("ALTER TABLE calls DROP COLUMN propensity")
+    db.commit()
+    db.close()
+    return copy
+
+
+@pytest.mark.filterwarnings("ignore:router has no learned head for model 'tiny'")  # the held-out evaluation's
+def test_cli_train_from_logged_traces_reports_a_model_never_chosen(logged_db, tmp_path):
+    out = tmp_path / "pred"
+    r = CliRunner().invoke(app, ["train", "--traces", str(logged_db), "--out", str(out), "--trees", "10"])
+    assert r.exit_code == 0, r.output
+    text = _flat(r.output)
+    assert "120 weighted by inverse propensity (3 clipped at 100)" in text
+    assert "workflows per model: big 80, small 40" in text
+    assert "model 'tiny' was served but has no labels (never chosen); its router head falls back to the prior" in text
+    pred = load_predictors(out)
+    assert pred.models == ["big", "small", "tiny"] and pred.router.heads_["tiny"] is None
+    assert pred.metrics["router_weighted"] is True and "tiny" in pred.metrics["router_skipped"]
+    with pytest.warns(UserWarning, match="no learned head for model 'tiny'"):
+        pred.router.predict_proba(["a question"], ["chat"], models=["tiny"])

@@ -75,6 +75,8 @@ def test_chimera_routes_and_traces_predictions(cluster):
     assert row["policy"] == "chimera" and row["completion_tokens"] == 5
     assert row["queued_at"] <= row["dispatched_at"] <= row["ended_at"]
     assert row["kind"] == "chat" and row["prompt"] == next(m["content"] for m in MSG if m["role"] == "user")
+    # the routing Decision reached the trace: no exploring predictor, so a sure choice and no terms logged
+    assert (row["propensity"], row["explored"], row["epsilon"], row["terms"]) == (1.0, 0, 0.0, None)
 
 
 def test_pinned_model_is_honoured_and_priority_forwarded_only_where_enabled(cluster):

@@ -181,6 +181,32 @@ def test_unknown_and_unlabelled_models_fall_back_with_one_warning(data):
     assert np.allclose(p3[:, 0], 1.0) and np.allclose(p3[:, 1], mean_prior)
 
 
+def test_inverse_propensity_weights_undo_selection_bias(data):
+    """Labels seen only where a logging policy sent each text (m-alpha mostly on alpha texts): unweighted, its prior
+    is the accuracy on the texts it was sent; weighted by 1/propensity, the accuracy on all texts."""
+    (x, k, s), (xt, kt, _) = data
+    rng = np.random.default_rng(5)
+    alpha = np.array([any(w in t.split() for w in TOPICS["alpha"]) for t in x])
+    p_alpha = np.where(alpha, 0.9, 0.1)  # the logging policy's probability of choosing m-alpha
+    chose_alpha = rng.random(len(x)) < p_alpha
+    logged = np.full_like(s, np.nan)
+    logged[chose_alpha, 0] = s[chose_alpha, 0]
+    logged[~chose_alpha, 1] = s[~chose_alpha, 1]
+    ips = np.where(chose_alpha, 1 / p_alpha, 1 / (1 - p_alpha))
+    plain = SemanticRouter().fit(x, logged, MODELS, k)
+    weighted = SemanticRouter().fit(x, logged, MODELS, k, sample_weight=ips)
+    population = float(np.mean(s[:, 0]))
+    assert abs(weighted.priors_["*"]["m-alpha"] - population) < 0.06
+    assert plain.priors_["*"]["m-alpha"] - population > 0.2
+    assert "head" in weighted.skipped_["m-coin"]  # never chosen: no head, left to the prior
+    # equal weights change nothing (each head's weights are scaled to mean 1)
+    np.testing.assert_allclose(SemanticRouter().fit(x, s, MODELS, k, sample_weight=np.full(len(x), 3.0))
+                               .predict_proba(xt[:50], kt[:50]),
+                               SemanticRouter().fit(x, s, MODELS, k).predict_proba(xt[:50], kt[:50]), atol=1e-6)
+    with pytest.raises(ValueError, match="sample_weight must be 800 finite weights > 0"):
+        SemanticRouter().fit(x, s, MODELS, k, sample_weight=np.zeros(len(x)))
+
+
 def test_router_confidence_columns_follow_the_mapping(data, fitted):
     _, (xt, kt, _) = data
     conf = RouterConfidence(fitted, mapping={"big-gpu": "m-beta", "small-gpu": "m-alpha"})

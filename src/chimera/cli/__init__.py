@@ -12,7 +12,7 @@ from typing import Callable
 
 import typer
 
-from chimera.cli import agents, bench, bench_live, demo, engines, profile, serve, simulate, train, workload
+from chimera.cli import agents, bench, bench_live, demo, engines, profile, serve, simulate, traces, train, workload
 
 HELP = "Chimera: predictive scheduling of multi-agent LLM workflows on heterogeneous clusters."
 COMMANDS: dict[str, Callable] = {
@@ -25,8 +25,10 @@ GROUPS: dict[str, tuple[str, dict[str, Callable]]] = {
                  {"list": workload.workload_list, "export": workload.workload_export}),
     "bench": ("Benchmarks: policy sweeps and speed.",
               {"sim": bench.bench_sim, "speed": bench.bench_speed, "predict": bench.bench_predict,
+               "ope": bench.bench_ope,
                "gateway": bench_live.bench_gateway, "live": bench_live.bench_live, "soak": bench_live.bench_soak}),
-    "eval": ("Evaluate predictors on held-out tasks.", {"predictors": train.eval_predictors}),
+    "eval": ("Evaluate predictors on held-out tasks, and policies on logged traffic.",
+             {"predictors": train.eval_predictors, "traces": traces.eval_traces}),
     "agents": ("Live agents: run a workload's workflows against an OpenAI-compatible endpoint.",
                {"run": agents.agents_run}),
     "engines": ("Real engines: vLLM CPU servers on random-weight models (real serving, noise text); "

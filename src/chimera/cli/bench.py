@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from chimera.cli.common import (CLUSTER_HELP, LENGTH_STAT_HELP, LOAD_ERRORS, WORKLOAD_HELP, cluster_or_default,
-                                console, fail, failing_on, predictors_or_none, progress, validation_message)
+                                console, fail, failing_on, names, predictors_or_none, progress, validation_message)
 
 
 def bench_sim(
@@ -160,3 +160,46 @@ def tune(
     console.print(md)
     console.print(block)
     console.print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'policy.yaml'} (all results simulated)")
+
+
+def bench_ope(
+    workload: str = typer.Option("source:mmlu-pro-math", "--workload", "-w", help=WORKLOAD_HELP),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP),
+    lam: float = typer.Option(0.05, "--lam", help="λ of the logged run."),
+    candidates: str = typer.Option("0.02,0.1,0.2", "--candidates", help="Candidate λ values, comma-separated."),
+    load: float = typer.Option(0.7, "--load", help="Arrival rate as a fraction of the throughput round-robin (vllm) "
+                               "sustains when saturated (measured)."),
+    tasks: int = typer.Option(3000, "--tasks", help="Workflows per run (held-out tasks, drawn again as needed)."),
+    predictions: str = typer.Option("online", "--predictions", help="Predictors of every run (the logged one "
+                                    "explores only with an exploring confidence predictor: online)."),
+    seeds: str = typer.Option("0", "--seeds", help="Seeds, comma-separated: each one a logged run and its "
+                              "candidates' runs (workflows, arrivals)."),
+    learner: list[str] = typer.Option([], "--learner", help="KEY=VALUE: a parameter of every run's confidence "
+                                      "predictor (repeatable), e.g. explore_min=0.1 (see docs/predictors.md)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    out: Path = typer.Option(Path("out/bench-ope"), "--out", help="Folder for trace-SEED.sqlite, results.md, "
+                             "results.json."),
+) -> None:
+    """Off-policy evaluation checked in the simulator: a logged run's trace store estimates each candidate λ
+    (`chimera eval traces`), then each candidate runs for real on the same workflows (all results simulated).
+
+    Example: chimera bench ope -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --lam 0.05 --candidates 0.02,0.1,0.2
+    """
+    from chimera.bench.ope_check import OPECheckSpec, candidate_list, run_ope_check, write_results
+    from chimera.util.keyvalue import parse_pairs
+    from chimera.workload.source import load_workload
+
+    with failing_on(*LOAD_ERRORS):
+        spec = OPECheckSpec(logged_lam=lam, candidates=candidate_list(candidates), load=load, tasks=tasks,
+                            seeds=tuple(int(x) for x in names(seeds)), predictions=predictions,
+                            learner=tuple(parse_pairs(learner, "--learner").items()))
+        spec.predictors()  # a bad predictor choice or parameter fails here, naming it
+        cl = cluster_or_default(cluster)
+        load_workload(workload, data_dir=data_dir)  # a bad spec fails before any run
+        with progress() as prog:
+            bar = prog.add_task(f"ope {workload}", total=len(spec.seeds) * (1 + len(spec.candidates)))
+            res = run_ope_check(lambda s: load_workload(workload, data_dir=data_dir, seed=s)[0], cl, spec, out,
+                                progress=lambda k: prog.advance(bar, k))
+    console.print(write_results(res, workload, out))
+    console.print(f"wrote {out}/trace-SEED.sqlite, {out / 'results.md'}, {out / 'results.json'} (all results "
+                  "simulated)")

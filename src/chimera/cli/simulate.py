@@ -32,11 +32,16 @@ def simulate(
                                               "and length forest (default: honest per-kind/per-stage priors)."),
     length_stat: str = typer.Option("mean", "--length-stat", help=LENGTH_STAT_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary JSON here."),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="Write the run's calls, routing decisions and "
+                                         "workflow scores to this new trace store (the gateway's format; read by "
+                                         "`chimera eval traces` and `chimera train --traces`)."),
 ) -> None:
     """Simulate a workload on a cluster under one policy and print a summary (all results are simulated).
 
     Example: chimera simulate --workload synthetic:500 --policy chimera --rate 2 --json out/chimera.json
+    Logged run: chimera simulate -w synthetic:500 --predictions online --rate 2 --trace out/sim-trace.sqlite
     """
+    from chimera.bench.sim_trace import SimTraceWriter
     from chimera.predict.length import stat_quantile
     from chimera.sched.registry import make_policy
     from chimera.sim.experiment import prepare, run_policy
@@ -55,15 +60,23 @@ def simulate(
         prep = prepare(ts, cluster_or_default(cluster), seed=seed, train_frac=train_frac, rule=rule,
                        predictors=predictors_or_none(predictors), length_stat=length_stat)
         n = tasks if tasks is not None else len(prep.test)
+        writer = SimTraceWriter(trace, policy) if trace is not None else None
         with progress() as prog:
             bar = prog.add_task(f"simulating {policy}", total=n)
-            res = run_policy(prep, policy, rate=rate, agents=agents, n_tasks=n, seed=seed, lam=lam,
-                             progress=lambda k: prog.advance(bar, k), predictions=predictions, **params)
+            try:
+                res = run_policy(prep, policy, rate=rate, agents=agents, n_tasks=n, seed=seed, lam=lam,
+                                 progress=lambda k: prog.advance(bar, k), predictions=predictions, record=writer,
+                                 **params)
+            finally:
+                written = writer.close() if writer is not None else None
     res["workload"] = workload
     res["train_tasks"], res["test_tasks"] = len(prep.train), len(prep.test)
     console.print(summary_table([res], f"{workload} — simulated"))
     console.print(f"{res['calls']} calls in {res['wall_s']:.2f} s wall ({res['calls_per_wall_s']:,.0f} calls/s); "
                   f"skipped tasks: {res['skipped_tasks']}; train/test tasks: {len(prep.train)}/{len(prep.test)}")
+    if written is not None:
+        console.print(f"trace store {written['path']}: {written['written']} rows written, {written['dropped']} "
+                      "dropped (simulated times: virtual seconds from 0)")
     if json_out:
         write_json(json_out, res)
 

@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-from chimera.cli.common import LOAD_ERRORS, WORKLOAD_HELP, console, fail, failing_on, progress
+from rich.markup import escape
+
+from chimera.cli.common import LOAD_ERRORS, WORKLOAD_HELP, console, err, fail, failing_on, progress
 
 
 def train(
@@ -29,9 +31,10 @@ def train(
     """Fit the semantic router and the workflow-length forest; print held-out metrics; save versioned artifacts.
 
     Example: chimera train -w source:mmlu-pro-math --out out/predictors/mmlu --encoder minilm
-    Learning loop: chimera train --traces out/gateway/trace.sqlite --out out/predictors/live
+    Learning loop: chimera train --traces out/gateway/trace.sqlite --out out/predictors/live (each traced workflow
+    weighted by its inverse propensity where the store logs them; a served model without labels is reported)
     """
-    from chimera.train.from_traces import describe_stats
+    from chimera.train.from_traces import describe_stats, unlabelled_warnings
     from chimera.train.length_eval import format_table
     from chimera.train.predictors import gather, load_training_sets, train_predictors
     from chimera.train.router_eval import to_markdown
@@ -44,8 +47,12 @@ def train(
         fail("give at least one --workload or --traces")
     t0 = time.perf_counter()
     with failing_on(*LOAD_ERRORS):
-        sets = load_training_sets(list(workload or []), traces or [], data_dir, seed,
-                                  on_traces=lambda path, st: console.print(describe_stats(path, st)))
+        def said(path: Path, st: dict) -> None:
+            console.print(describe_stats(path, st))
+            for line in unlabelled_warnings(st):
+                err.print(f"[yellow]warning:[/] {escape(line)}")
+
+        sets = load_training_sets(list(workload or []), traces or [], data_dir, seed, on_traces=said)
         data = gather(sets, train_frac)
         with progress() as prog:
             bar = prog.add_task("training", total=None)

@@ -33,20 +33,34 @@ def tasks_to_arrays(tasks: Sequence[Task], models: Sequence[str]) -> tuple[list[
     return [t.prompt for t in tasks], scores, [t.kind for t in tasks]
 
 
-def soft_label_rows(x: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fractional scores as weighted duplicates: (x, 1) weight s and (x, 0) weight 1-s; zero weights dropped."""
+def soft_label_rows(x: np.ndarray, s: np.ndarray,
+                    w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fractional scores as weighted duplicates: (x, 1) weight s and (x, 0) weight 1-s, each times the row's
+    weight `w` when given; zero weights dropped."""
     pos, neg = s > 0, s < 1
     xs = np.concatenate([x[pos], x[neg]])
     ys = np.concatenate([np.ones(pos.sum()), np.zeros(neg.sum())])
     ws = np.concatenate([s[pos], 1.0 - s[neg]])
+    if w is not None:
+        ws = ws * np.concatenate([w[pos], w[neg]])
     return xs, ys, ws
+
+
+def head_weights(sample_weight: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    """The sample weights of the rows one head is fit on, scaled to mean 1 (so regularisation keeps its strength)."""
+    if sample_weight is None:
+        return None
+    w = sample_weight[rows]
+    return w / w.mean() if len(w) and w.mean() > 0 else w
 
 
 class RouterBase(BaseEstimator):
     """Shared label bookkeeping: priors per (kind, model) and the warn-once fallback for unlabelled models."""
 
-    def _fit_priors(self, scores: np.ndarray, models: Sequence[str], kinds: Sequence[str] | None) -> np.ndarray:
-        """Validate scores; set models_ and priors_ = {kind or "*": {model: mean label}}."""
+    def _fit_priors(self, scores: np.ndarray, models: Sequence[str], kinds: Sequence[str] | None,
+                    sample_weight: np.ndarray | None = None) -> np.ndarray:
+        """Validate scores; set models_ and priors_ = {kind or "*": {model: mean label}} (weighted by
+        `sample_weight` when given)."""
         scores = np.asarray(scores, dtype=float)
         if scores.ndim != 2 or scores.shape[1] != len(models):
             raise ValueError(f"scores must be (n_texts, {len(models)}) for {len(models)} models; got {scores.shape}")
@@ -56,13 +70,24 @@ class RouterBase(BaseEstimator):
         kinds_arr = np.asarray(list(kinds) if kinds is not None else ["*"] * len(scores), dtype=object)
         priors: dict[str, dict[str, float]] = {}
         for kind in ["*", *sorted(set(kinds_arr) - {"*"})]:
-            rows = scores if kind == "*" else scores[kinds_arr == kind]
-            priors[kind] = {
-                m: float(np.nanmean(rows[:, j])) for j, m in enumerate(self.models_) if np.isfinite(rows[:, j]).any()
-            }
+            sel = slice(None) if kind == "*" else kinds_arr == kind
+            rows = scores[sel]
+            if sample_weight is None:
+                priors[kind] = {m: float(np.nanmean(rows[:, j]))
+                                for j, m in enumerate(self.models_) if np.isfinite(rows[:, j]).any()}
+                continue
+            w = sample_weight[sel]
+            priors[kind] = {m: float(np.average(rows[has, j], weights=w[has]))
+                            for j, m in enumerate(self.models_) if (has := np.isfinite(rows[:, j])).any()}
         self.priors_ = priors
         self._warned: set[str] = set()
         return scores
+
+    def __getstate__(self) -> dict:
+        """Saved without the set of models already warned about: a loaded router warns again when it falls back."""
+        state = dict(super().__getstate__())
+        state.pop("_warned", None)
+        return state
 
     def _prior(self, model: str, kind: str | None) -> float | None:
         by_kind = self.priors_.get(kind or "*", {})
@@ -140,12 +165,12 @@ class SemanticRouter(RouterBase):
         return np.hstack([emb, onehot])
 
     # -- fit --------------------------------------------------------------------------------------------------
-    def _fit_calibrator(self, p: np.ndarray, s: np.ndarray) -> Any:
+    def _fit_calibrator(self, p: np.ndarray, s: np.ndarray, w: np.ndarray | None = None) -> Any:
         if self.calibration == "isotonic":
-            return IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, s)
+            return IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, s, sample_weight=w)
         if self.calibration == "sigmoid":
             z = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1)).reshape(-1, 1)
-            zs, ys, ws = soft_label_rows(z, s)
+            zs, ys, ws = soft_label_rows(z, s, w)
             return LogisticRegression(C=1e6).fit(zs, ys, sample_weight=ws)
         raise ValueError(f"calibration must be 'isotonic', 'sigmoid' or None; got {self.calibration!r}")
 
@@ -161,12 +186,18 @@ class SemanticRouter(RouterBase):
         scores: np.ndarray,
         models: Sequence[str],
         kinds: Sequence[str] | None = None,
+        sample_weight: Sequence[float] | None = None,
     ) -> "SemanticRouter":
-        """Encode the texts once, fit one head per model on all labelled rows, calibrate on held-out slices."""
+        """Encode the texts once, fit one head per model on all labelled rows, calibrate on held-out slices.
+        `sample_weight` (one per text, > 0; e.g. inverse propensities of logged workflows) weights the priors, the
+        heads and the calibration; each head's weights are scaled to mean 1."""
         if self.calibration not in ("isotonic", "sigmoid", None):
             raise ValueError(f"calibration must be 'isotonic', 'sigmoid' or None; got {self.calibration!r}")
         texts = list(texts)
-        scores = self._fit_priors(scores, models, kinds)
+        sw = None if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        if sw is not None and (sw.shape != (len(texts),) or not np.all(np.isfinite(sw) & (sw > 0))):
+            raise ValueError(f"sample_weight must be {len(texts)} finite weights > 0, one per text")
+        scores = self._fit_priors(scores, models, kinds, sw)
         if len(texts) != len(scores):
             raise ValueError(f"{len(texts)} texts for {len(scores)} score rows")
         enc = make_encoder(self.encoder) if isinstance(self.encoder, str) else self.encoder
@@ -188,14 +219,15 @@ class SemanticRouter(RouterBase):
                     self.skipped_[m] = "head: a single class in the labels"
                     self.heads_[m] = None
                 else:
-                    self.heads_[m] = self._fit_head(x[has], s[has])
+                    self.heads_[m] = self._fit_head(x[has], s[has], head_weights(sw, has))
             if self.calibration is not None:
-                self._calibrate(texts, kinds, scores, x, enc if refit_encoder else None)
+                self._calibrate(texts, kinds, scores, x, enc if refit_encoder else None, sw)
         self._stack_heads()
         return self
 
     def _calibrate(
-        self, texts: list[str], kinds: Sequence[str] | None, scores: np.ndarray, x: np.ndarray, enc: Any
+        self, texts: list[str], kinds: Sequence[str] | None, scores: np.ndarray, x: np.ndarray, enc: Any,
+        sw: np.ndarray | None = None,
     ) -> None:
         """Cross-fit: each held-out slice (~calib_frac of rows) is scored by a head -- and, for encoders fitted on
         the training texts (hashing: IDF + SVD), an encoder -- that never saw it; the calibrator maps those
@@ -223,7 +255,7 @@ class SemanticRouter(RouterBase):
                     failed[m] = f"calibration: fold {f} has {int(fit.sum())} fit rows or a single class"
                     continue
                 if out.any():
-                    oof[out, j] = self._fit_head(xf[fit], s_fit).predict_proba(xf[out])[:, 1]
+                    oof[out, j] = self._fit_head(xf[fit], s_fit, head_weights(sw, fit)).predict_proba(xf[out])[:, 1]
         for j, m in enumerate(self.models_):
             if self.heads_[m] is None:
                 continue
@@ -231,10 +263,10 @@ class SemanticRouter(RouterBase):
                 self.skipped_[m] = failed[m] + "; head uncalibrated"
                 continue
             has = np.isfinite(scores[:, j])
-            self.calibrators_[m] = self._fit_calibrator(oof[has, j], scores[has, j])
+            self.calibrators_[m] = self._fit_calibrator(oof[has, j], scores[has, j], head_weights(sw, has))
 
-    def _fit_head(self, x: np.ndarray, s: np.ndarray) -> LogisticRegression:
-        xs, ys, ws = soft_label_rows(x, s)
+    def _fit_head(self, x: np.ndarray, s: np.ndarray, w: np.ndarray | None = None) -> LogisticRegression:
+        xs, ys, ws = soft_label_rows(x, s, w)
         return LogisticRegression(C=self.C, max_iter=2000).fit(xs, ys, sample_weight=ws)
 
     def _stack_heads(self) -> None:

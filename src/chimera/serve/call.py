@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from chimera.sched.decision import Decision
 from chimera.sched.types import Call
 from chimera.serve.identity import Identity
 from chimera.serve.pool import BackendState
@@ -44,6 +45,7 @@ class CallContext:
     client_pinned: bool  # the client named a model: retries stay on its replicas
     call: Call  # the current attempt as the brain sees it
     identity: Identity | None = None  # the workflow the call belongs to and how it was found (serve/identity.py)
+    decision: Decision | None = None  # what the policy decided for the current attempt (its trace row's routing)
     predictor_version: str | None = None  # the predictors the current attempt was decided with (serve/reload.py)
     phase: Phase = Phase.RECEIVED
     outcome: Outcome | None = None
@@ -80,6 +82,7 @@ class CallContext:
         """Start the next attempt with `call`; what the last one held was settled."""
         assert self.settled, "an attempt is retried only once it has ended"
         self.call, self.phase, self.outcome, self.error, self.backend = call, Phase.RECEIVED, None, None, None
+        self.decision = None
         self.relayed, self.tokens, self.usage_tokens, self.first_token_at = False, 0, None, None
         self.response_id, self.reply = None, None
         self.attempts += 1

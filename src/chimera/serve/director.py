@@ -156,7 +156,7 @@ class Director:
         dispatched: asyncio.Future[BackendState] = asyncio.get_running_loop().create_future()
         prediction = await self._predict_as_of(ctx)
         try:
-            self.pool.submit(call, self.now(), prediction, waiter=dispatched, avoid=ctx.tried)
+            ctx.decision = self.pool.admit(call, self.now(), prediction, waiter=dispatched, avoid=ctx.tried)
         except QueueFull as e:  # the open models filled up while this call was being predicted
             self.settle(ctx, Outcome.REJECTED, "queue full", record=False)
             self.metrics.rejected.labels(ctx.path, "queue_full").inc()

@@ -15,6 +15,7 @@ from typing import Callable, Collection, Sequence
 
 from chimera.backends.kinds import BackendKind
 from chimera.sched.admission import Admission, Event
+from chimera.sched.decision import Decision
 from chimera.sched.policy import Policy
 from chimera.sched.predictors import ConfidencePredictor, LengthPredictor, OnlineLearner
 from chimera.sched.types import Call, ModelInfo, Prediction
@@ -160,8 +161,14 @@ class BackendPool:
     # ---- the body-facing protocol: the admission core's, with backpressure in front -------------------------
     def submit(self, call: Call, now: float, prediction: Prediction | None = None, *,
                waiter: asyncio.Future | None = None, avoid: Collection[str] = ()) -> str:
-        """Route among the open models and enqueue (the policy), then dispatch what fits; QueueFull if none is open.
-        `waiter` gets the BackendState when the call is dispatched; `avoid` names backends it already failed on."""
+        """`admit`, returning only the model name."""
+        return self.admit(call, now, prediction, waiter=waiter, avoid=avoid).model
+
+    def admit(self, call: Call, now: float, prediction: Prediction | None = None, *,
+              waiter: asyncio.Future | None = None, avoid: Collection[str] = ()) -> Decision:
+        """Route among the open models and enqueue (the policy), then dispatch what fits; the policy's Decision, or
+        QueueFull if no model is open. `waiter` gets the BackendState when the call is dispatched; `avoid` names
+        backends it already failed on."""
         allowed = self.open_models(call.pinned_model)
         if not allowed:
             raise QueueFull(self.backlog_reason(call.pinned_model))
@@ -174,7 +181,7 @@ class BackendPool:
         if waiter is not None or avoid:
             self._pending[call.call_id] = _Pending(waiter, avoid)
         try:
-            return self.core.submit(call, now, prediction, None if every else allowed).model
+            return self.core.submit(call, now, prediction, None if every else allowed)
         except BaseException:
             self._pending.pop(call.call_id, None)
             raise

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from chimera.sched.decision import Decision
 from chimera.serve.clock import GatewayClock
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.trace import TraceStore
@@ -14,6 +15,17 @@ if TYPE_CHECKING:
     from chimera.serve.call import CallContext
 
 log = logging.getLogger("chimera.serve")
+
+
+def routing_columns(decision: Decision | None) -> dict[str, Any]:
+    """The trace columns off-policy evaluation reads from a routing Decision: its propensity, whether it explored,
+    the exploration probability in force, and the scorer terms and weights it used (all None without a Decision)."""
+    if decision is None:
+        return {"propensity": None, "explored": None, "epsilon": None, "terms": None, "weights": None}
+    terms, weights = decision.terms, decision.weights
+    return {"propensity": decision.propensity, "explored": decision.explored, "epsilon": decision.epsilon,
+            "terms": None if terms is None else {k: dict(v) for k, v in terms.items()},
+            "weights": None if weights is None else dict(weights)}
 
 
 class CallRecorder:
@@ -41,6 +53,7 @@ class CallRecorder:
                 "error": ctx.error, "confidences": call.confidences, "pred_call_tokens": call.pred_call_tokens,
                 "pred_remaining_tokens": call.pred_remaining_tokens, "policy": self.policy_name, "kind": call.kind,
                 "identity": ctx.identity.source.value if ctx.identity is not None else None,
+                **routing_columns(ctx.decision), "predictor_version": getattr(ctx, "predictor_version", None),
             }
             self.trace.log_call({**row, "prompt": call.prompt})  # the router's prompt text: trace only, not the log
             self.metrics.requests.labels(call.model or "", status).inc()

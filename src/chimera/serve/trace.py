@@ -23,22 +23,28 @@ log = logging.getLogger("chimera.serve.trace")
 CALL_COLUMNS = (
     "workflow_id", "stage", "call_id", "model", "backend", "prompt_tokens", "completion_tokens", "queued_at",
     "dispatched_at", "first_token_at", "ended_at", "status", "error", "confidences", "pred_call_tokens",
-    "pred_remaining_tokens", "policy", "kind", "prompt", "identity",
+    "pred_remaining_tokens", "policy", "kind", "prompt", "identity", "propensity", "explored", "epsilon", "terms",
+    "weights", "predictor_version",
 )
 # Columns added after the first release: (name, SQL type); old trace files get them by ALTER TABLE on open.
-_ADDED_COLUMNS = (("kind", "TEXT"), ("prompt", "TEXT"), ("identity", "TEXT"))
+# The routing decision's randomisation (propensity, explored, epsilon) and inputs (terms: per scorer, per model, the
+# unweighted value; weights: the scorer weights) are what off-policy evaluation reads (chimera.train.ope).
+_ADDED_COLUMNS = (("kind", "TEXT"), ("prompt", "TEXT"), ("identity", "TEXT"), ("propensity", "REAL"),
+                  ("explored", "INTEGER"), ("epsilon", "REAL"), ("terms", "TEXT"), ("weights", "TEXT"),
+                  ("predictor_version", "TEXT"))
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     workflow_id TEXT, stage INTEGER, call_id TEXT, model TEXT, backend TEXT, prompt_tokens INTEGER,
     completion_tokens INTEGER, queued_at REAL, dispatched_at REAL, first_token_at REAL, ended_at REAL,
     status TEXT, error TEXT, confidences TEXT, pred_call_tokens REAL, pred_remaining_tokens REAL, policy TEXT,
-    kind TEXT, prompt TEXT, identity TEXT
+    kind TEXT, prompt TEXT, identity TEXT, propensity REAL, explored INTEGER, epsilon REAL, terms TEXT,
+    weights TEXT, predictor_version TEXT
 );
 CREATE INDEX IF NOT EXISTS calls_wf ON calls(workflow_id);
 CREATE TABLE IF NOT EXISTS feedback (workflow_id TEXT, score REAL, at REAL);
 """
 _TEXT_COLUMNS = frozenset({"workflow_id", "call_id", "model", "backend", "status", "error", "confidences", "policy",
-                           "kind", "prompt", "identity"})
+                           "kind", "prompt", "identity", "terms", "weights", "predictor_version"})
 _CALL_TEXT = tuple(c in _TEXT_COLUMNS for c in CALL_COLUMNS)
 _INSERT = {
     "calls": f"INSERT INTO calls ({','.join(CALL_COLUMNS)}) VALUES ({','.join('?' * len(CALL_COLUMNS))})",

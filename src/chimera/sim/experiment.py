@@ -12,6 +12,7 @@ from chimera.predict.artifacts import Predictors
 from chimera.predict.assembly import PolicySpec, PredictorsSpec, build_policy, build_predictors, resolve_predictions
 from chimera.predict.context import AssemblyContext
 from chimera.predict.priors import KindAccuracyRouter, StageMeanLength
+from chimera.sched.admission import Event
 from chimera.sched.registry import make_policy, policy_entry
 from chimera.sched.types import Call
 from chimera.sim.cluster import ModelRuntime, build_runtimes
@@ -182,6 +183,7 @@ def run_policy(
     engine_order: str = "priority",
     hold: float | None = None,
     free_context: bool = False,
+    record: Callable[[Event], None] | None = None,
     **policy_params,
 ) -> dict:
     """Simulate one policy on the prepared held-out tasks; returns the summary dict.
@@ -189,7 +191,8 @@ def run_policy(
     `predictions` picks the predictors (see `choose_predictors`; default: the preset's choice, e.g. chimera-oracle's
     oracle, else trained if given, else priors); explicit `confidence`/`length` replace the honest ones.
     `engine_order`, `hold` and `free_context` are the Simulator's (the engines' queue order; the gateway's
-    admission cap; the what-if where a workflow's earlier context is free on every replica)."""
+    admission cap; the what-if where a workflow's earlier context is free on every replica); `record` hears every
+    event of the admission core (a trace writer)."""
     spec, label = resolve_predictions(predictions or policy_entry(policy).predictions,
                                       prep.context.trained is not None, prep.length_stat)
     wfs = workflows if workflows is not None else prep.workflows(n_tasks, seed)
@@ -202,7 +205,7 @@ def run_policy(
     else:
         pol = build_policy(PolicySpec(name=policy, lam=lam, params=policy_params, predictors=spec), ctx)
     sim = Simulator(prep.runtimes, pol, wfs, rate=rate, agents=agents, seed=seed, engine_order=engine_order, hold=hold,
-                    free_context=free_context)
+                    free_context=free_context, record=record)
     sim.admission.prepare(train_calls(prep))
     result = sim.run(progress=progress)
     result["lam"] = getattr(pol, "lam", None)

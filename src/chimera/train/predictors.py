@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -15,6 +15,15 @@ from chimera.workload.templates import load_templates
 from chimera.workload.workflows import make_plans, split_tasks
 
 Progress = Callable[[str], None]
+
+
+class TrainingSet(NamedTuple):
+    """One workload's or trace store's tasks, and the models it served beyond those its tasks have outcomes for
+    (a trace store's models no workflow credits: columns without labels, reported rather than dropped)."""
+
+    name: str
+    tasks: list[Task]
+    served: tuple[str, ...] = ()
 
 
 @dataclass
@@ -33,26 +42,29 @@ def load_training_sets(
     data_dir: str | Path | None = None,
     seed: int = 0,
     on_traces: Callable[[Path, dict[str, Any]], None] | None = None,
-) -> list[tuple[str, list[Task]]]:
-    """(name, tasks) of every workload spec, then of every gateway trace store ('traces:PATH'); `on_traces` hears
-    each store's counts (`tasks_from_traces`) as it is read."""
+) -> list[TrainingSet]:
+    """The tasks of every workload spec, then of every gateway trace store ('traces:PATH', with the models it
+    served); `on_traces` hears each store's counts (`tasks_from_traces`) as it is read."""
     from chimera.train.from_traces import tasks_from_traces
     from chimera.workload.source import load_workload
 
-    sets = [(w, load_workload(w, data_dir=data_dir, seed=seed)[0]) for w in workloads]
+    sets = [TrainingSet(w, load_workload(w, data_dir=data_dir, seed=seed)[0]) for w in workloads]
     for tp in traces:
         tasks, stats = tasks_from_traces(tp)
         if on_traces is not None:
             on_traces(Path(tp), stats)
-        sets.append(("traces:" + str(tp), tasks))
+        sets.append(TrainingSet("traces:" + str(tp), tasks, tuple(stats["served_models"])))
     return sets
 
 
-def gather(workloads: Sequence[tuple[str, Sequence[Task]]], train_frac: float) -> TrainingData:
-    """Merge workloads (ids must not collide) and split by id; never test on a training task."""
+def gather(workloads: Sequence[TrainingSet | tuple[str, Sequence[Task]]], train_frac: float) -> TrainingData:
+    """Merge workloads (ids must not collide) and split by id; never test on a training task. The models are those
+    with outcomes and those a trace store served (unlabelled ones get no head: the router reports them)."""
     seen: dict[str, str] = {}
     tasks: list[Task] = []
-    for name, ts in workloads:
+    served: set[str] = set()
+    for name, ts, *more in workloads:
+        served.update(*more)
         for t in ts:
             if t.id in seen:
                 raise ValueError(f"task id {t.id!r} appears in both {seen[t.id]} and {name}; ids must be unique")
@@ -60,11 +72,11 @@ def gather(workloads: Sequence[tuple[str, Sequence[Task]]], train_frac: float) -
             tasks.append(t)
     if not tasks:
         raise ValueError("no tasks to train on")
-    models = sorted({m for t in tasks for m in t.outcomes})
+    models = sorted({m for t in tasks for m in t.outcomes} | served)
     train, test = split_tasks(tasks, train_frac)
     if len(train) < 10:
         raise ValueError(f"only {len(train)} training tasks after the split; give more tasks or raise --train-frac")
-    return TrainingData(train, test, models, [n for n, _ in workloads])
+    return TrainingData(train, test, models, [w[0] for w in workloads])
 
 
 def score_matrix(tasks: Sequence[Task], models: Sequence[str]) -> np.ndarray:
@@ -80,7 +92,9 @@ def score_matrix(tasks: Sequence[Task], models: Sequence[str]) -> np.ndarray:
 def strong_weak(scores: np.ndarray, models: Sequence[str]) -> tuple[str, str]:
     """The most and least accurate models among those labelled on at least half the tasks."""
     cover = np.isfinite(scores).mean(axis=0)
-    mean = np.nanmean(np.where(np.isfinite(scores), scores, np.nan), axis=0)
+    mean = np.full(len(models), np.nan)
+    labelled = cover > 0  # a model without a label (served, never chosen) has no mean
+    mean[labelled] = np.nanmean(np.where(np.isfinite(scores), scores, np.nan)[:, labelled], axis=0)
     ok = [j for j in range(len(models)) if cover[j] >= 0.5] or list(range(len(models)))
     return models[max(ok, key=lambda j: mean[j])], models[min(ok, key=lambda j: mean[j])]
 
@@ -117,13 +131,18 @@ def train_predictors(
     say = progress or (lambda _msg: None)
     say(f"router: encoding {len(data.train)} training tasks with the {encoder} encoder")
     router = SemanticRouter(encoder=encoder, random_state=seed)
+    weighted = any(t.weight is not None for t in data.train)  # traced workflows: inverse propensities
     router.fit([t.prompt for t in data.train], score_matrix(data.train, data.models), data.models,
-               [t.kind for t in data.train])
+               [t.kind for t in data.train],
+               sample_weight=[t.weight or 1.0 for t in data.train] if weighted else None)
     say("length forest: building per-stage training rows")
     rows, call_t, rem_t = length_rows(data.train, seed)
     forest = WorkflowLengthForest(n_estimators=n_estimators, random_state=seed, log_target=log_target)
     forest.fit(rows, call_t, rem_t)
     metrics: dict = {"train_tasks": len(data.train), "test_tasks": len(data.test)}
+    if weighted or router.skipped_:
+        metrics["router_weighted"] = weighted
+        metrics["router_skipped"] = dict(router.skipped_)  # models without a head or calibrator, and why
     if data.test:
         say(f"evaluating on {len(data.test)} held-out tasks")
         test_scores = score_matrix(data.test, data.models)

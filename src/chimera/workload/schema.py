@@ -39,6 +39,8 @@ class Task(BaseModel):
     arrival_s: float | None = Field(default=None, ge=0)
     # Per-model real per-call detail where the data has it (FireAct ReAct steps, ToRA rounds).
     stages: dict[str, list[StageOutcome]] | None = None
+    # How much the task counts in training (None: 1); a traced workflow's clipped inverse propensity.
+    weight: float | None = Field(default=None, gt=0)
 
     @field_validator("outcomes")
     @classmethod

@@ -46,11 +46,13 @@ def test_parse_contender_and_its_errors() -> None:
     assert parse_contender("litellm:least-busy") == Contender("litellm", "least-busy")
     assert parse_contender("chimera:chimera@0.05") == Contender("chimera", "chimera", 0.05)
     assert parse_contender("chimera:vllm").sim_policy == "vllm"
+    online = parse_contender("chimera:chimera@0.01+online")
+    assert online == Contender("chimera", "chimera", 0.01, online=True) and online.label == "chimera chimera λ=0.01 online"
     assert parse_contender("litellm:least-busy").sim_policy == "least-loaded"
     assert parse_contender("litellm:simple-shuffle").sim_policy is None
     for bad, msg in (("litellm:usage-based", "strategy"), ("chimera:nope", "unknown policy"),
                      ("chimera:vllm@0.1", "takes no λ"), ("chimera:chimera@x", "must be a number"),
-                     ("nginx:rr", "expected")):
+                     ("nginx:rr", "expected"), ("chimera:chimera@0.1+offline", "only option after '\\+'")):
         with pytest.raises(ValueError, match=msg):
             parse_contender(bad)
     with pytest.raises(ValueError, match="contender"):
@@ -589,3 +591,26 @@ def test_resim_markdown_sets_the_twins_prefix_hits_beside_the_servers() -> None:
          "prefix_caching": True, "servers": ["tiny"]}
     assert "| chimera vllm | 16% (twin 8%) |" in resim_markdown(r)
     assert "Prefix-cache hits" not in resim_markdown({**r, "prefix_caching": False})
+
+
+def test_an_online_contender_learns_in_its_twin_and_reports_windows() -> None:
+    """`chimera:chimera@L+online`: the gateway routes with the online learner; its simulated twin learns from each
+    workflow's score the same way (exploring), and the report shows both per window of workflows."""
+    from chimera.bench.live import ContenderRun, LiveBench
+    from chimera.bench.live.report import markdown
+    from chimera.bench.live.twin import fidelity, simulate_same_run
+
+    cfg = LiveBenchConfig(tasks=600, time_scale=5)
+    c = parse_contender("chimera:chimera@0.02+online")
+    s = simulate_same_run(c, generate(200), cfg, 1.0)
+    assert s["tasks"] == 600 and [w["workflows"] for w in s["windows"]] == [600]
+    assert 0.0 < s["windows"][0]["exploration"] < 0.25  # the twin explores, as the gateway's learner does
+    assert s["windows"][0]["latency_mean_s"] == pytest.approx(s["latency_s"]["mean"])  # in live (scaled) seconds
+    plain = simulate_same_run(parse_contender("chimera:chimera@0.02"), generate(200), cfg, 1.0)
+    assert plain["windows"][0]["exploration"] == 0.0
+    live = {"latency_s": {"mean": 2.0, "p50": 2.0, "p99": 4.0}, "accuracy": 0.6, "failed": 0,
+            "throughput_tasks_per_s": 1.0, "per_model": {}, "windows": [
+                {"start": 0, "workflows": 500, "accuracy": 0.55, "latency_mean_s": 1.5, "exploration": 0.0},
+                {"start": 500, "workflows": 100, "accuracy": 0.65, "latency_mean_s": 2.5, "exploration": 0.0}]}
+    md = markdown(LiveBench(cfg, 1.0, {}, [ContenderRun(c, live, sim=s, fidelity=fidelity(s, live))]))
+    assert "| chimera chimera λ=0.02 online | 55.0% / 1.50 s (" in md and "| 65.0% / 2.50 s |" in md

@@ -74,7 +74,7 @@ def bench_gateway(
 
 
 def bench_live(
-    contenders: Optional[str] = typer.Option(None, "--contenders", help="Comma-separated litellm:STRATEGY | chimera:POLICY[@LAMBDA] (default: litellm:simple-shuffle,litellm:least-busy,chimera:vllm,chimera:chimera@0.05)."),
+    contenders: Optional[str] = typer.Option(None, "--contenders", help="Comma-separated litellm:STRATEGY | chimera:POLICY[@LAMBDA][+online] (+online: the gateway learns routing from the agents' feedback; default: litellm:simple-shuffle,litellm:least-busy,chimera:vllm,chimera:chimera@0.05)."),
     workload: str = typer.Option("synthetic", "--workload", "-w", help=WORKLOAD_HELP + " A real workload's three most-covered models are mapped onto 1.5B/7B/14B by accuracy."),
     tasks: int = typer.Option(200, "--tasks", help="Workflows per contender."),
     load: float = typer.Option(0.6, "--load", help="Arrival rate as a fraction of round-robin's simulated saturated throughput."),

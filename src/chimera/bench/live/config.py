@@ -35,16 +35,19 @@ FIDELITY_METRICS = ("latency_mean", "latency_p50", "latency_p99", "throughput", 
 
 @dataclass(frozen=True)
 class Contender:
-    """One gateway set-up: `litellm:STRATEGY` or `chimera:POLICY[@LAMBDA]`."""
+    """One gateway set-up: `litellm:STRATEGY` or `chimera:POLICY[@LAMBDA][+online]` (`+online`: the gateway routes
+    with the online learner, `learning: {online: true}`, taught by the agents' feedback)."""
 
     gateway: str
     strategy: str
     lam: float | None = None
+    online: bool = False
 
     @property
     def label(self) -> str:
         base = f"{self.gateway} {self.strategy}"
-        return base if self.lam is None else f"{base} λ={self.lam:g}"
+        base = base if self.lam is None else f"{base} λ={self.lam:g}"
+        return f"{base} online" if self.online else base
 
     @property
     def sim_policy(self) -> str | None:
@@ -62,6 +65,9 @@ def parse_contender(spec: str) -> Contender:
             raise ValueError(f"contender {spec!r}: LiteLLM strategy must be one of {', '.join(STRATEGIES)}")
         return Contender("litellm", rest)
     if gw == "chimera":
+        rest, plus, extra = rest.partition("+")
+        if plus and extra != "online":
+            raise ValueError(f"contender {spec!r}: the only option after '+' is 'online', got {extra!r}")
         pol, _, lam = rest.partition("@")
         if pol not in POLICIES:
             raise ValueError(f"contender {spec!r}: unknown policy {pol!r}; choose one of {', '.join(POLICIES)}")
@@ -70,10 +76,10 @@ def parse_contender(spec: str) -> Contender:
         if live_refusal(pol):
             raise ValueError(f"contender {spec!r}: {live_refusal(pol)}")
         try:
-            return Contender("chimera", pol, float(lam) if lam else None)
+            return Contender("chimera", pol, float(lam) if lam else None, online=bool(plus))
         except ValueError:
             raise ValueError(f"contender {spec!r}: λ must be a number, got {lam!r}") from None
-    raise ValueError(f"contender {spec!r}: expected litellm:STRATEGY or chimera:POLICY[@LAMBDA]")
+    raise ValueError(f"contender {spec!r}: expected litellm:STRATEGY or chimera:POLICY[@LAMBDA][+online]")
 
 
 CONTENTION_FILE = "contention.json"  # beside the profiles: each server's slowdown while the others are busy

@@ -55,7 +55,8 @@ def contender_gateway(c: Contender, served: Sequence[Served], workdir: Path,
     from chimera.util.threaded import free_port
 
     cfg = build_gateway_config(backends_for_cluster(s.backend() for s in served), policy=c.strategy, lam=c.lam,
-                               port=free_port(), trace_store=workdir / "traces.sqlite", limits=CHIMERA_LIMITS)
+                               port=free_port(), trace_store=workdir / "traces.sqlite", limits=CHIMERA_LIMITS,
+                               learning={"online": True} if c.online else None)
     return gateway_process(cfg, workdir)
 
 

@@ -118,6 +118,19 @@ def markdown(b: LiveBench, front: list[dict[str, Any]] | None = None) -> str:
                   "|---|---|---:|---:|---:|---:|---:|---|"]
         lines += [f"| {r.contender.label} | {r.sim['sim_policy']} | {_fidelity_cells(r.sim, r.summary, r.fidelity)} |"
                   for r in fid]
+    learning = [r for r in b.runs if r.contender.online]
+    if learning:
+        lines += ["", "Learning online from the agents' feedback, per window of workflows in arrival order "
+                  "(live accuracy / mean latency; the twin's in brackets, with its share of calls explored):", "",
+                  "| contender | " + " | ".join(f"window {k + 1}" for k in range(max(len(r.summary["windows"])
+                                                                                  for r in learning))) + " |",
+                  "|---|" + "---|" * max(len(r.summary["windows"]) for r in learning)]
+        for r in learning:
+            twin = (r.sim or {}).get("windows", [])
+            cells = [f"{100 * w['accuracy']:.1f}% / {w['latency_mean_s']:.2f} s" + (
+                f" ({100 * t['accuracy']:.1f}% / {t['latency_mean_s']:.2f} s, {100 * t['exploration']:.1f}%)"
+                if t else "") for w, t in zip(r.summary["windows"], twin + [None] * len(r.summary["windows"]))]
+            lines.append(f"| {r.contender.label} | " + " | ".join(cells) + " |")
     if b.engine is not None:
         lines += real_tables(b)
     if b.overhead is not None:

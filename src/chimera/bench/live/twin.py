@@ -65,13 +65,17 @@ def simulate_same_run(c: Contender, tasks: Sequence[Task], cfg: LiveBenchConfig,
     # As the live gateway: running means per (kind, stage, model) from a cold start (the core feeds their `learn`);
     # else per-stage means of the run's own plans (what those running means converge to).
     ctx = AssemblyContext(models=[r.info for r in runtimes], train_plans=[p for _, p, _ in wfs])
-    preds = PredictorsSpec(confidence="size-prior", length="running-mean" if online else "stage-mean")
+    # An online contender's twin learns confidence from each workflow's score as the gateway does from feedback.
+    preds = PredictorsSpec(confidence="online" if c.online else "size-prior",
+                           length="running-mean" if online or c.online else "stage-mean")
     pol = build_policy(PolicySpec(name=pol_name, lam=c.lam, predictors=preds), ctx)
     arrivals = poisson_arrivals(rate, len(wfs), cfg.seed, LIVE_STREAM, start_at_zero=True) * cfg.time_scale
     sim = Simulator(runtimes, pol, [(w, p, t.prompt) for w, p, t in wfs], arrivals=list(arrivals), seed=cfg.seed)
     s = sim.run()
     ts = cfg.time_scale
     s["latency_s"] = {k: v / ts for k, v in s["latency_s"].items()}
+    for w in s["windows"]:
+        w["latency_mean_s"] /= ts
     s["throughput_tasks_per_s"] = s["throughput_tasks_per_s"] * ts
     s["sim_policy"] = pol_name
     s["sim_lengths"] = "online running means (cold start), as the gateway" if online else "per-stage means of the plans"

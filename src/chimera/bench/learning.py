@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from chimera.util.figures import save_figure
+
 ONLINE = "online"
 
 
@@ -125,9 +127,4 @@ def learning_plot(rows: Sequence[dict], out: str | Path) -> Path:
         for ax in (axes[0][c], axes[1][c]):
             ax.grid(alpha=0.3)
         axes[0][c].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

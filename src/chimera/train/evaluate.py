@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from chimera.train.predictors import TrainingData, length_rows, score_matrix, strong_weak  # noqa: E402
+from chimera.util.figures import save_figure
 
 Progress = Callable[[str], None]
 
@@ -84,12 +85,7 @@ def routing_curve_plot(result: dict, out: str | Path) -> Path:
                  f"(held-out, {table['n_pair']} tasks)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def evaluation_markdown(result: dict) -> str:

@@ -13,7 +13,7 @@ AGENTS_VENV := .venv-agents
 AGENTS_STAMP := $(AGENTS_VENV)/.installed
 AGENTS_PIN := openai-agents==0.24.0
 
-.PHONY: demo test bench bench-sim bench-predictors bench-live bench-soak clean
+.PHONY: demo test bench bench-sim bench-predictors bench-live bench-soak bench-learning clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -80,6 +80,7 @@ bench: $(STAMP) $(LITELLM_STAMP)
 	$(BIN)/chimera bench gateway --rates 50,100,200 --duration 5 --baseline --litellm $(LITELLM_VENV)/bin/litellm --out out/bench-gateway
 	$(MAKE) bench-live
 	$(MAKE) bench-soak
+	$(MAKE) bench-learning
 
 clean:
 	rm -rf $(VENV) $(LITELLM_VENV) $(AGENTS_VENV) out
@@ -118,6 +119,18 @@ bench-live: $(STAMP) $(LITELLM_STAMP)
 bench-live-vllm: $(STAMP) $(LITELLM_STAMP) $(VLLM_STAMP) $(MODELS_STAMP)
 	$(BIN)/chimera bench live --engine vllm --litellm $(LITELLM_VENV)/bin/litellm --tasks 60 --load 0.5 --overhead-rates "" --out out/bench-live-vllm-0.5
 	$(BIN)/chimera bench live --engine vllm --litellm $(LITELLM_VENV)/bin/litellm --tasks 60 --load 0.8 --overhead-rates "" --profiles out/bench-live-vllm-0.5/profiles --out out/bench-live-vllm-0.8
+
+# Learning from the gateway's own traffic, behind BENCHMARKS.md: routing learnt online from no labels beside the
+# trained router (simulated), off-policy estimates checked against each candidate's run (simulated), online learning
+# in the live gateway, and what it costs the gateway per request. Needs the trained predictors (bench-predictors).
+bench-learning: $(STAMP)
+	$(BIN)/chimera bench sim -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --predictors out/predictors/mmlu --policies vllm,chimera --loads 0.7 --lams 0.02,0.05,0.1,0.2,0.5 --tasks 3000 --predictions online,oracle --out out/bench-learning-mmlu
+	$(BIN)/chimera train -w synthetic --out out/predictors/synthetic
+	$(BIN)/chimera bench sim -w synthetic --predictors out/predictors/synthetic --policies vllm,chimera --loads 0.7 --lams 0.005,0.01,0.02,0.05,0.1 --tasks 3000 --predictions online,oracle --out out/bench-learning-synthetic
+	$(BIN)/chimera bench ope -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --lam 0.05 --candidates 0.02,0.1,0.2 --seeds 0,1,2,3,4 --learner explore_min=0.1 --out out/bench-ope-mmlu
+	$(BIN)/chimera bench ope -w synthetic --lam 0.02 --candidates 0.01,0.05,0.1 --seeds 0,1,2,3,4 --learner explore_min=0.1 --out out/bench-ope-synthetic
+	$(BIN)/chimera bench live --contenders chimera:chimera@0.01,chimera:chimera@0.01+online --tasks 1500 --load 0.6 --overhead-rates "" --out out/bench-live-learning
+	$(BIN)/chimera bench gateway --rates 50,100 --duration 10 --online --out out/bench-gateway-online
 
 # Gateway soak behind BENCHMARKS.md: 10 minutes of mixed traffic at 30 req/s, then 5 minutes of 429s, with trained
 # predictors configured (gateway RSS, latency and errors per minute; live, emulated backends).

@@ -110,12 +110,11 @@ class Admission(Generic[R]):
         self.inflight = {m: 0 for m in self.models}
         self.waiting_total = 0
         self._place, self._start, self._release = place, start, release
-        if learners is None:  # the policy's predictors that learn online (the gateway's running per-stage means)
-            learners = [p for p in (policy.confidence, policy.length) if isinstance(p, OnlineLearner)]
-        self.learners = list(learners)
+        self._given_learners = None if learners is None else list(learners)
         self.record = record
-        self._reward_of: object = _ABSENT  # the confidence predictor `_rewarded` was read from (a reload swaps it)
-        self._rewarded: list[RewardLearner] = []
+        # The policy's predictors `_learning` was read from: a reload swaps them, and the learners follow.
+        self._learners_of: tuple[object, object] = (_ABSENT, _ABSENT)
+        self._learning: tuple[list[OnlineLearner], list[RewardLearner]] = ([], [])
         self._placed: dict[int, R] = {}  # call_id -> replica, while the call runs
         self._held: dict[int, int] = {}  # call_id -> tokens reported by `progress`, forwarded when the call ends
         self._dispatching: set[str] = set()
@@ -251,14 +250,27 @@ class Admission(Generic[R]):
         else:
             self.withdraw(call, now)
 
+    def _predictors_that_learn(self) -> tuple[list[OnlineLearner], list[RewardLearner]]:
+        """The policy's predictors that learn from completions and from workflow scores, re-read whenever the policy's
+        predictors were swapped (a reload), so no body has to tell the core."""
+        pair = (self.policy.confidence, self.policy.length)
+        if pair[0] is not self._learners_of[0] or pair[1] is not self._learners_of[1]:
+            self._learners_of = pair
+            online = [p for p in pair if isinstance(p, OnlineLearner)]
+            self._learning = (online if self._given_learners is None else self._given_learners,
+                              [pair[0]] if isinstance(pair[0], RewardLearner) else [])
+        return self._learning
+
+    @property
+    def learners(self) -> list[OnlineLearner]:
+        """What the core feeds each completed call: the given learners, else the policy's online learners (the
+        gateway's running per-stage means)."""
+        return self._predictors_that_learn()[0]
+
     @property
     def reward_learners(self) -> list[RewardLearner]:
-        """The policy's predictors that learn from workflow scores (re-read when a reload swapped them)."""
-        conf = self.policy.confidence
-        if conf is not self._reward_of:
-            self._reward_of = conf
-            self._rewarded = [conf] if isinstance(conf, RewardLearner) else []
-        return self._rewarded
+        """The policy's predictors that learn from workflow scores."""
+        return self._predictors_that_learn()[1]
 
     def feedback(self, workflow_id: str, score: float, now: float) -> FeedbackOutcome:
         """A workflow's score (bandit feedback: the outcome of the models it ran on) reaches the learners that learn
@@ -271,7 +283,7 @@ class Admission(Generic[R]):
         if not (isinstance(score, (int, float)) and 0.0 <= score <= 1.0):  # NaN fails too
             return FeedbackOutcome.INVALID
         outcomes = [learner.reward(workflow_id, float(score), now) for learner in learners]
-        return outcomes[0]
+        return outcomes[0]  # the policy has one confidence predictor: one learner at most
 
     def end_workflow(self, workflow_id: str, now: float = 0.0) -> None:
         if self.record is not None:

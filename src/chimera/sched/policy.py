@@ -202,7 +202,7 @@ class Policy:
         conf = call_tok = rem_tok = None
         if self.needs_predictions:
             conf, call_tok, rem_tok = prediction if prediction is not None else self.predict(call)
-        explored: tuple[float, bool, float] = (1.0, False, 0.0)  # (propensity, explored, epsilon)
+        explored: list = [1.0, False, 0.0]  # (propensity, explored, epsilon)
         self.last_terms = None
         if call.pinned_model is not None:
             if call.pinned_model not in self.index:
@@ -218,8 +218,7 @@ class Policy:
             i = self.choose(call, now, conf, call_tok, rem_tok, mask)
             explorer = self.explorer()
             if explorer is not None:
-                i, *rest = explorer.explore(call, i, mask)
-                explored = (rest[0], rest[1], rest[2])
+                i, *explored = explorer.explore(call, i, mask)
         decision = self.decide(call, now, i, conf, call_tok, rem_tok)
         if explored[0] != 1.0 or explored[1] or self.last_terms is not None:
             decision = decision._replace(propensity=explored[0], explored=explored[1], epsilon=explored[2],

@@ -17,7 +17,7 @@ from chimera.backends.kinds import BackendKind
 from chimera.sched.admission import Admission, Event
 from chimera.sched.decision import Decision
 from chimera.sched.policy import Policy
-from chimera.sched.predictors import ConfidencePredictor, LengthPredictor, OnlineLearner
+from chimera.sched.predictors import ConfidencePredictor, LengthPredictor
 from chimera.sched.types import Call, ModelInfo, Prediction
 from chimera.serve.config import Backend
 from chimera.serve.refusals import policy_refusal
@@ -154,8 +154,7 @@ class BackendPool:
                        version: str) -> None:
         """Route with these predictors from the next call on, under `version` (a reload, on the event loop: queued
         and running calls keep what they were decided with). ValueError (nothing changed) if a column is missing."""
-        self.policy.use_predictors(confidence, length)
-        self.core.learners = [p for p in (confidence, length) if isinstance(p, OnlineLearner)]
+        self.policy.use_predictors(confidence, length)  # the core's learners follow the policy's predictors
         self.predictor_version = version
 
     # ---- the body-facing protocol: the admission core's, with backpressure in front -------------------------

@@ -155,6 +155,28 @@ class LearningConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class StateConfig(_Strict):
+    """State shared by several gateway replicas on Redis (serve/shared/): leases on backend slots with a TTL, global
+    caps, workflow state, congestion and the online learner's feedback. Every replica of a set names the same
+    `redis_url`, `key_prefix` and backends."""
+
+    redis_url: str = Field(min_length=1)
+    replicas: int = Field(default=2, ge=1)  # replicas in the set: with Redis gone, each serves on cap // replicas
+    lease_ttl_s: float = Field(default=10.0, gt=0, le=3600)  # a crashed replica's slots free after this (renewed every third)
+    timeout_s: float = Field(default=0.05, gt=0, le=5)  # one Redis command; slower counts as Redis gone (degraded)
+    sync_interval_s: float = Field(default=0.1, gt=0, le=60)  # how often a replica reads the others' load
+    retry_s: float = Field(default=1.0, gt=0, le=60)  # how often a degraded replica tries Redis again
+    key_prefix: str = Field(default="chimera", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    replica_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{v[:60]!r} is not a Redis URL (redis://HOST:PORT/DB, rediss://..., unix://PATH)")
+        return v
+
+
 class GatewayConfig(_Strict):
     listen: Listen = Field(default_factory=Listen)
     auth: Auth = Field(default_factory=Auth)
@@ -168,6 +190,7 @@ class GatewayConfig(_Strict):
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     learning: LearningConfig = Field(default_factory=LearningConfig)
     live: LiveLearningConfig | None = None  # learn speeds and lengths from the traffic (serve/live_learning.py)
+    state: StateConfig | None = None  # shared with other replicas on Redis (serve/shared/); absent: this process alone
 
     @model_validator(mode="after")
     def _unique(self) -> "GatewayConfig":

@@ -1,0 +1,59 @@
+"""The replica's Redis link: bounded commands, degraded mode when Redis is gone, rejoin when it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from chimera.serve.config import StateConfig
+from chimera.serve.shared.connection import SharedConnection
+from chimera.util.redis_server import RedisServer
+
+
+def test_degrades_without_failing_and_rejoins():
+    async def scenario(server: RedisServer) -> None:
+        conn = SharedConnection(StateConfig(redis_url=server.url, retry_s=0.1, key_prefix="t-conn"))
+        rejoined: list[str] = []
+
+        async def rejoin() -> None:
+            await conn.redis.set(conn.key("rejoined"), "1")
+            rejoined.append("yes")
+
+        conn.on_rejoin.append(rejoin)
+        conn.start()
+        try:
+            assert await conn.run(lambda r: r.incr(conn.key("n")), -1) == 1
+            server.stop()
+            t0 = time.monotonic()
+            assert await conn.run(lambda r: r.incr(conn.key("n")), -1) == -1  # Redis gone: the default, at once
+            assert time.monotonic() - t0 < 1.0
+            assert conn.degraded and conn.status()["mode"] == "degraded" and conn.status()["reason"]
+            assert await conn.run(lambda r: r.incr(conn.key("n")), -1) == -1  # no command sent while degraded
+            server.start()
+            for _ in range(100):
+                if not conn.degraded:
+                    break
+                await asyncio.sleep(0.05)
+            assert not conn.degraded and rejoined == ["yes"]
+            assert await conn.redis.get(conn.key("rejoined")) == b"1"  # the callback ran against the new server
+            assert conn.status()["mode"] == "shared" and conn.status()["last_outage_s"] > 0
+        finally:
+            await conn.stop()
+
+    server = RedisServer().start()
+    try:
+        asyncio.run(scenario(server))
+    finally:
+        server.stop()
+
+
+def test_state_config_refuses_a_bad_url_naming_it():
+    import pytest
+    from chimera.serve.config import GatewayConfigError, gateway_config_from_dict
+
+    with pytest.raises(GatewayConfigError, match="state.redis_url"):
+        gateway_config_from_dict({"backends": [{"name": "a", "model": "m", "base_url": "http://127.0.0.1:1/v1"}],
+                                  "state": {"redis_url": "http://x"}})
+    with pytest.raises(GatewayConfigError, match="state.ttl"):
+        gateway_config_from_dict({"backends": [{"name": "a", "model": "m", "base_url": "http://127.0.0.1:1/v1"}],
+                                  "state": {"redis_url": "redis://127.0.0.1:1", "ttl": 3}})

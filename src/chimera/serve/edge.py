@@ -288,6 +288,11 @@ def feedback(doc: Any) -> Feedback:
 
 async def read_json(request: Request, limits: Limits) -> Any:
     """The body as JSON, within `max_body_bytes` and `body_timeout_s`; EdgeError (413/415/408/499/400) otherwise."""
+    return (await read_json_raw(request, limits))[0]
+
+
+async def read_json_raw(request: Request, limits: Limits) -> tuple[Any, bytes]:
+    """`read_json`, and the bytes it was parsed from (forwarded as they are when the call changes nothing)."""
     check_content_type(request.headers)
     limit = limits.max_body_bytes
     cl = (request.headers.get("content-length") or "").lstrip("0") or "0"
@@ -305,7 +310,8 @@ async def read_json(request: Request, limits: Limits) -> Any:
     except TimeoutError:
         raise EdgeError(408, f"body: not received within {limits.body_timeout_s:g} s", "body_timeout",
                         "body_timeout") from None
-    return parse_body(bytes(buf))
+    raw = bytes(buf)
+    return parse_body(raw), raw
 
 
 # ---- completion bodies ---------------------------------------------------------------------------------------

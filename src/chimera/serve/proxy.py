@@ -7,8 +7,9 @@ a fault after streaming started ends the stream with an SSE error event.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import anyio
 import httpx
@@ -70,6 +71,15 @@ class UpstreamReply:
                 yield line
 
 
+def request_content(sent: Mapping[str, Any], body: Mapping[str, Any], raw: bytes | None) -> bytes:
+    """The bytes of the body `sent` upstream: the client's own (`raw`, which `body` was parsed from) when `sent` is the
+    same document with one `model` key, so a body passed through is not re-serialised; else `sent` encoded as httpx's
+    `json=` would (UTF-8, compact, finite numbers only)."""
+    if raw is not None and sent == body and raw.count(b'"model"') == 1:
+        return raw.removeprefix(b"\xef\xbb\xbf")
+    return json.dumps(sent, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
 def _headers(backend: Backend) -> dict[str, str]:
     h = {"content-type": "application/json"}
     if backend.api_key:
@@ -82,13 +92,13 @@ def _url(backend: Backend, path: str) -> str:
     return backend.base_url.rstrip("/") + path.removeprefix("/v1")
 
 
-async def open_upstream(client: httpx.AsyncClient, backend: Backend, path: str, body: dict[str, Any],
+async def open_upstream(client: httpx.AsyncClient, backend: Backend, path: str, content: bytes,
                         stream: bool, timeout_s: float) -> UpstreamReply:
     """Send the request; raise UpstreamError for refusal/timeout/5xx (and, streaming, a break before line one).
 
     A 4xx is returned as is: the client's request was wrong, another backend would say the same.
     """
-    req = client.build_request("POST", _url(backend, path), json=body, headers=_headers(backend),
+    req = client.build_request("POST", _url(backend, path), content=content, headers=_headers(backend),
                                timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)))
     try:
         resp = await client.send(req, stream=True)

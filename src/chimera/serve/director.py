@@ -18,7 +18,6 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 from urllib.parse import quote
 
 import anyio
-import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -31,8 +30,8 @@ from chimera.serve.edge import CHAT, RESPONSES, EdgeError, WorkflowHints, prompt
 from chimera.serve.identity import WorkflowIdentity, offers_tools
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.pool import BackendPool, BackendState, QueueFull
-from chimera.serve.proxy import (DisconnectAwareStream, UpstreamClients, UpstreamError, UpstreamReply, open_upstream,
-                                 request_content)
+from chimera.serve.proxy import (DisconnectAwareStream, StreamBroken, UpstreamClients, UpstreamError, UpstreamReply,
+                                 open_upstream, request_content)
 from chimera.serve.records import CallRecorder
 from chimera.serve.relay import (Relayed, SseRelay, rewrite_model, sse_error, usage_completion_tokens,
                                  usage_prompt_tokens, wants_usage, whole_answer)
@@ -185,9 +184,8 @@ class Director:
         content = request_content(be.kind.request_body(ctx.body, be.cfg.model, call.priority), ctx.body, ctx.raw)
         try:
             assert self.upstream is not None, "the gateway's lifespan opens the upstream clients"
-            client = self.upstream.for_call(call.call_id)
-            reply = await self._race(request, open_upstream(client, be.cfg, ctx.path, content, ctx.stream, timeout),
-                                     timeout)
+            reply = await self._race(request, open_upstream(self.upstream, be.cfg, ctx.path, content, ctx.stream,
+                                                            timeout), timeout)
         except UpstreamError as e:
             self.settle(ctx, Outcome.ERROR, str(e), backend_down=True)
             return None
@@ -341,8 +339,8 @@ class Director:
                     yield out.data
             self._keep_streamed(ctx, relay)
             self.settle(ctx, Outcome.OK)
-        except httpx.HTTPError as e:
-            err = f"stream broke after {ctx.tokens} tokens: {type(e).__name__}: {e}"
+        except StreamBroken as e:
+            err = f"stream broke after {ctx.tokens} tokens: {e}"
             self.settle(ctx, Outcome.ERROR, err, backend_down=True)
             yield broken(err)
         except Exception as e:

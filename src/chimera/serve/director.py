@@ -180,7 +180,7 @@ class Director:
                 return self._gave_up(ctx, e, "queued too long", "timed out waiting for a backend", "queue_timeout")
         ctx.phase, ctx.backend = Phase.DISPATCHED, be
         ctx.tried.add(be.name)
-        self.metrics.queue_wait.labels(call.model).observe(max(0.0, self.now() - call.arrival_s))
+        self.metrics.queue_wait_of(call.model).observe(max(0.0, self.now() - call.arrival_s))
         content = request_content(be.kind.request_body(ctx.body, be.cfg.model, call.priority), ctx.body, ctx.raw)
         try:
             assert self.upstream is not None, "the gateway's lifespan opens the upstream clients"
@@ -327,7 +327,7 @@ class Director:
                     now = self.now()
                     if ctx.first_token_at is None:
                         ctx.first_token_at = now
-                        self.metrics.ttft.labels(call.model).observe(now - call.arrival_s)
+                        self.metrics.ttft_of(call.model).observe(now - call.arrival_s)
                     ctx.tokens = relay.tokens
                     self.pool.progress(call, out.tokens, now)
                 if out.done or relay.usage_tokens is not None:

@@ -252,6 +252,8 @@ def workflow_hints(body_hints: Any, headers: Mapping[str, str]) -> WorkflowHints
             raw[key] = int(value)
         else:
             raw[key] = value
+    if not raw:  # no hints (most clients): nothing to validate
+        return WorkflowHints.model_construct()
     try:
         return WorkflowHints.model_validate(raw)
     except ValidationError as e:

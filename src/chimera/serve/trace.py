@@ -72,6 +72,8 @@ def _storable(v: Any, text: bool) -> Any:
     TEXT columns), dicts -> JSON (None if not JSON-able), anything else -> str(v) cut to _MAX_OTHER_CHARS (or None)."""
     if v is None:
         return None
+    if type(v) is str and v.isascii():  # most values: nothing to escape (a surrogate is not ASCII)
+        return v
     if isinstance(v, str):
         return _text(v)
     if isinstance(v, int):  # bool included: stored as 0/1

@@ -28,3 +28,13 @@ def test_replica_sets_share_the_load_and_are_measured_beside_the_proxy(tmp_path)
             assert db.execute("SELECT COUNT(*) FROM calls WHERE status = 'ok'").fetchone()[0] > 0
     table = markdown_table(res)
     assert table.count("\n| 1 |") == 1 and table.count("\n| 2 |") == 1
+
+
+def test_bad_replica_counts_are_refused_naming_the_flag():
+    from typer.testing import CliRunner
+
+    from chimera.cli import app
+
+    for bad in ("0", "1.5", "x"):
+        r = CliRunner().invoke(app, ["bench", "gateway", "--replicas", bad], env={"COLUMNS": "200"})
+        assert r.exit_code != 0 and "--replicas" in r.output, r.output

@@ -226,3 +226,43 @@ def test_state_config_refuses_bad_values_naming_them(bad):
     with pytest.raises(GatewayConfigError, match=f"state.{next(iter(bad))}"):
         gateway_config_from_dict({"backends": [{"name": "a", "model": "m", "base_url": "http://127.0.0.1:1/v1"}],
                                   "state": {"redis_url": "redis://127.0.0.1:1", **bad}})
+
+
+def _pool(max_inflight: int = 8):
+    from chimera.sched.registry import make_policy
+    from chimera.sched.types import ModelInfo
+    from chimera.serve.config import Backend
+    from chimera.serve.pool import BackendPool
+
+    return BackendPool(make_policy("least-loaded"), [ModelInfo("m", 1000.0, 0.02, max_inflight)],
+                       [Backend(name="m-0", model="m", base_url="http://127.0.0.1:1/v1", max_inflight=max_inflight)])
+
+
+def _call(i: int):
+    from chimera.sched.types import Call
+
+    return Call(call_id=i, workflow_id=f"w{i}", kind="chat", prompt="p", stage=0, prompt_tokens=5, arrival_s=0.0,
+                workflow_arrival_s=0.0)
+
+
+def test_pool_room_follows_the_replica_set():
+    """Capacity is the cap less the other replicas' leases; a replica holding slots gives up to its fair share while
+    others' calls wait; Redis gone: the cap divided by the replicas; a grown capacity dispatches what waits."""
+    pool = _pool(8)
+    pool.share({"m-0": 8}, {"m": (8.0, 400.0)}, None, 0.0)
+    assert pool.cap["m"] == 0 and pool.policy.monitor.remote_tokens["m"] == 400.0
+    waiting = _call(0)
+    pool.submit(waiting, 0.0)
+    assert not pool.core.running(waiting) and pool.waiting("m") == 1
+    pool.share({"m-0": 2}, {"m": (10.0, 0.0)}, None, 1.0)  # 8 of theirs wait: this replica's share is 2 of 12 calls
+    assert pool.cap["m"] == 2 and pool.core.running(waiting)  # the grown capacity dispatched the waiting call
+    for i in range(1, 8):
+        pool.submit(_call(i), 1.0)
+    pool.share({"m-0": 0}, {"m": (0.0, 0.0)}, None, 2.0)
+    assert pool.cap["m"] == 8 and pool.inflight["m"] == 8  # alone again: the whole cap
+    pool.share({"m-0": 0}, {"m": (8.0, 0.0)}, None, 3.0)  # 8 of theirs wait, none of theirs runs: half each
+    assert pool.backends["m"][0].room == 5 and not pool.backends["m"][0].has_room
+    pool.share({}, {}, 2, 4.0)
+    assert pool.backends["m"][0].cap == 4 and pool.cap["m"] == 4
+    pool.share({"m-0": 3}, {}, None, 5.0)
+    assert pool.backends["m"][0].cap == 8 and pool.cap["m"] == 5

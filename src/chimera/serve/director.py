@@ -104,7 +104,7 @@ class Director:
         ident = self.identity.resolve(body, headers or {}, hints, now)
         if hints.stage is not None:
             ident = dataclasses.replace(ident, stage=hints.stage)
-        if self.shared is not None:
+        if self.shared is not None and ident.source in (IdentitySource.HINT, IdentitySource.SESSION):
             ident = await self._shared_workflow(ident, hints.stage is not None, now)
         wid = ident.workflow_id
         wf = self.pool.workflows.get(wid, now)
@@ -123,12 +123,11 @@ class Director:
         return ctx
 
     async def _shared_workflow(self, ident: Identity, hinted_stage: bool, now: float) -> Identity:
-        """The workflow's state as the replica set knows it; a hinted or session workflow's stage counts the stages
-        any replica finished (a conversation's stage comes from this replica's identity table)."""
+        """A hinted or session workflow (other replicas may serve it) as the replica set knows it: its stage counts
+        the stages any replica finished. Workflows found in this replica's identity table are its own."""
         assert self.shared is not None
         st = await self.shared.pull_workflow(ident.workflow_id, now)
-        if not hinted_stage and ident.source in (IdentitySource.HINT, IdentitySource.SESSION) \
-                and st.stages > ident.stage:
+        if not hinted_stage and st.stages > ident.stage:
             ident = dataclasses.replace(ident, stage=st.stages)
         return ident
 

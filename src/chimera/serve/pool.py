@@ -51,14 +51,16 @@ class BackendState:
     kv_cache_usage: float | None = None
     external_calls: float = 0.0  # running + waiting on the engine beyond the gateway's own in-flight, at the last scrape
     # Several gateway replicas (serve/shared/): the calls the other replicas hold on it (their leases, at the last
-    # sync), and the cap in force: max_inflight, or this replica's share of it while Redis is gone.
+    # sync); the cap in force (max_inflight, or this replica's share of it while Redis is gone); and `room`, the calls
+    # this gateway may run on it (the cap less the others' calls, at most its fair share while others wait).
     remote_inflight: int = 0
     cap: int = field(init=False)
+    room: int = field(init=False)
     kind: BackendKind = field(init=False)  # how the gateway talks to it (the config's `kind` and its parameters)
 
     def __post_init__(self) -> None:
         self.kind = self.cfg.make_kind()
-        self.cap = self.cfg.max_inflight
+        self.cap = self.room = self.cfg.max_inflight
 
     @property
     def name(self) -> str:
@@ -66,12 +68,7 @@ class BackendState:
 
     @property
     def has_room(self) -> bool:
-        return self.inflight + self.remote_inflight < self.cap
-
-    @property
-    def room(self) -> int:
-        """Calls this gateway may still start on it (its cap less the other replicas' calls)."""
-        return max(0, self.cap - self.remote_inflight)
+        return self.inflight < self.room
 
     def is_down(self, now: float) -> bool:
         """Failed its last health check, or a call failed on it within DOWN_S."""
@@ -206,15 +203,22 @@ class BackendPool:
     def share(self, remote_inflight: Mapping[str, int], remote_load: Mapping[str, tuple[float, float]],
               divide: int | None, now: float) -> None:
         """Apply what the replica set shares (serve/shared/): the other replicas' calls per backend (their leases)
-        and per model (calls, predicted tokens: the policy's load monitor); `divide` (Redis gone): each backend's cap
-        is max_inflight // divide, at least 1, else max_inflight. Each model's capacity becomes its backends' room;
-        a model whose capacity grew dispatches what waits."""
+        and per model (calls queued + running, predicted tokens: the policy's load monitor); `divide` (Redis gone):
+        each backend's cap is max_inflight // divide, at least 1, else max_inflight. A backend's room is its cap less
+        the others' calls; while other replicas have calls waiting for the model, at most this replica's share of
+        the cap in proportion to its calls (so a replica that holds the slots does not keep them from the others'
+        queues). Each model's capacity becomes its backends' room; a model whose capacity grew dispatches."""
         mon = self.policy.monitor
         for m, bes in self.backends.items():
+            calls, tokens = remote_load.get(m, (0.0, 0.0))
+            mon.remote_calls[m], mon.remote_tokens[m] = calls, tokens
             for be in bes:
                 be.remote_inflight = remote_inflight.get(be.name, 0)
                 be.cap = be.cfg.max_inflight if divide is None else max(1, be.cfg.max_inflight // divide)
-            mon.remote_calls[m], mon.remote_tokens[m] = remote_load.get(m, (0.0, 0.0))
+            others_wait = calls > sum(be.remote_inflight for be in bes)
+            share = (mon.calls[m] + 1) / (mon.calls[m] + 1 + calls) if others_wait else 1.0
+            for be in bes:
+                be.room = max(0, min(be.cap - be.remote_inflight, max(1, math.ceil(be.cap * share))))
             old = self.core.capacity[m]
             if math.isinf(old):  # a preemptive policy's engine ranks everything (not run by the gateway)
                 continue

@@ -44,8 +44,9 @@ return {0, n}
 
 # KEYS[1] replicas ZSET, KEYS[2] this replica's load HASH, KEYS[3..] every backend's lease ZSET.
 # ARGV: replica id, ttl ms, load key prefix (`PREFIX:load:`), own member prefix (`REPLICA:`), mode (0 read only,
-# 1 renew: ZADD XX the held members, 2 claim: ZADD the held members and drop this replica's others), then per
-# lease key: the number of held members and them, then the load HASH's field/value pairs.
+# 1 renew: ZADD the held members a fresh expiry, 2 claim: renew and drop this replica's other members), then per
+# lease key: the number of held members and them, then the load HASH's field/value pairs. Renewing re-adds a held
+# lease that is missing (it expired while the replica stalled, or a claim raced its grant): its call does run.
 # Returns {other replicas' live leases per backend, {replica, its load HASH (flat), ...}}.
 SYNC = _NOW + """
 local rid, ttl, loadp, own, mode = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
@@ -57,9 +58,8 @@ for i = 3, #KEYS do
   local held = {}
   for j = 1, n do held[ARGV[a]] = true; a = a + 1 end
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  for m, _ in pairs(held) do
-    if mode == 2 then redis.call('ZADD', key, now + ttl, m)
-    elseif mode == 1 then redis.call('ZADD', key, 'XX', now + ttl, m) end
+  if mode > 0 then
+    for m, _ in pairs(held) do redis.call('ZADD', key, now + ttl, m) end
   end
   local others = 0
   for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
@@ -85,7 +85,39 @@ end
 return {counts, loads}
 """
 
+# KEYS: NR lease ZSETs, then NW workflow HASHes. ARGV: NR, the NR members to release, the workflows' TTL in
+# seconds, then per workflow: generated tokens, first seen (epoch s), last model, last backend, context tokens.
+# Each workflow gains a stage and the tokens, keeps its first sighting, and its context is where this call ran.
+SETTLE = """
+local nr = tonumber(ARGV[1])
+for i = 1, nr do redis.call('ZREM', KEYS[i], ARGV[i + 1]) end
+local ttl = tonumber(ARGV[nr + 2])
+local a = nr + 3
+for i = nr + 1, #KEYS do
+  local key = KEYS[i]
+  redis.call('HINCRBY', key, 'stages', 1)
+  redis.call('HINCRBY', key, 'generated', ARGV[a])
+  redis.call('HSETNX', key, 'first_seen', ARGV[a + 1])
+  redis.call('HSET', key, 'last_model', ARGV[a + 2], 'last_backend', ARGV[a + 3], 'context_tokens', ARGV[a + 4])
+  redis.call('EXPIRE', key, ttl)
+  a = a + 5
+end
+return 1
+"""
+
 MODES = {"read": 0, "renew": 1, "claim": 2}
+
+
+@dataclass(frozen=True)
+class StageDone:
+    """A completed call's update of its workflow's shared state."""
+
+    workflow_id: str
+    generated: int
+    first_seen: float  # epoch seconds the workflow was first seen
+    model: str
+    backend: str
+    context_tokens: int
 
 
 @dataclass
@@ -109,6 +141,7 @@ class Leases:
         self.own = replica_id + ":"
         self._acquire = redis.register_script(ACQUIRE)
         self._sync = redis.register_script(SYNC)
+        self._settle = redis.register_script(SETTLE)
         self._sync_keys = [self.key("replicas"), self.key("load", replica_id), *self.lease_keys.values()]
 
     def key(self, *parts: str) -> str:
@@ -149,6 +182,15 @@ class Leases:
                 slot[0 if what == "calls" else 1] += float(flat[j + 1])
         return SyncResult(dict(zip(self.backends, (int(c) for c in counts))),
                           {m: (v[0], v[1]) for m, v in remote_load.items()}, replicas)
+
+    async def settle(self, releases: Sequence[tuple[str, str]], stages: Sequence[StageDone],
+                     workflow_ttl_s: int) -> None:
+        """Free the `releases` ((backend, member) pairs) and apply the `stages` to their workflows: one round trip."""
+        keys = [*(self.lease_keys[b] for b, _ in releases), *(self.key("wf", st.workflow_id) for st in stages)]
+        args: list[Any] = [len(releases), *(m for _, m in releases), workflow_ttl_s]
+        for st in stages:
+            args += [st.generated, repr(st.first_seen), st.model, st.backend, st.context_tokens]
+        await self._eval(self._settle, keys, args)
 
     async def forget(self) -> None:
         """This replica leaves: its load and its place among the live replicas go (leases are released per call)."""

@@ -27,12 +27,13 @@ from chimera.serve.clock import GatewayClock
 from chimera.serve.config import StateConfig
 from chimera.serve.pool import BackendPool, BackendState
 from chimera.serve.shared.connection import SharedConnection
-from chimera.serve.shared.leases import Leases, SyncResult
+from chimera.serve.shared.leases import Leases, StageDone, SyncResult
 from chimera.serve.workflows import WorkflowState
 from chimera.util.periodic import Periodic
 
 log = logging.getLogger("chimera.serve")
 BACKOFF_S = (0.005, 0.05)  # first and longest wait between two tries of a lease on a globally full backend
+FLUSH_S = 0.005  # releases wait this long for company (or for this replica's next acquire, which carries them)
 WORKFLOW_TTL_S = 3600.0  # a shared workflow's state outlives its last call this long (without an idle timeout)
 WORKFLOW_FIELDS = ("stages", "generated", "last_model", "last_backend", "context_tokens", "first_seen")
 
@@ -60,11 +61,11 @@ class SharedState:
                              [be.name for be in pool.all_backends], cfg.lease_ttl_s)
         self.held: dict[int, _Held] = {}  # call_id -> its lease, from acquire to release
         self.lease_waits = 0  # calls that found their backend globally full and waited
-        self.remote_inflight: dict[str, int] = {}
-        self.remote_replicas: list[str] = []
+        self.remote_replicas: list[str] = []  # the other live replicas at the last sync
         self._releases: list[tuple[str, str]] = []  # (backend, member) released, not yet sent
-        self._writes: list[tuple[str, str, int, dict[str, Any]]] = []  # completed calls' workflow updates, not sent
-        self._flush_task: asyncio.Task | None = None
+        self._stages: list[StageDone] = []  # completed calls' workflow updates, not yet sent
+        self._flush_at: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Task] = set()
         self._mode = "claim"  # the next sync's: claim what this replica holds (start, rejoin), renew, or read
         self._renewed_at = 0.0
         self._applied_degraded = False
@@ -80,7 +81,9 @@ class SharedState:
     async def stop(self) -> None:
         """Stop syncing, send what is pending, leave the live replicas; then close the connection."""
         await self._loop.stop()
-        await self._flush()
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+        await asyncio.gather(*self._flushes, self._flush(), return_exceptions=True)
         await self.conn.run(lambda r: self.leases.forget(), None)
         await self.conn.stop()
 
@@ -120,33 +123,24 @@ class SharedState:
                 return
             self._releases.append((held.backend, held.member))
             if completed:
-                self._writes.append(self._workflow_update(call, held.backend))
-            if self._flush_task is None:
-                self._flush_task = asyncio.ensure_future(self._flush())
+                self._stages.append(self._stage_done(call, held.backend))
+            if self._flush_at is None:
+                self._flush_at = asyncio.get_running_loop().call_later(FLUSH_S, self._flush_soon)
         except Exception:
             log.exception("shared state: could not release call %s", call.call_id)
 
+    def _flush_soon(self) -> None:
+        task = asyncio.ensure_future(self._flush())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
     async def _flush(self) -> None:
         """Send the releases and workflow updates gathered since the last flush, in one round trip."""
-        self._flush_task = None
+        self._flush_at = None
         releases, self._releases = self._releases, []
-        writes, self._writes = self._writes, []
-        if not (releases or writes):
-            return
-
-        async def send(r: Any) -> None:
-            async with r.pipeline(transaction=False) as pipe:
-                for backend, member in releases:
-                    pipe.zrem(self.leases.lease_keys[backend], member)
-                for key, first_seen, generated, fields in writes:
-                    pipe.hincrby(key, "stages", 1)
-                    pipe.hincrby(key, "generated", generated)
-                    pipe.hsetnx(key, "first_seen", first_seen)
-                    pipe.hset(key, mapping=fields)
-                    pipe.expire(key, self.workflow_ttl_s)
-                await pipe.execute()
-
-        await self.conn.run(send, None)  # Redis gone: the leases expire, a rejoin drops what is not held
+        stages, self._stages = self._stages, []
+        if releases or stages:  # Redis gone: the leases expire, a rejoin drops what is not held
+            await self.conn.run(lambda r: self.leases.settle(releases, stages, self.workflow_ttl_s), None)
 
     # ---- the sync loop ---------------------------------------------------------------------------------------
     async def sync(self) -> None:
@@ -170,19 +164,20 @@ class SharedState:
             self._mode = "claim"
             self._apply(None)
             return
-        if mode != "read":
-            self._renewed_at = time.monotonic()
+        if mode != "read":  # a claim is renewed on the next round (it may have raced a grant: see leases.SYNC)
+            self._renewed_at = time.monotonic() if mode == "renew" else 0.0
         self._mode = "read"
         self._apply(result)
 
     def _apply(self, result: SyncResult | None) -> None:
+        """The sync's view into the pool; None (Redis gone): local caps, no one else's load."""
         self._applied_degraded = result is None
         now = self.clock.now()
         if result is None:
-            self.remote_inflight, self.remote_replicas = {}, []
+            self.remote_replicas = []
             self.pool.share({}, {}, self.cfg.replicas, now)
         else:
-            self.remote_inflight, self.remote_replicas = result.remote_inflight, result.replicas
+            self.remote_replicas = result.replicas
             self.pool.share(result.remote_inflight, result.remote_load, None, now)
 
     async def _rejoin(self) -> None:
@@ -224,14 +219,12 @@ class SharedState:
             st.arrival_s = min(st.arrival_s, shared["first_seen"] - self.clock.wall(0.0))
         return st
 
-    def _workflow_update(self, call: Call, backend: str) -> tuple[str, str, int, dict[str, Any]]:
-        """A completed call's update of its workflow's shared state (what pool.complete does to the local one):
-        (key, first seen, tokens generated, the fields its last stage sets)."""
+    def _stage_done(self, call: Call, backend: str) -> StageDone:
+        """A completed call's update of its workflow's shared state (what pool.complete does to the local one)."""
         st = self.pool.workflows.peek(call.workflow_id)
-        first = self.clock.wall(st.arrival_s if st is not None else call.workflow_arrival_s)
-        fields = {"last_model": call.model or "", "last_backend": backend,
-                  "context_tokens": call.prompt_tokens + call.tokens_seen}
-        return self._workflow_key(call.workflow_id), repr(first), call.tokens_seen, fields
+        first = self.clock.wall(st.arrival_s if st is not None else call.workflow_arrival_s) or 0.0
+        return StageDone(call.workflow_id, call.tokens_seen, first, call.model or "", backend,
+                         call.prompt_tokens + call.tokens_seen)
 
     # ---- what it shows -----------------------------------------------------------------------------------------
     def own_leases(self) -> dict[str, int]:

@@ -152,6 +152,8 @@ class Gateway:
         finally:
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
+            if self._signalled:  # a reload SIGHUP started finishes (or fails) before the pool goes away
+                await asyncio.gather(*self._signalled, return_exceptions=True)
             self.draining = True
             deadline = time.monotonic() + self.cfg.limits.request_timeout_s
             while self.busy() and time.monotonic() < deadline:

@@ -35,14 +35,14 @@ def served(app) -> Iterator[Served]:
 
 @contextlib.contextmanager
 def replicas(tmp_path, redis_url: str, prefix: str, backends: list[dict], n: int = 2, policy: str = "least-loaded",
-             **state: Any) -> Iterator[list[Served]]:
+             limits: dict | None = None, **state: Any) -> Iterator[list[Served]]:
     """`n` gateways (replica ids r0..) over `backends`, sharing `redis_url` under `prefix`."""
     served: list[Served] = []
     try:
         for i in range(n):
             cfg = gateway_config_from_dict({
                 "policy": {"name": policy}, "trace_store": str(tmp_path / f"r{i}.sqlite"),
-                "health": {"enabled": False}, "backends": backends,
+                "health": {"enabled": False}, "backends": backends, "limits": limits or {},
                 "state": {"redis_url": redis_url, "key_prefix": prefix, "replica_id": f"r{i}", "replicas": n,
                           "sync_interval_s": 0.05, **state}})
             served.append(Served(build_gateway(cfg)))
@@ -148,6 +148,30 @@ def test_dead_replicas_leases_expire_and_live_ones_are_renewed(tmp_path, redis_s
 
         freed, done = asyncio.run(scenario())
         assert freed <= ttl + 1.0 and [r.status_code for r in done] == [200]
+
+
+def test_a_call_waiting_for_a_lease_times_out_and_leaves_nothing(tmp_path, redis_server):
+    """A replica that has not yet seen the slot taken (no sync since) dispatches, finds the backend globally full and
+    waits for the lease; at the request timeout it answers 504 and holds nothing, locally or in Redis."""
+    up = fake_upstream("m", delay=0.0)
+    with served(up) as u, replicas(tmp_path, redis_server.url, "t-wait", [
+            {"name": "m-0", "model": "m", "base_url": u.url + "/v1", "max_inflight": 1}], n=1,
+            limits={"request_timeout_s": 1.0}, sync_interval_s=60) as (a,):
+        time.sleep(0.3)  # the first sync (at start) is done; the next is a minute away
+
+        async def take_slot() -> None:
+            r = redis.asyncio.Redis.from_url(redis_server.url)
+            other = Leases(r, "t-wait", "other", ["m-0"], 30)
+            assert (await other.acquire("m-0", other.member(1), 1))[0]
+            await r.aclose()
+
+        asyncio.run(take_slot())
+        t0 = time.monotonic()
+        r = httpx.post(a.url + "/v1/chat/completions", json={"model": "m", "messages": MSG}, timeout=10)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "queue_timeout" and time.monotonic() - t0 < 3
+        assert a.gw.shared.lease_waits == 1 and not a.gw.shared.held and a.gw.pool.holds_nothing()
+        _until(lambda: redis.Redis.from_url(redis_server.url).zrange("t-wait:lease:m-0", 0, -1) == [b"other:1"], 2.0,
+               "only the other replica's lease left")
 
 
 def test_redis_outage_degrades_to_local_caps_and_rejoins(tmp_path):

@@ -153,17 +153,23 @@ class SharedState:
         mode = self._mode
         if mode == "read" and time.monotonic() - self._renewed_at >= self.cfg.lease_ttl_s / 3:
             mode = "renew"
+        result = await self.conn.run(lambda r: self._exchange(mode), None)
+        if result is None:  # Redis went away: local caps from now on
+            self._mode = "claim"
+            self._apply(None)
+            return
+        self._synced(mode, result)
+
+    async def _exchange(self, mode: str) -> SyncResult:
+        """One sync round trip: this replica's running calls' leases (renewed or claimed per `mode`) and load."""
         held: dict[str, list[str]] = {}
         for h in self.held.values():
             if h.granted:
                 held.setdefault(h.backend, []).append(h.member)
         mon = self.pool.policy.monitor
-        load = {m: (mon.calls[m], mon.pred_tokens[m]) for m in self.pool.models}
-        result = await self.conn.run(lambda r: self.leases.sync(held, load, mode), None)
-        if result is None:  # Redis went away: local caps from now on
-            self._mode = "claim"
-            self._apply(None)
-            return
+        return await self.leases.sync(held, {m: (mon.calls[m], mon.pred_tokens[m]) for m in self.pool.models}, mode)
+
+    def _synced(self, mode: str, result: SyncResult) -> None:
         if mode != "read":  # a claim is renewed on the next round (it may have raced a grant: see leases.SYNC)
             self._renewed_at = time.monotonic() if mode == "renew" else 0.0
         self._mode = "read"
@@ -182,9 +188,9 @@ class SharedState:
 
     async def _rejoin(self) -> None:
         """Redis answers again: claim every lease this replica holds (fresh expiry; its others dropped), publish the
-        load and read the others' before the replica trusts the shared view again."""
-        self._mode = "claim"
-        await self.sync()
+        load and read the others' before the replica trusts the shared view again (an error keeps it degraded)."""
+        async with asyncio.timeout(self.cfg.timeout_s * 4):
+            self._synced("claim", await self._exchange("claim"))
 
     # ---- workflows -------------------------------------------------------------------------------------------
     def _workflow_key(self, workflow_id: str) -> str:

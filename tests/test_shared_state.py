@@ -111,6 +111,32 @@ def test_calls_held_on_one_replica_steer_the_other(tmp_path, redis_server):
         _until(lambda: a.gw.pool.cap["x"] == 4, 2.0, "x's full cap once B's calls ended")
 
 
+def test_a_replica_holding_the_slots_shares_them_with_the_others_queue(tmp_path, redis_server):
+    """Replica A fills a 2-slot backend and queues 6 more; B's 3 calls arriving next are not starved until A's queue
+    drains: A keeps its share of the cap, so B's first answer comes before A's last."""
+    up = fake_upstream("m", delay=0.3)
+    with served(up) as u, replicas(tmp_path, redis_server.url, "t-fair", [
+            {"name": "m-0", "model": "m", "base_url": u.url + "/v1", "max_inflight": 2}]) as (a, b):
+
+        async def timed(url: str, n: int) -> list[float]:
+            async def one(client: httpx.AsyncClient) -> float:
+                r = await client.post(url + "/v1/chat/completions", json={"model": "m", "messages": MSG})
+                assert r.status_code == 200
+                return time.monotonic()
+            async with httpx.AsyncClient(timeout=30) as client:
+                return await asyncio.gather(*(one(client) for _ in range(n)))
+
+        async def scenario() -> tuple[list[float], list[float]]:
+            first = asyncio.ensure_future(timed(a.url, 8))
+            await asyncio.sleep(0.1)
+            second = asyncio.ensure_future(timed(b.url, 3))
+            return await first, await second
+
+        a_done, b_done = asyncio.run(scenario())
+        assert min(b_done) < max(a_done)  # alone, A's queue would take 4 rounds before any of B's ran
+        assert up.state.live["max"] == 2
+
+
 def test_remote_tokens_reach_the_congestion_signal():
     """Other replicas' predicted tokens and calls add to the monitor's in-flight load; zero leaves it untouched."""
     mon = LoadMonitor(["x", "y"])
@@ -278,14 +304,14 @@ def test_pool_room_follows_the_replica_set():
     waiting = _call(0)
     pool.submit(waiting, 0.0)
     assert not pool.core.running(waiting) and pool.waiting("m") == 1
-    pool.share({"m-0": 2}, {"m": (10.0, 0.0)}, None, 1.0)  # 8 of theirs wait: this replica's share is 2 of 12 calls
-    assert pool.cap["m"] == 2 and pool.core.running(waiting)  # the grown capacity dispatched the waiting call
+    pool.share({"m-0": 2}, {"m": (10.0, 0.0)}, None, 1.0)  # 8 of theirs wait: this replica's share is 1 of 11 calls
+    assert pool.cap["m"] == 1 and pool.core.running(waiting)  # the grown capacity dispatched the waiting call
     for i in range(1, 8):
         pool.submit(_call(i), 1.0)
     pool.share({"m-0": 0}, {"m": (0.0, 0.0)}, None, 2.0)
     assert pool.cap["m"] == 8 and pool.inflight["m"] == 8  # alone again: the whole cap
     pool.share({"m-0": 0}, {"m": (8.0, 0.0)}, None, 3.0)  # 8 of theirs wait, none of theirs runs: half each
-    assert pool.backends["m"][0].room == 5 and not pool.backends["m"][0].has_room
+    assert pool.backends["m"][0].room == 4 and not pool.backends["m"][0].has_room
     pool.share({}, {}, 2, 4.0)
     assert pool.backends["m"][0].cap == 4 and pool.cap["m"] == 4
     pool.share({"m-0": 3}, {}, None, 5.0)

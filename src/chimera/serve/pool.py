@@ -216,9 +216,9 @@ class BackendPool:
                 be.remote_inflight = remote_inflight.get(be.name, 0)
                 be.cap = be.cfg.max_inflight if divide is None else max(1, be.cfg.max_inflight // divide)
             others_wait = calls > sum(be.remote_inflight for be in bes)
-            share = (mon.calls[m] + 1) / (mon.calls[m] + 1 + calls) if others_wait else 1.0
+            share = mon.calls[m] / (mon.calls[m] + calls) if others_wait else 1.0
             for be in bes:
-                be.room = max(0, min(be.cap - be.remote_inflight, max(1, math.ceil(be.cap * share))))
+                be.room = max(0, min(be.cap - be.remote_inflight, max(1, round(be.cap * share))))
             old = self.core.capacity[m]
             if math.isinf(old):  # a preemptive policy's engine ranks everything (not run by the gateway)
                 continue

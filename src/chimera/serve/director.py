@@ -43,6 +43,8 @@ if TYPE_CHECKING:  # Redis is imported only by a gateway configured with shared 
 
 log = logging.getLogger("chimera.serve")
 MAX_ATTEMPTS = 3  # the first try and up to 2 retries
+# Workflows other replicas may serve too (their state is shared); the others were found in this replica's own table.
+SHARED_WORKFLOWS = (IdentitySource.HINT, IdentitySource.SESSION)
 # The scheduled endpoints' paths are named by the edge, which validates their bodies; exported here for the endpoints.
 __all__ = ["CHAT", "RESPONSES", "ClientGone", "Director", "count_tokens", "error"]
 T = TypeVar("T")
@@ -104,7 +106,7 @@ class Director:
         ident = self.identity.resolve(body, headers or {}, hints, now)
         if hints.stage is not None:
             ident = dataclasses.replace(ident, stage=hints.stage)
-        if self.shared is not None and ident.source in (IdentitySource.HINT, IdentitySource.SESSION):
+        if self.shared is not None and ident.source in SHARED_WORKFLOWS:
             ident = await self._shared_workflow(ident, hints.stage is not None, now)
         wid = ident.workflow_id
         wf = self.pool.workflows.get(wid, now)
@@ -375,7 +377,8 @@ class Director:
                 self.pool.abandon(ctx.call, now, backend_down=backend_down)
         finally:
             if self.shared is not None:
-                self.shared.release(ctx.call, completed=outcome is Outcome.OK)
+                self.shared.release(ctx.call, completed=outcome is Outcome.OK and ctx.identity is not None
+                                    and ctx.identity.source in SHARED_WORKFLOWS)
             if record:
                 self.recorder.record(ctx, now)
 

@@ -115,8 +115,9 @@ class SharedState:
             wait = min(BACKOFF_S[1], wait * 2)
 
     def release(self, call: Call, completed: bool = False) -> None:
-        """The call's attempt ended: its lease is freed (sent with the next acquire or a flush on the next loop
-        turn), and with `completed` the workflow's shared state learns the stage. Never blocks, never raises."""
+        """The call's attempt ended: its lease is freed (carried by this replica's next acquire, or sent FLUSH_S
+        later), and with `completed` (a stage of a shared workflow done) the workflow's shared state learns the stage.
+        Never blocks, never raises."""
         try:
             held = self.held.pop(call.call_id, None)
             if held is None:

@@ -160,7 +160,8 @@ def test_dead_replicas_leases_expire_and_live_ones_are_renewed(tmp_path, redis_s
         async def scenario() -> tuple[float, list[httpx.Response]]:
             r = redis.asyncio.Redis.from_url(redis_server.url)
             dead = Leases(r, "t-dead", "dead", ["m-0"], ttl)
-            assert (await dead.acquire("m-0", dead.member(1), 2))[0] and (await dead.acquire("m-0", dead.member(2), 2))[0]
+            for i in (1, 2):
+                assert (await dead.acquire("m-0", dead.member(i), 2))[0]
             t0 = time.monotonic()
             await asyncio.to_thread(_until, lambda: a.gw.pool.cap["m"] == 0, 2.0, "the dead replica's leases seen")
             calls = asyncio.ensure_future(_calls([a.url], 1, model="m"))
@@ -202,7 +203,8 @@ def test_a_call_waiting_for_a_lease_times_out_and_leaves_nothing(tmp_path, redis
 
 def test_redis_outage_degrades_to_local_caps_and_rejoins(tmp_path):
     """Redis stops mid-run: no request fails, /health and /metrics say degraded, each replica serves on half the
-    cap (so the set stays within it once the calls running at the outage end); Redis returns: both rejoin (leases of running calls re-registered) and the global cap is back."""
+    cap (so the set stays within it once the calls running at the outage end); Redis returns: both rejoin (leases of
+    running calls re-registered) and the global cap is back."""
     server = RedisServer().start()
     up = fake_upstream("m", delay=0.3)
     try:

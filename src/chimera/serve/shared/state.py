@@ -4,9 +4,11 @@ load expires within the TTL), every replica's load in the policy's congestion si
 gone the replica serves on its share of each cap (degraded mode) and re-registers what it holds when Redis is back.
 
 Queue order stays per replica: each replica dispatches its own queue in its policy's order while the global caps
-allow; a slot freed on a backend goes to whichever replica asks first (no global order across replicas). A replica
-that dispatched into a slot another took first (their views are at most one sync old) holds the call and retries the
-lease with a short backoff until it is granted or the request times out.
+allow; a slot freed on a backend goes to whichever replica asks first (no global order across replicas), except that
+while other replicas' calls wait for a model a replica keeps at most its share of each backend, in proportion to its
+calls (BackendPool.share), so none is starved by one that holds the slots. A replica that dispatched into a slot
+another took first (their views are at most one sync old) holds the call and retries the lease with a short backoff
+until it is granted or the request times out.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ log = logging.getLogger("chimera.serve")
 BACKOFF_S = (0.005, 0.05)  # first and longest wait between two tries of a lease on a globally full backend
 FLUSH_S = 0.005  # releases wait this long for company (or for this replica's next acquire, which carries them)
 WORKFLOW_TTL_S = 3600.0  # a shared workflow's state outlives its last call this long (without an idle timeout)
-WORKFLOW_FIELDS = ("stages", "generated", "last_model", "last_backend", "context_tokens", "first_seen")
 
 
 @dataclass

@@ -47,16 +47,25 @@ def replicas(tmp_path, redis_url: str, prefix: str, backends: list[dict], n: int
                           "sync_interval_s": 0.05, **state}})
             served.append(Served(build_gateway(cfg)))
         yield served
+        for s in served:  # every call's life ended: nothing held locally (else the shutdown drain would wait for it)
+            _until(lambda: not s.gw.busy(), 5.0, lambda: f"{s.gw.shared.replica_id} to hold nothing: {_held(s.gw)}")
     finally:
         for s in served:
             s.stop()
 
 
-def _until(cond: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> float:
+def _held(gw) -> dict[str, Any]:
+    p = gw.pool
+    return {"active": gw.active, "waiting": p.waiting_total, "inflight": dict(p.inflight), "pending": list(p._pending),
+            "leases": dict(gw.shared.held), "room": {be.name: (be.inflight, be.remote_inflight, be.room)
+                                                   for be in p.all_backends}}
+
+
+def _until(cond: Callable[[], bool], timeout_s: float = 5.0, what: str | Callable[[], str] = "condition") -> float:
     t0 = time.monotonic()
     while not cond():
         if time.monotonic() - t0 > timeout_s:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         time.sleep(0.02)
     return time.monotonic() - t0
 

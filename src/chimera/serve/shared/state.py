@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
 
 from chimera.sched.types import Call
 from chimera.serve.clock import GatewayClock
@@ -35,6 +36,7 @@ from chimera.util.periodic import Periodic
 
 log = logging.getLogger("chimera.serve")
 BACKOFF_S = (0.005, 0.05)  # first and longest wait between two tries of a lease on a globally full backend
+STOP_S = 2.0  # the most a shutdown waits for the Redis connection to close
 FLUSH_S = 0.005  # releases wait this long for company (or for this replica's next acquire, which carries them)
 WORKFLOW_TTL_S = 3600.0  # a shared workflow's state outlives its last call this long (without an idle timeout)
 
@@ -86,7 +88,11 @@ class SharedState:
             self._flush_at.cancel()
         await asyncio.gather(*self._flushes, self._flush(), return_exceptions=True)
         await self.conn.run(lambda r: self.leases.forget(), None)
-        await self.conn.stop()
+        try:  # a shutdown never waits on Redis for long
+            async with asyncio.timeout(STOP_S):
+                await self.conn.stop()
+        except (TimeoutError, OSError, RedisError):
+            log.warning("shared state: the Redis connection did not close within %.0f s", STOP_S)
 
     # ---- leases ----------------------------------------------------------------------------------------------
     async def try_acquire(self, call: Call, be: BackendState) -> bool:

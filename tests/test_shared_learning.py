@@ -203,3 +203,35 @@ def test_an_invalid_score_is_refused_as_a_single_gateway_refuses_it(redis_server
             await a.conn.stop()
 
     asyncio.run(scenario())
+
+
+def test_two_replicas_exploring_on_split_workflows_end_with_the_same_statistics(redis_server):
+    """Workflows whose calls land on either replica, each exploring with its own seed, scored on either: every score is
+    learnt once, every call is credited once, and both learners end bit-identical."""
+    async def scenario() -> None:
+        p = prefix()
+        a = Replica(redis_server.url, p, "ra", explore_start=0.5, seed=1)
+        b = Replica(redis_server.url, p, "rb", explore_start=0.5, seed=2)
+        rng = np.random.default_rng(0)
+        replicas, served = (a, b), 0
+        try:
+            for w in range(120):
+                for stage in range(int(rng.integers(1, 5))):
+                    replicas[int(rng.integers(2))].serve(f"wf-{w}", f"task {w % 7} step {stage}", now=float(w))
+                    served += 1
+                await ticks(a, b, n=1)
+                if w >= 3:  # scores arrive a few workflows late, on either replica
+                    scored = replicas[int(rng.integers(2))]
+                    assert await scored.score(f"wf-{w - 3}", float(rng.random()), float(w)) is LEARNT
+            for w in range(117, 120):
+                assert await a.score(f"wf-{w}", 0.5, 120.0) is LEARNT
+            await ticks(a, b)
+            assert a.learner.counts_["learnt_calls"] == b.learner.counts_["learnt_calls"] == served
+            assert same_statistics(a.learner, b.learner)
+            assert a.learner.stats()["learnt"] + b.learner.stats()["learnt"] == 120
+            assert a.learner.stats()["pending"] == b.learner.stats()["pending"] == 0
+        finally:
+            for r in replicas:
+                await r.conn.stop()
+
+    asyncio.run(scenario())

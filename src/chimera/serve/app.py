@@ -215,7 +215,7 @@ class Gateway:
                 self.metrics.feedback.labels(_FEEDBACK_REFUSED[e.status]).inc()
             return self._refuse(FEEDBACK, e)
         now = self.clock.now()
-        outcome = self.scores.take(wid, fb.score, now)
+        outcome = await self.scores.take(wid, fb.score, now)
         self.identity.end(wid, now)
         if outcome not in STORED:
             return self._refuse(FEEDBACK, refusal(outcome, wid))

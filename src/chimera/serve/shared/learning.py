@@ -34,6 +34,16 @@ READ_COUNT = 256  # stream entries read per command
 MAX_UNSHARED = 100_000  # workflows decided (or scored while degraded) not yet written to Redis; beyond, forgotten
 MIN_KEEP_S = 60.0  # a workflow's record outlives the learner's max_age_s by at least this (late, then forgotten)
 TAKEN = (FeedbackOutcome.LEARNT, FeedbackOutcome.LATE, FeedbackOutcome.IGNORED)  # outcomes that take the score
+# One command per tick for every workflow decided since the last: when it was first decided (kept if set), this
+# replica's calls of it, and how long the record lives. KEYS: the records; ARGV: field, ttl, then (first, calls) pairs.
+WRITE_DECIDED = """
+for i, key in ipairs(KEYS) do
+  redis.call('HSETNX', key, 'first', ARGV[1 + 2 * i])
+  redis.call('HSET', key, ARGV[1], ARGV[2 + 2 * i])
+  redis.call('EXPIRE', key, ARGV[2])
+end
+return #KEYS
+"""
 Local = Callable[[str, float, float], FeedbackOutcome]
 Rows = tuple[list[np.ndarray], list[str], list[float], list[float]]  # features, model names, residuals, weights
 
@@ -57,6 +67,7 @@ class SharedLearning:
         self.taken = Counter("chimera_shared_feedback", "Scores handled for the replica set: posted here (local), "
                              "posted to another replica and credited here (peer), answered alone while Redis was "
                              "gone (degraded)", ["source"], registry=registry)
+        self._write_script = conn.redis.register_script(WRITE_DECIDED)
         self._loop = Periodic(self.sync, interval_s, "shared learning sync", logger=log)
         conn.on_rejoin.append(self._rejoin)
         self.learner()  # hook it now: every decision from here on is shared
@@ -211,20 +222,15 @@ class SharedLearning:
         fresh, self._fresh = self._fresh, {}
         if not fresh:
             return
-        keep = self._keep_s(learner)
-
-        async def write(r: Any) -> list[Any]:
-            pipe = r.pipeline(transaction=False)
-            for wid, first in fresh.items():
-                n = learner.pending_calls(wid)
-                if n is not None:  # not scored or forgotten meanwhile
-                    key = self._wf(wid)
-                    pipe.hsetnx(key, "first", repr(first))
-                    pipe.hset(key, self._calls_field, n)
-                    pipe.expire(key, keep)
-            return await pipe.execute()
-
-        if await self.conn.run(write, None) is None:  # degraded: written on a later tick, once Redis is back
+        keys: list[str] = []
+        args: list[Any] = [self._calls_field, self._keep_s(learner)]
+        for wid, first in fresh.items():
+            n = learner.pending_calls(wid)
+            if n is not None:  # not scored or forgotten meanwhile
+                keys.append(self._wf(wid))
+                args += (repr(first), n)
+        if keys and await self.conn.run(lambda r: self._write_script(keys, args, r), None) is None:
+            # degraded: written on a later tick, once Redis is back
             for wid, first in fresh.items():
                 if len(self._fresh) < MAX_UNSHARED:
                     self._fresh.setdefault(wid, first)

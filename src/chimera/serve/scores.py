@@ -7,7 +7,8 @@ neither learnt nor stored: a workflow scored already (409 `repeated`: the gatewa
 `SCORED_KEPT` scored workflows itself, so a repeat is refused with or without a learner, whether it names the
 workflow or one of its responses), one the learner has no decision of (404 `unknown`), one decided longer ago than the
 learner's `max_age_s` (410 `late`). A score that is not a finite number in [0, 1] never gets here: the edge refuses it
-(400 `invalid`). Every outcome is counted in `chimera_feedback_total{outcome}`.
+(400 `invalid`). Every outcome is counted in `chimera_feedback_total{outcome}`. With replicas sharing state, learnt,
+repeated, unknown and late are decided for the whole replica set (serve/shared/learning.py).
 """
 
 from __future__ import annotations

@@ -89,6 +89,12 @@ class Gateway:
         self.reloader = PredictorReloader(cfg, self.infos, workload_names(cfg), self.pool, self.metrics,
                                           manifest_digest(cfg.predictors) if cfg.predictors else None)
         self.scores = WorkflowScores(self.pool, self.trace, self.metrics)
+        if cfg.state is not None:  # replicas: a score is judged and learnt for the set (serve/shared/learning.py)
+            from chimera.serve.shared.connection import SharedConnection  # Redis loads only when configured
+            from chimera.serve.shared.learning import SharedLearning
+
+            self.scores.shared = SharedLearning.for_core(SharedConnection(cfg.state), self.pool.core,
+                                                         cfg.state.sync_interval_s, self.metrics.registry)
         self.auth = edge.Auth(cfg.auth.api_keys, cfg.auth.admin_keys)
         self.health_checker: HealthChecker | None = None
         self.run_id = uuid.uuid4().hex[:8]
@@ -129,6 +135,9 @@ class Gateway:
             self.health_checker.start()
         if self.live is not None:
             self.live.start(self.health_checker)
+        if self.scores.shared is not None:
+            self.scores.shared.conn.start()
+            self.scores.shared.start()
         loop = asyncio.get_running_loop()
         try:  # SIGHUP reloads the predictors; only the main thread may handle signals (not a gateway in a test thread)
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -148,6 +157,9 @@ class Gateway:
                 await self.health_checker.stop()
             if self.live is not None:
                 await self.live.stop()
+            if self.scores.shared is not None:
+                await self.scores.shared.stop()
+                await self.scores.shared.conn.stop()
             await upstream.aclose()
             if self.predict_pool is not None:
                 self.predict_pool.shutdown(wait=False, cancel_futures=True)

@@ -19,7 +19,7 @@ import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -49,6 +49,9 @@ from chimera.serve.reload import PredictorReloader
 from chimera.serve.responses import fetch_stored
 from chimera.serve.scores import STORED, WorkflowScores, refusal
 from chimera.serve.trace import TraceStore
+
+if TYPE_CHECKING:
+    from chimera.serve.shared.state import SharedState
 
 log = logging.getLogger("chimera.serve")
 FEEDBACK = "/v1/chimera/feedback"
@@ -89,12 +92,6 @@ class Gateway:
         self.reloader = PredictorReloader(cfg, self.infos, workload_names(cfg), self.pool, self.metrics,
                                           manifest_digest(cfg.predictors) if cfg.predictors else None)
         self.scores = WorkflowScores(self.pool, self.trace, self.metrics)
-        if cfg.state is not None:  # replicas: a score is judged and learnt for the set (serve/shared/learning.py)
-            from chimera.serve.shared.connection import SharedConnection  # Redis loads only when configured
-            from chimera.serve.shared.learning import SharedLearning
-
-            self.scores.shared = SharedLearning.for_core(SharedConnection(cfg.state), self.pool.core,
-                                                         cfg.state.sync_interval_s, self.metrics.registry)
         self.auth = edge.Auth(cfg.auth.api_keys, cfg.auth.admin_keys)
         self.health_checker: HealthChecker | None = None
         self.run_id = uuid.uuid4().hex[:8]
@@ -106,8 +103,19 @@ class Gateway:
             recorder.observers.append(self.live.observe)
             self.metrics.registry.register(self.live.collector())
         self.identity = WorkflowIdentity(cfg.identity, self.pool, self.run_id)
+        self.shared: SharedState | None = None  # several replicas sharing state on Redis (serve/shared/)
+        if cfg.state is not None:
+            from chimera.serve.shared.learning import SharedLearning  # Redis loads only when configured
+            from chimera.serve.shared.state import SharedState
+
+            self.shared = SharedState(cfg.state, self.pool, clock=self.clock,
+                                      workflow_ttl_s=cfg.identity.idle_timeout_s)
+            self.metrics.registry.register(self.shared.collector())
+            # a score judged once and learnt by every replica's learner (serve/shared/learning.py)
+            self.scores.shared = SharedLearning.for_core(self.shared.conn, self.pool.core, cfg.state.sync_interval_s,
+                                                         self.metrics.registry)
         self.director = Director(self.pool, self.policy, cfg.limits, self.metrics, recorder, self.clock, self.run_id,
-                                 self.predict_pool, self.identity)
+                                 self.predict_pool, self.identity, self.shared)
         self.active = 0
         self.draining = False
         self._signalled: set[asyncio.Task] = set()  # reloads asked for by SIGHUP, until they finish
@@ -135,8 +143,9 @@ class Gateway:
             self.health_checker.start()
         if self.live is not None:
             self.live.start(self.health_checker)
+        if self.shared is not None:
+            self.shared.start()
         if self.scores.shared is not None:
-            self.scores.shared.conn.start()
             self.scores.shared.start()
         loop = asyncio.get_running_loop()
         try:  # SIGHUP reloads the predictors; only the main thread may handle signals (not a gateway in a test thread)
@@ -149,6 +158,8 @@ class Gateway:
         finally:
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
+            if self._signalled:  # a reload SIGHUP started finishes (or fails) before the pool goes away
+                await asyncio.gather(*self._signalled, return_exceptions=True)
             self.draining = True
             deadline = time.monotonic() + self.cfg.limits.request_timeout_s
             while self.busy() and time.monotonic() < deadline:
@@ -159,7 +170,8 @@ class Gateway:
                 await self.live.stop()
             if self.scores.shared is not None:
                 await self.scores.shared.stop()
-                await self.scores.shared.conn.stop()
+            if self.shared is not None:
+                await self.shared.stop()
             await upstream.aclose()
             if self.predict_pool is not None:
                 self.predict_pool.shutdown(wait=False, cancel_futures=True)
@@ -174,9 +186,12 @@ class Gateway:
         pool = self.pool
         backends = {be.name: {"model": be.cfg.model, "up": be.healthy, "reason": be.down_reason,
                               "inflight": be.inflight} for be in pool.all_backends}
-        return JSONResponse({"status": "draining" if self.draining else "ok", "models": pool.models,
-                             "waiting": pool.waiting_total, "active": self.active, "inflight": dict(pool.inflight),
-                             "backends": backends, "trace": self.trace.stats()})
+        out = {"status": "draining" if self.draining else "ok", "models": pool.models, "waiting": pool.waiting_total,
+               "active": self.active, "inflight": dict(pool.inflight), "backends": backends,
+               "trace": self.trace.stats()}
+        if self.shared is not None:
+            out["state"] = self.shared.status()  # degraded still serves (200): on local caps
+        return JSONResponse(out)
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document(self.pool.models))

@@ -34,11 +34,14 @@ READ_COUNT = 256  # stream entries read per command
 MAX_UNSHARED = 100_000  # workflows decided (or scored while degraded) not yet written to Redis; beyond, forgotten
 MIN_KEEP_S = 60.0  # a workflow's record outlives the learner's max_age_s by at least this (late, then forgotten)
 TAKEN = (FeedbackOutcome.LEARNT, FeedbackOutcome.LATE, FeedbackOutcome.IGNORED)  # outcomes that take the score
-# One command per tick for every workflow decided since the last: when it was first decided (kept if set), this
-# replica's calls of it, and how long the record lives. KEYS: the records; ARGV: field, ttl, then (first, calls) pairs.
+# One command per tick for every workflow decided since the last: when it was first decided on Redis's clock (kept if
+# set), this replica's calls of it, and how long the record lives. KEYS: the records; ARGV: field, ttl, then (seconds
+# since it was first decided here, calls) pairs.
 WRITE_DECIDED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 for i, key in ipairs(KEYS) do
-  redis.call('HSETNX', key, 'first', ARGV[1 + 2 * i])
+  redis.call('HSETNX', key, 'first', tostring(now - tonumber(ARGV[1 + 2 * i])))
   redis.call('HSET', key, ARGV[1], ARGV[2 + 2 * i])
   redis.call('EXPIRE', key, ARGV[2])
 end
@@ -59,7 +62,7 @@ class SharedLearning:
         self.stream = conn.key("learn", "stream")
         self._calls_field = f"calls:{conn.replica_id}".encode()
         self._last_id: bytes | str = "0-0"  # where this replica is in the stream: from its start, to catch up
-        self._fresh: dict[str, float] = {}  # workflow -> wall time it was first decided here, since the last write
+        self._fresh: dict[str, float] = {}  # workflow -> when it was first decided here (monotonic), not yet written
         self._offline: deque[str] = deque(maxlen=MAX_UNSHARED)  # scores taken while degraded: the set is told later
         self._hook = self._decided
         self._warned_width = False
@@ -102,7 +105,7 @@ class SharedLearning:
 
     def _decided(self, workflow_id: str) -> None:
         if workflow_id not in self._fresh and len(self._fresh) < MAX_UNSHARED:
-            self._fresh[workflow_id] = time.time()
+            self._fresh[workflow_id] = time.monotonic()
 
     # ---- a score posted here ------------------------------------------------------------------------------------
     async def feedback(self, workflow_id: str, score: float, now: float) -> FeedbackOutcome:
@@ -140,13 +143,14 @@ class SharedLearning:
             pipe = r.pipeline(transaction=False)
             pipe.hgetall(self._wf(workflow_id))
             pipe.exists(self._scored(workflow_id))
+            pipe.time()
             return await pipe.execute()
 
         for attempt in range(2):
             seen = await self.conn.run(read, None)
             if seen is None:
                 return None
-            record, scored = seen
+            record, scored, (secs, micros) = seen
             if scored:
                 return FeedbackOutcome.REPEATED, 0
             if learner is None:
@@ -158,7 +162,7 @@ class SharedLearning:
                 calls = sum(int(v) for k, v in record.items() if k.startswith(b"calls:") and k != self._calls_field)
                 calls += learner.pending_calls(workflow_id) or 0
                 first = float(record.get(b"first", b"inf"))
-                late = here is FeedbackOutcome.LATE or time.time() - first > learner.max_age_s
+                late = here is FeedbackOutcome.LATE or secs + micros / 1e6 - first > learner.max_age_s
                 return (FeedbackOutcome.LATE if late else FeedbackOutcome.LEARNT), calls
             if attempt == 0:
                 await asyncio.sleep(self.interval_s * 1.5)
@@ -224,11 +228,12 @@ class SharedLearning:
             return
         keys: list[str] = []
         args: list[Any] = [self._calls_field, self._keep_s(learner)]
+        now = time.monotonic()
         for wid, first in fresh.items():
             n = learner.pending_calls(wid)
             if n is not None:  # not scored or forgotten meanwhile
                 keys.append(self._wf(wid))
-                args += (repr(first), n)
+                args += (repr(now - first), n)
         if keys and await self.conn.run(lambda r: self._write_script(keys, args, r), None) is None:
             # degraded: written on a later tick, once Redis is back
             for wid, first in fresh.items():

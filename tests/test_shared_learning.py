@@ -92,13 +92,20 @@ def test_a_score_posted_to_one_replica_teaches_every_replica_the_same(redis_serv
             # taken once for the set: a repeat on the other replica is refused, and an unknown workflow on both
             assert await b.score("wf-1", 0.0) is REPEATED and await a.score("wf-1", 0.0) is REPEATED
             assert await a.score("never-seen", 0.5) is UNKNOWN and await b.score("never-seen", 0.5) is UNKNOWN
+            # two replicas taking the same score at once: exactly one takes it
+            b.serve("wf-race", "Who wins?")
+            await ticks(a, b)
+            assert sorted(await asyncio.gather(a.score("wf-race", 1.0), b.score("wf-race", 1.0))) == [LEARNT, REPEATED]
+            await ticks(a, b)
+            assert a.learner.counts_["learnt_calls"] == b.learner.counts_["learnt_calls"] == 4
             # a workflow only B served is known when its score reaches A
             assert await a.score("wf-2", 0.0) is LEARNT
             await ticks(a, b)
-            assert a.learner.counts_["learnt_calls"] == 4 and same_statistics(a.learner, b.learner)
-            assert b.learner.pending_calls("wf-2") is None and b.taken("peer") == 2 and a.taken("local") == 4
-            assert a.learner.stats()["learnt"] == 2 and a.learner.stats()["repeated"] == 1
-            assert b.learner.stats()["repeated"] == 1 and b.learner.stats()["unknown"] == 1
+            assert a.learner.counts_["learnt_calls"] == 5 and same_statistics(a.learner, b.learner)
+            assert b.learner.pending_calls("wf-2") is None and a.taken("local") == 5 and b.taken("local") == 3
+            assert a.taken("peer") + b.taken("peer") == 3  # each score taken is credited as a peer's by the other
+            st = [r.learner.stats() for r in (a, b)]
+            assert [sum(x[k] for x in st) for k in ("learnt", "repeated", "unknown")] == [3, 3, 2]
             # a replica that starts later replays the stream: it holds what the others learnt
             late = Replica(redis_server.url, p, "rc")
             await ticks(late)

@@ -119,8 +119,11 @@ class SharedLearning:
         outcome, calls = judged
         if outcome in TAKEN:
             keep = self._keep_s(learner)
-            claimed = await self.conn.run(lambda r: r.set(self._scored(workflow_id), outcome.value, nx=True, ex=keep),
-                                          None)
+
+            async def claim(r: Any) -> bool:  # SET NX answers None when the key exists: False, not a failure
+                return bool(await r.set(self._scored(workflow_id), outcome.value, nx=True, ex=keep))
+
+            claimed = await self.conn.run(claim, None)
             if claimed is None:
                 return self._alone(workflow_id, score, now)
             if not claimed:

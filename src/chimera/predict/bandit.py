@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -67,6 +67,8 @@ class LinearBandit:
         self._done = LRUCache(max_pending)  # workflows learnt from (or refused as late): a second score is REPEATED
         self.counts_: dict[str, int] = {"decided": 0, "explored": 0, "evicted": 0, "learnt_calls": 0,
                                         **{o.value: 0 for o in FeedbackOutcome}}
+        # Told the workflow id of every decision kept (a replica set shares which workflows each replica decided).
+        self.on_decided: Callable[[str], None] | None = None
 
     # ---- the prior ------------------------------------------------------------------------------------------
     @property
@@ -140,27 +142,59 @@ class LinearBandit:
         j = self.models_.index(decision.model)
         entry.calls.append(_Decided(self.features.transform(call.prompt, call.kind), j,
                                     float(self._prior_row(call)[j])))
+        if self.on_decided is not None:
+            self.on_decided(wid)
 
     def reward(self, workflow_id: str, score: float, now: float) -> FeedbackOutcome:
         """Learn from a workflow's score once (the credit rule in the module docstring)."""
         outcome = self._reward(workflow_id, score, now)
-        self.counts_[outcome.value] += 1
+        self.count(outcome)
         return outcome
+
+    def count(self, outcome: FeedbackOutcome) -> None:
+        """Count a score's outcome (`reward` does; a replica set counts the scores it answers for the set)."""
+        self.counts_[outcome.value] += 1
 
     def _reward(self, workflow_id: str, score: float, now: float) -> FeedbackOutcome:
         if not (isinstance(score, (int, float)) and 0.0 <= score <= 1.0):
             return FeedbackOutcome.INVALID
-        entry = self._pending.pop(workflow_id, None)
+        outcome, calls = self.claim(workflow_id, now)
+        if calls:
+            self.partial_fit(*self.credit(calls, score, len(calls)))
+        return outcome
+
+    def peek(self, workflow_id: str, now: float | None) -> FeedbackOutcome:
+        """What a score for the workflow would do now, nothing taken: LEARNT (decisions pending), LATE (pending, first
+        decided more than `max_age_s` before `now`; None: age not judged here), REPEATED (claimed) or UNKNOWN."""
+        entry = self._pending.get(workflow_id)
         if entry is None:
             return FeedbackOutcome.REPEATED if self._done.get(workflow_id) else FeedbackOutcome.UNKNOWN
+        late = now is not None and now - entry.first_s > self.max_age_s
+        return FeedbackOutcome.LATE if late else FeedbackOutcome.LEARNT
+
+    def claim(self, workflow_id: str, now: float | None) -> tuple[FeedbackOutcome, list[_Decided]]:
+        """Take a workflow's pending decisions out, once: `peek`'s outcome, with the decisions to credit when LEARNT.
+        A claimed workflow is remembered, so its next claim is REPEATED."""
+        outcome = self.peek(workflow_id, now)
+        entry = self._pending.pop(workflow_id, None)
+        if entry is None:
+            return outcome, []
         self._done.put(workflow_id, True)
-        if now - entry.first_s > self.max_age_s:
-            return FeedbackOutcome.LATE
-        if entry.calls:
-            w = 1.0 / len(entry.calls)
-            self.partial_fit(np.array([d.features for d in entry.calls]), [d.model for d in entry.calls],
-                             [score - d.prior for d in entry.calls], [w] * len(entry.calls))
-        return FeedbackOutcome.LEARNT
+        return outcome, entry.calls if outcome is FeedbackOutcome.LEARNT else []
+
+    def pending_calls(self, workflow_id: str) -> int | None:
+        """Decisions kept for a workflow awaiting its score; None when none is pending."""
+        entry = self._pending.get(workflow_id)
+        return None if entry is None else len(entry.calls)
+
+    @staticmethod
+    def credit(calls: Sequence[_Decided], score: float, n: int) -> tuple[np.ndarray, list[int], list[float],
+                                                                           list[float]]:
+        """`partial_fit`'s rows for a score: each call teaches its model score − its prior, with weight 1 / `n` (the
+        calls of the whole workflow, which several replicas may have decided between them)."""
+        w = 1.0 / n
+        return (np.array([d.features for d in calls]), [d.model for d in calls], [score - d.prior for d in calls],
+                [w] * len(calls))
 
     def partial_fit(self, X: np.ndarray, models: Sequence[int], residuals: Sequence[float],
                     weights: Sequence[float]) -> "LinearBandit":

@@ -105,11 +105,15 @@ class Gateway:
         self.identity = WorkflowIdentity(cfg.identity, self.pool, self.run_id)
         self.shared: SharedState | None = None  # several replicas sharing state on Redis (serve/shared/)
         if cfg.state is not None:
-            from chimera.serve.shared.state import SharedState  # Redis loads only when configured
+            from chimera.serve.shared.learning import SharedLearning  # Redis loads only when configured
+            from chimera.serve.shared.state import SharedState
 
             self.shared = SharedState(cfg.state, self.pool, clock=self.clock,
                                       workflow_ttl_s=cfg.identity.idle_timeout_s)
             self.metrics.registry.register(self.shared.collector())
+            # a score judged once and learnt by every replica's learner (serve/shared/learning.py)
+            self.scores.shared = SharedLearning.for_core(self.shared.conn, self.pool.core, cfg.state.sync_interval_s,
+                                                         self.metrics.registry)
         self.director = Director(self.pool, self.policy, cfg.limits, self.metrics, recorder, self.clock, self.run_id,
                                  self.predict_pool, self.identity, self.shared)
         self.active = 0
@@ -141,6 +145,8 @@ class Gateway:
             self.live.start(self.health_checker)
         if self.shared is not None:
             self.shared.start()
+        if self.scores.shared is not None:
+            self.scores.shared.start()
         loop = asyncio.get_running_loop()
         try:  # SIGHUP reloads the predictors; only the main thread may handle signals (not a gateway in a test thread)
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -162,6 +168,8 @@ class Gateway:
                 await self.health_checker.stop()
             if self.live is not None:
                 await self.live.stop()
+            if self.scores.shared is not None:
+                await self.scores.shared.stop()
             if self.shared is not None:
                 await self.shared.stop()
             await upstream.aclose()
@@ -234,7 +242,7 @@ class Gateway:
                 self.metrics.feedback.labels(_FEEDBACK_REFUSED[e.status]).inc()
             return self._refuse(FEEDBACK, e)
         now = self.clock.now()
-        outcome = self.scores.take(wid, fb.score, now)
+        outcome = await self.scores.take(wid, fb.score, now)
         self.identity.end(wid, now)
         if outcome not in STORED:
             return self._refuse(FEEDBACK, refusal(outcome, wid))

@@ -7,10 +7,13 @@ neither learnt nor stored: a workflow scored already (409 `repeated`: the gatewa
 `SCORED_KEPT` scored workflows itself, so a repeat is refused with or without a learner, whether it names the
 workflow or one of its responses), one the learner has no decision of (404 `unknown`), one decided longer ago than the
 learner's `max_age_s` (410 `late`). A score that is not a finite number in [0, 1] never gets here: the edge refuses it
-(400 `invalid`). Every outcome is counted in `chimera_feedback_total{outcome}`.
+(400 `invalid`). Every outcome is counted in `chimera_feedback_total{outcome}`. With replicas sharing state, learnt,
+repeated, unknown and late are decided for the whole replica set (serve/shared/learning.py).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from chimera.predict.cache import LRUCache
 from chimera.sched.predictors import FeedbackOutcome
@@ -18,6 +21,9 @@ from chimera.serve.edge import EdgeError
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.pool import BackendPool
 from chimera.serve.trace import TraceStore
+
+if TYPE_CHECKING:  # Redis is imported only where state is shared
+    from chimera.serve.shared.learning import SharedLearning
 
 SCORED_KEPT = 100_000  # workflows whose score the gateway remembers taking (the oldest are forgotten first)
 STORED = (FeedbackOutcome.LEARNT, FeedbackOutcome.IGNORED)
@@ -34,21 +40,25 @@ REFUSALS = {
 
 
 class WorkflowScores:
-    """Hands each workflow's score to the admission core once and keeps it in the trace store once."""
+    """Hands each workflow's score to the admission core once and keeps it in the trace store once; with `shared`
+    (replicas sharing state), the score is judged and learnt once for the whole replica set."""
 
     def __init__(self, pool: BackendPool, trace: TraceStore, metrics: GatewayMetrics, kept: int = SCORED_KEPT) -> None:
         self.pool, self.trace, self.metrics = pool, trace, metrics
         self._scored = LRUCache(kept)
+        self.shared: SharedLearning | None = None
 
-    def take(self, workflow_id: str, score: float, now: float) -> FeedbackOutcome:
+    async def take(self, workflow_id: str, score: float, now: float) -> FeedbackOutcome:
         """What the score did: learnt or ignored (stored), or why it was refused (nothing stored, nothing learnt)."""
         if self._scored.get(workflow_id):
             outcome = FeedbackOutcome.REPEATED
-        else:
+        elif self.shared is None:
             outcome = self.pool.core.feedback(workflow_id, score, now)
-            if outcome in STORED:
-                self._scored.put(workflow_id, True)
-                self.trace.log_feedback(workflow_id, score)
+        else:
+            outcome = await self.shared.feedback(workflow_id, score, now)
+        if outcome in STORED:
+            self._scored.put(workflow_id, True)
+            self.trace.log_feedback(workflow_id, score)
         self.metrics.feedback.labels(outcome.value).inc()
         return outcome
 

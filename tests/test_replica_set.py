@@ -42,3 +42,8 @@ def test_replica_set_refuses_zero(tmp_path):
     with pytest.raises(ValueError, match="at least 1"):
         with replica_set(BASE, 0, tmp_path):
             pass
+
+
+def test_unshared_replicas_have_no_state_block(tmp_path):
+    c = replica_config(BASE, 1, 2, None, tmp_path)
+    assert c.state is None and c.trace_store == str(tmp_path / "r1.sqlite")

@@ -55,9 +55,9 @@ class Replica:
 
 @dataclass
 class ReplicaSet:
-    """The running set: the replicas (in index order) and the Redis they share."""
+    """The running set: the replicas (in index order) and the Redis they share (None: not shared)."""
 
-    redis: RedisServer
+    redis: RedisServer | None
     replicas: list[Replica]
     workdir: Path
 
@@ -90,39 +90,46 @@ class ReplicaSet:
         return r.json()
 
 
-def replica_config(config: Mapping[str, Any] | GatewayConfig, index: int, n: int, redis_url: str,
+def replica_config(config: Mapping[str, Any] | GatewayConfig, index: int, n: int, redis_url: str | None,
                    workdir: Path) -> GatewayConfig:
     """Replica `index` of `n`: `config` with a free listen port, its own trace store, `state.replica_id` rINDEX and
-    `state.redis_url`; `state.replicas` defaults to `n`; every other `state` key is kept as given."""
+    `state.redis_url`; `state.replicas` defaults to `n`; every other `state` key is kept as given. No `redis_url`:
+    no `state` block (independent replicas, each alone with the backends: the unshared baseline)."""
     doc = gateway_config_document(config) if isinstance(config, GatewayConfig) else dict(config)
-    state = dict(doc.get("state") or {})
-    state.update(redis_url=redis_url, replica_id=f"r{index}")
-    state.setdefault("replicas", n)
+    if redis_url is None:
+        doc.pop("state", None)
+    else:
+        state = dict(doc.get("state") or {})
+        state.update(redis_url=redis_url, replica_id=f"r{index}")
+        state.setdefault("replicas", n)
+        doc["state"] = state
     listen = {**dict(doc.get("listen") or {}), "port": free_port()}
-    doc.update(listen=listen, state=state, trace_store=str(Path(workdir) / f"r{index}.sqlite"))
+    doc.update(listen=listen, trace_store=str(Path(workdir) / f"r{index}.sqlite"))
     return gateway_config_from_dict(doc, source=f"replica r{index}")
 
 
 @contextlib.contextmanager
 def replica_set(config: Mapping[str, Any] | GatewayConfig, n: int, workdir: str | Path, *,
-                redis: RedisServer | None = None, factory: str | None = None, env: Mapping[str, str] | None = None,
-                timeout_s: float = 90.0) -> Iterator[ReplicaSet]:
+                redis: RedisServer | None = None, shared: bool = True, factory: str | None = None,
+                env: Mapping[str, str] | None = None, timeout_s: float = 90.0) -> Iterator[ReplicaSet]:
     """`n` replicas of the gateway `config` sharing `redis` (started here, on a free port, when not given), ready
-    when the block starts; every replica stopped (and a Redis started here) when it ends. `factory`: run each under
-    uvicorn on that target instead of `chimera serve` (see bench.gateway_process)."""
+    when the block starts; every replica stopped (and a Redis started here) when it ends. `shared=False`: no Redis
+    and no `state` block (n independent gateways). `factory`: run each under uvicorn on that target instead of
+    `chimera serve` (see bench.gateway_process)."""
     if n < 1:
         raise ValueError(f"replica_set: n must be at least 1, got {n}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        if redis is None:
+        if shared and redis is None:
             redis = stack.enter_context(RedisServer(log_dir=workdir))
+        url = redis.url if shared and redis is not None else None
         replicas = []
         for i in range(n):
-            cfg = replica_config(config, i, n, redis.url, workdir)
+            cfg = replica_config(config, i, n, url, workdir)
             sp = stack.enter_context(gateway_process(cfg, workdir, factory=factory, env=env, timeout_s=timeout_s,
                                                      wait=False, name=f"r{i}"))
             replicas.append(Replica(i, f"r{i}", sp, Path(cfg.trace_store), cfg))
         for r in replicas:
             wait_ready(r.process)
-        yield ReplicaSet(redis, replicas, workdir)
+        yield ReplicaSet(redis if shared else None, replicas, workdir)

@@ -74,7 +74,7 @@ def bench_gateway(
 
 
 def bench_live(
-    contenders: Optional[str] = typer.Option(None, "--contenders", help="Comma-separated litellm:STRATEGY | chimera:POLICY[@LAMBDA][+online] (+online: the gateway learns routing from the agents' feedback; default: litellm:simple-shuffle,litellm:least-busy,chimera:vllm,chimera:chimera@0.05)."),
+    contenders: Optional[str] = typer.Option(None, "--contenders", help="Comma-separated litellm:STRATEGY | chimera:POLICY[@LAMBDA][xN][+online] (xN: N gateway replicas sharing state on a Redis, the agents' calls spread over them; +online: the gateway learns routing from the agents' feedback; default: litellm:simple-shuffle,litellm:least-busy,chimera:vllm,chimera:chimera@0.05)."),
     workload: str = typer.Option("synthetic", "--workload", "-w", help=WORKLOAD_HELP + " A real workload's three most-covered models are mapped onto 1.5B/7B/14B by accuracy."),
     tasks: int = typer.Option(200, "--tasks", help="Workflows per contender."),
     load: float = typer.Option(0.6, "--load", help="Arrival rate as a fraction of round-robin's simulated saturated throughput."),
@@ -115,6 +115,7 @@ def bench_live(
     Example: chimera bench live --litellm .venv-litellm/bin/litellm --tasks 200 --out out/bench-live
     Real vLLM: chimera bench live --engine vllm --tasks 60 --load 0.5 --overhead-rates "" --out out/bench-live-vllm
     Unmodified agents: chimera bench live --no-hints --contenders chimera:vllm,chimera:chimera@0.05 --out out/bench-live-nohints
+    Two replicas sharing state: chimera bench live --contenders chimera:chimera@0.05,chimera:chimera@0.05x2 --out out/bench-live-replicas
     """
     from pydantic import ValidationError
 

@@ -99,12 +99,9 @@ def replica_config(config: Mapping[str, Any] | GatewayConfig, index: int, n: int
     if redis_url is None:
         doc.pop("state", None)
     else:
-        state = dict(doc.get("state") or {})
-        state.update(redis_url=redis_url, replica_id=f"r{index}")
-        state.setdefault("replicas", n)
-        doc["state"] = state
-    listen = {**dict(doc.get("listen") or {}), "port": free_port()}
-    doc.update(listen=listen, trace_store=str(Path(workdir) / f"r{index}.sqlite"))
+        doc["state"] = {"replicas": n, **(doc.get("state") or {}), "redis_url": redis_url, "replica_id": f"r{index}"}
+    doc["listen"] = {**(doc.get("listen") or {}), "port": free_port()}
+    doc["trace_store"] = str(Path(workdir) / f"r{index}.sqlite")
     return gateway_config_from_dict(doc, source=f"replica r{index}")
 
 

@@ -201,7 +201,8 @@ def test_bench_live_with_chimera_as_two_replicas(tmp_path) -> None:
             counts.append(db.execute("SELECT COUNT(*) FROM calls WHERE status = 'ok'").fetchone()[0])
     total = sum(v["calls"] for v in two["per_model"].values())
     assert sum(counts) == total and abs(counts[0] - counts[1]) <= 8, counts  # alternating calls, per workflow offset
-    assert "on 2 replicas | chimera vllm |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "on 2 replicas | chimera vllm |" in md and "each agent call sent to the next replica" in md
 
 
 def test_bench_live_cli_errors_are_clear(tmp_path) -> None:

@@ -112,6 +112,9 @@ class LiveBenchConfig(BaseModel):
     litellm: str | None = None  # path to the litellm executable
     hints: bool = True  # False: Chimera contenders' agents send no workflow hints (the gateway infers workflows)
     append_only: bool = False  # every contender's agents send append-only conversations (implied without hints)
+    # contenders run as several replicas (chimera:POLICYxN): each call to the next replica ("call", a round-robin load
+    # balancer) or each workflow to one replica ("workflow", sticky sessions; always so without hints)
+    replica_spread: Literal["call", "workflow"] = "call"
     # ---- engine "vllm" only (real vLLM CPU servers); see docs/live.md
     engine: Literal["emulate", "vllm"] = "emulate"
     real_models: list[str] = Field(default_factory=lambda: list(REAL_MODELS), min_length=1)  # weakest-mapped first

@@ -104,9 +104,10 @@ def run_contender(c: Contender, provider: ClusterProvider, tasks: Sequence[Task]
                                rate=rate, seed=cfg.seed, timeout_s=600,
                                feedback=c.gateway == "chimera",  # LiteLLM has no feedback endpoint: no 404 load
                                hints=hints, append_only=True if cfg.append_only or not cfg.hints else None,
-                               # replicas: calls round robin, or whole workflows when the gateway infers them (its
+                               # replicas: whole workflows to one replica when the gateway infers them (its
                                # conversation table is each replica's own)
-                               replica_urls=[g.url for g in gws[1:]], spread="call" if hints else "workflow",
+                               replica_urls=[g.url for g in gws[1:]],
+                               spread=cfg.replica_spread if cfg.hints else "workflow",
                                **provider.agent_options())
             groups = {**cl.cpu_groups, **_gateway_roles(gws)} if cl.cpu_groups else {}
             counted = cl.meter() if cl.meter is not None else None

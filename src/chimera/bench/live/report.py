@@ -49,8 +49,10 @@ def _replica_lines(b: LiveBench) -> list[str]:
              if r.contender.replicas > 1]
     if not pairs:
         return []
-    lines = ["", "Chimera as several replicas sharing state on one Redis (docs/replicas.md), each agent call sent to "
-             "the next replica round robin, against one gateway (mean latency ratio > 1: the replicas faster):", "",
+    how = ("each agent call sent to the next replica round robin" if b.config.replica_spread == "call" and b.config.hints
+           else "each workflow sent to one replica (sticky sessions)")
+    lines = ["", f"Chimera as several replicas sharing state on one Redis (docs/replicas.md), {how}, against one "
+             "gateway (mean latency ratio > 1: the replicas faster):", "",
              "| replicas | vs one gateway | mean latency ratio | accuracy (points) |", "|---|---|---:|---:|"]
     for x, y in pairs:
         if y is None:

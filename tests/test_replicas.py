@@ -310,3 +310,49 @@ def test_redis_outage_fails_no_request_and_is_visible(tmp_path):
     assert statuses and all(s == 200 for s in statuses), f"{sum(s != 200 for s in statuses)} failed"
     assert peak <= CAP
     assert all(s.get("last_outage_s") for s in states), states
+
+
+def test_a_stalled_redis_keeps_the_caps_and_fails_nothing(tmp_path):
+    """Redis stalls (CLIENT PAUSE: every command waits 1.5 s) under steady load on 2 replicas: they go degraded on
+    their bounded timeout, keep serving, rejoin the same Redis (its leases still there) when it answers again, and
+    the backend never holds more than its cap."""
+    server = RedisServer(log_dir=tmp_path / "redis").start()
+    try:
+        with emulators([("m", PROFILE)]) as (emu,):
+            with replica_set(gateway_doc([emu], "stall", retry_s=0.5), 2, tmp_path, redis=server) as rs:
+                statuses: list[int] = []
+                seen: set[str] = set()
+
+                async def run() -> None:
+                    stop = asyncio.Event()
+
+                    async def worker(http: httpx.AsyncClient, i: int) -> None:
+                        while not stop.is_set():
+                            try:
+                                r = await http.post(rs.urls[i % 2] + "/v1/chat/completions", json=chat(max_tokens=20))
+                                statuses.append(r.status_code)
+                            except httpx.HTTPError:
+                                statuses.append(-1)
+
+                    async with http_client() as http:
+                        workers = [asyncio.create_task(worker(http, i)) for i in range(3 * CAP)]
+                        await asyncio.sleep(1.0)
+                        redis.Redis.from_url(server.url).execute_command("CLIENT", "PAUSE", "1500")
+                        t0 = time.monotonic()
+                        while time.monotonic() - t0 < 4.0:
+                            for i in range(2):
+                                seen.add(await asyncio.to_thread(shared_mode, rs, i) or "no answer")
+                            await asyncio.sleep(0.05)
+                        stop.set()
+                        await asyncio.gather(*workers)
+
+                asyncio.run(run())
+                states = [rs.health(i)["state"] for i in range(2)]
+            peak = emulator_peak(emu)["peak"]
+    finally:
+        server.stop()
+    print(f"\nRedis stalled 1.5 s: {len(statuses)} calls, {sum(s != 200 for s in statuses)} failed; modes seen {seen}; "
+          f"peak {peak}; {states}")
+    assert statuses and all(s == 200 for s in statuses), f"{sum(s != 200 for s in statuses)} failed"
+    assert "degraded" in seen and all(s["mode"] == "shared" for s in states)
+    assert peak <= CAP

@@ -24,6 +24,8 @@ from chimera.emulate.runner import EmulatorServer
 from chimera.util.redis_server import RedisServer
 from chimera.workload.schema import Outcome, StageOutcome, Task
 
+pytest.importorskip("chimera.serve.shared.state", reason="the shared-state core (serve/shared/state.py) is not here")
+
 CAP = 8
 PROFILE = "qwen2.5-7b@h100"
 LONG_PROMPT = "Write a long essay."  # the emulator answers this first user message with LONG_TOKENS tokens

@@ -244,64 +244,72 @@ def test_sigkilled_replica_frees_its_slots_within_the_ttl(redis_server, tmp_path
     assert {wf for wf, _ in acked} <= traced, sorted({wf for wf, _ in acked} - traced)
 
 
+async def steady_load(urls: Sequence[str], workers: int, statuses: list[int], stop: asyncio.Event) -> None:
+    """`workers` clients each sending short calls one after another, round robin over `urls`, until `stop`; every
+    call's status (-1: a transport error) appended to `statuses`."""
+    async with http_client() as http:
+        async def worker(i: int) -> None:
+            while not stop.is_set():
+                try:
+                    r = await http.post(urls[i % len(urls)] + "/v1/chat/completions", json=chat(max_tokens=20))
+                    statuses.append(r.status_code)
+                except httpx.HTTPError as e:
+                    statuses.append(-1)
+                    print("call failed:", type(e).__name__, e)
+        await asyncio.gather(*(worker(i) for i in range(workers)))
+
+
+@contextlib.contextmanager
+def own_redis_replicas(tmp_path, prefix: str, **state) -> Iterator[tuple[RedisServer, EmulatorServer, ReplicaSet]]:
+    """A Redis of the test's own (it stops or stalls it), one emulated backend, 2 replicas over both."""
+    server = RedisServer(log_dir=tmp_path / "redis").start()
+    try:
+        with emulators([("m", PROFILE)]) as (emu,):
+            with replica_set(gateway_doc([emu], prefix, **state), 2, tmp_path, redis=server) as rs:
+                yield server, emu, rs
+    finally:
+        server.stop()
+
+
 # ---- Redis goes away --------------------------------------------------------------------------------------------
 def test_redis_outage_fails_no_request_and_is_visible(tmp_path):
     """Steady load on 2 replicas; Redis stopped for ~2 s, then started on the same port: no call fails, both
     replicas say `degraded` on /health and /metrics while it is down, both return to `shared`, recovery measured,
     and the backend never holds more than its cap (local caps of cap // 2 while degraded)."""
     retry = 0.5
-    server = RedisServer(log_dir=tmp_path / "redis").start()
-    try:
-        with emulators([("m", PROFILE)]) as (emu,):
-            doc = gateway_doc([emu], "outage", retry_s=retry)
-            with replica_set(doc, 2, tmp_path, redis=server) as rs:
-                statuses: list[int] = []
-                marks: dict[str, float] = {}
+    with own_redis_replicas(tmp_path, "outage", retry_s=retry) as (server, emu, rs):
+        statuses: list[int] = []
+        marks: dict[str, float] = {}
 
-                async def load(stop: asyncio.Event) -> None:
-                    async with http_client() as http:
-                        async def worker(i: int) -> None:
-                            while not stop.is_set():
-                                try:
-                                    r = await http.post(rs.urls[i % 2] + "/v1/chat/completions", json=chat(max_tokens=20))
-                                    statuses.append(r.status_code)
-                                except httpx.HTTPError as e:
-                                    statuses.append(-1)
-                                    marks.setdefault("first_error", time.monotonic())
-                                    print("call failed:", type(e).__name__, e)
-                        await asyncio.gather(*(worker(i) for i in range(2 * CAP)))
+        def wait_mode(mode: str, limit_s: float) -> float | None:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < limit_s:
+                if all(shared_mode(rs, i) == mode for i in range(2)):
+                    return time.monotonic() - t0
+                time.sleep(0.02)
+            return None
 
-                def wait_mode(mode: str, limit_s: float) -> float | None:
-                    t0 = time.monotonic()
-                    while time.monotonic() - t0 < limit_s:
-                        if all(shared_mode(rs, i) == mode for i in range(2)):
-                            return time.monotonic() - t0
-                        time.sleep(0.02)
-                    return None
+        async def run() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(steady_load(rs.urls, 2 * CAP, statuses, stop))
+            await asyncio.sleep(1.0)
+            marks["shared_before"] = await asyncio.to_thread(wait_mode, "shared", 2)
+            n_before = len(statuses)
+            server.stop()
+            marks["to_degraded"] = await asyncio.to_thread(wait_mode, "degraded", 3)
+            metrics = [httpx.get(u + "/metrics", timeout=5).text for u in rs.urls]
+            marks["metrics_degraded"] = all("chimera_shared_state_degraded 1.0" in m for m in metrics)
+            await asyncio.sleep(1.5)
+            marks["served_while_down"] = len(statuses) - n_before
+            server.start()
+            marks["recovery"] = await asyncio.to_thread(wait_mode, "shared", 10)
+            await asyncio.sleep(1.0)
+            stop.set()
+            await task
 
-                async def run() -> None:
-                    stop = asyncio.Event()
-                    task = asyncio.create_task(load(stop))
-                    await asyncio.sleep(1.0)
-                    marks["shared_before"] = await asyncio.to_thread(wait_mode, "shared", 2)
-                    n_before = len(statuses)
-                    server.stop()
-                    marks["to_degraded"] = await asyncio.to_thread(wait_mode, "degraded", 3)
-                    metrics = [httpx.get(u + "/metrics", timeout=5).text for u in rs.urls]
-                    marks["metrics_degraded"] = all("chimera_shared_state_degraded 1.0" in m for m in metrics)
-                    await asyncio.sleep(1.5)
-                    marks["served_while_down"] = len(statuses) - n_before
-                    server.start()
-                    marks["recovery"] = await asyncio.to_thread(wait_mode, "shared", 10)
-                    await asyncio.sleep(1.0)
-                    stop.set()
-                    await task
-
-                asyncio.run(run())
-                states = [rs.health(i)["state"] for i in range(2)]
-            peak = emulator_peak(emu)["peak"]
-    finally:
-        server.stop()
+        asyncio.run(run())
+        states = [rs.health(i)["state"] for i in range(2)]
+        peak = emulator_peak(emu)["peak"]
     print(f"\nRedis outage: {len(statuses)} calls, {sum(s != 200 for s in statuses)} failed; degraded seen after "
           f"{marks['to_degraded']} s; {marks['served_while_down']} answered while down; back to shared "
           f"{marks['recovery']} s after Redis answered again (retry_s {retry}); peak {peak}; {states}")
@@ -318,41 +326,26 @@ def test_a_stalled_redis_keeps_the_caps_and_fails_nothing(tmp_path):
     """Redis stalls (CLIENT PAUSE: every command waits 1.5 s) under steady load on 2 replicas: they go degraded on
     their bounded timeout, keep serving, rejoin the same Redis (its leases still there) when it answers again, and
     the backend never holds more than its cap."""
-    server = RedisServer(log_dir=tmp_path / "redis").start()
-    try:
-        with emulators([("m", PROFILE)]) as (emu,):
-            with replica_set(gateway_doc([emu], "stall", retry_s=0.5), 2, tmp_path, redis=server) as rs:
-                statuses: list[int] = []
-                seen: set[str] = set()
+    with own_redis_replicas(tmp_path, "stall", retry_s=0.5) as (server, emu, rs):
+        statuses: list[int] = []
+        seen: set[str] = set()
 
-                async def run() -> None:
-                    stop = asyncio.Event()
+        async def run() -> None:
+            stop = asyncio.Event()
+            load = asyncio.create_task(steady_load(rs.urls, 3 * CAP, statuses, stop))
+            await asyncio.sleep(1.0)
+            redis.Redis.from_url(server.url).execute_command("CLIENT", "PAUSE", "1500")
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 4.0:
+                for i in range(2):
+                    seen.add(await asyncio.to_thread(shared_mode, rs, i) or "no answer")
+                await asyncio.sleep(0.05)
+            stop.set()
+            await load
 
-                    async def worker(http: httpx.AsyncClient, i: int) -> None:
-                        while not stop.is_set():
-                            try:
-                                r = await http.post(rs.urls[i % 2] + "/v1/chat/completions", json=chat(max_tokens=20))
-                                statuses.append(r.status_code)
-                            except httpx.HTTPError:
-                                statuses.append(-1)
-
-                    async with http_client() as http:
-                        workers = [asyncio.create_task(worker(http, i)) for i in range(3 * CAP)]
-                        await asyncio.sleep(1.0)
-                        redis.Redis.from_url(server.url).execute_command("CLIENT", "PAUSE", "1500")
-                        t0 = time.monotonic()
-                        while time.monotonic() - t0 < 4.0:
-                            for i in range(2):
-                                seen.add(await asyncio.to_thread(shared_mode, rs, i) or "no answer")
-                            await asyncio.sleep(0.05)
-                        stop.set()
-                        await asyncio.gather(*workers)
-
-                asyncio.run(run())
-                states = [rs.health(i)["state"] for i in range(2)]
-            peak = emulator_peak(emu)["peak"]
-    finally:
-        server.stop()
+        asyncio.run(run())
+        states = [rs.health(i)["state"] for i in range(2)]
+        peak = emulator_peak(emu)["peak"]
     print(f"\nRedis stalled 1.5 s: {len(statuses)} calls, {sum(s != 200 for s in statuses)} failed; modes seen {seen}; "
           f"peak {peak}; {states}")
     assert statuses and all(s == 200 for s in statuses), f"{sum(s != 200 for s in statuses)} failed"

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
+from chimera.util.figures import save_figure  # noqa: E402
+
 
 def _baseline(rows: Sequence[dict], workload: str, load: float) -> dict | None:
     for r in rows:
@@ -90,9 +92,4 @@ def frontier_plot(rows: Sequence[dict], out: str | Path) -> Path:
             ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, rect=(0, 0.07, 1, 1))

@@ -20,6 +20,10 @@ class LoadMonitor:
         # engine still runs), as the engines last reported them; the gateway sets it from scraped gauges, the
         # simulator leaves it at zero (it is every engine's only client).
         self.external: dict[str, float] = {m: 0.0 for m in models}
+        # Calls and predicted tokens other gateway replicas hold on the model (queued + running), as they last
+        # published them (serve/shared/); zero for one gateway and for the simulator.
+        self.remote_calls: dict[str, float] = {m: 0.0 for m in models}
+        self.remote_tokens: dict[str, float] = {m: 0.0 for m in models}
         self._owed: dict[int, float] = {}
         self._on: dict[str, dict[int, Call]] = {m: {} for m in models}  # model -> its calls (queued or running)
 
@@ -34,18 +38,24 @@ class LoadMonitor:
     def inflight_tokens(self, names: Sequence[str], inflight: np.ndarray, typical_tokens: np.ndarray) -> np.ndarray:
         """Per model of `names`: the in-flight predicted tokens of our calls (`inflight`, as the caller reckons them)
         plus those of the calls the engines run beyond ours (`external`), each as long as our mean call on that
-        model, or `typical_tokens` where none of ours is in flight."""
-        if not any(self.external.values()):
-            return inflight
-        calls = np.array([self.calls[n] for n in names], dtype=float)
-        per_call = np.where(calls > 0, inflight / np.maximum(calls, 1.0), typical_tokens)
-        return inflight + np.array([self.external[n] for n in names], dtype=float) * per_call
+        model, or `typical_tokens` where none of ours is in flight, plus the other gateway replicas' own."""
+        out = inflight
+        if any(self.external.values()):
+            calls = np.array([self.calls[n] for n in names], dtype=float)
+            per_call = np.where(calls > 0, inflight / np.maximum(calls, 1.0), typical_tokens)
+            out = out + np.array([self.external[n] for n in names], dtype=float) * per_call
+        if any(self.remote_tokens.values()):
+            out = out + np.array([self.remote_tokens[n] for n in names], dtype=float)
+        return out
 
     def inflight_calls(self, names: Sequence[str]) -> np.ndarray:
-        """Per model of `names`: calls in flight, ours (queued or running) and those the engines run beyond ours."""
+        """Per model of `names`: calls in flight, ours (queued or running), those the engines run beyond ours and
+        the other gateway replicas'."""
         calls = np.array([self.calls[n] for n in names], dtype=float)
         if any(self.external.values()):
             calls = calls + np.array([self.external[n] for n in names], dtype=float)
+        if any(self.remote_calls.values()):
+            calls = calls + np.array([self.remote_calls[n] for n in names], dtype=float)
         return calls
 
     def owed_and_elapsed(self, model: str, now: float) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -49,6 +49,9 @@ from chimera.serve.reload import PredictorReloader
 from chimera.serve.responses import fetch_stored
 from chimera.serve.scores import STORED, WorkflowScores, refusal
 from chimera.serve.trace import TraceStore
+
+if TYPE_CHECKING:
+    from chimera.serve.shared.state import SharedState
 
 log = logging.getLogger("chimera.serve")
 FEEDBACK = "/v1/chimera/feedback"
@@ -100,8 +103,15 @@ class Gateway:
             recorder.observers.append(self.live.observe)
             self.metrics.registry.register(self.live.collector())
         self.identity = WorkflowIdentity(cfg.identity, self.pool, self.run_id)
+        self.shared: SharedState | None = None  # several replicas sharing state on Redis (serve/shared/)
+        if cfg.state is not None:
+            from chimera.serve.shared.state import SharedState  # Redis loads only when configured
+
+            self.shared = SharedState(cfg.state, self.pool, clock=self.clock,
+                                      workflow_ttl_s=cfg.identity.idle_timeout_s)
+            self.metrics.registry.register(self.shared.collector())
         self.director = Director(self.pool, self.policy, cfg.limits, self.metrics, recorder, self.clock, self.run_id,
-                                 self.predict_pool, self.identity)
+                                 self.predict_pool, self.identity, self.shared)
         self.active = 0
         self.draining = False
         self._signalled: set[asyncio.Task] = set()  # reloads asked for by SIGHUP, until they finish
@@ -129,6 +139,8 @@ class Gateway:
             self.health_checker.start()
         if self.live is not None:
             self.live.start(self.health_checker)
+        if self.shared is not None:
+            self.shared.start()
         loop = asyncio.get_running_loop()
         try:  # SIGHUP reloads the predictors; only the main thread may handle signals (not a gateway in a test thread)
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -140,6 +152,8 @@ class Gateway:
         finally:
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
+            if self._signalled:  # a reload SIGHUP started finishes (or fails) before the pool goes away
+                await asyncio.gather(*self._signalled, return_exceptions=True)
             self.draining = True
             deadline = time.monotonic() + self.cfg.limits.request_timeout_s
             while self.busy() and time.monotonic() < deadline:
@@ -148,6 +162,8 @@ class Gateway:
                 await self.health_checker.stop()
             if self.live is not None:
                 await self.live.stop()
+            if self.shared is not None:
+                await self.shared.stop()
             await upstream.aclose()
             if self.predict_pool is not None:
                 self.predict_pool.shutdown(wait=False, cancel_futures=True)
@@ -162,9 +178,12 @@ class Gateway:
         pool = self.pool
         backends = {be.name: {"model": be.cfg.model, "up": be.healthy, "reason": be.down_reason,
                               "inflight": be.inflight} for be in pool.all_backends}
-        return JSONResponse({"status": "draining" if self.draining else "ok", "models": pool.models,
-                             "waiting": pool.waiting_total, "active": self.active, "inflight": dict(pool.inflight),
-                             "backends": backends, "trace": self.trace.stats()})
+        out = {"status": "draining" if self.draining else "ok", "models": pool.models, "waiting": pool.waiting_total,
+               "active": self.active, "inflight": dict(pool.inflight), "backends": backends,
+               "trace": self.trace.stats()}
+        if self.shared is not None:
+            out["state"] = self.shared.status()  # degraded still serves (200): on local caps
+        return JSONResponse(out)
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document(self.pool.models))

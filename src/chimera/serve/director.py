@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 from urllib.parse import quote
 
 import anyio
@@ -29,7 +29,7 @@ from chimera.serve.call import CallContext, Outcome, Phase
 from chimera.serve.clock import GatewayClock
 from chimera.serve.config import IdentityConfig, Limits
 from chimera.serve.edge import CHAT, RESPONSES, EdgeError, WorkflowHints, prompts
-from chimera.serve.identity import WorkflowIdentity, offers_tools
+from chimera.serve.identity import Identity, IdentitySource, WorkflowIdentity, offers_tools
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.pool import BackendPool, BackendState, QueueFull
 from chimera.serve.proxy import DisconnectAwareStream, UpstreamClients, UpstreamError, UpstreamReply, open_upstream
@@ -38,8 +38,13 @@ from chimera.serve.relay import (Relayed, SseRelay, rewrite_model, sse_error, us
                                  usage_prompt_tokens, wants_usage)
 from chimera.serve.responses import ResponseHomes, ResponsesRelay, answer_of, failure_of
 
+if TYPE_CHECKING:  # Redis is imported only by a gateway configured with shared state
+    from chimera.serve.shared.state import SharedState
+
 log = logging.getLogger("chimera.serve")
 MAX_ATTEMPTS = 3  # the first try and up to 2 retries
+# Workflows other replicas may serve too (their state is shared); the others were found in this replica's own table.
+SHARED_WORKFLOWS = (IdentitySource.HINT, IdentitySource.SESSION)
 # The scheduled endpoints' paths are named by the edge, which validates their bodies; exported here for the endpoints.
 __all__ = ["CHAT", "RESPONSES", "ClientGone", "Director", "count_tokens", "error"]
 T = TypeVar("T")
@@ -77,8 +82,10 @@ class Director:
 
     def __init__(self, pool: BackendPool, policy: Policy, limits: Limits, metrics: GatewayMetrics,
                  recorder: CallRecorder, clock: GatewayClock, run_id: str,
-                 predict_pool: Executor | None = None, identity: WorkflowIdentity | None = None) -> None:
+                 predict_pool: Executor | None = None, identity: WorkflowIdentity | None = None,
+                 shared: "SharedState | None" = None) -> None:
         self.pool, self.policy, self.limits, self.metrics, self.recorder = pool, policy, limits, metrics, recorder
+        self.shared = shared  # several replicas on Redis (serve/shared/): global leases, shared workflow state
         self.now, self.run_id, self.predict_pool = clock.now, run_id, predict_pool
         self.upstream: UpstreamClients | None = None  # the upstream connection pools, opened by the lifespan
         self.identity = identity if identity is not None else WorkflowIdentity(IdentityConfig(), pool, run_id)
@@ -99,6 +106,8 @@ class Director:
         ident = self.identity.resolve(body, headers or {}, hints, now)
         if hints.stage is not None:
             ident = dataclasses.replace(ident, stage=hints.stage)
+        if self.shared is not None and ident.source in SHARED_WORKFLOWS:
+            ident = await self._shared_workflow(ident, hints.stage is not None, now)
         wid = ident.workflow_id
         wf = self.pool.workflows.get(wid, now)
         prompt, full = prompts(body, path)
@@ -114,6 +123,15 @@ class Director:
         if home is not None and pinned == home.model:  # its other replicas only when the home has no room
             ctx.tried |= {b.name for b in self.pool.backends[home.model] if b.cfg is not home}
         return ctx
+
+    async def _shared_workflow(self, ident: Identity, hinted_stage: bool, now: float) -> Identity:
+        """A hinted or session workflow (other replicas may serve it) as the replica set knows it: its stage counts
+        the stages any replica finished. Workflows found in this replica's identity table are its own."""
+        assert self.shared is not None
+        st = await self.shared.pull_workflow(ident.workflow_id, now)
+        if not hinted_stage and st.stages > ident.stage:
+            ident = dataclasses.replace(ident, stage=st.stages)
+        return ident
 
     # ---- the life ------------------------------------------------------------------------------------------
     async def run(self, request: Request, ctx: CallContext) -> Response:
@@ -172,6 +190,12 @@ class Director:
                 return self._gave_up(ctx, e, "queued too long", "timed out waiting for a backend", "queue_timeout")
         ctx.phase, ctx.backend = Phase.DISPATCHED, be
         ctx.tried.add(be.name)
+        if self.shared is not None and not await self.shared.try_acquire(call, be):  # another replica took the slot
+            try:
+                left = max(0.001, timeout - (self.now() - call.arrival_s))
+                await self._race(request, self.shared.acquire(call, be), left)
+            except (ClientGone, TimeoutError) as e:
+                return self._gave_up(ctx, e, "no global lease", "timed out waiting for a backend", "queue_timeout")
         self.metrics.queue_wait.labels(call.model).observe(max(0.0, self.now() - call.arrival_s))
         body = be.kind.request_body(ctx.body, be.cfg.model, call.priority)
         try:
@@ -352,6 +376,9 @@ class Director:
             else:
                 self.pool.abandon(ctx.call, now, backend_down=backend_down)
         finally:
+            if self.shared is not None:
+                self.shared.release(ctx.call, completed=outcome is Outcome.OK and ctx.identity is not None
+                                    and ctx.identity.source in SHARED_WORKFLOWS)
             if record:
                 self.recorder.record(ctx, now)
 

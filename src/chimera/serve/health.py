@@ -182,6 +182,6 @@ class HealthChecker:
         be.scraped_running = vals.get("running")
         be.scraped_waiting = vals.get("waiting")
         be.kv_cache_usage = vals.get("kv_cache_usage")
-        be.external_calls = external_calls(be.scraped_running, be.scraped_waiting, be.inflight)
+        be.external_calls = external_calls(be.scraped_running, be.scraped_waiting, be.inflight + be.remote_inflight)
         if self.on_scrape is not None and vals:
             self.on_scrape(be, vals)

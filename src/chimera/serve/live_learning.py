@@ -76,7 +76,7 @@ class LiveLearning:
         self.speeds.observe(CallTiming(
             backend=be.name, prompt_tokens=call.prompt_tokens, completion_tokens=ctx.completion_tokens,
             dispatched_s=call.dispatched_s, first_token_s=ctx.first_token_at, ended_s=now,
-            batch=be.inflight + 1 + be.external_calls, first_stage=call.stage == 0,
+            batch=be.inflight + be.remote_inflight + 1 + be.external_calls, first_stage=call.stage == 0,
             engine_waiting=bool(be.scraped_waiting)))
 
     def on_scrape(self, be: "BackendState", vals: Mapping[str, float]) -> None:

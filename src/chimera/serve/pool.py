@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 from chimera.backends.kinds import BackendKind
 from chimera.sched.admission import Admission, Event
@@ -49,10 +50,17 @@ class BackendState:
     scraped_waiting: float | None = None
     kv_cache_usage: float | None = None
     external_calls: float = 0.0  # running + waiting on the engine beyond the gateway's own in-flight, at the last scrape
+    # Several gateway replicas (serve/shared/): the calls the other replicas hold on it (their leases, at the last
+    # sync); the cap in force (max_inflight, or this replica's share of it while Redis is gone); and `room`, the calls
+    # this gateway may run on it (the cap less the others' calls, at most its fair share while others wait).
+    remote_inflight: int = 0
+    cap: int = field(init=False)
+    room: int = field(init=False)
     kind: BackendKind = field(init=False)  # how the gateway talks to it (the config's `kind` and its parameters)
 
     def __post_init__(self) -> None:
         self.kind = self.cfg.make_kind()
+        self.cap = self.room = self.cfg.max_inflight
 
     @property
     def name(self) -> str:
@@ -60,15 +68,16 @@ class BackendState:
 
     @property
     def has_room(self) -> bool:
-        return self.inflight < self.cfg.max_inflight
+        return self.inflight < self.room
 
     def is_down(self, now: float) -> bool:
         """Failed its last health check, or a call failed on it within DOWN_S."""
         return not self.healthy or self.down_until > now
 
     def load_key(self) -> tuple[float, float]:
-        """(gateway in-flight + backend-reported waiting, KV-cache usage); scraped values count 0 when absent."""
-        return (self.inflight + (self.scraped_waiting or 0.0), self.kv_cache_usage or 0.0)
+        """(gateway in-flight, every replica's, + backend-reported waiting, KV-cache usage); scraped values count 0
+        when absent."""
+        return (self.inflight + self.remote_inflight + (self.scraped_waiting or 0.0), self.kv_cache_usage or 0.0)
 
 
 @dataclass
@@ -191,6 +200,32 @@ class BackendPool:
         for m, bes in self.backends.items():
             ext[m] = float(sum(b.external_calls for b in bes if not b.is_down(now)))
 
+    def share(self, remote_inflight: Mapping[str, int], remote_load: Mapping[str, tuple[float, float]],
+              divide: int | None, now: float) -> None:
+        """Apply what the replica set shares (serve/shared/): the other replicas' calls per backend (their leases)
+        and per model (calls queued + running, predicted tokens: the policy's load monitor); `divide` (Redis gone):
+        each backend's cap is max_inflight // divide, at least 1, else max_inflight. A backend's room is its cap less
+        the others' calls; while other replicas have calls waiting for the model, at most this replica's share of
+        the cap in proportion to its calls (so a replica that holds the slots does not keep them from the others'
+        queues). Each model's capacity becomes its backends' room; a model whose capacity grew dispatches."""
+        mon = self.policy.monitor
+        for m, bes in self.backends.items():
+            calls, tokens = remote_load.get(m, (0.0, 0.0))
+            mon.remote_calls[m], mon.remote_tokens[m] = calls, tokens
+            for be in bes:
+                be.remote_inflight = remote_inflight.get(be.name, 0)
+                be.cap = be.cfg.max_inflight if divide is None else max(1, be.cfg.max_inflight // divide)
+            others_wait = calls > sum(be.remote_inflight for be in bes)
+            share = mon.calls[m] / (mon.calls[m] + calls) if others_wait else 1.0
+            for be in bes:
+                be.room = max(0, min(be.cap - be.remote_inflight, max(1, round(be.cap * share))))
+            old = self.core.capacity[m]
+            if math.isinf(old):  # a preemptive policy's engine ranks everything (not run by the gateway)
+                continue
+            self.core.capacity[m] = sum(be.room for be in bes)
+            if self.core.capacity[m] > old:
+                self.core.dispatch(m, now)
+
     def dispatch(self, model: str, now: float) -> None:
         """Move calls from the policy's queue to the model's backends while it has room."""
         self.core.dispatch(model, now)
@@ -235,7 +270,9 @@ class BackendPool:
         workflow's context unless it is busier than the least-loaded by more than the policy's margin."""
         pending = self._pending.get(call.call_id)
         avoid = pending.avoid if pending is not None else ()
-        room = [b for b in self.backends[model] if b.has_room]
+        # The core dispatches only while the model's capacity (its backends' room) exceeds its in-flight calls, so one
+        # has room; should a count ever drift, every backend is a candidate (the global lease still bounds it).
+        room = [b for b in self.backends[model] if b.has_room] or self.backends[model]
         best = min(room, key=lambda b: (b.name in avoid, b.is_down(now), *b.load_key()))
         if not self.policy.affinity or len(room) < 2:
             return best

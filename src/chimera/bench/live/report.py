@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 from chimera.bench.live.config import FIDELITY_METRICS, REAL_MAX_MODEL_LEN, REAL_MAX_NUM_BATCHED_TOKENS
 from chimera.bench.live.contenders import LiveBench
 from chimera.bench.live.twin import compared_metrics
+from chimera.util.figures import save_figure
 
 
 def resim_markdown(r: dict[str, Any]) -> str:
@@ -296,7 +297,4 @@ def plot_frontier(b: LiveBench, path: Path) -> Path:
     title = b.label if b.engine is None else b.label.replace("; ", ";\n")
     ax.set_title(f"LiteLLM vs Chimera — {title}\n(hollow: the simulator's prediction of the same run)", fontsize=9)
     ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")

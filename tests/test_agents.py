@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 
+import pytest
 from typer.testing import CliRunner
 
 from chimera.agents.driver import AgentConfig, make_workflows, run_agents_sync
@@ -127,3 +128,14 @@ def test_via_gateway_feedback_reaches_the_trace_store(tmp_path) -> None:
         assert {r["workflow_id"] for r in rows} == {t.id for t in tasks}
         calls = trace.query("SELECT DISTINCT workflow_id FROM calls")
         assert {r["workflow_id"] for r in calls} == {t.id for t in tasks}
+
+
+def test_calls_spread_over_replicas_per_call_or_per_workflow() -> None:
+    cfg = AgentConfig(base_url="http://a:1", replica_urls=["http://b:2/v1/"])
+    assert cfg.endpoints == ("http://a:1/v1", "http://b:2/v1")
+    assert [cfg.endpoint(0, k) for k in range(4)] == [0, 1, 0, 1] and cfg.endpoint(1, 0) == 1
+    sticky = AgentConfig(base_url="http://a:1", replica_urls=["http://b:2"], spread="workflow")
+    assert [sticky.endpoint(1, k) for k in range(3)] == [1, 1, 1]
+    assert AgentConfig(base_url="http://a:1").endpoint(5, 3) == 0
+    with pytest.raises(ValueError, match="spread"):
+        AgentConfig(base_url="http://a:1", spread="stage")

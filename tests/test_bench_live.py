@@ -4,6 +4,7 @@ head-to-head relies on (served model behind LiteLLM, prompt padding, no client-s
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 from typer.testing import CliRunner
@@ -50,9 +51,13 @@ def test_parse_contender_and_its_errors() -> None:
     assert online == Contender("chimera", "chimera", 0.01, online=True) and online.label == "chimera chimera λ=0.01 online"
     assert parse_contender("litellm:least-busy").sim_policy == "least-loaded"
     assert parse_contender("litellm:simple-shuffle").sim_policy is None
+    two = parse_contender("chimera:chimera@0.05x2")
+    assert two == Contender("chimera", "chimera", 0.05, replicas=2) and two.label == "chimera chimera λ=0.05 on 2 replicas"
+    assert parse_contender("chimera:vllmx3+online").label == "chimera vllm online on 3 replicas"
     for bad, msg in (("litellm:usage-based", "strategy"), ("chimera:nope", "unknown policy"),
                      ("chimera:vllm@0.1", "takes no λ"), ("chimera:chimera@x", "must be a number"),
-                     ("nginx:rr", "expected"), ("chimera:chimera@0.1+offline", "only option after '\\+'")):
+                     ("nginx:rr", "expected"), ("chimera:chimera@0.1+offline", "only option after '\\+'"),
+                     ("chimera:chimera@0.1x0", "at least 1"), ("chimera:chimera@0.1xx2", "must be a number")):
         with pytest.raises(ValueError, match=msg):
             parse_contender(bad)
     with pytest.raises(ValueError, match="contender"):
@@ -176,6 +181,28 @@ def test_bench_live_without_hints_runs_chimera_agents_unmodified(tmp_path) -> No
     assert live["tasks"] == 8 and live["failed"] == 0 and "no workflow hints" in live["label"]
     assert "no workflow hints" in (out / "results.md").read_text()
     assert LiveBenchConfig().label == LABEL and LiveBenchConfig(hints=False).label.startswith(LABEL + "; no workflow")
+
+
+def test_bench_live_with_chimera_as_two_replicas(tmp_path) -> None:
+    """`chimera:POLICYx2`: two replicas sharing state on a Redis, the agents' calls alternating between them (each
+    replica's trace store holds its share); the report sets the replicas beside the one gateway."""
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["bench", "live", "--contenders", "chimera:vllm,chimera:vllmx2", "--tasks", "8",
+                                 "--rate", "4", "--time-scale", "50", "--overhead-rates", "", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    one, two = (x["live"] for x in res["runs"])
+    assert two["contender"] == "chimera vllm on 2 replicas" and len(two["replica_endpoints"]) == 1
+    assert one["failed"] == two["failed"] == 0 and one["tasks"] == two["tasks"] == 8
+    folder = out / "chimera-vllm-on-2-replicas"
+    counts = []
+    for i in range(2):
+        with sqlite3.connect(folder / f"r{i}.sqlite") as db:
+            counts.append(db.execute("SELECT COUNT(*) FROM calls WHERE status = 'ok'").fetchone()[0])
+    total = sum(v["calls"] for v in two["per_model"].values())
+    assert sum(counts) == total and abs(counts[0] - counts[1]) <= 8, counts  # alternating calls, per workflow offset
+    md = (out / "results.md").read_text()
+    assert "on 2 replicas | chimera vllm |" in md and "each agent call sent to the next replica" in md
 
 
 def test_bench_live_cli_errors_are_clear(tmp_path) -> None:

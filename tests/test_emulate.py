@@ -263,3 +263,30 @@ def test_stop_with_open_stream_is_prompt() -> None:
     th.join(5)
     assert time.monotonic() - t0 < 3 and errors and not th.is_alive()
     assert threading.active_count() == before
+
+
+def _gauge(root: str, name: str) -> float:
+    for line in httpx.get(root + "/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}")
+
+
+def test_peak_requests_counts_running_and_waiting() -> None:
+    """The peak gauge is exact (counted at each submit), waiting requests included: 6 concurrent calls on one batch
+    slot peak at 6 though only one ever runs; POST /emulator/peak restarts the count from what is held now."""
+    with EmulatorServer(profile=PROFILE, served_model_name=MODEL, time_scale=20, max_num_seqs=1) as srv:
+        root = srv.base_url[: -len("/v1")]
+        assert httpx.get(root + "/emulator/peak").json() == {"requests": 0, "peak": 0}
+
+        async def burst(n: int) -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                rs = await asyncio.gather(*(http.post(srv.base_url + "/chat/completions", json={
+                    "model": MODEL, "messages": _msgs(), "max_tokens": 200}) for _ in range(n)))
+            assert all(r.status_code == 200 for r in rs)
+
+        asyncio.run(burst(6))
+        assert _gauge(root, "chimera_emulator_peak_requests") == 6 and _gauge(root, "chimera_emulator_requests") == 0
+        assert httpx.post(root + "/emulator/peak").json() == {"requests": 0, "peak": 6}
+        asyncio.run(burst(2))
+        assert httpx.get(root + "/emulator/peak").json() == {"requests": 0, "peak": 2}

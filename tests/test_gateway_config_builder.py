@@ -57,3 +57,23 @@ def test_defaults_stay_defaults_and_bad_input_names_the_key(tmp_path) -> None:
         build_gateway_config(one, limits={"max_queue": -1})
     with pytest.raises(GatewayConfigError, match="backends"):
         build_gateway_config([])
+
+
+def test_replica_overrides_and_the_replicas_example() -> None:
+    """`chimera serve --port/--trace-store/--replica-id`: one config file for every replica of a set."""
+    from pathlib import Path
+
+    from chimera.serve.config import override_gateway_config
+
+    cfg = load_gateway_config(Path(__file__).resolve().parents[1] / "examples" / "gateway-replicas.yaml")
+    assert cfg.state is not None and cfg.state.replicas == 2 and cfg.state.redis_url.startswith("redis://")
+    r1 = override_gateway_config(cfg, port=8101, trace_store="out/r1.sqlite", replica_id="r1")
+    assert (r1.listen.port, r1.trace_store, r1.state.replica_id) == (8101, "out/r1.sqlite", "r1")
+    assert r1.backends == cfg.backends and r1.state.lease_ttl_s == cfg.state.lease_ttl_s
+    assert override_gateway_config(cfg) == cfg
+    alone = override_gateway_config(cfg.model_copy(update={"state": None}), port=9000)
+    assert alone.state is None and alone.listen.port == 9000
+    with pytest.raises(GatewayConfigError, match="replica_id: the config has no `state` block"):
+        override_gateway_config(alone, replica_id="r0")
+    with pytest.raises(GatewayConfigError, match="state.replica_id"):
+        override_gateway_config(cfg, replica_id="no spaces")

@@ -31,7 +31,7 @@ import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import httpx
 
@@ -69,9 +69,16 @@ class AgentConfig:
     # Append-only conversations (as an unmodified agent's) also with hints: None follows `hints` (append-only exactly
     # when there are none); True lets a hinted run send the same messages as a hintless one, to compare like with like.
     append_only: bool | None = None
+    # Further replicas of the same gateway: calls are spread over `base_url` and these, per call ("call": workflow i's
+    # k-th call to endpoint (i + k) mod n, as a round-robin load balancer) or per workflow ("workflow": sticky)
+    replica_urls: Sequence[str] = ()
+    spread: Literal["call", "workflow"] = "call"
 
     def __post_init__(self) -> None:
         self.base_url = normalize_base_url(self.base_url)
+        self.replica_urls = tuple(normalize_base_url(u) for u in self.replica_urls)
+        if self.spread not in ("call", "workflow"):
+            raise ValueError(f"spread must be 'call' or 'workflow', got {self.spread!r}")
         self.models = tuple(self.models) or (DEFAULT_MODEL,)
         if self.concurrency is not None and self.rate is not None:
             raise ValueError("give either concurrency (closed loop) or rate (open loop), not both")
@@ -83,6 +90,17 @@ class AgentConfig:
             raise ValueError(f"rate must be > 0, got {self.rate}")
         if self.time_scale <= 0:
             raise ValueError(f"time_scale must be > 0, got {self.time_scale}")
+
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every base URL the calls go to (`base_url` first)."""
+        return (self.base_url, *self.replica_urls)
+
+    def endpoint(self, workflow: int, stage: int) -> int:
+        """Which endpoint workflow `workflow`'s call at `stage` goes to (an index into `endpoints`)."""
+        k = workflow + stage if self.spread == "call" else workflow
+        return k % (1 + len(self.replica_urls))
 
 
 def normalize_base_url(url: str) -> str:
@@ -155,9 +173,10 @@ def _reason(e: BaseException, stage: int) -> str:
     return f"stage {stage}: {type(e).__name__}: {msg}"[:500]
 
 
-async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: str, plan: WorkflowPlan, task: Task,
-                        model: str, arrival: float, t0: float, run: AgentRun, per_model: dict,
-                        counter: ServerTokens | None = None) -> WorkflowRecord:
+async def _run_workflow(clients: Sequence, index: int, http: httpx.AsyncClient, cfg: AgentConfig, wid: str,
+                        plan: WorkflowPlan, task: Task, model: str, arrival: float, t0: float, run: AgentRun,
+                        per_model: dict, counter: ServerTokens | None = None) -> WorkflowRecord:
+    """Workflow number `index`, its calls sent through `clients` (one per endpoint, as `cfg.endpoint` picks)."""
     outputs: list[str] = []
     out_tokens: list[int] = []
     served: list[str] = []
@@ -167,6 +186,7 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
     appending = cfg.append_only if cfg.append_only is not None else not cfg.hints
     convo = Conversation(task, plan, counter, wid) if appending else None
     last_id: str | None = None
+    at = cfg.endpoint(index, 0)
     try:
         for stage in range(plan.n_stages):
             want = plan.prompt_tokens(stage, out_tokens) if cfg.pad_prompts else None
@@ -189,7 +209,8 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
                 body.update(cfg.extra_body)
             else:
                 headers, body = None, (dict(cfg.extra_body) or None)
-            raw = await client.chat.completions.with_raw_response.create(
+            at = cfg.endpoint(index, stage)
+            raw = await clients[at].chat.completions.with_raw_response.create(
                 model=model, messages=msgs, max_tokens=max_tokens, extra_body=body, extra_headers=headers)
             r = raw.parse()
             if convo is not None:  # the reply exactly as it came, and the id feedback will name
@@ -225,7 +246,7 @@ async def _run_workflow(client, http: httpx.AsyncClient, cfg: AgentConfig, wid: 
     if failed is None and cfg.feedback:
         try:
             who = {"workflow_id": wid} if cfg.hints else {"response_id": last_id}
-            resp = await http.post(cfg.base_url + "/chimera/feedback", json={**who, "score": score})
+            resp = await http.post(cfg.endpoints[at] + "/chimera/feedback", json={**who, "score": score})
             if resp.status_code < 300:
                 run.feedback_sent += 1
         except httpx.HTTPError:
@@ -256,19 +277,21 @@ async def run_agents(tasks: Sequence[Task], cfg: AgentConfig, n: int | None = No
     async with contextlib.AsyncExitStack() as stack:
         # workflows spread over CLIENT_SHARDS connection pools: httpcore's pool does O(connections²) work per request
         # (httpcore 1.0.9), which at a few hundred calls in flight costs the driver more CPU than the calls themselves
+        # (CLIENT_SHARDS in all, shared among the endpoints: each gets its share of the calls)
         tls = httpx.create_ssl_context()  # one for all (building one costs ~70 ms)
-        clients = [await stack.enter_async_context(AsyncOpenAI(
-            base_url=cfg.base_url, api_key=cfg.api_key, max_retries=0, timeout=cfg.timeout_s,
+        shards = min(-(-CLIENT_SHARDS // len(cfg.endpoints)), max(len(workflows), 1))
+        clients = [[await stack.enter_async_context(AsyncOpenAI(
+            base_url=url, api_key=cfg.api_key, max_retries=0, timeout=cfg.timeout_s,
             http_client=httpx.AsyncClient(limits=limits, timeout=cfg.timeout_s, verify=tls)))
-            for _ in range(min(CLIENT_SHARDS, max(len(workflows), 1)))]
+            for url in cfg.endpoints] for _ in range(shards)]
         http = await stack.enter_async_context(httpx.AsyncClient(
             timeout=30, headers={"Authorization": f"Bearer {cfg.api_key}"}, verify=tls))
         t0 = time.monotonic()
 
         async def one(i: int, arrival: float) -> None:
             wid, plan, task = workflows[i]
-            rec = await _run_workflow(clients[i % len(clients)], http, cfg, wid, plan, task, models[i], arrival, t0,
-                                      run, per_model, counter)
+            rec = await _run_workflow(clients[i % len(clients)], i, http, cfg, wid, plan, task, models[i], arrival,
+                                      t0, run, per_model, counter)
             run.records.append(rec)
             if on_record is not None:
                 on_record(rec)
@@ -302,6 +325,7 @@ async def run_agents(tasks: Sequence[Task], cfg: AgentConfig, n: int | None = No
     extra = {
         "simulated": False,
         "endpoint": cfg.base_url,
+        **({"replica_endpoints": list(cfg.replica_urls), "spread": cfg.spread} if cfg.replica_urls else {}),
         "models": list(cfg.models),
         "mode": "open" if cfg.rate is not None else "closed",
         "rate": cfg.rate,

@@ -36,20 +36,21 @@ def clear_trace_store(path: str | Path) -> None:
 @contextlib.contextmanager
 def gateway_process(cfg: GatewayConfig, workdir: Path, *, factory: str | None = None,
                     env: Mapping[str, str] | None = None, profile_to: Path | None = None, timeout_s: float = 90.0,
-                    wait: bool = True) -> Iterator[Spawned]:
-    """Write `cfg` to WORKDIR/gateway.yaml, clear its trace store, and run the gateway on `cfg.listen.port` until
-    the block exits (log: WORKDIR/gateway.log): `chimera serve --config`, or with `factory` uvicorn on that target
+                    wait: bool = True, name: str = "gateway") -> Iterator[Spawned]:
+    """Write `cfg` to WORKDIR/NAME.yaml, clear its trace store, and run the gateway on `cfg.listen.port` until
+    the block exits (log: WORKDIR/NAME.log): `chimera serve --config`, or with `factory` uvicorn on that target
     (the config passed in $CHIMERA_GATEWAY_CONFIG). `wait=False`: the caller calls `wait_ready` (parallel starts)."""
     port = cfg.listen.port
     if "listen" not in cfg.model_fields_set or not port:
         raise ValueError("gateway_process: the config needs listen.port (a free port)")
-    path = write_gateway_config(cfg, Path(workdir) / "gateway.yaml")
+    path = write_gateway_config(cfg, Path(workdir) / f"{name}.yaml")
     clear_trace_store(cfg.trace_store)
     if factory is None:
         cmd = chimera_cmd("serve", "--config", str(path))
     else:
         cmd = uvicorn_cmd(factory, port, profile_to)
         env = {**(env or {}), "CHIMERA_GATEWAY_CONFIG": str(path)}
-    with spawned("chimera gateway", cmd, port, "/health", Path(workdir) / "gateway.log", env=env,
+    label = "chimera gateway" if name == "gateway" else f"chimera gateway {name}"
+    with spawned(label, cmd, port, "/health", Path(workdir) / f"{name}.log", env=env,
                  timeout_s=timeout_s, wait=wait) as sp:
         yield sp

@@ -104,7 +104,7 @@ def bench_gateway(
 
 
 def bench_live(
-    contenders: Optional[str] = typer.Option(None, "--contenders", help="Comma-separated litellm:STRATEGY | chimera:POLICY[@LAMBDA][+online] (+online: the gateway learns routing from the agents' feedback; default: litellm:simple-shuffle,litellm:least-busy,chimera:vllm,chimera:chimera@0.05)."),
+    contenders: Optional[str] = typer.Option(None, "--contenders", help="Comma-separated litellm:STRATEGY | chimera:POLICY[@LAMBDA][xN][+online] (xN: N gateway replicas sharing state on a Redis, the agents' calls spread over them; +online: the gateway learns routing from the agents' feedback; default: litellm:simple-shuffle,litellm:least-busy,chimera:vllm,chimera:chimera@0.05)."),
     workload: str = typer.Option("synthetic", "--workload", "-w", help=WORKLOAD_HELP + " A real workload's three most-covered models are mapped onto 1.5B/7B/14B by accuracy."),
     tasks: int = typer.Option(200, "--tasks", help="Workflows per contender."),
     load: float = typer.Option(0.6, "--load", help="Arrival rate as a fraction of round-robin's simulated saturated throughput."),
@@ -136,6 +136,7 @@ def bench_live(
     vllm_venv: Optional[Path] = typer.Option(None, "--vllm-venv", help="--engine vllm: the vLLM venv (default .venv-vllm)."),
     no_hints: bool = typer.Option(False, "--no-hints", help="Chimera contenders' agents send no workflow hints, only what an OpenAI client sends (the gateway infers each workflow from its conversation); the report says so. The simulated twin is unchanged."),
     append_only: bool = typer.Option(False, "--append-only", help="Every contender's agents send append-only conversations (as without hints) and keep their hints: the like-for-like partner of a --no-hints run."),
+    replica_spread: str = typer.Option("call", "--replica-spread", help="Contenders run as replicas (chimera:POLICYxN): 'call' sends each call to the next replica (a round-robin load balancer), 'workflow' each workflow to one replica (sticky sessions; always so with --no-hints)."),
     resim: bool = typer.Option(False, "--resimulate", help="--engine vllm results in --out: run only the simulator again on the stored live runs (with --profiles and --sim-online-lengths/--sim-plan-lengths); writes results-resim.md/.json. Starts nothing."),
 ) -> None:
     """Live head-to-head: the same agents and workload through LiteLLM's proxy and through Chimera, on fresh
@@ -145,6 +146,7 @@ def bench_live(
     Example: chimera bench live --litellm .venv-litellm/bin/litellm --tasks 200 --out out/bench-live
     Real vLLM: chimera bench live --engine vllm --tasks 60 --load 0.5 --overhead-rates "" --out out/bench-live-vllm
     Unmodified agents: chimera bench live --no-hints --contenders chimera:vllm,chimera:chimera@0.05 --out out/bench-live-nohints
+    Two replicas sharing state: chimera bench live --contenders chimera:chimera@0.05,chimera:chimera@0.05x2 --out out/bench-live-replicas
     """
     from pydantic import ValidationError
 
@@ -158,7 +160,7 @@ def bench_live(
             contenders=names(contenders) if contenders else list(DEFAULT_CONTENDERS),
             workload=workload, tasks=tasks, load=load, rate=rate, time_scale=time_scale, seed=seed,
             overhead_rates=orates, overhead_duration_s=overhead_duration, litellm=str(litellm) if litellm else None,
-            hints=not no_hints, append_only=append_only,
+            hints=not no_hints, append_only=append_only, replica_spread=replica_spread,
             engine=engine, real_models=names(real_models),
             length_scale=length_scale, prompt_scale=prompt_scale, tool_scale=tool_scale,
             max_inflight=max_inflight, kv_cache_gib=kv_cache_gib, priority=priority,

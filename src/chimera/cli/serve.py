@@ -13,15 +13,25 @@ from chimera.cli.common import LOAD_ERRORS, WORKLOAD_HELP, failing_on
 def serve(
     config: Path = typer.Option(..., "--config", "-c", help="Gateway YAML (listen, auth, policy, predictors, "
                                 "trace_store, backends); see docs/gateway.md."),
+    port: Optional[int] = typer.Option(None, "--port", help="Listen on this port instead of the config's listen.port "
+                                       "(replicas of one config on one host)."),
+    trace_store: Optional[Path] = typer.Option(None, "--trace-store", help="This trace store instead of the config's "
+                                               "(each replica needs its own)."),
+    replica_id: Optional[str] = typer.Option(None, "--replica-id", help="This replica's state.replica_id (the config "
+                                             "needs a state block); see docs/replicas.md."),
 ) -> None:
     """Run the OpenAI-compatible scheduling gateway in front of your model servers.
 
     Example: chimera serve --config examples/gateway.yaml
+
+    Replicas: chimera serve --config examples/gateway-replicas.yaml --port 8101 --replica-id r1 --trace-store out/r1.sqlite
     """
     from chimera.serve import load_gateway_config, run_gateway
+    from chimera.serve.config import override_gateway_config
 
     with failing_on(*LOAD_ERRORS):
-        cfg = load_gateway_config(config)
+        cfg = override_gateway_config(load_gateway_config(config), port=port, trace_store=trace_store,
+                                      replica_id=replica_id)
     run_gateway(cfg)
 
 

@@ -69,7 +69,8 @@ class EngineClock:
         self.engine = engine
         self.time_scale = float(time_scale)
         self.on_tokens = on_tokens  # called with each batch of newly generated tokens (for counters)
-        self.active: dict[int, Handle] = {}  # id(seq) -> handle
+        self.active: dict[int, Handle] = {}  # id(seq) -> handle: the requests the engine holds (running + waiting)
+        self.peak = 0  # the most requests it ever held at once (since start or `reset_peak`)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._t0 = 0.0
         self._waiter: asyncio.Future | None = None  # the driver's current sleep; _kick resolves it
@@ -114,8 +115,14 @@ class EngineClock:
         seq.call = h
         rejected = self.engine.add(seq, now)
         self._publish(rejected)
+        self.peak = max(self.peak, len(self.active))
         self._kick()
         return h
+
+    def reset_peak(self) -> int:
+        """Start counting the peak again from what is held now; the peak until then."""
+        before, self.peak = self.peak, len(self.active)
+        return before
 
     def cancel(self, h: Handle) -> None:
         """Client went away: drop its sequence from the engine (no-op when already finished)."""

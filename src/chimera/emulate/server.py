@@ -48,6 +48,10 @@ class _EngineCollector(Collector):
 
         yield gauge("vllm:num_requests_running", "Requests in the running batch (prefill or decode).", eng.n_running)
         yield gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", eng.n_waiting)
+        yield gauge("chimera_emulator_requests", "Requests the engine holds now (running + waiting).",
+                    len(st.clock.active))
+        yield gauge("chimera_emulator_peak_requests", "The most requests the engine held at once (running + waiting), "
+                    "since start or the last POST /emulator/peak.", st.clock.peak)
         yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 0-1.", min(1.0, eng.kv_used() / max(1, eng.cap)))
         yield counter("vllm:num_preemptions", "Recompute preemptions.", eng.preemptions)
         yield counter("vllm:prompt_tokens", "Prompt tokens accepted.", st.prompt_tokens_total)
@@ -78,6 +82,13 @@ async def _models(request: Request) -> Response:
 async def _health(request: Request) -> Response:
     st: EmulatorState = request.app.state.emulator
     return Response(status_code=503 if st.failed else 200)
+
+
+async def _peak(request: Request) -> Response:
+    """GET: requests held now and the peak; POST: the same, then the peak counts again from now (a test's phase)."""
+    clock = request.app.state.emulator.clock
+    peak = clock.reset_peak() if request.method == "POST" else clock.peak
+    return JSONResponse({"requests": len(clock.active), "peak": peak})
 
 
 async def _metrics(request: Request) -> Response:
@@ -136,6 +147,7 @@ def build_emulator_app(
         Route("/v1/models", _models, methods=["GET"]),
         Route("/health", _health, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
+        Route("/emulator/peak", _peak, methods=["GET", "POST"]),
     ], lifespan=lifespan)
     app.state.emulator = st
     return app

@@ -284,6 +284,22 @@ def gateway_config_document(cfg: GatewayConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude_unset=True)
 
 
+def override_gateway_config(cfg: GatewayConfig, *, port: int | None = None, trace_store: str | Path | None = None,
+                            replica_id: str | None = None) -> GatewayConfig:
+    """`cfg` with what differs between the replicas of one set changed, validated again: the listen port, the trace
+    store, `state.replica_id` (refused, naming it, when the config has no `state` block)."""
+    doc = gateway_config_document(cfg)
+    if port is not None:
+        doc["listen"] = {**doc.get("listen", {}), "port": port}
+    if trace_store is not None:
+        doc["trace_store"] = str(trace_store)
+    if replica_id is not None:
+        if not doc.get("state"):
+            raise GatewayConfigError("replica_id: the config has no `state` block (no Redis shared with replicas)")
+        doc["state"] = {**doc["state"], "replica_id": replica_id}
+    return gateway_config_from_dict(doc, source="gateway config")
+
+
 def write_gateway_config(cfg: GatewayConfig, path: str | Path, header: str | None = None) -> Path:
     """Write `cfg` as YAML (the keys that were set, `header` as comment lines above); `load_gateway_config` reads
     it back to the same config."""

@@ -3,6 +3,7 @@ clusters share, and the validated configuration."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,19 +36,22 @@ FIDELITY_METRICS = ("latency_mean", "latency_p50", "latency_p99", "throughput", 
 
 @dataclass(frozen=True)
 class Contender:
-    """One gateway set-up: `litellm:STRATEGY` or `chimera:POLICY[@LAMBDA][+online]` (`+online`: the gateway routes
-    with the online learner, `learning: {online: true}`, taught by the agents' feedback)."""
+    """One gateway set-up: `litellm:STRATEGY` or `chimera:POLICY[@LAMBDA][xN][+online]` (`xN`: N gateway replicas
+    sharing state on a Redis, the agents' calls spread over them round robin; `+online`: the gateway routes with the
+    online learner, `learning: {online: true}`, taught by the agents' feedback)."""
 
     gateway: str
     strategy: str
     lam: float | None = None
     online: bool = False
+    replicas: int = 1
 
     @property
     def label(self) -> str:
         base = f"{self.gateway} {self.strategy}"
         base = base if self.lam is None else f"{base} λ={self.lam:g}"
-        return f"{base} online" if self.online else base
+        base = f"{base} online" if self.online else base
+        return base if self.replicas == 1 else f"{base} on {self.replicas} replicas"
 
     @property
     def sim_policy(self) -> str | None:
@@ -68,6 +72,11 @@ def parse_contender(spec: str) -> Contender:
         rest, plus, extra = rest.partition("+")
         if plus and extra != "online":
             raise ValueError(f"contender {spec!r}: the only option after '+' is 'online', got {extra!r}")
+        n, many = 1, re.fullmatch(r"(.+)x(\d+)", rest)
+        if many:
+            rest, n = many.group(1), int(many.group(2))
+            if n < 1:
+                raise ValueError(f"contender {spec!r}: replicas (after 'x') must be at least 1, got {n}")
         pol, _, lam = rest.partition("@")
         if pol not in POLICIES:
             raise ValueError(f"contender {spec!r}: unknown policy {pol!r}; choose one of {', '.join(POLICIES)}")
@@ -76,10 +85,11 @@ def parse_contender(spec: str) -> Contender:
         if live_refusal(pol):
             raise ValueError(f"contender {spec!r}: {live_refusal(pol)}")
         try:
-            return Contender("chimera", pol, float(lam) if lam else None, online=bool(plus))
+            lam_value = float(lam) if lam else None
         except ValueError:
             raise ValueError(f"contender {spec!r}: λ must be a number, got {lam!r}") from None
-    raise ValueError(f"contender {spec!r}: expected litellm:STRATEGY or chimera:POLICY[@LAMBDA][+online]")
+        return Contender("chimera", pol, lam_value, online=bool(plus), replicas=n)
+    raise ValueError(f"contender {spec!r}: expected litellm:STRATEGY or chimera:POLICY[@LAMBDA][xN][+online]")
 
 
 CONTENTION_FILE = "contention.json"  # beside the profiles: each server's slowdown while the others are busy
@@ -102,6 +112,9 @@ class LiveBenchConfig(BaseModel):
     litellm: str | None = None  # path to the litellm executable
     hints: bool = True  # False: Chimera contenders' agents send no workflow hints (the gateway infers workflows)
     append_only: bool = False  # every contender's agents send append-only conversations (implied without hints)
+    # contenders run as several replicas (chimera:POLICYxN): each call to the next replica ("call", a round-robin load
+    # balancer) or each workflow to one replica ("workflow", sticky sessions; always so without hints)
+    replica_spread: Literal["call", "workflow"] = "call"
     # ---- engine "vllm" only (real vLLM CPU servers); see docs/live.md
     engine: Literal["emulate", "vllm"] = "emulate"
     real_models: list[str] = Field(default_factory=lambda: list(REAL_MODELS), min_length=1)  # weakest-mapped first

@@ -4,9 +4,10 @@ front of them, then the agents with the benchmark's tasks and arrival times. Wri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from chimera.bench.live.config import Contender, LiveBenchConfig
 from chimera.bench.live.providers import ClusterProvider, Served
@@ -41,23 +42,49 @@ class LiveBench:
         return self.config.label
 
 
+@contextlib.contextmanager
 def contender_gateway(c: Contender, served: Sequence[Served], workdir: Path,
-                      litellm: str | None = None) -> ContextManager[Spawned]:
-    """The contender's gateway in front of `served`: LiteLLM's proxy (every server a deployment of one group, routed
-    by the strategy) or `chimera serve` (one backend per server: its profile, priority and batch slots)."""
+                      litellm: str | None = None) -> Iterator[list[Spawned]]:
+    """The contender's gateway processes in front of `served`: LiteLLM's proxy (every server a deployment of one
+    group, routed by the strategy) or `chimera serve` (one backend per server: its profile, priority and batch
+    slots), one process, or with `c.replicas` > 1 that many replicas sharing state on a Redis of their own."""
     if c.gateway == "litellm":
         from chimera.bench.litellm_proxy import litellm_config, litellm_proxy
 
-        return litellm_proxy(litellm_config({s.model: s.base_url for s in served}, c.strategy), workdir,
-                             binary=litellm)
+        with litellm_proxy(litellm_config({s.model: s.base_url for s in served}, c.strategy), workdir,
+                           binary=litellm) as proxy:
+            yield [proxy]
+        return
     from chimera.bench.gateway_process import gateway_process
+    from chimera.bench.replica_set import replica_set
     from chimera.serve.config import backends_for_cluster, build_gateway_config
     from chimera.util.threaded import free_port
 
     cfg = build_gateway_config(backends_for_cluster(s.backend() for s in served), policy=c.strategy, lam=c.lam,
                                port=free_port(), trace_store=workdir / "traces.sqlite", limits=CHIMERA_LIMITS,
                                learning={"online": True} if c.online else None)
-    return gateway_process(cfg, workdir)
+    if c.replicas == 1:
+        with gateway_process(cfg, workdir) as gw:
+            yield [gw]
+        return
+    with replica_set(cfg, c.replicas, workdir) as rs:
+        yield [r.process for r in rs.replicas]
+
+
+def _gateway_roles(gws: Sequence[Spawned]) -> dict[str, int]:
+    """CPU roles of the gateway processes: `gateway`, or for replicas `gateway rI` each."""
+    return {"gateway": gws[0].pid} if len(gws) == 1 else {f"gateway r{i}": g.pid for i, g in enumerate(gws)}
+
+
+def _sum_gateway_roles(cpu: dict[str, Any]) -> dict[str, Any]:
+    """Replicas: a `gateway` role summing the `gateway rI` ones (the report's gateway column is all of them)."""
+    roles = cpu.get("roles", {})
+    parts = [v for k, v in roles.items() if k.startswith("gateway r")]
+    if parts and "gateway" not in roles:
+        roles["gateway"] = {"cpu_s": round(sum(p["cpu_s"] for p in parts), 2),
+                            "procs": {k: v for p in parts for k, v in p["procs"].items()},
+                            "cores": round(sum(p["cores"] or 0 for p in parts), 3)}
+    return cpu
 
 
 def run_contender(c: Contender, provider: ClusterProvider, tasks: Sequence[Task], cfg: LiveBenchConfig, rate: float,
@@ -71,19 +98,23 @@ def run_contender(c: Contender, provider: ClusterProvider, tasks: Sequence[Task]
     workdir.mkdir(parents=True, exist_ok=True)
     out = ContenderRun(c, {})
     with provider.fresh(workdir) as cl:
-        with contender_gateway(c, cl.served, workdir, cfg.litellm) as gw:
-            acfg = AgentConfig(base_url=gw.url, models=(GROUP,) if c.gateway == "litellm" else ("chimera",),
+        with contender_gateway(c, cl.served, workdir, cfg.litellm) as gws:
+            hints = cfg.hints or c.gateway != "chimera"  # --no-hints: Chimera infers workflows
+            acfg = AgentConfig(base_url=gws[0].url, models=(GROUP,) if c.gateway == "litellm" else ("chimera",),
                                rate=rate, seed=cfg.seed, timeout_s=600,
                                feedback=c.gateway == "chimera",  # LiteLLM has no feedback endpoint: no 404 load
-                               hints=cfg.hints or c.gateway != "chimera",  # --no-hints: Chimera infers workflows
-                               append_only=True if cfg.append_only or not cfg.hints else None,
+                               hints=hints, append_only=True if cfg.append_only or not cfg.hints else None,
+                               # replicas: whole workflows to one replica when the gateway infers them (its
+                               # conversation table is each replica's own)
+                               replica_urls=[g.url for g in gws[1:]],
+                               spread=cfg.replica_spread if cfg.hints else "workflow",
                                **provider.agent_options())
-            groups = {**cl.cpu_groups, "gateway": gw.pid} if cl.cpu_groups else {}
+            groups = {**cl.cpu_groups, **_gateway_roles(gws)} if cl.cpu_groups else {}
             counted = cl.meter() if cl.meter is not None else None
             cpu0 = snapshot(groups) if groups else None
             run = asyncio.run(run_agents(tasks, acfg, cfg.tasks, on_record, workflows=provider.workflows))
             if cpu0 is not None:
-                out.cpu = cpu_delta(cpu0, snapshot(groups))
+                out.cpu = _sum_gateway_roles(cpu_delta(cpu0, snapshot(groups)))
             if counted is not None:
                 out.server_metrics = counted()
         if cl.describe is not None:

@@ -42,6 +42,30 @@ def _fidelity_cells(sim: dict[str, Any], live: dict[str, Any], fid: dict[str, fl
             + " / ".join(f"{fid[k]:.0f}%" for k in FIDELITY_METRICS))
 
 
+def _replica_lines(b: LiveBench) -> list[str]:
+    """Each contender run as several replicas beside the same contender as one gateway (same tasks, arrivals)."""
+    single = {(r.contender.strategy, r.contender.lam, r.contender.online): r for r in b.runs
+              if r.contender.gateway == "chimera" and r.contender.replicas == 1}
+    pairs = [(r, single.get((r.contender.strategy, r.contender.lam, r.contender.online))) for r in b.runs
+             if r.contender.replicas > 1]
+    if not pairs:
+        return []
+    how = ("each agent call sent to the next replica round robin" if b.config.replica_spread == "call" and b.config.hints
+           else "each workflow sent to one replica (sticky sessions)")
+    lines = ["", f"Chimera as several replicas sharing state on one Redis (docs/replicas.md), {how}, against one "
+             "gateway (mean latency ratio > 1: the replicas faster):", "",
+             "| replicas | vs one gateway | mean latency ratio | accuracy (points) |", "|---|---|---:|---:|"]
+    for x, y in pairs:
+        if y is None:
+            lines.append(f"| {x.contender.label} | – | – | – |")
+            continue
+        xs, ys = x.summary, y.summary
+        lines.append(f"| {x.contender.label} | {y.contender.label} | "
+                     f"{ys['latency_s']['mean'] / xs['latency_s']['mean']:.2f}× | "
+                     f"{100 * (xs['accuracy'] - ys['accuracy']):+.1f} |")
+    return lines
+
+
 def live_frontier(b: LiveBench) -> list[dict[str, Any]]:
     """The λ-sweep frontier (bench.frontier) of the live runs: Chimera's contenders as policies, LiteLLM's
     least-busy standing in for least-loaded where Chimera's own least-loaded did not run; empty without `vllm`."""
@@ -51,6 +75,7 @@ def live_frontier(b: LiveBench) -> list[dict[str, Any]]:
     for r in b.runs:
         c = r.contender
         policy = c.strategy if c.gateway == "chimera" else f"litellm:{c.strategy}"
+        policy = policy if c.replicas == 1 else f"{policy} x{c.replicas}"  # not one of the λ sweep's points
         rows.append({"workload": b.config.workload, "load": b.config.load, "policy": policy, "lam": c.lam,
                      "latency_s": r.summary["latency_s"], "accuracy": r.summary["accuracy"]})
     if not any(x["policy"] == LEAST_LOADED for x in rows):
@@ -104,6 +129,7 @@ def markdown(b: LiveBench, front: list[dict[str, Any]] | None = None) -> str:
                              f"{ys['latency_s']['mean'] / xs['latency_s']['mean']:.2f}× | "
                              f"{ys['latency_s']['p99'] / xs['latency_s']['p99']:.2f}× | "
                              f"{100 * (xs['accuracy'] - ys['accuracy']):+.1f} |")
+    lines += _replica_lines(b)
     if front is None:
         front = live_frontier(b)
     if front:

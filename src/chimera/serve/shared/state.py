@@ -72,6 +72,7 @@ class SharedState:
         self._mode = "claim"  # the next sync's: claim what this replica holds (start, rejoin), renew, or read
         self._renewed_at = 0.0
         self._applied_degraded = False
+        self._rejoined_at = -1e9  # monotonic time of the last rejoin: the local share holds a while after it
         self._loop = Periodic(self.sync, cfg.sync_interval_s, "shared state sync", first_after_s=0.0, logger=log)
         self.conn.on_rejoin.append(self._rejoin)
 
@@ -102,12 +103,19 @@ class SharedState:
         if held is None:
             held = self.held[call.call_id] = _Held(be.name, self.leases.member(call.call_id))
         if self.conn.degraded:
-            held.granted = True
-            return True
+            held.granted = self._local_room(be)
+            return held.granted
         releases, self._releases = self._releases, []
-        held.granted, _ = await self.conn.run(
-            lambda r: self.leases.acquire(be.name, held.member, be.cfg.max_inflight, releases), (True, 0))
+        answer = await self.conn.run(
+            lambda r: self.leases.acquire(be.name, held.member, be.cfg.max_inflight, releases), None)
+        held.granted = self._local_room(be) if answer is None else answer[0]  # None: Redis just went away
         return held.granted
+
+    def _local_room(self, be: BackendState) -> bool:
+        """Redis gone: whether this replica's running calls on `be` leave room in its share of the cap (calls it
+        started while Redis answered count too, so a replica that loses Redis holding more than its share waits)."""
+        running = sum(1 for h in self.held.values() if h.granted and h.backend == be.name)
+        return running < max(1, be.cfg.max_inflight // self.cfg.replicas)
 
     async def acquire(self, call: Call, be: BackendState) -> None:
         """Return once the call holds its lease on `be`: a globally full backend (another replica took the slot
@@ -192,11 +200,15 @@ class SharedState:
             self.pool.share({}, {}, self.cfg.replicas, now)
         else:
             self.remote_replicas = result.replicas
-            self.pool.share(result.remote_inflight, result.remote_load, None, now)
+            # just rejoined: the other replicas may still be degraded, their calls not yet in Redis (an empty Redis
+            # after a restart): keep within this replica's share until each has probed (retry_s) and claimed
+            settling = time.monotonic() - self._rejoined_at < self.cfg.retry_s + 2 * self.cfg.sync_interval_s
+            self.pool.share(result.remote_inflight, result.remote_load, self.cfg.replicas if settling else None, now)
 
     async def _rejoin(self) -> None:
         """Redis answers again: claim every lease this replica holds (fresh expiry; its others dropped), publish the
         load and read the others' before the replica trusts the shared view again (an error keeps it degraded)."""
+        self._rejoined_at = time.monotonic()
         async with asyncio.timeout(self.cfg.timeout_s * 4):
             self._synced("claim", await self._exchange("claim"))
 

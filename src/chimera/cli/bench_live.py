@@ -22,6 +22,29 @@ def float_list(text: str, flag: str) -> list[float]:
         fail(f"{flag} must be comma-separated numbers, got {text!r}")
 
 
+def _bench_replicas(replicas: str, duration: float, concurrency: int, policy: str, out: Path) -> None:
+    from chimera.bench.gateway_scaling import markdown_table, run_scaling
+
+    counts = float_list(replicas, "--replicas")
+    if not counts or any(n < 1 or n != int(n) for n in counts):
+        fail(f"--replicas must be comma-separated positive integers, got {replicas!r}")
+    if duration <= 0 or concurrency < 1:
+        fail("--duration and --concurrency must be positive")
+
+    def show(row: dict) -> None:
+        g, p = row["gateway"], row["proxy"]
+        console.print(f"{row['replicas']} replica(s): {g['rps']:.0f} answered/s, {g['cpu_ms_per_req']:.2f} ms CPU/req "
+                      f"(bare proxy {p['rps']:.0f}/s, {p['cpu_ms_per_req']:.2f} ms)")
+
+    res = run_scaling([int(n) for n in counts], duration=duration, out=out, concurrency=concurrency, policy=policy,
+                      progress=show)
+    md = markdown_table(res)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    console.print(md)
+    console.print(f"wrote {out / 'results.md'}, {out / 'results.json'}")
+
+
 def bench_gateway(
     rates: str = typer.Option("50,100,200", "--rates", help="Comma-separated open-loop Poisson rates (req/s)."),
     duration: float = typer.Option(5.0, "--duration", help="Seconds of load per target (direct, via gateway) per rate."),
@@ -33,6 +56,8 @@ def bench_gateway(
     conversation: Optional[str] = typer.Option(None, "--conversation", help="MESSAGES,TOKENS: each request a chat history of that many messages and about that many tokens (default: one short message)."),
     identity_baseline: bool = typer.Option(False, "--identity-baseline", help="Also measure the same gateway with conversation inference off (identity.conversation: false): the difference is what inferring workflows costs."),
     online: bool = typer.Option(False, "--online", help="Also measure the same gateway with online learning on (learning: {online: true}); both gateways then route model 'chimera' between two models: the difference is what online learning costs."),
+    replicas: Optional[str] = typer.Option(None, "--replicas", help="Comma-separated replica counts (e.g. 1,2): instead of the rate sweep, throughput at saturation of that many gateway replicas sharing state on one Redis (load split evenly), beside the bare proxy in the same run; --duration is seconds of each per count."),
+    concurrency: int = typer.Option(16, "--concurrency", help="--replicas: closed-loop clients (split evenly across the replicas)."),
 ) -> None:
     """Latency the gateway adds in front of an instant fake backend (backend and gateway in their own processes).
 
@@ -41,7 +66,12 @@ def bench_gateway(
     Example: chimera bench gateway --rates 50,100 --conversation 50,20000 --identity-baseline
 
     Example: chimera bench gateway --rates 100,200 --duration 8 --online
+
+    Example: chimera bench gateway --replicas 1,2 --duration 10
     """
+    if replicas is not None:
+        return _bench_replicas(replicas, duration, concurrency, policy,
+                               out if out != Path("out/bench-gateway") else Path("out/bench-gateway-replicas"))
     from chimera.bench.gateway_overhead import markdown_table, run_benchmark
     from chimera.bench.litellm_proxy import LiteLLMMissing, find_litellm
 

@@ -288,7 +288,7 @@ class Gateway:
             if self.draining:
                 raise EdgeError(503, "gateway is shutting down", "draining", "draining")
             self.auth.require_client(request.headers)
-            body = await edge.read_json(request, self.cfg.limits)
+            body, raw = await edge.read_json_raw(request, self.cfg.limits)
             model = edge.completion_model(body, path)
             self._served(model, "model: ")
             hints = edge.workflow_hints(body.get("chimera"), request.headers)
@@ -300,7 +300,7 @@ class Gateway:
         self.active += 1
         try:
             return await self.director.run(request, await self.director.open(path, body, hints, pinned,
-                                                                         request.headers))
+                                                                         request.headers, raw))
         except Exception:
             self.metrics.internal_errors.labels(path).inc()
             log.exception("internal error on %s", path)

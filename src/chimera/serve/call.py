@@ -44,6 +44,7 @@ class CallContext:
     show_usage: bool  # the client asked for the usage chunk itself
     client_pinned: bool  # the client named a model: retries stay on its replicas
     call: Call  # the current attempt as the brain sees it
+    raw: bytes | None = None  # the body's bytes as the client sent them (forwarded as they are when nothing changes)
     identity: Identity | None = None  # the workflow the call belongs to and how it was found (serve/identity.py)
     decision: Decision | None = None  # what the policy decided for the current attempt (its trace row's routing)
     predictor_version: str | None = None  # the predictors the current attempt was decided with (serve/reload.py)

@@ -10,7 +10,6 @@ pure transform whose results are reported here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -19,7 +18,6 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mappi
 from urllib.parse import quote
 
 import anyio
-import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -32,10 +30,11 @@ from chimera.serve.edge import CHAT, RESPONSES, EdgeError, WorkflowHints, prompt
 from chimera.serve.identity import Identity, IdentitySource, WorkflowIdentity, offers_tools
 from chimera.serve.metrics import GatewayMetrics
 from chimera.serve.pool import BackendPool, BackendState, QueueFull
-from chimera.serve.proxy import DisconnectAwareStream, UpstreamClients, UpstreamError, UpstreamReply, open_upstream
+from chimera.serve.proxy import (DisconnectAwareStream, StreamBroken, UpstreamClients, UpstreamError, UpstreamReply,
+                                 open_upstream, request_content)
 from chimera.serve.records import CallRecorder
 from chimera.serve.relay import (Relayed, SseRelay, rewrite_model, sse_error, usage_completion_tokens,
-                                 usage_prompt_tokens, wants_usage)
+                                 usage_prompt_tokens, wants_usage, whole_answer)
 from chimera.serve.responses import ResponseHomes, ResponsesRelay, answer_of, failure_of
 
 if TYPE_CHECKING:  # Redis is imported only by a gateway configured with shared state
@@ -43,6 +42,7 @@ if TYPE_CHECKING:  # Redis is imported only by a gateway configured with shared 
 
 log = logging.getLogger("chimera.serve")
 MAX_ATTEMPTS = 3  # the first try and up to 2 retries
+INLINE_COUNT_CHARS = 1_000  # prompts up to this long are tokenised on the loop (~60 µs, what a thread hop costs)
 # Workflows other replicas may serve too (their state is shared); the others were found in this replica's own table.
 SHARED_WORKFLOWS = (IdentitySource.HINT, IdentitySource.SESSION)
 # The scheduled endpoints' paths are named by the edge, which validates their bodies; exported here for the endpoints.
@@ -68,6 +68,14 @@ def count_tokens(text: str) -> int:
         return count(text)
     except Exception:
         return max(1, len(text) // 4)
+
+
+async def prompt_tokens(text: str) -> int:
+    """`count_tokens` of a prompt, on the event loop when it is short (a hop to a thread costs more CPU than counting
+    ~1,000 characters), on a worker thread when it is long (so the loop is not held)."""
+    if len(text) <= INLINE_COUNT_CHARS:
+        return count_tokens(text)
+    return await asyncio.to_thread(count_tokens, text)
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -99,9 +107,9 @@ class Director:
                             "queue_full", {"Retry-After": str(self.pool.retry_after_s())})
 
     async def open(self, path: str, body: dict[str, Any], hints: WorkflowHints, pinned: str | None,
-                   headers: Mapping[str, str] | None = None) -> CallContext:
+                   headers: Mapping[str, str] | None = None, raw: bytes | None = None) -> CallContext:
         """The call's context: its workflow and stage (serve/identity.py: hints, session, conversation, or a new
-        one; a hinted stage wins), prompt and its tokens."""
+        one; a hinted stage wins), prompt and its tokens; `raw`, the bytes `body` was read from."""
         now = self.now()
         ident = self.identity.resolve(body, headers or {}, hints, now)
         if hints.stage is not None:
@@ -116,10 +124,10 @@ class Director:
             pinned = home.model  # only the server that made the previous response can continue from it
         call = Call(call_id=self.pool.next_id(), workflow_id=wid, kind=hints.kind or "chat", prompt=prompt,
                     stage=ident.stage,
-                    prompt_tokens=await asyncio.to_thread(count_tokens, full), arrival_s=now,
+                    prompt_tokens=await prompt_tokens(full), arrival_s=now,
                     workflow_arrival_s=wf.arrival_s, generated_so_far=wf.generated, pinned_model=pinned)
         ctx = CallContext(path=path, body=body, stream=bool(body.get("stream")), show_usage=wants_usage(body),
-                          client_pinned=pinned is not None, call=call, identity=ident)
+                          client_pinned=pinned is not None, call=call, raw=raw, identity=ident)
         if home is not None and pinned == home.model:  # its other replicas only when the home has no room
             ctx.tried |= {b.name for b in self.pool.backends[home.model] if b.cfg is not home}
         return ctx
@@ -196,13 +204,12 @@ class Director:
                 await self._race(request, self.shared.acquire(call, be), left)
             except (ClientGone, TimeoutError) as e:
                 return self._gave_up(ctx, e, "no global lease", "timed out waiting for a backend", "queue_timeout")
-        self.metrics.queue_wait.labels(call.model).observe(max(0.0, self.now() - call.arrival_s))
-        body = be.kind.request_body(ctx.body, be.cfg.model, call.priority)
+        self.metrics.queue_wait_of(call.model).observe(max(0.0, self.now() - call.arrival_s))
+        content = request_content(be.kind.request_body(ctx.body, be.cfg.model, call.priority), ctx.body, ctx.raw)
         try:
             assert self.upstream is not None, "the gateway's lifespan opens the upstream clients"
-            client = self.upstream.for_call(call.call_id)
-            reply = await self._race(request, open_upstream(client, be.cfg, ctx.path, body, ctx.stream, timeout),
-                                     timeout)
+            reply = await self._race(request, open_upstream(self.upstream, be.cfg, ctx.path, content, ctx.stream,
+                                                            timeout), timeout)
         except UpstreamError as e:
             self.settle(ctx, Outcome.ERROR, str(e), backend_down=True)
             return None
@@ -243,24 +250,31 @@ class Director:
         return error(504, message, "server_error", code)
 
     async def _race(self, request: Request, aw: Awaitable[T], timeout: float) -> T:
-        """Await `aw` unless the client leaves (raise ClientGone) or time runs out (TimeoutError)."""
-        task = asyncio.ensure_future(aw)
+        """Await `aw` in this task unless the client leaves (raise ClientGone) or time runs out (TimeoutError): one
+        watcher task cancels this one when the client leaves (`aw`, a future or a coroutine, is cancelled with it)."""
+        task = asyncio.current_task()
+        assert task is not None
+        gone, racing = False, True
+
+        def left(watcher: asyncio.Task) -> None:
+            nonlocal gone
+            if racing and not watcher.cancelled() and watcher.exception() is None:
+                gone = True
+                task.cancel()
+
         watcher = asyncio.ensure_future(_until_disconnect(request))
+        watcher.add_done_callback(left)
         try:
-            done, _ = await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            async with asyncio.timeout(timeout):
+                return await aw
         except asyncio.CancelledError:
-            task.cancel()
+            if gone and task.uncancel() == 0:
+                raise ClientGone() from None
             raise
         finally:
+            racing = False  # a disconnect seen from now on is the next wait's (or the response's) business
+            watcher.remove_done_callback(left)
             watcher.cancel()
-        if task in done:
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        if watcher in done:
-            raise ClientGone()
-        raise TimeoutError()
 
     def _headers(self, ctx: CallContext) -> dict[str, str]:
         """Where the call ran and the workflow it belongs to, so a client that sent no hints can name it later."""
@@ -274,9 +288,9 @@ class Director:
         """A whole (not streamed) answer: relayed naming the served model, or the backend's error (settled)."""
         resp, backend = reply.response, ctx.backend.name if ctx.backend else "?"
         try:
-            data = resp.json()
+            data, as_is = whole_answer(resp.content, ctx.call.model or "")
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            data = None
+            data, as_is = None, False
         if resp.status_code >= 400 or not isinstance(data, dict):
             msg = f"backend {backend} answered HTTP {resp.status_code}"
             self.settle(ctx, Outcome.ERROR, msg)
@@ -294,6 +308,8 @@ class Director:
             self._kept(ctx, *answer_of(data))
             failure = failure_of(data)
         self.settle(ctx, Outcome.OK if failure is None else Outcome.ERROR, failure)
+        if as_is:  # already what the client should see: relayed without re-serialising
+            return Response(resp.content, media_type="application/json", headers=self._headers(ctx))
         return JSONResponse(data, headers=self._headers(ctx))
 
     def _kept(self, ctx: CallContext, response_id: str | None, reply: list[dict[str, Any]] | None) -> None:
@@ -335,7 +351,7 @@ class Director:
                     now = self.now()
                     if ctx.first_token_at is None:
                         ctx.first_token_at = now
-                        self.metrics.ttft.labels(call.model).observe(now - call.arrival_s)
+                        self.metrics.ttft_of(call.model).observe(now - call.arrival_s)
                     ctx.tokens = relay.tokens
                     self.pool.progress(call, out.tokens, now)
                 if out.done or relay.usage_tokens is not None:
@@ -347,8 +363,8 @@ class Director:
                     yield out.data
             self._keep_streamed(ctx, relay)
             self.settle(ctx, Outcome.OK)
-        except httpx.HTTPError as e:
-            err = f"stream broke after {ctx.tokens} tokens: {type(e).__name__}: {e}"
+        except StreamBroken as e:
+            err = f"stream broke after {ctx.tokens} tokens: {e}"
             self.settle(ctx, Outcome.ERROR, err, backend_down=True)
             yield broken(err)
         except Exception as e:

@@ -21,6 +21,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, S
 from starlette.requests import ClientDisconnect, Request
 
 from chimera.serve.config import IdentityConfig, Limits
+from chimera.serve.relay import SURROGATE_ESCAPE, NumberScreen
 
 MAX_DEPTH = 64  # nesting of a JSON body (tool schemas nest; a hostile `[`×100000 must not reach the recursion limit)
 MAX_INT_DIGITS = 16  # |integers| up to 10^16 (beyond 2^53 JSON clients and upstreams disagree on the value anyway)
@@ -92,11 +93,8 @@ class _Bad:
         self.what = what
 
 
-class _Tokens:
+class _Tokens(NumberScreen):
     """json.loads hooks that mark a document holding an unforwardable number, so only such documents are walked."""
-
-    def __init__(self) -> None:
-        self.flagged = False
 
     def int(self, s: str) -> int | _Bad:
         digits = len(s.lstrip("-"))
@@ -104,12 +102,6 @@ class _Tokens:
             self.flagged = True
             return _Bad(f"an integer of {digits} digits (at most {MAX_INT_DIGITS})")
         return int(s)
-
-    def float(self, s: str) -> float:
-        v = float(s)
-        if not math.isfinite(v):
-            self.flagged = True
-        return v
 
     def constant(self, s: str) -> _Bad:
         self.flagged = True
@@ -158,7 +150,6 @@ def _find_unforwardable(obj: Any) -> tuple[str, str] | None:
     return None
 
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a lone surrogate can appear in UTF-8 JSON text
 
 
 def parse_body(raw: bytes) -> Any:
@@ -175,7 +166,7 @@ def parse_body(raw: bytes) -> Any:
         raise EdgeError(400, f"body: nested deeper than {MAX_DEPTH} levels", "invalid_json", "bad_json") from None
     except json.JSONDecodeError as e:
         raise EdgeError(400, f"malformed JSON body: {e}", "invalid_json", "bad_json") from None
-    if tokens.flagged or text.count("[") + text.count("{") > MAX_DEPTH or _SURROGATE_ESCAPE.search(text):
+    if tokens.flagged or text.count("[") + text.count("{") > MAX_DEPTH or SURROGATE_ESCAPE.search(text):
         bad = _find_unforwardable(doc)
         if bad is not None:
             field, what = bad
@@ -252,6 +243,8 @@ def workflow_hints(body_hints: Any, headers: Mapping[str, str]) -> WorkflowHints
             raw[key] = int(value)
         else:
             raw[key] = value
+    if not raw:  # no hints (most clients): nothing to validate
+        return WorkflowHints.model_construct()
     try:
         return WorkflowHints.model_validate(raw)
     except ValidationError as e:
@@ -288,6 +281,11 @@ def feedback(doc: Any) -> Feedback:
 
 async def read_json(request: Request, limits: Limits) -> Any:
     """The body as JSON, within `max_body_bytes` and `body_timeout_s`; EdgeError (413/415/408/499/400) otherwise."""
+    return (await read_json_raw(request, limits))[0]
+
+
+async def read_json_raw(request: Request, limits: Limits) -> tuple[Any, bytes]:
+    """`read_json`, and the bytes it was parsed from (forwarded as they are when the call changes nothing)."""
     check_content_type(request.headers)
     limit = limits.max_body_bytes
     cl = (request.headers.get("content-length") or "").lstrip("0") or "0"
@@ -305,7 +303,8 @@ async def read_json(request: Request, limits: Limits) -> Any:
     except TimeoutError:
         raise EdgeError(408, f"body: not received within {limits.body_timeout_s:g} s", "body_timeout",
                         "body_timeout") from None
-    return parse_body(bytes(buf))
+    raw = bytes(buf)
+    return parse_body(raw), raw
 
 
 # ---- completion bodies ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -124,6 +125,11 @@ class GatewayMetrics:
         self.ttft = Histogram("chimera_ttft_seconds", "Arrival to first streamed token", ["model"],
                               buckets=BUCKETS, registry=r)
         self.requests = Counter("chimera_requests", "Calls by outcome", ["model", "status"], registry=r)
+        # Every call's children, looked up once per label values (labels() takes a lock and checks them each time).
+        self.latency_of = functools.cache(self.latency.labels)
+        self.queue_wait_of = functools.cache(self.queue_wait.labels)
+        self.ttft_of = functools.cache(self.ttft.labels)
+        self.requests_of = functools.cache(self.requests.labels)
         self.retries = Counter("chimera_retries", "Calls re-scheduled after a backend fault", ["model"], registry=r)
         self.rejected = Counter("chimera_rejected", "Requests refused at the edge or by backpressure",
                                 ["endpoint", "reason"], registry=r)

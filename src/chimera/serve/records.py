@@ -56,9 +56,9 @@ class CallRecorder:
                 **routing_columns(ctx.decision), "predictor_version": getattr(ctx, "predictor_version", None),
             }
             self.trace.log_call({**row, "prompt": call.prompt})  # the router's prompt text: trace only, not the log
-            self.metrics.requests.labels(call.model or "", status).inc()
+            self.metrics.requests_of(call.model or "", status).inc()
             if status == "ok":
-                self.metrics.latency.labels(call.model).observe(now - call.arrival_s)
+                self.metrics.latency_of(call.model).observe(now - call.arrival_s)
             for observe in self.observers:
                 observe(ctx, now)
             if log.isEnabledFor(logging.INFO):

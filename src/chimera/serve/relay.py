@@ -5,6 +5,8 @@ hidden unless the client asked too, token counts read on the way. Pure (no I/O, 
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any, NamedTuple
 
 
@@ -114,6 +116,39 @@ def rewrite_model(obj: dict[str, Any], model: str) -> dict[str, Any]:
     if isinstance(obj, dict) and "model" in obj:
         obj["model"] = model
     return obj
+
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a lone surrogate can appear in JSON text
+_SURROGATE_ESCAPE_BYTES = re.compile(SURROGATE_ESCAPE.pattern.encode())
+
+
+class NumberScreen:
+    """json.loads hooks that flag a document holding numbers JSON cannot carry (NaN, ±Infinity, overflowing floats),
+    so only such documents are looked at again."""
+
+    def __init__(self) -> None:
+        self.flagged = False
+
+    def float(self, s: str) -> float:
+        v = float(s)
+        if not math.isfinite(v):
+            self.flagged = True
+        return v
+
+    def constant(self, s: str) -> Any:
+        self.flagged = True
+        return float(s)
+
+
+def whole_answer(content: bytes, model: str) -> tuple[Any, bool]:
+    """A whole (not streamed) answer parsed, and whether its bytes can go to the client as they are: UTF-8 JSON that
+    already names `model` (or no model) and holds nothing a re-encoding would refuse (non-finite numbers, lone
+    surrogates), so re-serialising it would only cost CPU. Raises what json.loads raises."""
+    screen = NumberScreen()
+    data = json.loads(content, parse_float=screen.float, parse_constant=screen.constant)
+    as_is = (isinstance(data, dict) and data.get("model", model) == model and not screen.flagged
+             and content[:1] == b"{" and content[1:2] != b"\x00" and not _SURROGATE_ESCAPE_BYTES.search(content))
+    return data, as_is
 
 
 def parse_sse(line: str) -> tuple[str, dict[str, Any] | None]:

@@ -53,6 +53,7 @@ _INSERT = {
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _MAX_OTHER_CHARS = 1000  # str() of an unexpected value is cut to this many characters
 _MAX_BATCH = 5000  # queue items the writer takes per iteration (one transaction)
+BATCH_S = 0.05  # the writer gathers rows this long before a commit: one wake-up and one transaction per batch
 _LOG_INTERVAL_S = 1.0  # at most one failure log line per this many seconds
 _STOP = object()
 
@@ -71,6 +72,8 @@ def _storable(v: Any, text: bool) -> Any:
     TEXT columns), dicts -> JSON (None if not JSON-able), anything else -> str(v) cut to _MAX_OTHER_CHARS (or None)."""
     if v is None:
         return None
+    if type(v) is str and v.isascii():  # most values: nothing to escape (a surrogate is not ASCII)
+        return v
     if isinstance(v, str):
         return _text(v)
     if isinstance(v, int):  # bool included: stored as 0/1
@@ -127,11 +130,12 @@ class TraceStore:
     under `_cond`; `_written`, `_failed` and `_errors` only by the writer thread. `_lock` guards the connection.
     """
 
-    def __init__(self, path: str | Path, max_backlog: int = 100_000) -> None:
+    def __init__(self, path: str | Path, max_backlog: int = 100_000, batch_s: float = BATCH_S) -> None:
         if max_backlog < 1:
             raise ValueError(f"max_backlog must be >= 1, got {max_backlog}")
         self.path = str(path)
         self.max_backlog = int(max_backlog)
+        self.batch_s = float(batch_s)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # Queue of rows ("calls"|"feedback", values) and control items (flush Events, _STOP). Rows are bounded by
@@ -139,6 +143,10 @@ class TraceStore:
         self._buf: deque = deque()
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
+        # The writer waits for a first row (`_idle`: a row wakes it), then gathers rows for `batch_s` without being
+        # woken per row (a thread wake-up costs the event loop more than the row); flush and close cut that short.
+        self._idle = False
+        self._urgent = False
         self._accepted = 0  # rows queued (callers' side)
         self._dropped_full = 0  # rows refused: backlog full or store closed (callers' side)
         self._written = 0  # rows committed (writer)
@@ -181,14 +189,27 @@ class TraceStore:
                 return
             self._accepted += 1
             self._buf.append(item)
-            self._cond.notify()
+            if self._idle:
+                self._idle = False
+                self._cond.notify()
 
     # ---- the writer thread ------------------------------------------------------------------------------------
     def _take(self) -> list:
+        """The next batch: wait for a first item, then up to `batch_s` for more (unless flush or close is waiting)."""
         with self._cond:
             while not self._buf:
+                self._idle = True
                 self._cond.wait()
+            self._idle = False
+            if not self._urgent and len(self._buf) < _MAX_BATCH:
+                self._cond.wait(self.batch_s)
+            self._urgent = False
             return [self._buf.popleft() for _ in range(min(len(self._buf), _MAX_BATCH))]
+
+    def _wake(self) -> None:
+        """A flush or close is waiting (under `_cond`): the writer stops gathering and writes now."""
+        self._idle, self._urgent = False, True
+        self._cond.notify()
 
     def _writer(self) -> None:
         stop = False
@@ -261,7 +282,7 @@ class TraceStore:
             closing = self._closed
             if not closing:
                 self._buf.append(ev)
-                self._cond.notify()
+                self._wake()
         if closing:  # close() has queued the stop marker: the writer empties the queue, then exits
             self._thread.join(timeout)
             return self.stats()["backlog"] == 0
@@ -275,7 +296,7 @@ class TraceStore:
             if not self._closed:
                 self._closed = True
                 self._buf.append(_STOP)
-                self._cond.notify()
+                self._wake()
         self._thread.join(10)
         with self._lock:
             self._db.close()

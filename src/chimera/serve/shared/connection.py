@@ -136,4 +136,6 @@ class SharedConnection:
             out["degraded_for_s"] = round(time.monotonic() - (self.degraded_since or time.monotonic()), 3)
         if self.last_outage_s is not None:
             out["last_outage_s"] = round(self.last_outage_s, 3)
+        if self.timeouts:
+            out["timeouts"] = self.timeouts
         return out

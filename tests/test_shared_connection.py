@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Awaitable, Callable
 
 from chimera.serve.config import StateConfig
 from chimera.serve.shared.connection import SharedConnection
 from chimera.util.redis_server import RedisServer
+
+
+def _on_own_server(scenario: Callable[[RedisServer], Awaitable[None]]) -> None:
+    """Run `scenario` against a Redis of its own (it may stop and start it), stopped afterwards."""
+    server = RedisServer().start()
+    try:
+        asyncio.run(scenario(server))
+    finally:
+        server.stop()
 
 
 def test_degrades_without_failing_and_rejoins():
@@ -40,11 +50,7 @@ def test_degrades_without_failing_and_rejoins():
         finally:
             await conn.stop()
 
-    server = RedisServer().start()
-    try:
-        asyncio.run(scenario(server))
-    finally:
-        server.stop()
+    _on_own_server(scenario)
 
 
 def test_late_answers_degrade_only_when_they_persist():
@@ -70,11 +76,7 @@ def test_late_answers_degrade_only_when_they_persist():
             await admin.aclose()
             await conn.stop()
 
-    server = RedisServer().start()
-    try:
-        asyncio.run(scenario(server))
-    finally:
-        server.stop()
+    _on_own_server(scenario)
 
 
 def test_state_config_refuses_a_bad_url_naming_it():

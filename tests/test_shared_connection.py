@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Awaitable, Callable
 
 from chimera.serve.config import StateConfig
 from chimera.serve.shared.connection import SharedConnection
 from chimera.util.redis_server import RedisServer
+
+
+def _on_own_server(scenario: Callable[[RedisServer], Awaitable[None]]) -> None:
+    """Run `scenario` against a Redis of its own (it may stop and start it), stopped afterwards."""
+    server = RedisServer().start()
+    try:
+        asyncio.run(scenario(server))
+    finally:
+        server.stop()
 
 
 def test_degrades_without_failing_and_rejoins():
@@ -40,11 +50,33 @@ def test_degrades_without_failing_and_rejoins():
         finally:
             await conn.stop()
 
-    server = RedisServer().start()
-    try:
-        asyncio.run(scenario(server))
-    finally:
-        server.stop()
+    _on_own_server(scenario)
+
+
+def test_late_answers_degrade_only_when_they_persist():
+    """A command answered later than timeout_s gets the default without degrading the replica; an answer in between
+    clears the count; only timeouts lasting the whole bound (max(10 x timeout_s, 0.5 s)) make it degraded."""
+    async def scenario(server: RedisServer) -> None:
+        conn = SharedConnection(StateConfig(redis_url=server.url, key_prefix="t-late"))
+        admin = conn.redis.__class__.from_url(server.url)
+        try:
+            await admin.execute_command("CLIENT", "PAUSE", "300")
+            assert await conn.run(lambda r: r.incr(conn.key("n")), -1) == -1  # late: the default, not degraded
+            assert not conn.degraded and conn.timeouts == 1 and conn.status()["timeouts"] == 1
+            await asyncio.sleep(0.35)
+            assert await conn.run(lambda r: r.ping(), False) is True  # it answers again
+            await admin.execute_command("CLIENT", "PAUSE", "3000")
+            t0 = time.monotonic()
+            while not conn.degraded and time.monotonic() - t0 < 2.0:
+                assert await conn.run(lambda r: r.incr(conn.key("n")), -1) == -1
+            took = time.monotonic() - t0
+            assert conn.degraded and 0.5 <= took < 1.0 and "no answer for" in conn.status()["reason"]
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")
+            await admin.aclose()
+            await conn.stop()
+
+    _on_own_server(scenario)
 
 
 def test_state_config_refuses_a_bad_url_naming_it():

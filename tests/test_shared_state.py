@@ -258,6 +258,69 @@ def test_redis_outage_degrades_to_local_caps_and_rejoins(tmp_path):
         server.stop()
 
 
+def test_a_slow_redis_is_not_a_lost_one_and_the_cap_holds(tmp_path, redis_server):
+    """Redis answers late for a stretch shorter than the degrade bound (CLIENT PAUSE 0.3 s; 0.5 s here) in the middle
+    of a burst over two replicas: the late commands count as not granted and are retried, neither replica goes
+    degraded (so neither leaves the global caps for its local share), every call succeeds and the cap holds."""
+    up = fake_upstream("m", delay=0.2)
+    with served(up) as u, replicas(tmp_path, redis_server.url, "t-slow", [
+            {"name": "m-0", "model": "m", "base_url": u.url + "/v1", "max_inflight": 4}]) as gws:
+
+        async def scenario() -> list[httpx.Response]:
+            calls = asyncio.ensure_future(_calls([g.url for g in gws], 32))
+            await asyncio.sleep(0.3)
+            r = redis.asyncio.Redis.from_url(redis_server.url)
+            await r.execute_command("CLIENT", "PAUSE", "300")
+            await r.aclose()
+            return await calls
+
+        out = asyncio.run(scenario())
+        assert [r.status_code for r in out] == [200] * 32
+        assert [g.gw.shared.conn.degraded_count for g in gws] == [0, 0]
+        assert sum(g.gw.shared.conn.timeouts for g in gws) > 0  # the pause was felt
+        assert up.state.live["max"] <= 4
+        _until(lambda: redis.Redis.from_url(redis_server.url).zcard("t-slow:lease:m-0") == 0, 2.0, "leases freed")
+
+
+def test_a_retried_acquire_finds_the_grant_a_late_answer_made(redis_server):
+    """A lease granted on Redis whose answer came too late is granted again to the same call's retry, even on a
+    backend full since, and counts once."""
+
+    async def scenario() -> None:
+        r = redis.asyncio.Redis.from_url(redis_server.url)
+        a = Leases(r, "t-again", "a", ["m-0"], 30)
+        assert await a.acquire("m-0", a.member(1), 2) == (True, 1)
+        assert await a.acquire("m-0", a.member(2), 2) == (True, 2)
+        assert await a.acquire("m-0", a.member(1), 2) == (True, 2)  # the retry: still one lease
+        assert await a.acquire("m-0", a.member(3), 2) == (False, 2)
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_quiet_replica_holds_its_share_until_its_entry_expires(redis_server):
+    """A replica that stopped syncing but has not expired (it may have lost Redis and serve alone on its share)
+    counts as holding max(its leases, its share) on every backend; once its entry expires (crashed) nothing."""
+    ttl, shares = 1.0, {"m-0": 4, "m-1": 4}
+
+    async def scenario() -> None:
+        r = redis.asyncio.Redis.from_url(redis_server.url)
+        quiet, me = (Leases(r, "t-quiet", rid, ["m-0", "m-1"], ttl, shares=shares, stale_s=0.2) for rid in "qm")
+        held = {"m-0": [quiet.member(0)], "m-1": [quiet.member(i) for i in range(1, 6)]}
+        for b, members in held.items():
+            for m in members:
+                assert (await quiet.acquire(b, m, 8))[0]
+        await quiet.sync(held, {}, "renew")
+        assert (await me.sync({}, {})).remote_inflight == {"m-0": 1, "m-1": 5}  # syncing: its leases
+        await asyncio.sleep(0.3)
+        assert (await me.sync({}, {})).remote_inflight == {"m-0": 4, "m-1": 5}  # quiet: at least its share
+        await asyncio.sleep(ttl)
+        assert (await me.sync({}, {})).remote_inflight == {"m-0": 0, "m-1": 0}  # expired: nothing held
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_workflow_state_is_shared(tmp_path, redis_server):
     """A hinted workflow's stages and tokens finished on one replica are its state on the other: the next stage's
     number, its tokens so far."""

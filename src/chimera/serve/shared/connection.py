@@ -1,6 +1,8 @@
 """A replica's link to the Redis its replica set shares: every command bounded by a timeout, and one place that turns a
-failed or slow command into degraded mode (serve on local caps, never fail a request) and a returning Redis into a
-rejoin (what the replica holds is written back before it trusts the shared view again)."""
+lost Redis into degraded mode (serve on local caps, never fail a request) and a returning Redis into a rejoin (what the
+replica holds is written back before it trusts the shared view again). A refused or reset connection is a lost Redis
+at once; a slow answer (timeout) only when the timeouts persist past `degrade_after_s`, since a replica's own busy
+event loop reads late replies too, and a replica that leaves the shared caps for a blip overfills the backends."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from chimera.serve.config import StateConfig
@@ -30,10 +32,16 @@ def default_replica_id() -> str:
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def degrade_after_s(timeout_s: float) -> float:
+    """How long every command must time out before a slow Redis counts as gone: many timeouts, never under 0.5 s."""
+    return max(10 * timeout_s, 0.5)
+
+
 class SharedConnection:
     """The Redis client of one replica. `run(fn, default)` gives `fn`'s answer, or `default` when Redis is gone (then
-    the replica is degraded and stops asking until a probe every `retry_s` answers); `on_rejoin` callbacks run, in
-    order, when it answers again, before the replica leaves degraded mode."""
+    the replica is degraded and stops asking until a probe every `retry_s` answers) or the answer came too late (its
+    effect unknown; the replica is not degraded then); `on_rejoin` callbacks run, in order, when it answers again, before the
+    replica leaves degraded mode."""
 
     def __init__(self, cfg: StateConfig) -> None:
         self.cfg = cfg
@@ -47,6 +55,8 @@ class SharedConnection:
         self.degraded_count = 0  # times it went degraded
         self.rejoined_count = 0
         self.last_outage_s: float | None = None  # how long the last outage lasted, from going degraded to rejoining
+        self.timeouts = 0  # commands that got no answer in time (each one's effect unknown)
+        self._slow_since: float | None = None  # monotonic time of the first timeout since the last answer
         self.on_rejoin: list[Callable[[], Awaitable[object]]] = []
         self._probe = Periodic(self.probe, cfg.retry_s, "Redis probe", first_after_s=cfg.retry_s, logger=log)
 
@@ -55,18 +65,34 @@ class SharedConnection:
         return ":".join((self.cfg.key_prefix, *parts))
 
     async def run(self, fn: Callable[[aioredis.Redis], Awaitable[T]], default: T) -> T:
-        """`await fn(redis)` within the timeout; on any Redis error or timeout the replica goes degraded and gets
-        `default`. While degraded, `default` at once (no command is sent)."""
+        """`await fn(redis)` within the timeout, else `default`: a Redis error (refused, reset) makes the replica
+        degraded at once; a timeout (the command may or may not have run) makes it degraded only once every command
+        has timed out for `degrade_after_s`. While degraded, `default` at once."""
         if self.degraded:
             return default
         try:
             async with asyncio.timeout(self.cfg.timeout_s * 4):  # no extra task per command (unlike wait_for)
-                return await fn(self.redis)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+                answer = await fn(self.redis)
+        except (RedisTimeoutError, asyncio.TimeoutError) as e:
+            self._slow(f"{type(e).__name__}: {e}"[:200])
+            return default
+        except (RedisError, OSError) as e:
             self.went_down(f"{type(e).__name__}: {e}"[:200])
             return default
+        self._slow_since = None
+        return answer
+
+    def _slow(self, reason: str) -> None:
+        """A command timed out: its result is unknown; Redis counts as gone once timeouts persist (no answer since)."""
+        now = time.monotonic()
+        self.timeouts += 1
+        if self._slow_since is None:
+            self._slow_since = now
+        if now - self._slow_since >= degrade_after_s(self.cfg.timeout_s):
+            self.went_down(f"no answer for {now - self._slow_since:.2f} s ({reason})")
 
     def went_down(self, reason: str) -> None:
+        self._slow_since = None
         if not self.degraded:
             self.degraded, self.reason = True, reason
             self.degraded_since = time.monotonic()
@@ -110,4 +136,6 @@ class SharedConnection:
             out["degraded_for_s"] = round(time.monotonic() - (self.degraded_since or time.monotonic()), 3)
         if self.last_outage_s is not None:
             out["last_outage_s"] = round(self.last_outage_s, 3)
+        if self.timeouts:
+            out["timeouts"] = self.timeouts
         return out

@@ -4,7 +4,8 @@ atomically, on Redis's own clock (TIME), so the replicas' clocks never matter.
 Keys (PREFIX is the state config's `key_prefix`):
 - `PREFIX:lease:BACKEND`  ZSET, member `REPLICA:CALL_ID`, score = the lease's expiry (ms of Redis TIME). A call holds
   one while it runs on BACKEND; its replica renews it every third of the TTL, so a crashed replica's leases expire.
-- `PREFIX:replicas`       ZSET, member REPLICA, score = expiry: the replicas alive (each sync renews its own).
+- `PREFIX:replicas`       ZSET, member REPLICA, score = expiry: the replicas alive (each sync renews its own); one
+  whose last sync (expiry - TTL) is older than the stale bound is quiet: it counts as holding at least its share.
 - `PREFIX:load:REPLICA`   HASH `calls:MODEL`, `tokens:MODEL`: the replica's calls and predicted tokens in flight
   (queued + running), PEXPIRE = the TTL.
 - `PREFIX:wf:WORKFLOW`    HASH: the workflow's shared state (serve/shared/state.py).
@@ -44,16 +45,26 @@ return {0, n}
 
 # KEYS[1] replicas ZSET, KEYS[2] this replica's load HASH, KEYS[3..] every backend's lease ZSET.
 # ARGV: replica id, ttl ms, load key prefix (`PREFIX:load:`), own member prefix (`REPLICA:`), mode (0 read only,
-# 1 renew: ZADD the held members a fresh expiry, 2 claim: renew and drop this replica's other members), then per
-# lease key: the number of held members and them, then the load HASH's field/value pairs. Renewing re-adds a held
-# lease that is missing (it expired while the replica stalled, or a claim raced its grant): its call does run.
-# Returns {other replicas' live leases per backend, {replica, its load HASH (flat), ...}}.
+# 1 renew: ZADD the held members a fresh expiry, 2 claim: renew and drop this replica's other members), stale ms,
+# then per lease key: a replica's share of its cap, the number of held members and them, then the load HASH's
+# field/value pairs. Renewing re-adds a held lease that is missing (it expired while the replica stalled, or a claim
+# raced its grant): its call does run. A live replica that has not synced for `stale ms` (it may have lost Redis and
+# serve on its share alone) counts as holding at least its share of every backend; an expired one (crashed) holds
+# nothing but its leases, until they expire too.
+# Returns {other replicas' live leases per backend (stale ones at least their share), {replica, its load HASH
+# (flat), ...}}.
 SYNC = _NOW + """
-local rid, ttl, loadp, own, mode = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
-local a = 6
+local rid, ttl, loadp, own, mode, stale = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5]),
+  tonumber(ARGV[6])
+redis.call('ZADD', KEYS[1], now + ttl, rid)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local quiet = {}
+for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now + ttl - stale)) do quiet[r] = true end
+local a = 7
 local counts = {}
 for i = 3, #KEYS do
   local key = KEYS[i]
+  local share = tonumber(ARGV[a]); a = a + 1
   local n = tonumber(ARGV[a]); a = a + 1
   local held = {}
   for j = 1, n do held[ARGV[a]] = true; a = a + 1 end
@@ -62,14 +73,17 @@ for i = 3, #KEYS do
     for m, _ in pairs(held) do redis.call('ZADD', key, now + ttl, m) end
   end
   local others = 0
+  local per = {}
   for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
-    if string.sub(m, 1, #own) ~= own then others = others + 1
+    if string.sub(m, 1, #own) ~= own then
+      others = others + 1
+      local r = string.match(m, '^(.*):[^:]*$')
+      if r and quiet[r] then per[r] = (per[r] or 0) + 1 end
     elseif mode == 2 and not held[m] then redis.call('ZREM', key, m) end
   end
+  for r, _ in pairs(quiet) do others = others + math.max(0, share - (per[r] or 0)) end
   counts[#counts + 1] = others
 end
-redis.call('ZADD', KEYS[1], now + ttl, rid)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('DEL', KEYS[2])
 if #ARGV >= a then
   redis.call('HSET', KEYS[2], unpack(ARGV, a))
@@ -133,9 +147,13 @@ class Leases:
     """The scripts, registered once on the replica's client, and the keys of one replica set."""
 
     def __init__(self, redis: aioredis.Redis, prefix: str, replica_id: str, backends: Sequence[str],
-                 ttl_s: float) -> None:
+                 ttl_s: float, *, shares: Mapping[str, int] | None = None, stale_s: float | None = None) -> None:
+        """`shares`: a replica's share of each backend's cap (what a replica that stopped syncing for `stale_s` may
+        run on its own); without them (or `stale_s`), a quiet replica counts by its leases alone."""
         self.redis, self.prefix, self.replica_id = redis, prefix, replica_id
         self.ttl_ms = max(1, round(ttl_s * 1000))
+        self.stale_ms = self.ttl_ms if stale_s is None else max(1, round(stale_s * 1000))
+        self.shares = dict(shares or {})
         self.backends = list(backends)
         self.lease_keys = {b: self.key("lease", b) for b in self.backends}
         self.own = replica_id + ":"
@@ -162,12 +180,12 @@ class Leases:
     async def sync(self, held: Mapping[str, Sequence[str]], load: Mapping[str, tuple[float, float]],
                    mode: str = "read") -> SyncResult:
         """Publish this replica's `load` (model -> (calls, predicted tokens)), purge expired leases, renew or claim
-        the `held` members (backend -> members) per `mode`, and read the other replicas' leases and load. One round
-        trip, atomic."""
-        args: list[Any] = [self.replica_id, self.ttl_ms, self.key("load", ""), self.own, MODES[mode]]
+        the `held` members (backend -> members) per `mode`, and read the other replicas' leases (a quiet replica's at
+        least its share) and load. One round trip, atomic."""
+        args: list[Any] = [self.replica_id, self.ttl_ms, self.key("load", ""), self.own, MODES[mode], self.stale_ms]
         for b in self.backends:
             members = held.get(b, ()) if mode != "read" else ()
-            args += [len(members), *members]
+            args += [self.shares.get(b, 0), len(members), *members]
         for model, (calls, tokens) in load.items():
             args += [f"calls:{model}", calls, f"tokens:{model}", tokens]
         counts, loads = await self._eval(self._sync, self._sync_keys, args)

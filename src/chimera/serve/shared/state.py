@@ -38,6 +38,7 @@ log = logging.getLogger("chimera.serve")
 BACKOFF_S = (0.005, 0.05)  # first and longest wait between two tries of a lease on a globally full backend
 STOP_S = 2.0  # the most a shutdown waits for the Redis connection to close
 FLUSH_S = 0.005  # releases wait this long for company (or for this replica's next acquire, which carries them)
+QUIET_SYNCS = 3  # a replica that has not synced for this many intervals may serve alone: it holds its share
 WORKFLOW_TTL_S = 3600.0  # a shared workflow's state outlives its last call this long (without an idle timeout)
 
 
@@ -61,7 +62,9 @@ class SharedState:
         self.conn = SharedConnection(cfg)
         self.replica_id = self.conn.replica_id
         self.leases = Leases(self.conn.redis, cfg.key_prefix, self.replica_id,
-                             [be.name for be in pool.all_backends], cfg.lease_ttl_s)
+                             [be.name for be in pool.all_backends], cfg.lease_ttl_s,
+                             shares={be.name: max(1, be.cfg.max_inflight // cfg.replicas) for be in pool.all_backends},
+                             stale_s=QUIET_SYNCS * cfg.sync_interval_s)
         self.held: dict[int, _Held] = {}  # call_id -> its lease, from acquire to release
         self.lease_waits = 0  # calls that found their backend globally full and waited
         self.remote_replicas: list[str] = []  # the other live replicas at the last sync
@@ -88,6 +91,8 @@ class SharedState:
         if self._flush_at is not None:
             self._flush_at.cancel()
         await asyncio.gather(*self._flushes, self._flush(), return_exceptions=True)
+        if self._flush_at is not None:  # a late answer queued its releases again: they expire with the TTL
+            self._flush_at.cancel()
         await self.conn.run(lambda r: self.leases.forget(), None)
         try:  # a shutdown never waits on Redis for long
             async with asyncio.timeout(STOP_S):
@@ -98,7 +103,7 @@ class SharedState:
     # ---- leases ----------------------------------------------------------------------------------------------
     async def try_acquire(self, call: Call, be: BackendState) -> bool:
         """One atomic try for the call's lease on `be` under its global cap (one round trip, carrying the releases
-        not yet sent); True when held, or when Redis is gone (the local cap rules then)."""
+        not yet sent); True when held, or when Redis is gone (the local cap rules then); False on a late answer."""
         held = self.held.get(call.call_id)
         if held is None:
             held = self.held[call.call_id] = _Held(be.name, self.leases.member(call.call_id))
@@ -108,7 +113,11 @@ class SharedState:
         releases, self._releases = self._releases, []
         answer = await self.conn.run(
             lambda r: self.leases.acquire(be.name, held.member, be.cfg.max_inflight, releases), None)
-        held.granted = self._local_room(be) if answer is None else answer[0]  # None: Redis just went away
+        if answer is None and not self.conn.degraded:  # too slow: not granted for now (a retry finds a grant made)
+            self._resend(releases)
+            held.granted = False
+        else:
+            held.granted = self._local_room(be) if answer is None else answer[0]  # None: Redis just went away
         return held.granted
 
     def _local_room(self, be: BackendState) -> bool:
@@ -140,10 +149,19 @@ class SharedState:
             self._releases.append((held.backend, held.member))
             if completed:
                 self._stages.append(self._stage_done(call, held.backend))
-            if self._flush_at is None:
-                self._flush_at = asyncio.get_running_loop().call_later(FLUSH_S, self._flush_soon)
+            self._flush_later()
         except Exception:
             log.exception("shared state: could not release call %s", call.call_id)
+
+    def _resend(self, releases: list[tuple[str, str]]) -> None:
+        """Releases a late answer may not have applied go out again (freeing a lease twice is harmless)."""
+        if releases:
+            self._releases[:0] = releases
+            self._flush_later()
+
+    def _flush_later(self) -> None:
+        if self._flush_at is None:
+            self._flush_at = asyncio.get_running_loop().call_later(FLUSH_S, self._flush_soon)
 
     def _flush_soon(self) -> None:
         task = asyncio.ensure_future(self._flush())
@@ -155,8 +173,16 @@ class SharedState:
         self._flush_at = None
         releases, self._releases = self._releases, []
         stages, self._stages = self._stages, []
-        if releases or stages:  # Redis gone: the leases expire, a rejoin drops what is not held
-            await self.conn.run(lambda r: self.leases.settle(releases, stages, self.workflow_ttl_s), None)
+        if not (releases or stages):
+            return
+        sent = await self.conn.run(lambda r: self._settle(releases, stages), False)
+        if not sent and not self.conn.degraded:  # too slow: send the releases again (the stages may have counted)
+            self._resend(releases)
+        # Redis gone: the leases expire, a rejoin drops what is not held
+
+    async def _settle(self, releases: list[tuple[str, str]], stages: list[StageDone]) -> bool:
+        await self.leases.settle(releases, stages, self.workflow_ttl_s)
+        return True
 
     # ---- the sync loop ---------------------------------------------------------------------------------------
     async def sync(self) -> None:
@@ -170,6 +196,8 @@ class SharedState:
         if mode == "read" and time.monotonic() - self._renewed_at >= self.cfg.lease_ttl_s / 3:
             mode = "renew"
         result = await self.conn.run(lambda r: self._exchange(mode), None)
+        if result is None and not self.conn.degraded:  # too slow: this round is skipped, the last view holds
+            return
         if result is None:  # Redis went away: local caps from now on
             self._mode = "claim"
             self._apply(None)
@@ -281,6 +309,8 @@ class _SharedMetrics(Collector):
                                 "serves on local caps", 1.0 if conn.degraded else 0.0)
         yield CounterMetricFamily("chimera_shared_state_outages", "Times this replica lost Redis",
                                   conn.degraded_count)
+        yield CounterMetricFamily("chimera_shared_state_timeouts", "Redis commands that answered too late (not "
+                                  "an outage until they persist)", conn.timeouts)
         yield GaugeMetricFamily("chimera_shared_state_last_outage_seconds", "How long the last Redis outage lasted, "
                                 "from going degraded to rejoining", conn.last_outage_s or 0.0)
         yield CounterMetricFamily("chimera_shared_lease_waits", "Calls that found their backend globally full (a "

@@ -150,6 +150,29 @@ def test_a_replica_without_redis_learns_alone_and_shares_it_when_redis_is_back()
         server.stop()
 
 
+def test_totals_that_vanish_from_redis_are_refilled_not_forgotten(redis_server):
+    async def scenario() -> None:
+        p = prefix()
+        a, b = Replica(redis_server.url, p, "ra"), Replica(redis_server.url, p, "rb")
+        try:
+            observe(a.length, 0, "small", 100, 200)
+            observe(b.length, 0, "small", 300)
+            for r in (a, b, a):
+                await r.shared.sync()
+            await a.conn.redis.delete(a.shared.hash)  # lost without any replica noticing an outage
+            observe(b.length, 0, "small", 400)
+            for r in (b, a, b, a, b):
+                await r.shared.sync()
+                assert r.predict(0)[0][0] >= 200.0  # never predicted from the emptied totals
+            # refilled to the most any replica knew, once: the three completions before the loss and the one after
+            assert a.length.totals() == b.length.totals() == {("math", 0, "small"): (1000.0, 4)}
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
 def test_totals_pool_stages_past_the_tracked_ones_and_deltas_are_taken_once():
     length = RunningLength(NAMES)
     length.install_totals({("math", 0, "small"): (300.0, 3), ("math", 99, "big"): (50.0, 1)})

@@ -25,21 +25,23 @@ log = logging.getLogger("chimera.serve")
 KEEP_S = 86_400  # the set's totals outlive the last write by a day, then a new set starts from nothing
 Key = tuple[str, int, str]
 Totals = dict[Key, tuple[float, int]]
-# Add the deltas and read the totals back, atomically, so a tick neither loses nor double counts a delta. When the
-# hash is gone (Redis restarted empty) and the replica sends its whole table, the table seeds it instead.
-# KEYS[1]: the hash; ARGV: ttl, the number of delta fields, the (field, increment) pairs of the deltas, then those of
-# the whole table (sums as floats, counts as integers).
+# Add the deltas and read the totals back, atomically, so a tick neither loses nor double counts a delta; a replica
+# that may have lost the set's totals (Redis restarted empty) also sends its whole table, which raises every cell that
+# holds fewer completions than the replica knows of to what it knows (a max, so sending it twice counts nothing twice).
+# KEYS[1]: the hash; ARGV: ttl, the number of delta cells, then per cell (sum field, sum, count field, count): the
+# deltas, then the whole table.
 ADD_AND_READ = """
-local first, last = 3, 2 + 2 * tonumber(ARGV[2])
-if #ARGV > last and redis.call('EXISTS', KEYS[1]) == 0 then first, last = last + 1, #ARGV end
-for i = first, last, 2 do
-  if string.sub(ARGV[i], -4) == '"n"]' then
-    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
-  else
-    redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+local deltas = 2 + 4 * tonumber(ARGV[2])
+for i = 3, deltas, 4 do
+  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[1], ARGV[i + 2], ARGV[i + 3])
+end
+for i = deltas + 1, #ARGV, 4 do
+  if tonumber(redis.call('HGET', KEYS[1], ARGV[i + 2]) or '0') < tonumber(ARGV[i + 3]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
   end
 end
-if last >= first then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+if #ARGV > 2 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return redis.call('HGETALL', KEYS[1])
 """
 
@@ -92,8 +94,8 @@ class SharedLengths:
         return length if isinstance(length, RunningLength) else None
 
     async def _rejoin(self) -> None:
-        """Redis is back, perhaps restarted empty: what this replica knows seeds the totals if they are gone, and
-        what it observed alone is added."""
+        """Redis is back, perhaps restarted empty: what this replica observed alone is added, and what it knows
+        refills the totals if they are gone."""
         self._reseed = True
         await self.sync()
 
@@ -123,7 +125,7 @@ class SharedLengths:
         self.unshared.set(sum(n for _, n in self._pending.values()))
         if self.conn.degraded:
             return
-        args: list[Any] = [KEEP_S, len(self._pending) * 2]
+        args: list[Any] = [KEEP_S, len(self._pending)]
         for table in (self._pending, length.totals() if self._reseed else {}):
             for key, (s, n) in table.items():
                 args += (_field(key, "s"), repr(float(s)), _field(key, "n"), n)
@@ -134,8 +136,11 @@ class SharedLengths:
         self.unshared.set(0)
         totals = parse_totals(flat)
         held = sum(n for _, n in totals.values())
-        # the set's totals shrank (Redis lost them): the next tick seeds them again with what this replica knows
+        # the set's totals shrank (Redis lost them, silently): not installed; the next tick refills them with what
+        # this replica knows
         self._reseed = held < self._held
+        if self._reseed:
+            return
         self._held = held
         if length is self.length():  # not swapped by a reload meanwhile
             length.install_totals(totals)

@@ -149,5 +149,5 @@ class SharedLengths:
         self.keys.set(self.cells)
 
     def stats(self) -> dict[str, Any]:
-        """For tests and /health: cells in the set's totals, completions not yet shared."""
+        """Cells in the set's totals as last read, completions not yet shared (the metrics hold the same)."""
         return {"keys": self.cells, "unshared": sum(n for _, n in self._pending.values())}

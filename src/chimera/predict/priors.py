@@ -140,6 +140,7 @@ class RunningLength:
         self._max_stage: dict[str, int] = {}
         self._prior: dict[tuple[str, int, str], tuple[float, float]] = {}  # key -> (tokens sum, weight)
         self._prior_max: dict[str, int] = {}
+        self._installed: dict[tuple[str, int, str], tuple[float, int]] = {}  # the replica set's totals last installed
 
     def warm(self, prior: Mapping[tuple[str, int, str], tuple[float, float]]) -> None:
         """Replace the warm start: (kind, stage, model) -> (sum of tokens, weight), counted as `weight` more
@@ -165,6 +166,37 @@ class RunningLength:
         self._sum[(kind, stage, model)] += tokens
         self._n[(kind, stage, model)] += 1
         self._max_stage[kind] = max(self._max_stage.get(kind, 0), stage)
+
+    def take_deltas(self) -> dict[tuple[str, int, str], tuple[float, int]]:
+        """What this instance observed since the last call (or the last `install_totals`): (kind, stage, model) ->
+        (tokens sum, count), handed to a replica set to share; observing, predicting and the totals are unchanged."""
+        out = {}
+        for key, n in self._n.items():
+            s0, n0 = self._installed.get(key, (0.0, 0))
+            if n > n0:
+                out[key] = (self._sum[key] - s0, n - n0)
+                self._installed[key] = (self._sum[key], n)
+        return out
+
+    def totals(self) -> dict[tuple[str, int, str], tuple[float, int]]:
+        """Everything this instance predicts from, the warm start aside: (kind, stage, model) -> (tokens sum, count)."""
+        return {key: (self._sum[key], n) for key, n in self._n.items() if n > 0}
+
+    def install_totals(self, totals: Mapping[tuple[str, int, str], tuple[float, int]]) -> None:
+        """Predict from a replica set's totals (which hold every delta taken so far) plus what was observed here
+        since the last `take_deltas`. Kinds past TRACKED_KINDS share OTHER_KIND's bucket, as observed ones do."""
+        table: dict[tuple[str, int, str], tuple[float, int]] = {}
+        for (kind, stage, model), (total, n) in totals.items():
+            key = (*self._key(kind, stage), model)
+            s0, n0 = table.get(key, (0.0, 0))
+            table[key] = (s0 + total, n0 + int(n))
+            self._max_stage[key[0]] = max(self._max_stage.get(key[0], 0), key[1])
+        for key in set(table) | set(self._n):
+            s0, n0 = self._installed.get(key, (0.0, 0))
+            total, n = table.get(key, (0.0, 0))
+            self._sum[key] = total + self._sum.get(key, 0.0) - s0
+            self._n[key] = n + self._n.get(key, 0) - n0
+        self._installed = table
 
     def learn(self, call: Call, tokens: int) -> None:
         """The OnlineLearner hook the admission core calls when a call completes."""

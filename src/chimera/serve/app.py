@@ -51,6 +51,7 @@ from chimera.serve.scores import STORED, WorkflowScores, refusal
 from chimera.serve.trace import TraceStore
 
 if TYPE_CHECKING:
+    from chimera.serve.shared.lengths import SharedLengths
     from chimera.serve.shared.state import SharedState
 
 log = logging.getLogger("chimera.serve")
@@ -104,8 +105,10 @@ class Gateway:
             self.metrics.registry.register(self.live.collector())
         self.identity = WorkflowIdentity(cfg.identity, self.pool, self.run_id)
         self.shared: SharedState | None = None  # several replicas sharing state on Redis (serve/shared/)
+        self.shared_lengths: SharedLengths | None = None
         if cfg.state is not None:
             from chimera.serve.shared.learning import SharedLearning  # Redis loads only when configured
+            from chimera.serve.shared.lengths import SharedLengths
             from chimera.serve.shared.state import SharedState
 
             self.shared = SharedState(cfg.state, self.pool, clock=self.clock,
@@ -114,6 +117,9 @@ class Gateway:
             # a score judged once and learnt by every replica's learner (serve/shared/learning.py)
             self.scores.shared = SharedLearning.for_core(self.shared.conn, self.pool.core, cfg.state.sync_interval_s,
                                                          self.metrics.registry)
+            # the running-mean length predictor learns from every replica's completions (serve/shared/lengths.py)
+            self.shared_lengths = SharedLengths(self.shared.conn, lambda: getattr(self.policy, "length", None),
+                                                cfg.state.sync_interval_s, self.metrics.registry)
         self.director = Director(self.pool, self.policy, cfg.limits, self.metrics, recorder, self.clock, self.run_id,
                                  self.predict_pool, self.identity, self.shared)
         self.active = 0
@@ -147,6 +153,8 @@ class Gateway:
             self.shared.start()
         if self.scores.shared is not None:
             self.scores.shared.start()
+        if self.shared_lengths is not None:
+            self.shared_lengths.start()
         loop = asyncio.get_running_loop()
         try:  # SIGHUP reloads the predictors; only the main thread may handle signals (not a gateway in a test thread)
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -170,6 +178,8 @@ class Gateway:
                 await self.live.stop()
             if self.scores.shared is not None:
                 await self.scores.shared.stop()
+            if self.shared_lengths is not None:
+                await self.shared_lengths.stop()
             if self.shared is not None:
                 await self.shared.stop()
             await upstream.aclose()

@@ -69,7 +69,12 @@ engines-up: $(STAMP) $(MODELS_STAMP)
 demo: $(STAMP)
 	$(BIN)/chimera demo
 
-test: $(STAMP) $(LITELLM_STAMP) $(AGENTS_STAMP) $(VLLM_STAMP) $(MODELS_STAMP)
+# The four environments are independent: on a fresh machine they are built side by side (-j), then the suite runs.
+.PHONY: test-envs
+test-envs: $(STAMP) $(LITELLM_STAMP) $(AGENTS_STAMP) $(VLLM_STAMP) $(MODELS_STAMP)
+
+test:
+	$(MAKE) -j4 --output-sync=target test-envs
 	$(BIN)/pytest -q
 
 bench: $(STAMP) $(LITELLM_STAMP)

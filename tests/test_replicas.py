@@ -322,6 +322,7 @@ def test_redis_outage_fails_no_request_and_is_visible(tmp_path):
     assert all(s.get("last_outage_s") for s in states), states
 
 
+@pytest.mark.slow  # the in-process slow-Redis test (tests/test_shared_state.py) runs in make test
 def test_a_stalled_redis_keeps_the_caps_and_fails_nothing(tmp_path):
     """Redis stalls (CLIENT PAUSE: every command waits 1.5 s) under steady load on 2 replicas: they go degraded on
     their bounded timeout, keep serving, rejoin the same Redis (its leases still there) when it answers again, and

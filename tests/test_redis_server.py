@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import redis
 
 from chimera.util.redis_server import RedisServer
@@ -26,3 +28,14 @@ def test_stop_and_start_on_the_same_port():
     finally:
         server.stop()
     assert server.proc is None
+
+
+def test_a_relative_log_folder_works(tmp_path, monkeypatch):
+    """redis-server changes into its --dir before opening --logfile: a relative folder must not break the start."""
+    monkeypatch.chdir(tmp_path)
+    server = RedisServer(log_dir=Path("out/redis")).start()
+    try:
+        assert redis.Redis.from_url(server.url).ping() and server.log.is_absolute()
+    finally:
+        server.stop()
+    assert (tmp_path / "out" / "redis" / server.log.name).exists()

@@ -51,7 +51,8 @@ class RedisServer:
     def __init__(self, port: int | None = None, log_dir: Path | None = None) -> None:
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
-        self._dir = Path(tempfile.mkdtemp(prefix="chimera-redis-")) if log_dir is None else log_dir
+        # absolute: redis-server changes into --dir before it opens --logfile, so a relative path would not resolve
+        self._dir = Path(tempfile.mkdtemp(prefix="chimera-redis-")) if log_dir is None else Path(log_dir).resolve()
         self.log = self._dir / f"redis-{self.port}.log"
 
     @property

@@ -213,6 +213,8 @@ def test_bench_live_cli_errors_are_clear(tmp_path) -> None:
     assert r.exit_code == 2 and "no-such-litellm" in r.output and "make bench-live" in r.output
     r = CliRunner().invoke(app, ["bench", "live", "--tasks", "0", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "tasks" in r.output
+    r = CliRunner().invoke(app, ["bench", "live", "--repeat", "0", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "repeat" in r.output
 
 
 # ---- `--engine vllm`: the pieces without servers ---------------------------------------------------------------------
@@ -641,3 +643,32 @@ def test_an_online_contender_learns_in_its_twin_and_reports_windows() -> None:
                 {"start": 500, "workflows": 100, "accuracy": 0.65, "latency_mean_s": 2.5, "exploration": 0.0}]}
     md = markdown(LiveBench(cfg, 1.0, {}, [ContenderRun(c, live, sim=s, fidelity=fidelity(s, live))]))
     assert "| chimera chimera λ=0.02 online | 55.0% / 1.50 s (" in md and "| 65.0% / 2.50 s |" in md
+
+
+def test_repeated_rounds_set_the_replicas_beside_one_gateways_spread() -> None:
+    """--repeat: each contender's rounds, their mean and range; the replicas' means are judged against one gateway's
+    range of rounds, with a rank test of the rounds, in results.json and results.md."""
+    from chimera.bench.live import Contender, ContenderRun, LiveBench
+    from chimera.bench.live.report import markdown, round_stats, to_json
+
+    def summary(lat: float, acc: float, big: int) -> dict:
+        return {"latency_s": {"mean": lat, "p50": lat, "p99": 2 * lat}, "accuracy": acc, "failed": 0,
+                "throughput_tasks_per_s": 1.0, "per_model": {"qwen2.5-7b": {"calls": 10}, "qwen2.5-14b": {"calls": big}}}
+
+    one, two = Contender("chimera", "chimera", 0.05), Contender("chimera", "chimera", 0.05, replicas=2)
+    rounds = {one.label: [summary(1.0, 0.60, 4), summary(1.2, 0.50, 6), summary(0.9, 0.55, 5)],
+              two.label: [summary(1.1, 0.58, 6), summary(1.0, 0.52, 8), summary(1.15, 0.57, 7)]}
+    runs = [ContenderRun(one, rounds[one.label][0]), ContenderRun(two, rounds[two.label][0])]
+    b = LiveBench(LiveBenchConfig(tasks=10, repeat=3), 1.0, {}, runs, rounds=rounds)
+    x, y = round_stats(b)
+    assert x["contender"] == one.label and "vs" not in x and x["calls_mean"] == {"qwen2.5-14b": 5.0, "qwen2.5-7b": 10.0}
+    assert y["vs"] == one.label and y["latency_mean_s_within"] and y["accuracy_within"]
+    assert y["latency_mean_s_mean"] == pytest.approx(3.25 / 3) and 0.0 < y["latency_mean_s_p"] <= 1.0
+    md = markdown(b)
+    assert "over 3 rounds" in md and "1.00, 1.20, 0.90" in md and "| yes, " in md
+    rounds[two.label] = [summary(2.0, 0.58, 20), summary(2.2, 0.52, 22), summary(2.1, 0.57, 21)]
+    z = round_stats(b)[1]
+    assert not z["latency_mean_s_within"] and z["latency_mean_s_p"] < 0.2 and "**no**" in markdown(b)
+    assert to_json(b)["rounds"][1]["latency_mean_s"] == [2.0, 2.2, 2.1]
+    no_rounds = LiveBench(LiveBenchConfig(tasks=10), 1.0, {}, runs)
+    assert round_stats(no_rounds) == [] and "rounds" not in to_json(no_rounds) and "rounds" not in markdown(no_rounds)

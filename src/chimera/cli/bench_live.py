@@ -137,6 +137,7 @@ def bench_live(
     no_hints: bool = typer.Option(False, "--no-hints", help="Chimera contenders' agents send no workflow hints, only what an OpenAI client sends (the gateway infers each workflow from its conversation); the report says so. The simulated twin is unchanged."),
     append_only: bool = typer.Option(False, "--append-only", help="Every contender's agents send append-only conversations (as without hints) and keep their hints: the like-for-like partner of a --no-hints run."),
     replica_spread: str = typer.Option("call", "--replica-spread", help="Contenders run as replicas (chimera:POLICYxN): 'call' sends each call to the next replica (a round-robin load balancer), 'workflow' each workflow to one replica (sticky sessions; always so with --no-hints)."),
+    repeat: int = typer.Option(1, "--repeat", help="Run every contender this many times, round by round on the same tasks and arrivals; the report adds each one's rounds, mean and range (live runs vary between runs)."),
     resim: bool = typer.Option(False, "--resimulate", help="--engine vllm results in --out: run only the simulator again on the stored live runs (with --profiles and --sim-online-lengths/--sim-plan-lengths); writes results-resim.md/.json. Starts nothing."),
 ) -> None:
     """Live head-to-head: the same agents and workload through LiteLLM's proxy and through Chimera, on fresh
@@ -147,6 +148,7 @@ def bench_live(
     Real vLLM: chimera bench live --engine vllm --tasks 60 --load 0.5 --overhead-rates "" --out out/bench-live-vllm
     Unmodified agents: chimera bench live --no-hints --contenders chimera:vllm,chimera:chimera@0.05 --out out/bench-live-nohints
     Two replicas sharing state: chimera bench live --contenders chimera:chimera@0.05,chimera:chimera@0.05x2 --out out/bench-live-replicas
+    Each side's spread: chimera bench live --contenders chimera:chimera@0.05,chimera:chimera@0.05x2 --repeat 5 --out out/bench-live-replicas
     """
     from pydantic import ValidationError
 
@@ -160,7 +162,7 @@ def bench_live(
             contenders=names(contenders) if contenders else list(DEFAULT_CONTENDERS),
             workload=workload, tasks=tasks, load=load, rate=rate, time_scale=time_scale, seed=seed,
             overhead_rates=orates, overhead_duration_s=overhead_duration, litellm=str(litellm) if litellm else None,
-            hints=not no_hints, append_only=append_only, replica_spread=replica_spread,
+            hints=not no_hints, append_only=append_only, replica_spread=replica_spread, repeat=repeat,
             engine=engine, real_models=names(real_models),
             length_scale=length_scale, prompt_scale=prompt_scale, tool_scale=tool_scale,
             max_inflight=max_inflight, kv_cache_gib=kv_cache_gib, priority=priority,

@@ -115,6 +115,9 @@ class LiveBenchConfig(BaseModel):
     # contenders run as several replicas (chimera:POLICYxN): each call to the next replica ("call", a round-robin load
     # balancer) or each workflow to one replica ("workflow", sticky sessions; always so without hints)
     replica_spread: Literal["call", "workflow"] = "call"
+    # every contender this many times, round by round on the same tasks and arrivals: live runs vary between runs
+    # (a feedback loop of routing and congestion), so a comparison needs each side's spread
+    repeat: int = Field(default=1, ge=1, le=20)
     # ---- engine "vllm" only (real vLLM CPU servers); see docs/live.md
     engine: Literal["emulate", "vllm"] = "emulate"
     real_models: list[str] = Field(default_factory=lambda: list(REAL_MODELS), min_length=1)  # weakest-mapped first

@@ -36,6 +36,7 @@ class LiveBench:
     runs: list[ContenderRun]
     overhead: dict[str, Any] | None = None
     engine: dict[str, Any] | None = None  # real engine: servers, profiles, capacity, workload scaling
+    rounds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # --repeat: label -> each round's summary
 
     @property
     def label(self) -> str:

@@ -66,6 +66,73 @@ def _replica_lines(b: LiveBench) -> list[str]:
     return lines
 
 
+def round_stats(b: LiveBench) -> list[dict[str, Any]]:
+    """--repeat: per contender, each round's accuracy and mean latency, their mean and range; for a contender run as
+    replicas, whether its means lie within one gateway's range over the same rounds, and a two-sided Mann-Whitney
+    p-value of each metric (small: the rounds differ by more than their spread explains)."""
+    if not b.rounds:
+        return []
+    from scipy.stats import mannwhitneyu
+
+    out = []
+    for label, sums in b.rounds.items():
+        acc = [s["accuracy"] for s in sums]
+        lat = [s["latency_s"]["mean"] for s in sums]
+        calls: dict[str, float] = {}
+        for s in sums:
+            for m, v in s["per_model"].items():
+                calls[m] = calls.get(m, 0.0) + v.get("calls", 0) / len(sums)
+        out.append({"contender": label, "rounds": len(sums), "accuracy": acc, "latency_mean_s": lat,
+                    "accuracy_mean": sum(acc) / len(acc), "latency_mean_s_mean": sum(lat) / len(lat),
+                    "calls_mean": {m: round(v, 1) for m, v in sorted(calls.items())}})
+    single = {(r.contender.strategy, r.contender.lam, r.contender.online): r.contender.label for r in b.runs
+              if r.contender.gateway == "chimera" and r.contender.replicas == 1}
+    by_label = {x["contender"]: x for x in out}
+    for r in b.runs:
+        one = by_label.get(single.get((r.contender.strategy, r.contender.lam, r.contender.online), ""))
+        if r.contender.replicas == 1 or one is None:
+            continue
+        x = by_label[r.contender.label]
+        x["vs"] = one["contender"]
+        for metric in ("accuracy", "latency_mean_s"):
+            lo, hi = min(one[metric]), max(one[metric])
+            mean = sum(x[metric]) / len(x[metric])
+            x[f"{metric}_within"] = lo <= mean <= hi
+            x[f"{metric}_p"] = float(mannwhitneyu(x[metric], one[metric], alternative="two-sided").pvalue)
+    return out
+
+
+def _round_lines(b: LiveBench) -> list[str]:
+    stats = round_stats(b)
+    if not stats:
+        return []
+    lines = ["", f"Every contender over {stats[0]['rounds']} rounds, round by round on the same tasks and arrivals "
+             "(round 1 is the run above):", "",
+             "| contender | accuracy per round | mean | mean latency per round (s) | mean | calls per model, mean |",
+             "|---|---|---:|---|---:|---|"]
+    for x in stats:
+        lines.append(f"| {x['contender']} | {', '.join(f'{100 * a:.1f}' for a in x['accuracy'])} | "
+                     f"{100 * x['accuracy_mean']:.1f}% | {', '.join(f'{v:.2f}' for v in x['latency_mean_s'])} | "
+                     f"{x['latency_mean_s_mean']:.2f} | "
+                     f"{', '.join(f'{m}:{v:g}' for m, v in x['calls_mean'].items())} |")
+    pairs = [x for x in stats if "vs" in x]
+    if pairs:
+        lines += ["", "Replicas against one gateway over the rounds: each mean within the one gateway's range of "
+                  "rounds, and the two-sided Mann-Whitney p of the rounds (small: a difference beyond the spread):",
+                  "", "| replicas | vs one gateway | accuracy: within, p | mean latency: within, p | "
+                  "latency ratio of the means |", "|---|---|---|---|---:|"]
+        for x in pairs:
+            one = next(y for y in stats if y["contender"] == x["vs"])
+            lines.append(f"| {x['contender']} | {x['vs']} | {_yes(x['accuracy_within'])}, {x['accuracy_p']:.2f} | "
+                         f"{_yes(x['latency_mean_s_within'])}, {x['latency_mean_s_p']:.2f} | "
+                         f"{x['latency_mean_s_mean'] / one['latency_mean_s_mean']:.2f}× |")
+    return lines
+
+
+def _yes(v: bool) -> str:
+    return "yes" if v else "**no**"
+
+
 def live_frontier(b: LiveBench) -> list[dict[str, Any]]:
     """The λ-sweep frontier (bench.frontier) of the live runs: Chimera's contenders as policies, LiteLLM's
     least-busy standing in for least-loaded where Chimera's own least-loaded did not run; empty without `vllm`."""
@@ -89,6 +156,8 @@ def to_json(b: LiveBench, front: list[dict[str, Any]] | None = None) -> dict[str
            "runs": [{"contender": r.contender.label, "live": r.summary, "sim": r.sim, "fidelity_pct": r.fidelity}
                     for r in b.runs],
            "overhead": b.overhead, "frontier": live_frontier(b) if front is None else front}
+    if b.rounds:
+        out["rounds"] = round_stats(b)
     if b.engine is not None:
         out["engine"] = b.engine
         for row, r in zip(out["runs"], b.runs):
@@ -130,6 +199,7 @@ def markdown(b: LiveBench, front: list[dict[str, Any]] | None = None) -> str:
                              f"{ys['latency_s']['p99'] / xs['latency_s']['p99']:.2f}× | "
                              f"{100 * (xs['accuracy'] - ys['accuracy']):+.1f} |")
     lines += _replica_lines(b)
+    lines += _round_lines(b)
     if front is None:
         front = live_frontier(b)
     if front:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from chimera.bench.live.config import LiveBenchConfig, parse_contender
-from chimera.bench.live.contenders import LiveBench, run_contender
+from chimera.bench.live.contenders import ContenderRun, LiveBench, run_contender
 from chimera.bench.live.profiles import given_profiles
 from chimera.bench.live.providers import SETUPS
 from chimera.bench.live.report import live_frontier, markdown, plot_frontier, to_json
@@ -28,17 +28,24 @@ def run_live_bench(cfg: LiveBenchConfig, out: Path, on_record: Callable | None =
         cfg = cfg.model_copy(update={"litellm": str(find_litellm(cfg.litellm))})
     setup = SETUPS[cfg.engine](cfg, out, on_stage)
     provider = setup.provider
-    runs = []
-    for c in contenders:
-        if on_stage is not None:
-            on_stage(c.label)
-        run = run_contender(c, provider, setup.tasks, cfg, setup.rate, out / c.label.replace(" ", "-"), on_record)
-        run.sim = simulate_same_run(c, setup.tasks, cfg, setup.rate, cluster=provider.sim_cluster,
-                                    workflows=provider.workflows)
-        if run.sim is not None:
-            run.fidelity = fidelity(run.sim, run.summary)
-        runs.append(run)
-    bench = LiveBench(cfg, setup.rate, setup.mapping, runs, engine=setup.engine)
+    runs: list[ContenderRun] = []
+    rounds: dict[str, list[dict[str, Any]]] = {c.label: [] for c in contenders}
+    for k in range(cfg.repeat):  # round by round, so a drift of the machine reaches every contender alike
+        for i, c in enumerate(contenders):
+            if on_stage is not None:
+                on_stage(c.label if cfg.repeat == 1 else f"{c.label}, round {k + 1}/{cfg.repeat}")
+            folder = c.label.replace(" ", "-") + ("" if k == 0 else f"-round{k + 1}")
+            run = run_contender(c, provider, setup.tasks, cfg, setup.rate, out / folder, on_record)
+            rounds[c.label].append(run.summary)
+            if k > 0:  # the report's main tables show round 1; the twin is the same for every round
+                continue
+            run.sim = simulate_same_run(c, setup.tasks, cfg, setup.rate, cluster=provider.sim_cluster,
+                                        workflows=provider.workflows)
+            if run.sim is not None:
+                run.fidelity = fidelity(run.sim, run.summary)
+            runs.append(run)
+    bench = LiveBench(cfg, setup.rate, setup.mapping, runs, engine=setup.engine,
+                      rounds=rounds if cfg.repeat > 1 else {})
     _finish(bench, cfg, out, uses_litellm, on_stage)
     return bench
 

@@ -662,6 +662,7 @@ def test_repeated_rounds_set_the_replicas_beside_one_gateways_spread() -> None:
     b = LiveBench(LiveBenchConfig(tasks=10, repeat=3), 1.0, {}, runs, rounds=rounds)
     x, y = round_stats(b)
     assert x["contender"] == one.label and "vs" not in x and x["calls_mean"] == {"qwen2.5-14b": 5.0, "qwen2.5-7b": 10.0}
+    assert [c["qwen2.5-14b"] for c in x["calls"]] == [4, 6, 5]
     assert y["vs"] == one.label and y["latency_mean_s_within"] and y["accuracy_within"]
     assert y["latency_mean_s_mean"] == pytest.approx(3.25 / 3) and 0.0 < y["latency_mean_s_p"] <= 1.0
     md = markdown(b)

@@ -83,6 +83,7 @@ def round_stats(b: LiveBench) -> list[dict[str, Any]]:
             for m, v in s["per_model"].items():
                 calls[m] = calls.get(m, 0.0) + v.get("calls", 0) / len(sums)
         out.append({"contender": label, "rounds": len(sums), "accuracy": acc, "latency_mean_s": lat,
+                    "calls": [{m: v.get("calls", 0) for m, v in s["per_model"].items()} for s in sums],
                     "accuracy_mean": sum(acc) / len(acc), "latency_mean_s_mean": sum(lat) / len(lat),
                     "calls_mean": {m: round(v, 1) for m, v in sorted(calls.items())}})
     single = {(r.contender.strategy, r.contender.lam, r.contender.online): r.contender.label for r in b.runs

@@ -212,6 +212,73 @@ def test_chat_returns_exactly_max_tokens(cluster):
 
 
 @vllm
+def test_real_vllm_prefix_cache_matches_the_model(cluster):
+    """The engine model's prefix caching (tests/test_prefix_cache.py) against one of the module's real servers
+    (CHIMERA_PREFIX_CHECK_MODEL, default `wide`: its prefill dominates TTFT, so the hit shows in time; on `tiny` TTFT
+    is mostly per-request overhead). A warm-up prompt, then one 1,400-token prompt (token ids)
+    twice, one output token each; the prefix-cache counters and the engine's TTFT histogram around each request are
+    compared with the engine model at block size 128 (step times from out/prof/MODEL.yaml, `chimera profile`, when
+    present). `pytest -s` prints the figures (docs/perfmodel.md, "Prefix caching")."""
+    import random
+
+    from chimera.backends.vllm_cpu import DEFAULT_MODELS
+    from chimera.perfmodel.perf import StepTimeModel
+    from chimera.perfmodel.profiles import load_profile_file
+    from chimera.profiling.metrics import parse_prometheus
+    from test_prefix_cache import REAL_PROMPT_TOKENS, VLLM_BLOCK_TOKENS, modelled_repeat
+
+    model = os.environ.get("CHIMERA_PREFIX_CHECK_MODEL", "wide")
+    rng = random.Random(12)
+    warm, prompt = ([rng.randrange(16, 4000) for _ in range(REAL_PROMPT_TOKENS)] for _ in range(2))
+    names = {"vllm:prefix_cache_queries_total": "queries", "vllm:prefix_cache_hits_total": "hits",
+             "vllm:time_to_first_token_seconds_sum": "ttft_s"}
+    measured = []
+    srv = cluster["cluster"].by_name(model)  # the module's server: no start-up of its own
+
+    def scrape() -> dict:
+        vals = dict.fromkeys(names.values(), 0.0)
+        for n, lab, v in parse_prometheus(httpx.get(srv.url + "/metrics", timeout=30).text):
+            if n in names and lab.get("model_name") in (None, srv.served_model_name):
+                vals[names[n]] += v
+        return vals
+
+    def ask(ids: list[int]) -> float:
+        t0 = time.perf_counter()
+        r = httpx.post(srv.base_url + "/completions", timeout=120, json={
+            "model": srv.served_model_name, "prompt": ids, "max_tokens": 1, "temperature": 0})
+        r.raise_for_status()
+        assert r.json()["usage"]["prompt_tokens"] == REAL_PROMPT_TOKENS
+        return time.perf_counter() - t0
+
+    ask(warm)
+    for _ in range(2):
+        before = scrape()
+        latency = ask(prompt)
+        after = scrape()
+        measured.append({k: after[k] - before[k] for k in after} | {"latency_s": latency})
+    prof = Path(DEFAULT_MODELS).parent / "prof" / f"{model}.yaml"
+    modelled = None
+    if prof.is_file():
+        spec = load_profile_file(prof)
+        modelled = modelled_repeat(StepTimeModel(spec))
+        for m in modelled:
+            m["latency_s"] = m["ttft_s"] + spec.fitted.request_overhead_s
+    print(f"\nprefix caching, {model}, {REAL_PROMPT_TOKENS}-token prompt twice, block {VLLM_BLOCK_TOKENS}:")
+    for i, m in enumerate(measured):
+        line = (f"  request {i + 1}: measured queries {m['queries']:.0f} hits {m['hits']:.0f} "
+                f"TTFT {1e3 * m['ttft_s']:.1f} ms (client {1e3 * m['latency_s']:.1f} ms)")
+        if modelled:
+            mm = modelled[i]
+            line += (f"; modelled hits {mm['hits']} TTFT {1e3 * mm['ttft_s']:.1f} ms "
+                     f"(client {1e3 * mm['latency_s']:.1f} ms)")
+        print(line)
+    assert [(m["queries"], m["hits"]) for m in measured] == [(1400, 0), (1400, 1280)]
+    if modelled:
+        assert [(m["queries"], m["hits"]) for m in modelled] == [(1400, 0), (1400, 1280)]
+    assert measured[1]["ttft_s"] < measured[0]["ttft_s"]
+
+
+@vllm
 def test_models_lists_the_served_name(cluster):
     for s in cluster["cluster"]:
         data = httpx.get(s.base_url + "/models", timeout=10).json()["data"]

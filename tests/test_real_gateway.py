@@ -200,10 +200,10 @@ def test_real_metric_names_are_scraped_for_the_replica_choice(servers, tmp_path)
         assert 'chimera_backend_kv_cache_usage{backend="tiny-0",model="tiny"}' in text
 
 
-def test_a_real_server_killed_mid_run_loses_only_started_streams_and_comes_back(servers, tmp_path):
+def test_a_real_server_killed_mid_run_loses_only_started_streams(servers, tmp_path):
     """`tiny` is SIGKILLed while calls run on it: every non-streaming call is answered (retried on `wide`); a
-    stream that had started ends with an SSE error event (documented); after a restart the health checker marks
-    it up again and it serves."""
+    stream that had started ends with an SSE error event (documented). Runs last in `make test`: `tiny` stays down
+    (its restart, a second start-up, is the slow test below)."""
     tiny = servers.by_name("tiny")
     with gateway(servers, tmp_path) as gw:
         async def run():
@@ -235,9 +235,19 @@ def test_a_real_server_killed_mid_run_loses_only_started_streams_and_comes_back(
         assert [r.status_code for r in plain] == [200] * 8
         assert status == 200 and '"error"' in text and text.rstrip().endswith("[DONE]")
         assert gw.gw.pool.inflight == {"tiny": 0, "wide": 0}
+
+
+@pytest.mark.slow
+def test_a_killed_real_server_comes_back_into_the_gateway(servers, tmp_path):
+    """A `tiny` killed (above, or here) and started again on its port: the gateway's health checker marks it up again
+    and it serves (slow: a second start-up; the same rule on emulated backends is in tests/test_gateway_health.py)."""
+    tiny = servers.by_name("tiny")
+    if tiny.alive():
+        tiny.kill_hard()
+    with gateway(servers, tmp_path) as gw:
+        be = gw.gw.pool.backends["tiny"][0]
         tiny.start()
         deadline = time.monotonic() + 30
-        be = gw.gw.pool.backends["tiny"][0]
         while time.monotonic() < deadline and not be.healthy:
             time.sleep(0.2)
         assert be.healthy

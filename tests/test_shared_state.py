@@ -321,6 +321,28 @@ def test_a_quiet_replica_holds_its_share_until_its_entry_expires(redis_server):
     asyncio.run(scenario())
 
 
+def test_a_grant_leaves_a_quiet_replicas_share_free(redis_server):
+    """The atomic grant keeps the room a quiet replica may be running without leases (its share, less its leases):
+    another replica is granted cap − that; once the quiet replica's entry expires, the whole cap again."""
+    ttl, shares = 1.0, {"m-0": 4}
+
+    async def scenario() -> None:
+        r = redis.asyncio.Redis.from_url(redis_server.url)
+        quiet, me = (Leases(r, "t-grant-quiet", rid, ["m-0"], ttl, shares=shares, stale_s=0.2) for rid in "qm")
+        assert (await quiet.acquire("m-0", quiet.member(0), 8))[0]
+        await quiet.sync({"m-0": [quiet.member(0)]}, {}, "renew")
+        await asyncio.sleep(0.3)  # quiet now: it counts as 4 (1 lease + 3 it may run alone)
+        grants = [(await me.acquire("m-0", me.member(i), 8))[0] for i in range(5)]
+        assert grants == [True] * 4 + [False]
+        await asyncio.sleep(ttl)  # its entry and its lease expired: the whole cap (mine renewed)
+        await me.sync({"m-0": [me.member(i) for i in range(4)]}, {}, "renew")
+        grants = [(await me.acquire("m-0", me.member(i), 8))[0] for i in range(4, 9)]
+        assert grants == [True] * 4 + [False]
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_workflow_state_is_shared(tmp_path, redis_server):
     """A hinted workflow's stages and tokens finished on one replica are its state on the other: the next stage's
     number, its tokens so far."""

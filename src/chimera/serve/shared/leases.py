@@ -24,19 +24,33 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS[1] the backend's lease ZSET, KEYS[2..] lease ZSETs of releases to apply first (so a slot freed by this
-# replica is free for its next call in the same round trip); ARGV: member, cap, ttl ms, then the releases' members.
-# Returns {1 granted | 0 full, leases on the backend after it}.
+# KEYS[1] the backend's lease ZSET, KEYS[2] the replicas ZSET, KEYS[3..] lease ZSETs of releases to apply first (so
+# a slot freed by this replica is free for its next call in the same round trip); ARGV: member, cap, ttl ms, a
+# replica's share of the cap, stale ms, this replica's member prefix (`REPLICA:`), then the releases' members.
+# A quiet replica (see SYNC) counts as holding at least its share here too, so no grant takes a slot it may be
+# running without a lease. Returns {1 granted | 0 full, leases on the backend after it}.
 ACQUIRE = _NOW + """
-for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i + 2]) end
+for i = 3, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i + 4]) end
 local key, member, cap, ttl = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local share, stale, own = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
 local n = redis.call('ZCARD', key)
 if redis.call('ZSCORE', key, member) then
   redis.call('ZADD', key, now + ttl, member)
   return {1, n}
 end
-if n < cap then
+local reserved = 0
+local quiet = redis.call('ZRANGEBYSCORE', KEYS[2], now, now + ttl - stale)
+if #quiet > 0 and share > 0 then
+  local per = {}
+  for _, r in ipairs(quiet) do if r .. ':' ~= own then per[r] = 0 end end
+  for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    local r = string.match(m, '^(.*):[^:]*$')
+    if r and per[r] then per[r] = per[r] + 1 end
+  end
+  for _, held in pairs(per) do reserved = reserved + math.max(0, share - held) end
+end
+if n + reserved < cap then
   redis.call('ZADD', key, now + ttl, member)
   return {1, n + 1}
 end
@@ -170,10 +184,11 @@ class Leases:
 
     async def acquire(self, backend: str, member: str, cap: int,
                       releases: Sequence[tuple[str, str]] = ()) -> tuple[bool, int]:
-        """One atomic try for a lease on `backend` under `cap` (after applying `releases`, (backend, member) pairs):
-        (granted, leases on the backend now). One round trip."""
-        keys = [self.lease_keys[backend], *(self.lease_keys[b] for b, _ in releases)]
-        args = [member, cap, self.ttl_ms, *(m for _, m in releases)]
+        """One atomic try for a lease on `backend` under `cap`, less what quiet replicas may run unleased (after
+        applying `releases`, (backend, member) pairs): (granted, leases on the backend now). One round trip."""
+        keys = [self.lease_keys[backend], self.key("replicas"), *(self.lease_keys[b] for b, _ in releases)]
+        args = [member, cap, self.ttl_ms, self.shares.get(backend, 0), self.stale_ms, self.own,
+                *(m for _, m in releases)]
         granted, n = await self._eval(self._acquire, keys, args)
         return bool(granted), int(n)
 

@@ -31,7 +31,7 @@ def run_live_bench(cfg: LiveBenchConfig, out: Path, on_record: Callable | None =
     runs: list[ContenderRun] = []
     rounds: dict[str, list[dict[str, Any]]] = {c.label: [] for c in contenders}
     for k in range(cfg.repeat):  # round by round, so a drift of the machine reaches every contender alike
-        for i, c in enumerate(contenders):
+        for c in contenders:
             if on_stage is not None:
                 on_stage(c.label if cfg.repeat == 1 else f"{c.label}, round {k + 1}/{cfg.repeat}")
             folder = c.label.replace(" ", "-") + ("" if k == 0 else f"-round{k + 1}")

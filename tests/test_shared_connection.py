@@ -89,3 +89,20 @@ def test_state_config_refuses_a_bad_url_naming_it():
     with pytest.raises(GatewayConfigError, match="state.ttl"):
         gateway_config_from_dict({"backends": [{"name": "a", "model": "m", "base_url": "http://127.0.0.1:1/v1"}],
                                   "state": {"redis_url": "redis://127.0.0.1:1", "ttl": 3}})
+
+
+def test_a_connection_a_cancel_left_broken_does_not_keep_the_replica_degraded(redis_server) -> None:
+    """A Redis command cancelled while it connected can leave a pooled connection whose parser is closed (every
+    command on it: "Buffer is closed."); the probe starts from fresh connections, so the replica rejoins."""
+
+    async def scenario() -> None:
+        conn = SharedConnection(StateConfig(redis_url=redis_server.url, key_prefix="t-broken", replica_id="x"))
+        assert await conn.run(lambda r: r.ping(), None) is True
+        (pooled,) = conn.redis.connection_pool._available_connections
+        pooled._parser.on_disconnect()  # what the cancel leaves: the socket open, the parser closed
+        assert await conn.run(lambda r: r.ping(), None) is None and conn.degraded and "Buffer" in conn.reason
+        await conn.probe()
+        assert not conn.degraded and await conn.run(lambda r: r.ping(), None) is True
+        await conn.stop()
+
+    asyncio.run(scenario())

@@ -9,6 +9,7 @@ import logging
 from typing import Awaitable, Callable
 
 log = logging.getLogger("chimera")
+STOP_RETRY_S = 0.5  # how long stop() waits for the loop to end before it cancels it again
 
 
 class Periodic:
@@ -31,11 +32,16 @@ class Periodic:
             self._task = asyncio.ensure_future(self._loop())
 
     async def stop(self) -> None:
+        """Cancel the loop and wait for it to end; a cancel that `fn` swallowed (Python 3.11's `asyncio.wait_for`,
+        used inside redis-py, can return a result and drop a cancel that came at the same moment) is sent again."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await asyncio.wait([task], timeout=STOP_RETRY_S)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            task.result()
 
     async def _loop(self) -> None:
         first = self.first_after_s

@@ -105,7 +105,11 @@ class SharedConnection:
         if not self.degraded:
             return
         try:
-            await asyncio.wait_for(self.redis.ping(), self.cfg.timeout_s * 4)
+            async with asyncio.timeout(self.cfg.timeout_s * 4):  # not wait_for: in Python 3.11 it can drop a cancel
+                # fresh connections: a command cancelled while it connected can leave one whose parser is closed
+                # ("Buffer is closed"), which would fail every probe on it
+                await self.redis.connection_pool.disconnect()
+                await self.redis.ping()
             self.degraded = False  # the callbacks' own commands must reach Redis
             for fn in self.on_rejoin:
                 await fn()

@@ -108,8 +108,11 @@ def test_calls_held_on_one_replica_steer_the_other(tmp_path, redis_server):
 
         async def scenario() -> httpx.Response:
             held = asyncio.ensure_future(_calls([b.url], 3, model="x"))
-            await asyncio.to_thread(_until, lambda: a.gw.policy.monitor.remote_calls["x"] == 3, 3.0, "B's load")
-            assert a.gw.pool.cap["x"] == 1 and a.gw.shared.status()["remote_inflight"]["x-0"] == 3
+            # B publishes its calls at admission and takes their leases after dispatch: a busy machine can show A
+            # the first before the second, so wait for both
+            await asyncio.to_thread(_until, lambda: a.gw.policy.monitor.remote_calls["x"] == 3
+                                    and a.gw.shared.status()["remote_inflight"]["x-0"] == 3, 3.0, "B's load and leases")
+            assert a.gw.pool.cap["x"] == 1
             async with httpx.AsyncClient(timeout=10) as client:
                 steered = await client.post(a.url + "/v1/chat/completions",
                                             json={"model": "chimera", "messages": MSG})

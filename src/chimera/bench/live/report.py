@@ -42,12 +42,18 @@ def _fidelity_cells(sim: dict[str, Any], live: dict[str, Any], fid: dict[str, fl
             + " / ".join(f"{fid[k]:.0f}%" for k in FIDELITY_METRICS))
 
 
+def replica_pairs(b: LiveBench) -> list[tuple[Any, Any]]:
+    """(run as several replicas, the same contender's run as one gateway, or None), in run order."""
+    def key(r: Any) -> tuple:
+        return r.contender.strategy, r.contender.lam, r.contender.online
+
+    single = {key(r): r for r in b.runs if r.contender.gateway == "chimera" and r.contender.replicas == 1}
+    return [(r, single.get(key(r))) for r in b.runs if r.contender.replicas > 1]
+
+
 def _replica_lines(b: LiveBench) -> list[str]:
     """Each contender run as several replicas beside the same contender as one gateway (same tasks, arrivals)."""
-    single = {(r.contender.strategy, r.contender.lam, r.contender.online): r for r in b.runs
-              if r.contender.gateway == "chimera" and r.contender.replicas == 1}
-    pairs = [(r, single.get((r.contender.strategy, r.contender.lam, r.contender.online))) for r in b.runs
-             if r.contender.replicas > 1]
+    pairs = replica_pairs(b)
     if not pairs:
         return []
     how = ("each agent call sent to the next replica round robin" if b.config.replica_spread == "call" and b.config.hints
@@ -86,19 +92,15 @@ def round_stats(b: LiveBench) -> list[dict[str, Any]]:
                     "calls": [{m: v.get("calls", 0) for m, v in s["per_model"].items()} for s in sums],
                     "accuracy_mean": sum(acc) / len(acc), "latency_mean_s_mean": sum(lat) / len(lat),
                     "calls_mean": {m: round(v, 1) for m, v in sorted(calls.items())}})
-    single = {(r.contender.strategy, r.contender.lam, r.contender.online): r.contender.label for r in b.runs
-              if r.contender.gateway == "chimera" and r.contender.replicas == 1}
     by_label = {x["contender"]: x for x in out}
-    for r in b.runs:
-        one = by_label.get(single.get((r.contender.strategy, r.contender.lam, r.contender.online), ""))
-        if r.contender.replicas == 1 or one is None:
+    for r, twin in replica_pairs(b):
+        one = None if twin is None else by_label.get(twin.contender.label)
+        x = by_label.get(r.contender.label)
+        if one is None or x is None:
             continue
-        x = by_label[r.contender.label]
         x["vs"] = one["contender"]
-        for metric in ("accuracy", "latency_mean_s"):
-            lo, hi = min(one[metric]), max(one[metric])
-            mean = sum(x[metric]) / len(x[metric])
-            x[f"{metric}_within"] = lo <= mean <= hi
+        for metric, mean in (("accuracy", x["accuracy_mean"]), ("latency_mean_s", x["latency_mean_s_mean"])):
+            x[f"{metric}_within"] = min(one[metric]) <= mean <= max(one[metric])
             x[f"{metric}_p"] = float(mannwhitneyu(x[metric], one[metric], alternative="two-sided").pvalue)
     return out
 

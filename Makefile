@@ -134,6 +134,7 @@ bench-learning: $(STAMP)
 	$(BIN)/chimera bench sim -w synthetic --predictors out/predictors/synthetic --policies vllm,chimera --loads 0.7 --lams 0.005,0.01,0.02,0.05,0.1 --tasks 3000 --predictions online,oracle --out out/bench-learning-synthetic
 	$(BIN)/chimera bench ope -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --lam 0.05 --candidates 0.02,0.1,0.2 --seeds 0,1,2,3,4 --learner explore_min=0.1 --out out/bench-ope-mmlu
 	$(BIN)/chimera bench ope -w synthetic --lam 0.02 --candidates 0.01,0.05,0.1 --seeds 0,1,2,3,4 --learner explore_min=0.1 --out out/bench-ope-synthetic
+	$(BIN)/chimera bench ope -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --lam 0.05 --candidates 0.02,0.1,0.2 --seeds 0,1,2,3,4 --learner explore_min=0.1 --tasks 10000 --out out/bench-ope-mmlu-10k
 	$(BIN)/chimera bench live --contenders chimera:chimera@0.01,chimera:chimera@0.01+online --tasks 1500 --load 0.6 --overhead-rates "" --out out/bench-live-learning
 	$(BIN)/chimera bench gateway --rates 50,100 --duration 10 --online --out out/bench-gateway-online
 

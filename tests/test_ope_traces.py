@@ -46,7 +46,8 @@ def write_logged(path, n: int = 400, seed: int = 0, lam: float = 0.1, eps: float
         model = str(rng.choice(MODELS)) if explored else greedy
         d = decision(model, eps, explored, conf, lat, lam)
         store.log_call({"workflow_id": f"wf-{i}", "stage": 0, "call_id": f"c-{i}", "model": model, "status": "ok",
-                        "prompt_tokens": 10, "completion_tokens": 5, "confidences": conf, "policy": "chimera",
+                        "prompt_tokens": 10, "completion_tokens": 5 + i % 3, "confidences": conf, "policy": "chimera",
+                        "kind": "qa", "prompt": f"question {i % 7}",
                         "predictor_version": "v1", **routing_columns(d)})
         if scored:
             store.log_feedback(f"wf-{i}", float(rng.random() < conf[model]), at=float(i))
@@ -111,6 +112,10 @@ def test_the_reader_builds_the_logged_calls_and_counts_skips(tmp_path):
     assert logs.models == ["small", "big"]  # the policy's order, from the terms
     assert set(logs.terms) == {"confidence_share", "expected_latency"}
     assert np.all(logs.weights["expected_latency"] == -0.1)
+    # what the replayed DR's reward model reads: each call's prompt and output tokens
+    at = [logs.workflow_ids.index(f"wf-{i}") for i in range(8)]  # one call per workflow: call i is workflow i's
+    assert [logs.prompts[i] for i in at] == [("qa", f"question {i % 7}") for i in range(8)]
+    assert [logs.tokens[i] for i in at] == [5, 6, 7, 5, 6, 7, 5, 6]
 
 
 def test_the_reader_refuses_a_store_without_feedback(tmp_path):
@@ -158,8 +163,12 @@ def test_cli_eval_traces_errors(tmp_path):
 
 def test_simulate_trace_writes_a_store_that_ope_reads(tmp_path):
     db = tmp_path / "sim.sqlite"
-    args = ["simulate", "-w", "synthetic:80", "--predictions", "online", "--rate", "2", "--tasks", "150",
-            "--lam", "0.05", "--trace", str(db)]
+    cluster = tmp_path / "cluster.yaml"  # served names other than the workload's, as a deployment's often are
+    cluster.write_text("models:\n" + "".join(f"  - {{profile: {m}@a6000, name: {n}, workload_model: {m}}}\n"
+                                             for n, m in (("small", "qwen2.5-1.5b"), ("mid", "qwen2.5-7b"),
+                                                          ("big", "qwen2.5-14b"))))
+    args = ["simulate", "-w", "synthetic:80", "-c", str(cluster), "--predictions", "online", "--rate", "2",
+            "--tasks", "150", "--lam", "0.05", "--trace", str(db)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "0 dropped" in _flat(r.output)
@@ -172,28 +181,51 @@ def test_simulate_trace_writes_a_store_that_ope_reads(tmp_path):
     assert calls == ok == len(logs.chosen)
     r = CliRunner().invoke(app, args)  # a store holds one run
     assert r.exit_code == 2 and "the trace file exists" in _flat(r.output)
+    # the replayed DR from the same store, on the cluster it ran on
+    out = tmp_path / "ope.json"
+    r = CliRunner().invoke(app, ["eval", "traces", str(db), "--lam", "0.02", "--cluster", str(cluster), "--replays",
+                                 "2", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "DR replayed" in r.output and "pairs over" in _flat(r.output)
+    res = json.loads(out.read_text())
+    [rep] = res["replayed"]
+    assert rep["replays"] == 2 and rep["low"] <= rep["value"] <= rep["high"] and 0 <= rep["direct"] <= 1
+    assert res["reward_model"]["pairs_seen"] <= res["reward_model"]["pairs"]
+    r = CliRunner().invoke(app, ["eval", "traces", str(db), "--cluster", str(cluster)])
+    assert r.exit_code == 2 and "give at least one --lam" in _flat(r.output)
+    cluster.write_text("models:\n  - {profile: qwen2.5-7b@a6000, name: mid}\n")
+    r = CliRunner().invoke(app, ["eval", "traces", str(db), "--lam", "0.02", "--cluster", str(cluster)])
+    assert r.exit_code == 2 and "the cluster has no model ['big', 'small']" in _flat(r.output)
 
 
 def test_bench_ope_checks_estimates_against_the_candidates_runs(tmp_path):
     out = tmp_path / "ope"
     r = CliRunner().invoke(app, ["bench", "ope", "-w", "synthetic:60", "--lam", "0.02", "--candidates", "0.01,0.05",
-                                 "--tasks", "150", "--seeds", "0", "--out", str(out)])
+                                 "--tasks", "150", "--seeds", "0", "--replays", "2", "--out", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     [run] = res["runs"]
     assert run["replay"] == 1.0 and run["trace"]["dropped"] == 0 and (out / "trace-0.sqlite").exists()
     assert [row["lam"] for row in run["rows"]] == [0.01, 0.05]
     for row in run["rows"]:
-        for name in ("dr", "dr_additive"):
+        for name in ("dr_replayed", "dr", "dr_additive"):
             est = row[name]
             assert est["low"] <= est["value"] <= est["high"]
             assert est["error_pts"] == pytest.approx(100 * (est["value"] - row["accuracy"]))
             assert est["covered"] == (est["low"] <= row["accuracy"] <= est["high"])
+        rep = row["dr_replayed"]
+        assert rep["replays"] == 2 and rep["value"] == pytest.approx(rep["direct"] + rep["correction"])
+    assert res["passed"] == run["passed"] == all(r["dr_replayed"]["covered"] and r["dr_replayed"]["within"]
+                                                 for r in run["rows"])
+    assert 0 < run["reward_model"]["pairs_seen"] <= run["reward_model"]["pairs"]
     assert [s["lam"] for s in res["summary"]] == [0.01, 0.05] and res["summary"][0]["runs"] == 1
     md = (out / "results.md").read_text()
-    assert "| seed | logged accuracy | candidate λ |" in md and ("Check (every DR" in md)
+    assert "| seed | logged accuracy | candidate λ | simulated accuracy | DR replayed |" in md
+    assert "Logged runs whose every replayed DR is within 3 points and covers: " in md and "Check (every seed)" in md
     r = CliRunner().invoke(app, ["bench", "ope", "--candidates", "-1", "--out", str(out)])
     assert r.exit_code == 2 and "--candidates must be one or more λ ≥ 0" in _flat(r.output)
+    r = CliRunner().invoke(app, ["bench", "ope", "--replays", "0", "--out", str(out)])
+    assert r.exit_code == 2 and "--replays" in _flat(r.output)
 
 
 def test_bench_ope_sets_the_learners_parameters(tmp_path):

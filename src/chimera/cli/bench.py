@@ -176,12 +176,15 @@ def bench_ope(
                               "candidates' runs (workflows, arrivals)."),
     learner: list[str] = typer.Option([], "--learner", help="KEY=VALUE: a parameter of every run's confidence "
                                       "predictor (repeatable), e.g. explore_min=0.1 (see docs/predictors.md)."),
+    replays: int = typer.Option(5, "--replays", min=1, help="Replays of each candidate in a world learnt from the "
+                                "logs (the replayed DR the check judges)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     out: Path = typer.Option(Path("out/bench-ope"), "--out", help="Folder for trace-SEED.sqlite, results.md, "
                              "results.json."),
 ) -> None:
     """Off-policy evaluation checked in the simulator: a logged run's trace store estimates each candidate λ
-    (`chimera eval traces`), then each candidate runs for real on the same workflows (all results simulated).
+    (`chimera eval traces`, and the replayed DR: the candidate replayed in a world learnt from the store), then each
+    candidate runs for real on the same workflows (all results simulated).
 
     Example: chimera bench ope -w source:mmlu-pro-math -c examples/cluster-mmlu-math-h100.yaml --lam 0.05 --candidates 0.02,0.1,0.2
     """
@@ -192,12 +195,12 @@ def bench_ope(
     with failing_on(*LOAD_ERRORS):
         spec = OPECheckSpec(logged_lam=lam, candidates=candidate_list(candidates), load=load, tasks=tasks,
                             seeds=tuple(int(x) for x in names(seeds)), predictions=predictions,
-                            learner=tuple(parse_pairs(learner, "--learner").items()))
+                            learner=tuple(parse_pairs(learner, "--learner").items()), replays=replays)
         spec.predictors()  # a bad predictor choice or parameter fails here, naming it
         cl = cluster_or_default(cluster)
         load_workload(workload, data_dir=data_dir)  # a bad spec fails before any run
         with progress() as prog:
-            bar = prog.add_task(f"ope {workload}", total=len(spec.seeds) * (1 + len(spec.candidates)))
+            bar = prog.add_task(f"ope {workload}", total=len(spec.seeds) * spec.runs_per_seed())
             res = run_ope_check(lambda s: load_workload(workload, data_dir=data_dir, seed=s)[0], cl, spec, out,
                                 progress=lambda k: prog.advance(bar, k))
     console.print(write_results(res, workload, out))

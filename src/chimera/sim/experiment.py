@@ -184,6 +184,7 @@ def run_policy(
     hold: float | None = None,
     free_context: bool = False,
     record: Callable[[Event], None] | None = None,
+    arrivals: Sequence[float] | None = None,
     **policy_params,
 ) -> dict:
     """Simulate one policy on the prepared held-out tasks; returns the summary dict.
@@ -192,7 +193,8 @@ def run_policy(
     oracle, else trained if given, else priors); explicit `confidence`/`length` replace the honest ones.
     `engine_order`, `hold` and `free_context` are the Simulator's (the engines' queue order; the gateway's
     admission cap; the what-if where a workflow's earlier context is free on every replica); `record` hears every
-    event of the admission core (a trace writer)."""
+    event of the admission core (a trace writer); `arrivals` gives each workflow's arrival time instead of `rate`
+    (a replay of logged traffic)."""
     spec, label = resolve_predictions(predictions or policy_entry(policy).predictions,
                                       prep.context.trained is not None, prep.length_stat)
     wfs = workflows if workflows is not None else prep.workflows(n_tasks, seed)
@@ -204,8 +206,8 @@ def run_policy(
         pol = make_policy(policy, confidence=confidence or conf, length=length or lens, lam=lam, **policy_params)
     else:
         pol = build_policy(PolicySpec(name=policy, lam=lam, params=policy_params, predictors=spec), ctx)
-    sim = Simulator(prep.runtimes, pol, wfs, rate=rate, agents=agents, seed=seed, engine_order=engine_order, hold=hold,
-                    free_context=free_context, record=record)
+    sim = Simulator(prep.runtimes, pol, wfs, rate=rate, agents=agents, arrivals=arrivals, seed=seed,
+                    engine_order=engine_order, hold=hold, free_context=free_context, record=record)
     sim.admission.prepare(train_calls(prep))
     result = sim.run(progress=progress)
     result["lam"] = getattr(pol, "lam", None)

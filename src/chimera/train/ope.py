@@ -51,9 +51,14 @@ class LoggedCalls:
     weights: Mapping[str, np.ndarray]  # scorer -> (c,) the logged weight
     routed: np.ndarray  # (c,) bool: the call was routed (has terms); False: forced (pinned)
     confidence: np.ndarray  # (c, M) the reward model q, NaN where unknown
+    prompts: Sequence[tuple[str, str]] | None = None  # (c,) each call's (kind, prompt), where the logs have them
+    tokens: np.ndarray | None = None  # (c,) each call's output tokens, where the logs have them
 
     def __post_init__(self) -> None:
         c, m = len(self.chosen), len(self.models)
+        for name in ("prompts", "tokens"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != c:
+                raise ValueError(f"LoggedCalls.{name} has {len(getattr(self, name))} rows for {c} calls")
         for name in ("workflow", "propensity", "epsilon", "explored", "routed"):
             if len(getattr(self, name)) != c:
                 raise ValueError(f"LoggedCalls.{name} has {len(getattr(self, name))} rows for {c} calls")
@@ -145,7 +150,7 @@ def _values(logged: LoggedCalls, override: Mapping[str, float]) -> np.ndarray:
     return np.where(np.isnan(total), -np.inf, total)
 
 
-def _greedy(logged: LoggedCalls, override: Mapping[str, float]) -> np.ndarray:
+def greedy_choices(logged: LoggedCalls, override: Mapping[str, float]) -> np.ndarray:
     """The candidate's argmax per call; a forced call keeps the logged model."""
     return np.where(logged.routed, _values(logged, override).argmax(axis=1), logged.chosen)
 
@@ -189,7 +194,7 @@ class PerWorkflow(NamedTuple):
 
 def workflow_terms(logged: LoggedCalls, candidate: Candidate, baseline: float) -> PerWorkflow:
     """Per workflow: W, W·R, DR, the additive factor and DR; `baseline` stands in for unknown confidences."""
-    greedy = _greedy(logged, candidate.weights)
+    greedy = greedy_choices(logged, candidate.weights)
     pi = target_probabilities(logged, greedy)
     rows = np.arange(len(logged.chosen))
     ratio = pi[rows, logged.chosen] / logged.propensity
@@ -217,7 +222,7 @@ def _ess(w: np.ndarray) -> float:
     return float(w.sum()) ** 2 / sw2 if sw2 > 0 else 0.0
 
 
-class _Bootstrap:
+class Bootstrap:
     """The same resamples of workflows for every statistic: sums of per-workflow values over each resample."""
 
     def __init__(self, n: int, n_boot: int, seed: int) -> None:
@@ -255,16 +260,16 @@ def evaluate(logged: LoggedCalls, candidates: Sequence[Candidate], n_boot: int =
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     n, r = logged.n, logged.reward
-    boot = _Bootstrap(n, n_boot, seed)
+    boot = Bootstrap(n, n_boot, seed)
     (r_sum,) = boot.sums(r)
     baseline = float(r.mean())
     replay_rows = logged.routed & ~logged.explored
-    logged_greedy = _greedy(logged, {})
+    logged_greedy = greedy_choices(logged, {})
     replay = float((logged_greedy[replay_rows] == logged.chosen[replay_rows]).mean()) if replay_rows.any() else 1.0
     reports = []
     for cand in candidates:
         t = workflow_terms(logged, cand, baseline)
-        greedy = _greedy(logged, cand.weights)
+        greedy = greedy_choices(logged, cand.weights)
         w_s, wr_s, dr_s, dra_s = boot.sums(t.w, t.wr, t.dr, t.dr_additive)
         with np.errstate(invalid="ignore", divide="ignore"):
             snips_b = wr_s / w_s

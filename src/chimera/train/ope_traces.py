@@ -32,7 +32,8 @@ class _Builder:
     def __init__(self) -> None:
         self.models: dict[str, int] = {}
         self.scorers: dict[str, int] = {}
-        self.calls: list[tuple[int, str, float, float, bool, dict | None, dict | None, dict | None]] = []
+        self.calls: list[tuple[int, str, float, float, bool, dict | None, dict | None, dict | None,
+                               tuple[str, str], float]] = []
         self.rewards: list[float] = []
         self.ids: list[str] = []
 
@@ -50,7 +51,10 @@ class _Builder:
                        for t in terms.values()) or not all(_finite(w) for w in weights.values()):
                 return None
         eps = float(eps) if _finite(eps) and 0 <= eps <= 1 else 0.0
-        return wf, model, float(p), eps, bool(r["explored"]), terms, weights, conf
+        prompt = (str(r.get("kind") or ""), str(r.get("prompt") or ""))
+        tokens = r.get("completion_tokens")
+        tokens = float(tokens) if _finite(tokens) and tokens >= 0 else float("nan")
+        return wf, model, float(p), eps, bool(r["explored"]), terms, weights, conf, prompt, tokens
 
     def add(self, wid: str, score: float, calls: list[tuple]) -> None:
         for c in calls:
@@ -67,7 +71,7 @@ class _Builder:
         terms = {s: np.full((c, m), np.nan) for s in self.scorers}
         weights = {s: np.zeros(c) for s in self.scorers}
         conf = np.full((c, m), np.nan)
-        for i, (_, _, _, _, _, t, w, cf) in enumerate(self.calls):
+        for i, (_, _, _, _, _, t, w, cf, _, _) in enumerate(self.calls):
             for s, per_model in (t or {}).items():
                 weights[s][i] = float(w[s])
                 for name, x in per_model.items():
@@ -82,7 +86,8 @@ class _Builder:
             chosen=col([self.models[x[1]] for x in self.calls], dtype=np.int64),
             propensity=col([x[2] for x in self.calls], dtype=float), epsilon=col([x[3] for x in self.calls]),
             explored=col([x[4] for x in self.calls], dtype=bool), terms=terms, weights=weights,
-            routed=col([x[5] is not None for x in self.calls], dtype=bool), confidence=conf)
+            routed=col([x[5] is not None for x in self.calls], dtype=bool), confidence=conf,
+            prompts=[x[8] for x in self.calls], tokens=col([x[9] for x in self.calls], dtype=float))
 
 
 def logged_calls_from_traces(db_path: str | Path) -> tuple[LoggedCalls, dict[str, Any]]:
@@ -96,7 +101,8 @@ def logged_calls_from_traces(db_path: str | Path) -> tuple[LoggedCalls, dict[str
             raise TraceStoreError(f"{path}: this trace store has no {', '.join(missing)} column(s): it was written "
                                   f"before routing propensities were logged, so no policy can be evaluated from it; "
                                   f"{HOW_TO_LOG}")
-        return ["workflow_id", "model", "confidences", *OPE_COLUMNS]
+        return ["workflow_id", "model", "confidences", *OPE_COLUMNS,
+                *(c for c in ("kind", "prompt", "completion_tokens") if c in available)]
 
     traced = read_trace_store(path, columns)
     by_wf, feedback = traced.calls, latest_scores(traced.feedback)

@@ -4,6 +4,7 @@ tuple/dict lookups (no pydantic)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from enum import Enum
 from typing import Sequence
@@ -162,6 +163,16 @@ class WorkflowPlan:
             seen.update(sid for sid, _ in self.token_stream(j, prev_outputs, None, int(prev_outputs[j])))
         prompt = self.token_stream(stage, prev_outputs, None, 0)[:-1]
         return max(1, sum(n for sid, n in prompt if sid not in seen))
+
+    def with_scores(self, scores: dict[str, float]) -> "WorkflowPlan":
+        """The same workflow (stages, tokens, tools) with other per-model quality: a world model's guess of it, for
+        replaying a policy where the true scores are unknown."""
+        if set(scores) != set(self._scores):
+            raise ValueError(f"task {self.task_id!r}: scores must name the models {sorted(self._scores)}, got "
+                             f"{sorted(scores)}")
+        twin = copy.copy(self)
+        twin._scores = dict(scores)
+        return twin
 
     def score(self, stage_models: Sequence[str]) -> float:
         """Task quality when stage i ran on stage_models[i], by this plan's quality rule."""

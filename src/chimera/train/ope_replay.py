@@ -21,10 +21,10 @@ score, not how it splits, and the calls that write more carry more of the answer
   expectation, whatever the reward model (the "doubly" of doubly robust).
 The estimate is the mean of DM_i + correction_i. Interval: normal, its variance the bootstrap variance over
 workflows plus the variance between replays (each replay a plausible world: quality drawn per (prompt, model) from
-the reward model, its own arrivals and exploration), so the spread of one candidate run is in it.
+the reward model, and the candidate's learning and load following from it), so the spread of one run is in it.
 
-What it assumes: the world model's load and timing are right (the simulator's engine model and the workload's
-lengths), a prompt's quality on a model does not change with load, the score adds up over a workflow's calls (as
+What it assumes: the world model's load and timing are right (the simulator's engine model and the lengths rebuilt
+from the logs, chimera.train.ope_world), a prompt's quality on a model does not change with load, the score adds up over a workflow's calls (as
 for the additive DR), and a call's choice barely changes what later calls of its workflow see. Its variance is the
 additive DR's: a few explored workflows carry large ratios (≈ K/ε), so a candidate far from the logged λ is noisy.
 """

@@ -94,8 +94,8 @@ def eval_traces(
 
             spec = replay_predictors(predictions, parse_pairs(learner, "--learner"))
             with progress() as prog:
-                bar = prog.add_task("replays", total=len(lam or []) * replays)
-                replayed, seen = replayed_estimates(db, logged, cl, lam or [], spec,
+                bar = prog.add_task("replays", total=len(lam) * replays)
+                replayed, seen = replayed_estimates(db, logged, cl, lam, spec,
                                                     replays, n_boot, seed, level, lambda k: prog.advance(bar, k))
     console.print(ope_table(report, f"{db} — off-policy estimates (mean workflow score, points)", replayed))
     console.print(f"replay check: the logged weights re-choose the logged model on {100 * report.replay:.1f}% of "

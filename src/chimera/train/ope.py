@@ -56,12 +56,10 @@ class LoggedCalls:
 
     def __post_init__(self) -> None:
         c, m = len(self.chosen), len(self.models)
-        for name in ("prompts", "tokens"):
-            if getattr(self, name) is not None and len(getattr(self, name)) != c:
-                raise ValueError(f"LoggedCalls.{name} has {len(getattr(self, name))} rows for {c} calls")
-        for name in ("workflow", "propensity", "epsilon", "explored", "routed"):
-            if len(getattr(self, name)) != c:
-                raise ValueError(f"LoggedCalls.{name} has {len(getattr(self, name))} rows for {c} calls")
+        for name in ("workflow", "propensity", "epsilon", "explored", "routed", "prompts", "tokens"):
+            rows = getattr(self, name)
+            if rows is not None and len(rows) != c:
+                raise ValueError(f"LoggedCalls.{name} has {len(rows)} rows for {c} calls")
         if self.confidence.shape != (c, m) or any(v.shape != (c, m) for v in self.terms.values()):
             raise ValueError(f"terms and confidence must be ({c}, {m})")
         if c and (np.any(np.diff(self.workflow) < 0) or self.workflow[0] != 0

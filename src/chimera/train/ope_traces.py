@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -26,18 +26,32 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+class _Row(NamedTuple):
+    """One logged decision as the builder keeps it."""
+
+    workflow: int
+    model: str
+    propensity: float
+    epsilon: float
+    explored: bool
+    terms: dict | None
+    weights: dict | None
+    confidences: dict
+    prompt: tuple[str, str]  # (kind, prompt text)
+    tokens: float  # output tokens; NaN where not logged
+
+
 class _Builder:
     """Rows of accepted workflows, appended workflow by workflow; model and scorer columns grow as they appear."""
 
     def __init__(self) -> None:
         self.models: dict[str, int] = {}
         self.scorers: dict[str, int] = {}
-        self.calls: list[tuple[int, str, float, float, bool, dict | None, dict | None, dict | None,
-                               tuple[str, str], float]] = []
+        self.calls: list[_Row] = []
         self.rewards: list[float] = []
         self.ids: list[str] = []
 
-    def call_of(self, wf: int, r: dict[str, Any]) -> tuple | None:
+    def call_of(self, wf: int, r: dict[str, Any]) -> _Row | None:
         """One decision row, or None when it is malformed (its terms do not match its weights or miss the model)."""
         model, p, eps = r["model"], r["propensity"], r["epsilon"]
         if not isinstance(model, str) or not _finite(p) or not 0 < p <= 1:
@@ -54,13 +68,13 @@ class _Builder:
         prompt = (str(r.get("kind") or ""), str(r.get("prompt") or ""))
         tokens = r.get("completion_tokens")
         tokens = float(tokens) if _finite(tokens) and tokens >= 0 else float("nan")
-        return wf, model, float(p), eps, bool(r["explored"]), terms, weights, conf, prompt, tokens
+        return _Row(wf, model, float(p), eps, bool(r["explored"]), terms, weights, conf, prompt, tokens)
 
-    def add(self, wid: str, score: float, calls: list[tuple]) -> None:
+    def add(self, wid: str, score: float, calls: list[_Row]) -> None:
         for c in calls:
-            for m in [*(m for t in (c[5] or {}).values() for m in t), c[1]]:  # the policy's order first (ties)
+            for m in [*(m for t in (c.terms or {}).values() for m in t), c.model]:  # the policy's order first (ties)
                 self.models.setdefault(m, len(self.models))
-            for s in c[5] or {}:
+            for s in c.terms or {}:
                 self.scorers.setdefault(s, len(self.scorers))
         self.calls += calls
         self.rewards.append(score)
@@ -71,23 +85,24 @@ class _Builder:
         terms = {s: np.full((c, m), np.nan) for s in self.scorers}
         weights = {s: np.zeros(c) for s in self.scorers}
         conf = np.full((c, m), np.nan)
-        for i, (_, _, _, _, _, t, w, cf, _, _) in enumerate(self.calls):
-            for s, per_model in (t or {}).items():
-                weights[s][i] = float(w[s])
+        for i, row in enumerate(self.calls):
+            for s, per_model in (row.terms or {}).items():
+                weights[s][i] = float(row.weights[s])  # type: ignore[index]
                 for name, x in per_model.items():
                     terms[s][i, self.models[name]] = float(x)
-            for name, x in cf.items():
+            for name, x in row.confidences.items():
                 if name in self.models and _finite(x):
                     conf[i, self.models[name]] = float(x)
-        col = np.array
+        def col(name: str, dtype: Any = float) -> np.ndarray:
+            return np.array([getattr(x, name) for x in self.calls], dtype=dtype)
+
         return LoggedCalls(
-            models=list(self.models), workflow_ids=self.ids, reward=col(self.rewards, dtype=float),
-            workflow=col([x[0] for x in self.calls], dtype=np.int64),
-            chosen=col([self.models[x[1]] for x in self.calls], dtype=np.int64),
-            propensity=col([x[2] for x in self.calls], dtype=float), epsilon=col([x[3] for x in self.calls]),
-            explored=col([x[4] for x in self.calls], dtype=bool), terms=terms, weights=weights,
-            routed=col([x[5] is not None for x in self.calls], dtype=bool), confidence=conf,
-            prompts=[x[8] for x in self.calls], tokens=col([x[9] for x in self.calls], dtype=float))
+            models=list(self.models), workflow_ids=self.ids, reward=np.array(self.rewards, dtype=float),
+            workflow=col("workflow", np.int64), chosen=np.array([self.models[x.model] for x in self.calls],
+                                                                dtype=np.int64),
+            propensity=col("propensity"), epsilon=col("epsilon"), explored=col("explored", bool), terms=terms,
+            weights=weights, routed=np.array([x.terms is not None for x in self.calls], dtype=bool),
+            confidence=conf, prompts=[x.prompt for x in self.calls], tokens=col("tokens"))
 
 
 def logged_calls_from_traces(db_path: str | Path) -> tuple[LoggedCalls, dict[str, Any]]:

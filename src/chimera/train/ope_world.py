@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from chimera.train.from_traces import TraceStoreError, read_trace_store
+from chimera.train.from_traces import TraceStoreError, ips_weight, read_trace_store
 from chimera.train.ope import LoggedCalls
 from chimera.workload.plan import WorkflowPlan, plan_workflow
 from chimera.workload.schema import Outcome, StageOutcome, Task
@@ -27,7 +27,6 @@ from chimera.workload.templates import WorkflowTemplate, template_for
 
 _COLUMNS = ("workflow_id", "stage", "model", "prompt_tokens", "completion_tokens", "queued_at", "ended_at", "kind",
             "prompt", "propensity")
-MAX_WEIGHT = 100.0  # inverse propensities are clipped here (as chimera train --traces does)
 
 
 class LoggedWorld(NamedTuple):
@@ -40,11 +39,6 @@ class LoggedWorld(NamedTuple):
 
 def _num(x: Any, default: float = 0.0) -> float:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) else default
-
-
-def _weight(r: dict) -> float:
-    p = _num(r["propensity"], 1.0)
-    return min(MAX_WEIGHT, 1.0 / p) if p > 0 else 1.0
 
 
 def _at(rows: list[dict], model: str, t: int) -> tuple:
@@ -61,7 +55,7 @@ def _means(calls: dict[str, list[dict]], models: list[str]) -> tuple[dict, dict]
         for t, r in enumerate(rows):
             if r["model"] not in models:
                 continue
-            tok, w = max(0.0, _num(r["completion_tokens"])), _weight(r)
+            tok, w = max(0.0, _num(r["completion_tokens"])), ips_weight([r["propensity"]]) or 1.0
             for table, key in ((by_kind, (str(r["kind"] or ""), r["model"])),
                                (by_prompt, _at(rows, r["model"], t))):
                 table[key][0] += w * tok

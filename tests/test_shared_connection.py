@@ -106,3 +106,33 @@ def test_a_connection_a_cancel_left_broken_does_not_keep_the_replica_degraded(re
         await conn.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_cancel_swallowed_inside_a_command_reaches_the_caller():
+    """redis-py's Python 3.11 `asyncio.wait_for` can finish a command and drop a cancel that came meanwhile; the
+    caller (a request waiting for a lease, bounded by its timeout) must still be cancelled, not run on."""
+    async def scenario() -> None:
+        conn = SharedConnection(StateConfig(redis_url="redis://127.0.0.1:1", key_prefix="t-swallow"))
+        started = asyncio.Event()
+
+        async def swallowing(_redis) -> str:  # what the dropped cancel looks like from outside: a normal answer
+            started.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+            return "answer"
+
+        async def caller() -> str:
+            answer = await conn.run(swallowing, "default")
+            await asyncio.sleep(10)  # a lease wait's backoff: never reached when the cancel is delivered
+            return answer
+
+        task = asyncio.ensure_future(caller())
+        await started.wait()
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2)
+        assert task in done and task.cancelled()
+        await conn.redis.aclose()
+
+    asyncio.run(scenario())

@@ -70,6 +70,8 @@ class SharedConnection:
         has timed out for `degrade_after_s`. While degraded, `default` at once."""
         if self.degraded:
             return default
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
             async with asyncio.timeout(self.cfg.timeout_s * 4):  # no extra task per command (unlike wait_for)
                 answer = await fn(self.redis)
@@ -80,6 +82,11 @@ class SharedConnection:
             self.went_down(f"{type(e).__name__}: {e}"[:200])
             return default
         self._slow_since = None
+        if task is not None and task.cancelling() > cancels:
+            # the caller was cancelled (a request's timeout, a client gone) while the command ran, and redis-py
+            # swallowed it (Python 3.11's asyncio.wait_for can return a result and drop a cancel): deliver it, or
+            # the caller would run on, e.g. wait for a lease past its request timeout
+            raise asyncio.CancelledError()
         return answer
 
     def _slow(self, reason: str) -> None:
